@@ -1,0 +1,117 @@
+"""Every knob of a reconstruction in one validated model (pydantic), saved as ``config.yaml`` beside outputs.
+
+Defaults follow the paper (Debarnot et al. 2024, section III and its public code) scaled to the data: the paper
+runs 1000 epochs of 1500 random pixels per tilt on 512 x 512 x 180 volumes; here an *epoch* is one pass over
+every tilt, and the number of epochs is capped by early stopping on held-out pixels and by ``max_minutes``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import IcetideError
+
+__all__ = ["VolumeSettings", "DeformSettings", "FitSettings", "ReconstructConfig", "load_config", "parse_config", "save_config"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class VolumeSettings(_Strict):
+    """Hash-grid encoding and MLP of the implicit volume (Instant-NGP style)."""
+
+    n_levels: int = Field(8, ge=1, le=32)
+    n_features: int = Field(2, ge=1, le=16)
+    log2_table_size: int = Field(19, ge=8, le=26)
+    base_resolution: float = Field(8.0, gt=0)
+    per_level_scale: float = Field(1.5, gt=1.0, le=4.0)
+    interpolation: Literal["linear", "smoothstep"] = "linear"
+    hidden: int = Field(32, ge=4, le=512)
+    n_hidden_layers: int = Field(2, ge=1, le=8)
+
+
+class DeformSettings(_Strict):
+    """Which deformations are estimated, their local grid and the penalty weights (paper eq. 7)."""
+
+    shifts: bool = True
+    rotations: bool = True
+    local: bool = True
+    local_grid: tuple[int, int] = (10, 10)
+    local_interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+    penalty_rotation: float = Field(1e-3, ge=0)
+    penalty_shift: float = Field(1e-4, ge=0)
+    penalty_local: float = Field(1e-3, ge=0)
+
+
+class FitSettings(_Strict):
+    """The optimisation: renderer, batches, learning rates, schedule, early stopping, checkpoints."""
+
+    renderer: Literal["lattice", "rays"] = "lattice"
+    epochs: int = Field(200, ge=1)
+    max_minutes: Optional[float] = Field(None, gt=0)
+    tilts_per_step: int = Field(8, ge=1)
+    lattice_rows: Optional[int] = Field(None, ge=4, description="rows per lattice band; None = all rows")
+    rays_per_tilt: int = Field(1500, ge=1, description="rays renderer: random pixels per tilt per epoch")
+    samples_per_voxel: float = Field(1.0, gt=0, description="rays renderer: samples per voxel along each ray")
+    lr_volume: float = Field(1e-2, gt=0)
+    lr_shift_px: float = Field(0.3, ge=0, description="Adam step for shifts, pixels")
+    lr_rotation_deg: float = Field(0.02, ge=0, description="Adam step for in-plane rotations, degrees")
+    lr_local_px: float = Field(0.05, ge=0, description="Adam step for local control points, pixels")
+    warmup_epochs: int = Field(5, ge=0, description="volume-only epochs before deformations are released")
+    lr_decay_every: int = Field(20, ge=1, description="halve every learning rate every this many epochs")
+    lr_decay_factor: float = Field(0.5, gt=0, le=1)
+    validation_fraction: float = Field(0.05, ge=0, lt=0.5)
+    validate_every: int = Field(1, ge=1, description="epochs between validation passes")
+    patience: int = Field(8, ge=1, description="validations without improvement before stopping")
+    checkpoint_minutes: float = Field(5.0, gt=0)
+    seed: int = 0
+    device: str = "auto"
+
+
+class ReconstructConfig(_Strict):
+    """A whole reconstruction: geometry plus the three groups above."""
+
+    thickness: Optional[int] = Field(None, ge=1, description="voxels along z; None = half the smaller detector side")
+    pixel_size_A: Optional[float] = Field(None, gt=0)
+    tilt_axis_angle_deg: float = 0.0
+    volume: VolumeSettings = VolumeSettings()
+    deform: DeformSettings = DeformSettings()
+    fit: FitSettings = FitSettings()
+
+
+def load_config(path: str | os.PathLike) -> ReconstructConfig:
+    """Read a YAML config (any subset of the keys); unknown keys and bad values raise one-line errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise IcetideError(f"{path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise IcetideError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise IcetideError(f"{path}: expected a mapping of settings")
+    return parse_config(data, str(path))
+
+
+def parse_config(data: dict, source: str = "config") -> ReconstructConfig:
+    """Validate a settings mapping; the first problem becomes a one-line ``IcetideError``."""
+    try:
+        return ReconstructConfig.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise IcetideError(f"{source}: {where}: {err['msg']}") from None
+
+
+def save_config(path: str | os.PathLike, config: ReconstructConfig) -> None:
+    """Write every setting (defaults included) as YAML, atomically."""
+    from .io.util import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

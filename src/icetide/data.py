@@ -1,0 +1,87 @@
+"""``TiltSeries``: the images, their tilt angles and the acquisition facts, validated once."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import IcetideError
+
+__all__ = ["TiltSeries"]
+
+
+@dataclass
+class TiltSeries:
+    """A tilt series in DESIGN.md conventions.
+
+    ``images``: float32 ``(n_tilts, ny, nx)`` in stack order; ``tilt_angles_deg``: ``(n_tilts,)``;
+    ``pixel_size_A``: Angstrom per pixel (``None`` if unknown); ``tilt_axis_angle_deg``: the tilt axis'
+    direction on the images, counter-clockwise from the image Y axis (0 when the axis is vertical).
+    Construction validates everything and raises :class:`IcetideError` with a one-line message.
+    """
+
+    images: np.ndarray
+    tilt_angles_deg: np.ndarray
+    pixel_size_A: float | None = None
+    tilt_axis_angle_deg: float = 0.0
+
+    def __post_init__(self) -> None:
+        images = np.asarray(self.images)
+        if images.ndim == 2:
+            raise IcetideError(f"expected a stack of tilt images (n_tilts, ny, nx), got a single 2-D image {images.shape}")
+        if images.ndim != 3:
+            raise IcetideError(f"expected a stack of tilt images (n_tilts, ny, nx), got shape {images.shape}")
+        if min(images.shape) < 2:
+            raise IcetideError(f"tilt series too small: shape {images.shape}")
+        self.images = images.astype(np.float32, copy=False)
+        angles = np.asarray(self.tilt_angles_deg, dtype=np.float64).reshape(-1)
+        if angles.shape[0] != images.shape[0]:
+            raise IcetideError(f"{angles.shape[0]} tilt angles for {images.shape[0]} images")
+        if not np.all(np.isfinite(angles)):
+            raise IcetideError("tilt angles contain NaN or Inf")
+        if np.any(np.abs(angles) >= 90):
+            raise IcetideError(f"tilt angles must lie in (-90, 90) degrees, got {angles.min():g} to {angles.max():g}")
+        values, counts = np.unique(np.round(angles, 6), return_counts=True)
+        if np.any(counts > 1):
+            raise IcetideError(f"duplicated tilt angle(s): {', '.join(f'{v:g}' for v in values[counts > 1])}")
+        self.tilt_angles_deg = angles
+        if self.pixel_size_A is not None:
+            self.pixel_size_A = float(self.pixel_size_A)
+            if not np.isfinite(self.pixel_size_A) or self.pixel_size_A <= 0:
+                raise IcetideError(f"pixel size must be positive, got {self.pixel_size_A}")
+        self.tilt_axis_angle_deg = float(self.tilt_axis_angle_deg)
+        bad = ~np.isfinite(self.images).reshape(images.shape[0], -1).all(axis=1)
+        if bad.any():
+            raise IcetideError(
+                f"non-finite pixels (NaN/Inf) in tilt(s) {', '.join(map(str, np.flatnonzero(bad)))}"
+            )
+        flat = self.images.reshape(images.shape[0], -1)
+        const = flat.max(axis=1) == flat.min(axis=1)
+        if const.any():
+            raise IcetideError(f"constant image(s) in tilt(s) {', '.join(map(str, np.flatnonzero(const)))}")
+
+    @property
+    def n_tilts(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Detector shape ``(ny, nx)``."""
+        return self.images.shape[1], self.images.shape[2]
+
+    @classmethod
+    def from_files(
+        cls,
+        stack_path: str | os.PathLike,
+        angles_path: str | os.PathLike,
+        pixel_size_A: float | None = None,
+        tilt_axis_angle_deg: float = 0.0,
+    ) -> "TiltSeries":
+        """Read an MRC stack and an IMOD angle file; ``pixel_size_A`` overrides the header's value."""
+        from .io import read_mrc, read_tlt
+
+        images, header_px = read_mrc(stack_path)
+        angles = read_tlt(angles_path)
+        return cls(images, angles, pixel_size_A if pixel_size_A is not None else header_px, tilt_axis_angle_deg)

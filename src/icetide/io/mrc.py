@@ -1,0 +1,65 @@
+"""MRC volumes and image stacks (via ``mrcfile``), with the voxel size in Angstrom."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+
+from ..errors import IcetideError
+from .util import atomic_path
+
+
+def read_mrc(path: str | os.PathLike) -> tuple[np.ndarray, float | None]:
+    """Read an MRC file (any mode; ``.mrc.gz`` too) as float32 ``(nz, ny, nx)`` (a 2-D file gives ``(ny, nx)``).
+
+    Returns ``(data, voxel_size_A)``; the voxel size is ``None`` when the header holds none (0 or 1 A, the
+    values writers put when they know nothing). Old or non-conforming headers are read in permissive mode
+    with a warning.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise IcetideError(f"{path}: no such file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with mrcfile.open(path, mode="r") as m:
+                data, vs = np.asarray(m.data), m.voxel_size
+    except Exception:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with mrcfile.open(path, mode="r", permissive=True) as m:
+                    if m.data is None:
+                        raise ValueError("no data")
+                    data, vs = np.asarray(m.data), m.voxel_size
+        except Exception as exc:
+            raise IcetideError(f"{path}: not a readable MRC file ({exc})") from None
+        warnings.warn(f"{path}: non-conforming MRC header, read in permissive mode", stacklevel=2)
+    voxel = float(vs.x)
+    voxel_size = None if voxel in (0.0, 1.0) or not np.isfinite(voxel) else voxel
+    return data.astype(np.float32, copy=False), voxel_size
+
+
+def write_mrc(
+    path: str | os.PathLike, data: np.ndarray, voxel_size_A: float | None = None, *, stack: bool = False
+) -> None:
+    """Write a float32 MRC (mode 2) atomically; ``data`` is ``(nz, ny, nx)`` or ``(ny, nx)``.
+
+    The voxel (pixel) size in Angstrom goes into the header. ``stack=True`` marks a tilt series
+    ``(n_tilts, ny, nx)`` as an image stack (``ispg = 0``); otherwise 3-D data is a volume (``ispg = 1``).
+    """
+    arr = np.ascontiguousarray(np.asarray(data, dtype=np.float32))
+    with atomic_path(path) as tmp:
+        with mrcfile.new(tmp, overwrite=True) as m:
+            m.set_data(arr)
+            if stack:
+                m.set_image_stack()
+            elif arr.ndim == 3:
+                m.set_volume()
+            if voxel_size_A is not None:
+                m.voxel_size = float(voxel_size_A)
+            m.update_header_stats()
