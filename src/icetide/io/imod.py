@@ -1,4 +1,10 @@
-"""IMOD text formats: ``.tlt`` / ``.rawtlt`` tilt angles (one angle in degrees per line, stack order)."""
+"""IMOD text formats.
+
+- ``.tlt`` / ``.rawtlt``: tilt angles, one angle in degrees per line, stack order.
+- ``.xf``: one linear transform per image, a line ``A11 A12 A21 A22 DX DY`` mapping raw to aligned
+  coordinates about the image centre, ``X' = A11 X + A12 Y + DX``, ``Y' = A21 X + A22 Y + DY``
+  (see :mod:`icetide.alignment` for the exact centre and axis conventions and the conversion).
+"""
 
 from __future__ import annotations
 
@@ -35,3 +41,38 @@ def write_tlt(path: str | os.PathLike, tilt_angles_deg) -> None:
     angles = np.asarray(tilt_angles_deg, dtype=np.float64).reshape(-1)
     with atomic_path(path) as tmp:
         tmp.write_text("".join(f"{a:9.4f}\n" for a in angles))
+
+
+def read_xf(path: str | os.PathLike) -> np.ndarray:
+    """Read an IMOD ``.xf`` file; returns float64 ``(M, 2, 3)`` = ``[[A11, A12, DX], [A21, A22, DY]]``."""
+    path = Path(path)
+    if not path.is_file():
+        raise IcetideError(f"{path}: no such file")
+    rows = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        text = line.strip()
+        if not text:
+            continue
+        try:
+            values = [float(t) for t in text.split()]
+        except ValueError:
+            values = []
+        if len(values) != 6 or not np.all(np.isfinite(values)):
+            raise IcetideError(f"{path}:{lineno}: expected 6 numbers A11 A12 A21 A22 DX DY, got {text!r}")
+        rows.append(values)
+    if not rows:
+        raise IcetideError(f"{path}: no transforms")
+    a11, a12, a21, a22, dx, dy = np.asarray(rows, dtype=np.float64).T
+    return np.stack([np.stack([a11, a12, dx], -1), np.stack([a21, a22, dy], -1)], -2)
+
+
+def write_xf(path: str | os.PathLike, xf) -> None:
+    """Write transforms ``(M, 2, 3)`` as IMOD does (A to 7 decimals, shifts to 3), always space-separated."""
+    xf = np.asarray(xf, dtype=np.float64)
+    if xf.ndim != 3 or xf.shape[1:] != (2, 3):
+        raise IcetideError(f"transforms must have shape (M, 2, 3), got {xf.shape}")
+    lines = []
+    for (a11, a12, dx), (a21, a22, dy) in xf:
+        lines.append(f"{a11:11.7f} {a12:11.7f} {a21:11.7f} {a22:11.7f} {dx:11.3f} {dy:11.3f}\n")
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(lines))

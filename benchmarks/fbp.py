@@ -1,0 +1,119 @@
+"""Speed of the explicit-grid tomography in :mod:`icetide.recon`.
+
+Usage: ``python benchmarks/fbp.py [--device cpu|cuda] [--repeats 3] [--threads N]``
+
+Prints one JSON object:
+
+- ``fbp_s``: :func:`icetide.recon.fbp` of a 512 x 512 detector, 61 tilts (-60..+60 in 2-degree steps),
+  thickness 180 (random data; the cost does not depend on the values); ``sirt_iteration_s``: one SIRT
+  iteration on the same problem (:func:`icetide.recon.sirt` with 2 iterations minus 1, setup included once).
+- ``engine``: the engine's per-step projector cost, a 128 x 128 x 48 volume and 8 tilts:
+  ``project_s`` (forward), ``backproject_s``, and ``project_grad_s`` (forward + autograd backward of a
+  ``requires_grad`` volume, as in a training step).
+- ``peak_rss_after_fbp_mb`` / ``peak_rss_mb``: the process' peak resident memory after the FBP runs / at the
+  end (SIRT included); on CUDA also ``peak_cuda_mb``.
+
+Each timing is the best of ``--repeats`` runs after one warm-up run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from icetide.recon import backproject, fbp, project, sirt
+
+
+def best_time(step: Callable[[], object], repeats: int, device: torch.device) -> float:
+    """Best wall time (s) of ``step`` over ``repeats`` runs after one warm-up run."""
+
+    def run() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    run()
+    return min(run() for _ in range(repeats))
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, MB."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def fbp_timings(device: torch.device, repeats: int) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    angles = np.arange(-60, 61, 2.0)
+    series = torch.rand(len(angles), 512, 512, generator=gen).to(device)
+    fbp_s = best_time(lambda: fbp(series, angles, 180), repeats, device)
+    rss_after_fbp = peak_rss_mb()
+    one = best_time(lambda: sirt(series, angles, 180, iterations=1), 1, device)
+    two = best_time(lambda: sirt(series, angles, 180, iterations=2), 1, device)
+    return {
+        "fbp_shape": [180, 512, 512],
+        "n_tilts": len(angles),
+        "fbp_s": round(fbp_s, 3),
+        "peak_rss_after_fbp_mb": rss_after_fbp,
+        "sirt_setup_plus_one_iteration_s": round(one, 3),
+        "sirt_iteration_s": round(two - one, 3),
+    }
+
+
+def engine_timings(device: torch.device, repeats: int) -> dict:
+    gen = torch.Generator().manual_seed(1)
+    volume = torch.rand(48, 128, 128, generator=gen).to(device)
+    theta = torch.deg2rad(torch.linspace(-60, 60, 8)).to(device)
+    projections = project(volume, theta)
+    leaf = volume.clone().requires_grad_(True)
+
+    def step() -> None:
+        project(leaf, theta).square().sum().backward()
+        leaf.grad = None
+
+    return {
+        "volume_shape": [48, 128, 128],
+        "n_tilts": 8,
+        "project_s": round(best_time(lambda: project(volume, theta), repeats, device), 5),
+        "backproject_s": round(best_time(lambda: backproject(projections, theta, 48, 128), repeats, device), 5),
+        "project_grad_s": round(best_time(step, repeats, device), 5),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    result = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(),
+        "engine": engine_timings(device, max(args.repeats, 5)),
+        **fbp_timings(device, args.repeats),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    if device.type == "cuda":
+        result["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""``icetide fbp``: classical reconstruction (FBP or SIRT) of a tilt series, optionally aligned first."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ..data import TiltSeries
+from ..deform import Deformations
+from ..errors import IcetideError
+from .common import console, one_line_errors
+
+METHODS = ("fbp", "sirt")
+DEFAULT_ITERATIONS = 30
+# IMOD writes tilt angles with two decimals.
+ANGLE_TOLERANCE_DEG = 0.01
+
+
+def check_output_file(path: Path, force: bool) -> None:
+    """Refuse an existing output file (unless ``force``), a folder, or a missing parent folder."""
+    if path.is_dir():
+        raise IcetideError(f"{path}: is a folder, expected an output file name")
+    if path.exists() and not force:
+        raise IcetideError(f"{path}: exists (use --force to overwrite)")
+    if not path.parent.is_dir():
+        raise IcetideError(f"{path.parent}: no such folder")
+
+
+def check_options(
+    method: str,
+    iterations: Optional[int],
+    filter_name: Optional[str],
+    positivity: bool,
+    deformations: Optional[Path],
+    xf: Optional[Path],
+    tilt_axis_angle: Optional[float],
+) -> None:
+    """Reject option combinations that do not make sense, before reading any data."""
+    from ..recon import FILTERS
+
+    if method not in METHODS:
+        raise IcetideError(f"--method must be fbp or sirt, got {method!r}")
+    if method == "fbp" and (iterations is not None or positivity):
+        raise IcetideError("--iterations and --positivity apply to --method sirt only")
+    if method == "sirt" and filter_name is not None:
+        raise IcetideError("--filter applies to --method fbp only")
+    if filter_name is not None and filter_name not in FILTERS:
+        raise IcetideError(f"--filter must be one of {', '.join(FILTERS)}, got {filter_name!r}")
+    if iterations is not None and iterations < 1:
+        raise IcetideError(f"--iterations must be at least 1, got {iterations}")
+    if deformations is not None and xf is not None:
+        raise IcetideError("--deformations and --xf exclude each other")
+    if tilt_axis_angle is not None and (deformations is not None or xf is not None):
+        raise IcetideError("--tilt-axis-angle cannot be combined with --deformations/--xf (they hold the rotations)")
+
+
+def load_deformations(
+    series: TiltSeries,
+    deformations: Optional[Path],
+    xf: Optional[Path],
+    tilt_axis_angle_deg: Optional[float],
+) -> Optional[Deformations]:
+    """The deformations to undo: from deformations.json, from an IMOD .xf, from the tilt-axis angle, or none."""
+    if deformations is not None:
+        from ..io import read_deformations
+
+        d = read_deformations(deformations, series.shape)
+        if d.n_tilts != series.n_tilts:
+            raise IcetideError(f"{deformations}: {d.n_tilts} tilts for a series of {series.n_tilts}")
+        worst = float(np.abs(d.tilt_angles_deg - series.tilt_angles_deg).max())
+        if worst > ANGLE_TOLERANCE_DEG:
+            raise IcetideError(f"{deformations}: tilt angles differ from the angle file by up to {worst:.3g} degrees")
+        return d
+    if xf is not None:
+        from ..alignment import xf_to_deformations
+        from ..io.imod import read_xf
+
+        # Real .xf files often carry a slight magnification or stretch: keep the nearest rotation (warns).
+        return xf_to_deformations(read_xf(xf), series.tilt_angles_deg, series.shape, non_rotation="nearest")
+    if tilt_axis_angle_deg:
+        d = Deformations.identity(series.tilt_angles_deg, series.shape)
+        # A tilt axis drawn at psi degrees counter-clockwise from the image Y axis is alpha = -psi (deform.py).
+        d.angles_deg = np.full(series.n_tilts, -float(tilt_axis_angle_deg))
+        return d
+    return None
+
+
+def _sirt_progress(total: int) -> tuple[Progress, Callable[[int, int], None]]:
+    """A rich progress bar for SIRT; returns ``(progress, on_iteration)``."""
+    progress = Progress(
+        TextColumn("[bold]SIRT"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("iterations"),
+        TimeElapsedColumn(),
+        console=console,
+    )
+    task = progress.add_task("sirt", total=total)
+    return progress, lambda done, _total: progress.update(task, completed=done)
+
+
+@one_line_errors
+def fbp(
+    tilt_series: Path = typer.Argument(..., help="Tilt series, MRC stack (n_tilts, ny, nx), any MRC mode."),
+    angles: Path = typer.Option(..., "--angles", "-a", help="Tilt angles in degrees, IMOD .tlt/.rawtlt (one per line)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output volume, MRC (thickness, ny, nx)."),
+    thickness: Optional[int] = typer.Option(
+        None, help="Slab thickness in voxels. Default: half the smaller detector side (at least 8)."
+    ),
+    method: str = typer.Option("fbp", help="fbp (filtered backprojection) or sirt."),
+    iterations: Optional[int] = typer.Option(None, help=f"SIRT iterations. Default {DEFAULT_ITERATIONS}."),
+    filter_name: Optional[str] = typer.Option(
+        None, "--filter", help="FBP filter: ramp (default), hann or shepp-logan (apodised ramps, smoother)."
+    ),
+    deformations: Optional[Path] = typer.Option(
+        None, help="deformations.json to undo first (e.g. the estimate of icetide reconstruct)."
+    ),
+    xf: Optional[Path] = typer.Option(
+        None, "--xf", help="IMOD .xf alignment to undo first (shifts and in-plane rotations; scaling is dropped)."
+    ),
+    tilt_axis_angle: Optional[float] = typer.Option(
+        None,
+        help="Unaligned data only: tilt-axis direction on the images, degrees counter-clockwise from the image "
+        "Y axis; the images are rotated to a vertical axis first. Default 0.",
+    ),
+    pixel_size: Optional[float] = typer.Option(None, help="Pixel size in Angstrom (overrides the MRC header)."),
+    positivity: bool = typer.Option(False, "--positivity", help="SIRT: clamp negative densities to 0 each iteration."),
+    device: str = typer.Option("auto", help="auto (CUDA if available), cpu, cuda or cuda:N."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
+) -> None:
+    """Reconstruct a tilt series with filtered backprojection (default) or SIRT.
+
+    Reads TILT_SERIES (MRC stack) and --angles; optionally undoes per-tilt deformations first (--deformations
+    or --xf; the aligned images are what gets reconstructed). Writes one MRC volume (thickness, ny, nx) in
+    the icetide frame (DESIGN.md) with voxel size = pixel size. FBP weighs each tilt by its angular interval,
+    so a full 180-degree range gives the projected density's units.
+    """
+    from ..fit import default_thickness, resolve_device
+    from ..io import write_mrc
+    from ..recon import align_series, fbp_deformed, sirt
+
+    check_options(method, iterations, filter_name, positivity, deformations, xf, tilt_axis_angle)
+    check_output_file(out, force)
+    dev = resolve_device(device)
+    series = TiltSeries.from_files(tilt_series, angles, pixel_size)
+    thick = default_thickness(series.shape) if thickness is None else thickness
+    if not 1 <= thick <= 4 * max(series.shape):
+        raise IcetideError(f"--thickness must be between 1 and {4 * max(series.shape)} voxels, got {thick}")
+    d = load_deformations(series, deformations, xf, tilt_axis_angle)
+
+    t0 = time.monotonic()
+    images = torch.tensor(series.images, device=dev)
+    if method == "fbp":
+        volume = fbp_deformed(images, series.tilt_angles_deg, thick, d, filter_name or "ramp")
+    else:
+        aligned = images if d is None else align_series(images, d)
+        n_iter = iterations or DEFAULT_ITERATIONS
+        progress, on_iteration = _sirt_progress(n_iter)
+        with progress:
+            volume = sirt(aligned, series.tilt_angles_deg, thick, n_iter, positivity, on_iteration)
+    write_mrc(out, volume.cpu().numpy(), series.pixel_size_A)
+    nz, ny, nx = volume.shape
+    console.print(f"wrote {out} ({nz} x {ny} x {nx}, {method}) in {time.monotonic() - t0:.1f} s")

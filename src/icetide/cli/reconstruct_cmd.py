@@ -1,0 +1,142 @@
+"""``icetide reconstruct``: joint alignment and implicit-volume reconstruction of one tilt series."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ..config import ReconstructConfig, load_config, parse_config
+from ..data import TiltSeries
+from ..errors import IcetideError
+from .common import check_output_dir, console, one_line_errors, output_dir
+
+
+def build_config(
+    base: Optional[Path],
+    resume_dir: Optional[Path],
+    overrides: dict,
+) -> ReconstructConfig:
+    """Defaults < ``--config`` file (or, on ``--resume``, the run's own ``config.yaml``) < command-line options."""
+    if base is not None:
+        config = load_config(base)
+    elif resume_dir is not None and (resume_dir / "config.yaml").is_file():
+        config = load_config(resume_dir / "config.yaml")
+    else:
+        config = ReconstructConfig()
+    data = config.model_dump()
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    return parse_config(data, "options")
+
+
+def progress_printer(total_epochs: int):
+    """A rich progress bar for the fit; returns ``(progress, on_epoch)``."""
+    progress = Progress(
+        TextColumn("[bold]fitting"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("epochs  loss {task.fields[loss]}  val {task.fields[val]}  {task.fields[rate]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+    task = progress.add_task("fit", total=total_epochs, loss="-", val="-", rate="")
+
+    def on_epoch(info: dict) -> None:
+        val = info["val_loss"]
+        progress.update(
+            task,
+            completed=info["epoch"],
+            loss=f"{info['train_loss']:.4f}",
+            val="-" if math.isnan(val) else f"{val:.4f}",
+            rate=f"{info['samples'] / max(info['elapsed_s'], 1e-9) / 1e6:.2f} Mpx/s",
+        )
+
+    return progress, on_epoch
+
+
+@one_line_errors
+def reconstruct(
+    tilt_series: Path = typer.Argument(..., help="Tilt series, MRC stack (n_tilts, ny, nx), any MRC mode."),
+    angles: Path = typer.Option(..., "--angles", "-a", help="Tilt angles in degrees, IMOD .tlt/.rawtlt (one per line)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (created; must be empty unless --force/--resume)."),
+    thickness: Optional[int] = typer.Option(
+        None, help="Slab thickness in voxels. Default: half the smaller detector side."
+    ),
+    pixel_size: Optional[float] = typer.Option(None, help="Pixel size in Angstrom (overrides the MRC header)."),
+    tilt_axis_angle: Optional[float] = typer.Option(
+        None, help="Tilt-axis direction on the images, degrees counter-clockwise from the image Y axis. Default 0."
+    ),
+    config: Optional[Path] = typer.Option(None, help="YAML file with any subset of the settings (see config.yaml of a run)."),
+    epochs: Optional[int] = typer.Option(None, help="Maximum number of epochs (passes over every tilt). Default 200."),
+    max_minutes: Optional[float] = typer.Option(None, help="Stop after this many minutes of fitting."),
+    renderer: Optional[str] = typer.Option(None, help="Forward model: lattice (default, fast) or rays (the paper's)."),
+    device: Optional[str] = typer.Option(None, help="auto (default: CUDA if available), cpu, cuda or cuda:N."),
+    seed: Optional[int] = typer.Option(None, help="Random seed (default 0); CPU runs are reproducible for a seed."),
+    no_local: bool = typer.Option(False, "--no-local", help="Do not estimate local deformation fields."),
+    deformations: Optional[Path] = typer.Option(
+        None, help="Starting deformations (deformations.json), e.g. from another run."
+    ),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint.pt with OUT's config.yaml."),
+    force: bool = typer.Option(False, "--force", help="Replace the contents of a non-empty output folder."),
+) -> None:
+    """Jointly estimate the 3-D density and the per-tilt deformations (shift, in-plane rotation, local warp).
+
+    Writes OUT/tomogram.mrc (thickness, ny, nx), OUT/deformations.json, OUT/aligned.mrc, OUT/tomogram_fbp.mrc,
+    OUT/alignment.xf + alignment.tlt (IMOD), OUT/config.yaml, OUT/report.json and OUT/checkpoint.pt.
+    """
+    from ..io import read_deformations
+    from ..reconstruct import reconstruct as run
+
+    if renderer is not None and renderer not in ("lattice", "rays"):
+        raise IcetideError(f"--renderer must be lattice or rays, got {renderer!r}")
+    if resume and force:
+        raise IcetideError("--resume and --force exclude each other")
+    if not resume:
+        check_output_dir(out, force)
+    elif not (out / "checkpoint.pt").is_file():
+        raise IcetideError(f"{out}/checkpoint.pt: no checkpoint to resume from")
+    cfg = build_config(
+        config,
+        out if resume else None,
+        {
+            "thickness": thickness,
+            "pixel_size_A": pixel_size,
+            "tilt_axis_angle_deg": tilt_axis_angle,
+            "fit.epochs": epochs,
+            "fit.max_minutes": max_minutes,
+            "fit.renderer": renderer,
+            "fit.device": device,
+            "fit.seed": seed,
+            "deform.local": False if no_local else None,
+        },
+    )
+    series = TiltSeries.from_files(tilt_series, angles, cfg.pixel_size_A, cfg.tilt_axis_angle_deg)
+    if cfg.thickness is not None and cfg.thickness > 4 * max(series.shape):
+        raise IcetideError(f"thickness {cfg.thickness} is larger than sensible for a {series.shape} detector")
+    init = read_deformations(deformations, series.shape) if deformations is not None else None
+    if init is not None and init.n_tilts != series.n_tilts:
+        raise IcetideError(f"{deformations}: {init.n_tilts} tilts for a series of {series.n_tilts}")
+
+    context = output_dir(out, force) if not resume else contextlib.nullcontext(out)
+    with context as folder:
+        progress, on_epoch = progress_printer(cfg.fit.epochs)
+        with progress:
+            report = run(series, cfg, folder, init=init, resume=resume, on_epoch=on_epoch,
+                         on_phase=lambda name: console.print(f"[dim]{name}[/]"))
+    console.print(
+        f"done: {report['epochs']} epochs, {report['stop_reason']}; best epoch {report['best_epoch']}; "
+        f"fit {report['fit_seconds']:.1f} s; outputs in {out}"
+    )
+

@@ -1,0 +1,457 @@
+"""The joint optimisation of the implicit volume and the per-tilt deformations (paper section II.C).
+
+Loss: mean absolute error between predicted and observed pixel values (exact pixel centres; the data are
+never interpolated) plus the deformation penalty of paper eq. 7 on the deviation from the starting
+deformations. Adam with one learning rate per parameter group (volume, shifts, rotations, local fields);
+deformations are frozen for ``warmup_epochs``; every learning rate is multiplied by ``lr_decay_factor`` every
+``lr_decay_every`` epochs. A random ``validation_fraction`` of the pixels is held out; after each validation
+pass the best state so far is kept, and fitting stops after ``patience`` passes without improvement.
+
+State is plain tensors and state dicts: ``checkpoint.pt`` holds the volume and optimiser state dicts, the
+deformation tensors, the random generator state, the best state and the curves; resuming continues exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import platform
+import resource
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .config import ReconstructConfig
+from .data import TiltSeries
+from .deform import Deformations, deform_coords, deformation_penalty, local_displacement, remove_gauge
+from .errors import IcetideError
+from .geometry import deg2rad, detector_grid
+from .io.util import atomic_path
+from .render import make_renderer
+from .volume import ImplicitVolume, VolumeConfig
+
+__all__ = ["FitResult", "Fitter", "resolve_device", "default_thickness"]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; anything else is passed to ``torch.device``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise IcetideError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise IcetideError(f"device {name!r} requested but CUDA is not available")
+    return dev
+
+
+def default_thickness(detector_shape: tuple[int, int]) -> int:
+    """The default slab thickness in voxels: half the smaller detector side (at least 8)."""
+    return max(8, min(detector_shape) // 2)
+
+
+def _peak_memory_mb(device: torch.device) -> dict:
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {"cpu_peak_rss_mb": rss_kb / 1024}
+    if device.type == "cuda":
+        out["gpu_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+@dataclass
+class FitResult:
+    """What a finished fit hands to the outputs.
+
+    ``volume``: the implicit volume in its best state; ``deformations``: estimated deformations with the gauge
+    removed (see ``translation_xyz``); ``translation_xyz``: the volume translation (voxels) that replaces the
+    removed common shift, i.e. the tomogram is ``rho(p - translation)``; ``density_scale``: multiply the field
+    by it to get density in the units of the input (line integral per voxel length); ``report``: timings,
+    curves, why it stopped.
+    """
+
+    volume: ImplicitVolume
+    deformations: Deformations
+    translation_xyz: np.ndarray
+    density_scale: float
+    report: dict = field(default_factory=dict)
+
+
+class Fitter:
+    """Holds the data, the model parameters and the optimiser state of one reconstruction."""
+
+    def __init__(
+        self,
+        series: TiltSeries,
+        config: ReconstructConfig,
+        init: Deformations | None = None,
+    ):
+        self.config = config
+        fit = config.fit
+        self.device = resolve_device(fit.device)
+        torch.manual_seed(fit.seed)
+        self.generator = torch.Generator().manual_seed(fit.seed)
+        ny, nx = series.shape
+        self.detector_shape = (ny, nx)
+        thickness = config.thickness or default_thickness(series.shape)
+        self.shape_zyx = (thickness, ny, nx)
+        self.tilt_angles_deg = series.tilt_angles_deg
+        self.theta = deg2rad(series.tilt_angles_deg).to(self.device)
+        m = series.n_tilts
+
+        images = torch.tensor(series.images, dtype=torch.float32)  # a copy: the input may be read-only
+        # Normalise by the spread of the data so one set of learning rates fits every input scale; the
+        # field then predicts projections / thickness of order one.
+        self.data_scale = float(images.std())
+        self.images = (images / self.data_scale).to(self.device)
+        self.density_scale = self.data_scale  # tomogram = field * data_scale (renderers divide by thickness)
+        held = torch.rand(series.images.shape, generator=self.generator) < fit.validation_fraction
+        self.validation_mask = held.to(self.device)
+
+        vc = config.volume
+        self.volume = ImplicitVolume.from_config(
+            VolumeConfig(
+                n_levels=vc.n_levels,
+                n_features=vc.n_features,
+                log2_table_size=vc.log2_table_size,
+                base_resolution=vc.base_resolution,
+                per_level_scale=vc.per_level_scale,
+                interpolation=vc.interpolation,
+                hidden=vc.hidden,
+                n_hidden_layers=vc.n_hidden_layers,
+            ),
+            self.shape_zyx,
+        ).to(self.device)
+
+        dc = config.deform
+        if init is None:
+            init = Deformations.identity(series.tilt_angles_deg, series.shape, dc.local_grid, dc.local_interpolation)
+        self.interpolation = dc.local_interpolation
+        start = init.tensors(self.device)
+        # The known tilt-axis direction is part of the in-plane rotation (DESIGN.md): alpha = -psi.
+        start["angles_rad"] = start["angles_rad"] - math.radians(series.tilt_axis_angle_deg)
+        start["local_px"] = _regrid(start["local_px"], dc.local_grid, series.shape, init.local_interpolation)
+        self.start = {k: v.clone() for k, v in start.items()}
+        self.shifts = start["shifts_px"].clone().requires_grad_(dc.shifts)
+        self.angles = start["angles_rad"].clone().requires_grad_(dc.rotations)
+        self.local = start["local_px"].clone().requires_grad_(dc.local)
+
+        self.renderer = make_renderer(fit.renderer, self.shape_zyx, fit.lattice_rows, fit.samples_per_voxel)
+        self.opt_volume = torch.optim.Adam(self.volume.parameters(), lr=fit.lr_volume)
+        groups = []
+        if dc.shifts:
+            groups.append({"params": [self.shifts], "lr": fit.lr_shift_px, "name": "shift"})
+        if dc.rotations:
+            groups.append({"params": [self.angles], "lr": math.radians(fit.lr_rotation_deg), "name": "rotation"})
+        if dc.local:
+            groups.append({"params": [self.local], "lr": fit.lr_local_px, "name": "local"})
+        self.opt_deform = torch.optim.Adam(groups) if groups else None
+        self.base_lrs = [g["lr"] for g in self.opt_volume.param_groups] + (
+            [g["lr"] for g in self.opt_deform.param_groups] if self.opt_deform else []
+        )
+        u, v = detector_grid(ny, nx, device=self.device)
+        self.u, self.v = u.reshape(1, -1), v.reshape(1, -1)  # (1, P) every pixel of a tilt
+        self.epoch = 0
+        self.step = 0
+        self.samples = 0
+        self.best_val = math.inf
+        self.best_state: dict | None = None
+        self.bad_validations = 0
+        self.curves: dict[str, list] = {"epoch": [], "train_loss": [], "val_loss": [], "elapsed_s": []}
+        self.elapsed_s = 0.0
+
+    # ----------------------------------------------------------------- model pieces
+    def _coords(self, tilts: torch.Tensor) -> torch.Tensor:
+        """Ideal-projection coordinates of every pixel of the given tilts, ``(B, P, 2)``."""
+        local = self.local[tilts] if self.config.deform.local else None
+        c = deform_coords(
+            self.u, self.v, self.shifts[tilts], self.angles[tilts], local, self.detector_shape, self.interpolation
+        )
+        return c[:, 0]
+
+    def _penalty(self, tilts: torch.Tensor) -> torch.Tensor:
+        dc = self.config.deform
+        return deformation_penalty(
+            self.shifts[tilts] - self.start["shifts_px"][tilts],
+            self.angles[tilts] - self.start["angles_rad"][tilts],
+            (self.local[tilts] - self.start["local_px"][tilts]) if dc.local else None,
+            (dc.penalty_rotation, dc.penalty_shift, dc.penalty_local),
+            self.detector_shape,
+            self.interpolation,
+        )
+
+    def _predict(self, tilts: torch.Tensor, jitter: bool):
+        """``(values, valid, pick)`` for every pixel of ``tilts`` (lattice) or random pixels ``pick`` (rays)."""
+        coords = self._coords(tilts)
+        if self.config.fit.renderer == "rays" and jitter:
+            n = min(self.config.fit.rays_per_tilt, coords.shape[1])
+            pick = torch.stack([torch.randperm(coords.shape[1], generator=self.generator)[:n] for _ in tilts])
+            pick = pick.to(self.device)
+            coords = torch.gather(coords, 1, pick[..., None].expand(-1, -1, 2))
+            values, valid = self.renderer.render(self.volume, coords, self.theta[tilts], self.generator, jitter)
+            return values, valid, pick
+        values, valid = self.renderer.render(self.volume, coords, self.theta[tilts], self.generator, jitter=jitter)
+        return values, valid, None
+
+    def _observed(self, tilts: torch.Tensor, pick: torch.Tensor | None, held_out: bool):
+        obs = self.images[tilts].reshape(len(tilts), -1)
+        mask = self.validation_mask[tilts].reshape(len(tilts), -1)
+        if pick is not None:
+            obs, mask = torch.gather(obs, 1, pick), torch.gather(mask, 1, pick)
+        return obs, (mask if held_out else ~mask)
+
+    # ----------------------------------------------------------------- training
+    def _set_learning_rates(self) -> None:
+        fit = self.config.fit
+        factor = fit.lr_decay_factor ** (self.epoch // fit.lr_decay_every)
+        groups = list(self.opt_volume.param_groups) + (list(self.opt_deform.param_groups) if self.opt_deform else [])
+        for g, base in zip(groups, self.base_lrs):
+            g["lr"] = base * factor
+
+    def train_epoch(self) -> float:
+        """One pass over every tilt in random order; returns the mean training loss."""
+        fit = self.config.fit
+        self._set_learning_rates()
+        release = self.epoch >= fit.warmup_epochs and self.opt_deform is not None
+        order = torch.randperm(len(self.theta), generator=self.generator).to(self.device)
+        losses = []
+        for tilts in order.split(fit.tilts_per_step):
+            values, valid, pick = self._predict(tilts, jitter=True)
+            obs, train = self._observed(tilts, pick, held_out=False)
+            use = valid & train
+            data_loss = (values - obs).abs()[use].mean()
+            loss = data_loss + self._penalty(tilts)
+            self.opt_volume.zero_grad(set_to_none=True)
+            if self.opt_deform is not None:
+                self.opt_deform.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt_volume.step()
+            if release:
+                self.opt_deform.step()
+            losses.append(float(data_loss.detach()))
+            self.step += 1
+            self.samples += int(use.sum())
+        self.epoch += 1
+        return float(np.mean(losses))
+
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        """Mean absolute error on the held-out pixels of every tilt (no jitter)."""
+        total, count = 0.0, 0
+        for tilts in torch.arange(len(self.theta), device=self.device).split(self.config.fit.tilts_per_step):
+            if self.config.fit.renderer == "rays":
+                values, valid, pick = self._predict_heldout_rays(tilts)
+            else:
+                values, valid, pick = self._predict(tilts, jitter=False)
+            obs, held = self._observed(tilts, pick, held_out=True)
+            use = valid & held
+            total += float((values - obs).abs()[use].sum())
+            count += int(use.sum())
+        return total / max(count, 1)
+
+    def _predict_heldout_rays(self, tilts: torch.Tensor):
+        mask = self.validation_mask[tilts].reshape(len(tilts), -1)
+        n = int(mask.sum(1).min())
+        pick = torch.stack([torch.nonzero(row)[:n, 0] for row in mask])
+        coords = torch.gather(self._coords(tilts), 1, pick[..., None].expand(-1, -1, 2))
+        values, valid = self.renderer.render(self.volume, coords, self.theta[tilts], self.generator, jitter=False)
+        return values, valid, pick
+
+    def snapshot(self) -> dict:
+        """The model state (volume state dict and deformation tensors), detached copies."""
+        return {
+            "volume": copy.deepcopy(self.volume.state_dict()),
+            "shifts_px": self.shifts.detach().clone(),
+            "angles_rad": self.angles.detach().clone(),
+            "local_px": self.local.detach().clone(),
+        }
+
+    def restore(self, snap: dict) -> None:
+        self.volume.load_state_dict(snap["volume"])
+        with torch.no_grad():
+            self.shifts.copy_(snap["shifts_px"])
+            self.angles.copy_(snap["angles_rad"])
+            self.local.copy_(snap["local_px"])
+
+    # ----------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        return {
+            "model": self.snapshot(),
+            "opt_volume": self.opt_volume.state_dict(),
+            "opt_deform": self.opt_deform.state_dict() if self.opt_deform else None,
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "validation_mask": self.validation_mask.cpu(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "samples": self.samples,
+            "best_val": self.best_val,
+            "best_state": self.best_state,
+            "bad_validations": self.bad_validations,
+            "curves": self.curves,
+            "elapsed_s": self.elapsed_s,
+            "config": self.config.model_dump(mode="json"),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["config"] != self.config.model_dump(mode="json"):
+            changed = _first_difference(state["config"], self.config.model_dump(mode="json"))
+            if changed not in ("fit.epochs", "fit.max_minutes", "fit.device", "fit.checkpoint_minutes"):
+                raise IcetideError(f"checkpoint was made with different settings ({changed}); cannot resume")
+        self.restore(state["model"])
+        self.opt_volume.load_state_dict(state["opt_volume"])
+        if self.opt_deform is not None and state["opt_deform"] is not None:
+            self.opt_deform.load_state_dict(state["opt_deform"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.validation_mask = state["validation_mask"].to(self.device)
+        for key in ("epoch", "step", "samples", "best_val", "best_state", "bad_validations", "curves", "elapsed_s"):
+            setattr(self, key, state[key])
+
+    def save_checkpoint(self, path: Path) -> None:
+        with atomic_path(path) as tmp:
+            torch.save(self.state_dict(), tmp)
+
+    def load_checkpoint(self, path: Path) -> None:
+        if not Path(path).is_file():
+            raise IcetideError(f"{path}: no checkpoint to resume from")
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=False)
+        except Exception as exc:
+            raise IcetideError(f"{path}: unreadable checkpoint ({exc})") from None
+        self.load_state_dict(state)
+
+    # ----------------------------------------------------------------- the loop
+    def run(
+        self,
+        checkpoint_path: Path | None = None,
+        on_epoch: Callable[[dict], None] | None = None,
+    ) -> FitResult:
+        """Fit until the epoch budget, the time budget or early stopping ends it; returns the best state."""
+        fit = self.config.fit
+        deadline = None if fit.max_minutes is None else fit.max_minutes * 60
+        last_ckpt = time.monotonic()
+        stop_reason = "epochs"
+        interrupted = {"signal": None}
+
+        def _on_signal(signum, frame):
+            interrupted["signal"] = signum
+
+        handlers = {}
+        if checkpoint_path is not None:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    handlers[sig] = signal.signal(sig, _on_signal)
+                except ValueError:  # not in the main thread
+                    pass
+        t_start = time.monotonic() - self.elapsed_s
+        try:
+            while self.epoch < fit.epochs:
+                train_loss = self.train_epoch()
+                val_loss = math.nan
+                if (self.epoch % fit.validate_every == 0 or self.epoch == fit.epochs) and fit.validation_fraction > 0:
+                    val_loss = self.validation_loss()
+                    if val_loss < self.best_val:
+                        self.best_val, self.best_state, self.bad_validations = val_loss, self.snapshot(), 0
+                    elif self.epoch > fit.warmup_epochs:
+                        self.bad_validations += 1
+                self.elapsed_s = time.monotonic() - t_start
+                for key, value in zip(self.curves, (self.epoch, train_loss, val_loss, self.elapsed_s)):
+                    self.curves[key].append(value)
+                if on_epoch is not None:
+                    on_epoch({"epoch": self.epoch, "train_loss": train_loss, "val_loss": val_loss,
+                              "elapsed_s": self.elapsed_s, "samples": self.samples})
+                if not math.isfinite(train_loss):
+                    raise IcetideError(f"the loss became non-finite at epoch {self.epoch}; lower the learning rates")
+                if self.bad_validations >= fit.patience:
+                    stop_reason = "early stopping (validation loss stopped improving)"
+                    break
+                if deadline is not None and self.elapsed_s >= deadline:
+                    stop_reason = "time budget (--max-minutes)"
+                    break
+                if interrupted["signal"] is not None:
+                    stop_reason = f"interrupted by signal {interrupted['signal']}"
+                    break
+                if checkpoint_path is not None and time.monotonic() - last_ckpt >= fit.checkpoint_minutes * 60:
+                    self.save_checkpoint(checkpoint_path)
+                    last_ckpt = time.monotonic()
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+        if checkpoint_path is not None:
+            self.save_checkpoint(checkpoint_path)
+        return self._result(stop_reason)
+
+    def _result(self, stop_reason: str) -> FitResult:
+        if self.best_state is not None:
+            self.restore(self.best_state)
+        shifts = self.shifts.detach().cpu().numpy().astype(np.float64)
+        residual, translation = remove_gauge(shifts, self.tilt_angles_deg)
+        deformations = Deformations(
+            self.tilt_angles_deg,
+            residual,
+            np.rad2deg(self.angles.detach().cpu().numpy().astype(np.float64)),
+            self.local.detach().cpu().numpy().astype(np.float64),
+            self.detector_shape,
+            self.interpolation,
+            {"gauge": "common shift removed; the tomogram is translated by gauge_translation_xyz_vox instead",
+             "gauge_translation_xyz_vox": translation.tolist()},
+        )
+        best_epoch = None
+        if self.curves["val_loss"]:
+            vals = np.asarray(self.curves["val_loss"], dtype=float)
+            if np.isfinite(vals).any():
+                best_epoch = int(self.curves["epoch"][int(np.nanargmin(vals))])
+        report = {
+            "stop_reason": stop_reason,
+            "epochs": self.epoch,
+            "steps": self.step,
+            "best_epoch": best_epoch,
+            "best_validation_loss": None if not math.isfinite(self.best_val) else self.best_val,
+            "fit_seconds": self.elapsed_s,
+            "pixels_per_s": self.samples / max(self.elapsed_s, 1e-9),
+            "field_evaluations_per_step": self._evaluations_per_step(),
+            "curves": self.curves,
+            "device": str(self.device),
+            "data_scale": self.data_scale,
+            "volume_shape_zyx": list(self.shape_zyx),
+            "versions": {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version()},
+            "seed": self.config.fit.seed,
+            **_peak_memory_mb(self.device),
+        }
+        return FitResult(self.volume, deformations, translation, self.density_scale, report)
+
+    def _evaluations_per_step(self) -> int:
+        nz, ny, nx = self.shape_zyx
+        fit = self.config.fit
+        if fit.renderer == "lattice":
+            return nz * (fit.lattice_rows or ny) * nx
+        theta_max = float(self.theta.abs().max())
+        return fit.tilts_per_step * fit.rays_per_tilt * self.renderer.n_samples(torch.tensor(theta_max))
+
+
+def _regrid(local_px: torch.Tensor, grid: tuple[int, int], detector_shape, interpolation: str) -> torch.Tensor:
+    """Resample local fields ``(M, 2, N1, N2)`` onto another control grid over the same detector span."""
+    if tuple(local_px.shape[-2:]) == tuple(grid):
+        return local_px
+    ny, nx = detector_shape
+    vv, uu = torch.meshgrid(
+        torch.linspace(-(ny - 1) / 2, (ny - 1) / 2, grid[0], device=local_px.device),
+        torch.linspace(-(nx - 1) / 2, (nx - 1) / 2, grid[1], device=local_px.device),
+        indexing="ij",
+    )
+    return local_displacement(local_px, uu, vv, detector_shape, interpolation).permute(0, 3, 1, 2).contiguous()
+
+
+def _first_difference(a, b, prefix: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                return _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
+    return prefix.rstrip(".")
+

@@ -1,0 +1,125 @@
+"""SerialEM ``.mdoc`` metadata files (the autodoc format SerialEM writes beside a tilt-series stack).
+
+Layout: global ``key = value`` lines (``PixelSpacing``, ``ImageFile``, ``ImageSize``, ...), ``[T = ...]`` title
+lines (the first usually holds ``Tilt axis angle = 85.3, binning = 1 ...``), then one ``[ZValue = N]``
+section per image in the stack with its own ``key = value`` lines (``TiltAngle``, ``ExposureDose`` in
+e/A^2, ``Defocus`` in micrometres, ``DateTime``, ...). Other bracketed sections (``[FrameSet = N]``,
+``[MontSection = N]``) are kept apart from the images.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import IcetideError
+
+__all__ = ["read_mdoc"]
+
+_SECTION = re.compile(r"^\[\s*(\w+)\s*=\s*(.*?)\s*\]$")
+_TILT_AXIS = re.compile(r"tilt\s*axis\s*angle\s*=\s*([-+0-9.eE]+)", re.IGNORECASE)
+
+
+def _float(value: str, where: str, key: str) -> float:
+    try:
+        return float(value.split()[0])
+    except (ValueError, IndexError):
+        raise IcetideError(f"{where}: {key} is not a number: {value!r}") from None
+
+
+def _parse(path: Path) -> tuple[dict[str, str], list[str], dict[int, tuple[dict[str, str], str]]]:
+    """Global keys, title texts and ``{ZValue: (keys, where)}`` of an mdoc; other sections are skipped."""
+    header: dict[str, str] = {}
+    titles: list[str] = []
+    images: dict[int, tuple[dict[str, str], str]] = {}
+    current = header
+    for lineno, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        where = f"{path}:{lineno}"
+        text = line.strip()
+        if not text:
+            continue
+        section = _SECTION.match(text)
+        if section:
+            kind, value = section.groups()
+            if kind == "T":
+                titles.append(value)
+                current = header
+            elif kind == "ZValue":
+                try:
+                    z = int(value)
+                except ValueError:
+                    raise IcetideError(f"{where}: ZValue is not an integer: {value!r}") from None
+                if z in images:
+                    raise IcetideError(f"{where}: duplicated section [ZValue = {z}]")
+                current = {}
+                images[z] = (current, where)
+            else:
+                current = {}  # a frame or montage section: read, not returned
+            continue
+        key, eq, value = text.partition("=")
+        if not eq or not key.strip():
+            raise IcetideError(f"{where}: expected 'key = value' or a [section], got {text!r}")
+        current[key.strip()] = value.strip()
+    return header, titles, images
+
+
+def read_mdoc(path: str | os.PathLike) -> dict:
+    """Read a SerialEM ``.mdoc``.
+
+    Returns a dict with ``tilt_angles_deg`` ``(M,)`` in ZValue order (= stack order), ``z_values`` ``(M,)``,
+    ``pixel_size_A`` (``PixelSpacing``, global or else the first image's; ``None`` if absent),
+    ``tilt_axis_angle_deg`` (from a ``Tilt axis angle = ...`` title, else ``None``), and, when at least one
+    image has them, ``exposure_dose`` (e/A^2, ``(M,)``, NaN where missing), ``defocus_um`` (SerialEM's
+    ``Defocus``, micrometres, negative = underfocus, ``(M,)``, NaN where missing) and ``date_time`` (list of
+    strings or ``None``). ``header`` and ``sections`` keep every ``key = value`` as strings; ``titles`` the
+    ``[T = ...]`` texts. Malformed input raises :class:`IcetideError` naming the file and line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise IcetideError(f"{path}: no such file")
+    header, titles, images = _parse(path)
+    if not images:
+        raise IcetideError(f"{path}: no [ZValue = N] sections (not a SerialEM tilt-series .mdoc?)")
+    z_values = sorted(images)
+    sections = [images[z][0] for z in z_values]
+    tilts = []
+    for z in z_values:
+        keys, where = images[z]
+        if "TiltAngle" not in keys:
+            raise IcetideError(f"{where}: section [ZValue = {z}] has no TiltAngle")
+        tilts.append(_float(keys["TiltAngle"], where, "TiltAngle"))
+    out: dict = {
+        "tilt_angles_deg": np.asarray(tilts, dtype=np.float64),
+        "z_values": np.asarray(z_values, dtype=int),
+        "pixel_size_A": _pixel_size(path, header, images, z_values),
+        "tilt_axis_angle_deg": _tilt_axis(titles),
+        "header": header,
+        "titles": titles,
+        "sections": sections,
+    }
+    for key, name in (("ExposureDose", "exposure_dose"), ("Defocus", "defocus_um")):
+        if any(key in s for s in sections):
+            out[name] = np.array(
+                [_float(images[z][0][key], images[z][1], key) if key in images[z][0] else np.nan for z in z_values]
+            )
+    if any("DateTime" in s for s in sections):
+        out["date_time"] = [s.get("DateTime") for s in sections]
+    return out
+
+
+def _pixel_size(path: Path, header: dict, images: dict, z_values: list[int]) -> float | None:
+    if "PixelSpacing" in header:
+        return _float(header["PixelSpacing"], str(path), "PixelSpacing")
+    keys, where = images[z_values[0]]
+    return _float(keys["PixelSpacing"], where, "PixelSpacing") if "PixelSpacing" in keys else None
+
+
+def _tilt_axis(titles: list[str]) -> float | None:
+    for title in titles:
+        found = _TILT_AXIS.search(title)
+        if found:
+            return float(found.group(1).rstrip("."))
+    return None

@@ -1,0 +1,102 @@
+"""A whole reconstruction: fit the model to a tilt series and write every output into one folder.
+
+Outputs (``out_dir``): ``tomogram.mrc`` (the implicit volume sampled on the voxel grid, ``(thickness, ny, nx)``,
+DESIGN.md frame), ``deformations.json`` (estimated, gauge removed), ``aligned.mrc`` (the input series with the
+estimated deformations undone), ``tomogram_fbp.mrc`` (FBP of the aligned series), ``alignment.xf`` and
+``alignment.tlt`` (IMOD), ``config.yaml``, ``report.json``, ``checkpoint.pt``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .alignment import deformations_to_xf
+from .config import ReconstructConfig, save_config
+from .data import TiltSeries
+from .deform import Deformations
+from .fit import FitResult, Fitter
+from .io import write_deformations, write_json, write_mrc, write_tlt
+from .io.imod import write_xf
+from .recon import align_series, fbp
+
+__all__ = ["reconstruct", "sample_tomogram"]
+
+
+@torch.no_grad()
+def sample_tomogram(result: FitResult, rows_per_chunk: int = 32) -> np.ndarray:
+    """The fitted density on the voxel grid, float32 ``(nz, ny, nx)``, in the units of the input data.
+
+    The volume is translated by the gauge translation (``rho(p - d)``) so that it matches the reported,
+    gauge-free deformations. Sampled in bands of rows to bound memory.
+    """
+    volume = result.volume
+    nz, ny, nx = volume.box_shape_zyx
+    device = next(volume.parameters()).device
+    offset = -torch.as_tensor(result.translation_xyz, dtype=torch.float32, device=device)
+    bands = [
+        volume.lattice(offset, rows=slice(r, min(r + rows_per_chunk, ny))).float().cpu()
+        for r in range(0, ny, rows_per_chunk)
+    ]
+    return (torch.cat(bands, dim=1) * result.density_scale).numpy()
+
+
+def reconstruct(
+    series: TiltSeries,
+    config: ReconstructConfig,
+    out_dir: Path,
+    init: Deformations | None = None,
+    resume: bool = False,
+    on_epoch: Callable[[dict], None] | None = None,
+    on_phase: Callable[[str], None] | None = None,
+) -> dict:
+    """Fit ``series`` and write all outputs to ``out_dir`` (which must exist). Returns the report."""
+    out_dir = Path(out_dir)
+    phase = on_phase or (lambda name: None)
+    timings: dict[str, float] = {}
+    t0 = time.monotonic()
+    save_config(out_dir / "config.yaml", config)
+    fitter = Fitter(series, config, init)
+    ckpt = out_dir / "checkpoint.pt"
+    if resume:
+        fitter.load_checkpoint(ckpt)
+    timings["setup_s"] = time.monotonic() - t0
+
+    phase("fitting")
+    t0 = time.monotonic()
+    result = fitter.run(checkpoint_path=ckpt, on_epoch=on_epoch)
+    timings["fit_s"] = time.monotonic() - t0
+
+    phase("sampling the tomogram")
+    t0 = time.monotonic()
+    voxel = series.pixel_size_A
+    write_mrc(out_dir / "tomogram.mrc", sample_tomogram(result), voxel)
+    timings["sample_s"] = time.monotonic() - t0
+
+    phase("aligning the series and FBP")
+    t0 = time.monotonic()
+    d = result.deformations
+    write_deformations(out_dir / "deformations.json", d)
+    write_xf(out_dir / "alignment.xf", deformations_to_xf(d))
+    write_tlt(out_dir / "alignment.tlt", d.tilt_angles_deg)
+    aligned = align_series(torch.tensor(series.images), d)
+    write_mrc(out_dir / "aligned.mrc", aligned.numpy(), voxel, stack=True)
+    thickness = result.volume.box_shape_zyx[0]
+    write_mrc(out_dir / "tomogram_fbp.mrc", fbp(aligned, d.tilt_angles_deg, thickness).numpy(), voxel)
+    timings["outputs_s"] = time.monotonic() - t0
+
+    report = dict(result.report)
+    report["timings_s"] = timings
+    report["gauge_translation_xyz_vox"] = result.translation_xyz.tolist()
+    report["input"] = {
+        "n_tilts": series.n_tilts,
+        "detector_shape": list(series.shape),
+        "pixel_size_A": voxel,
+        "tilt_axis_angle_deg": series.tilt_axis_angle_deg,
+    }
+    write_json(out_dir / "report.json", report)
+    return report

@@ -1,0 +1,26 @@
+"""Phantoms and tilt-series acquisition with known truth (DESIGN.md "Simulation protocol")."""
+
+from .acquire import (
+    PROFILES,
+    DeformationProfile,
+    SimulatedTiltSeries,
+    add_noise,
+    measure_snr_db,
+    project_deformed,
+    random_deformations,
+    simulate_tilt_series,
+)
+from .phantom import bin_volume, crowded_phantom
+
+__all__ = [
+    "crowded_phantom",
+    "bin_volume",
+    "DeformationProfile",
+    "PROFILES",
+    "random_deformations",
+    "project_deformed",
+    "add_noise",
+    "measure_snr_db",
+    "SimulatedTiltSeries",
+    "simulate_tilt_series",
+]

@@ -1,0 +1,16 @@
+"""The implicit volume: multiresolution hash encoding (pure PyTorch), a small MLP, and the field built on them."""
+
+from .encoding import HASH_PRIMES, HashEncoding, Level, ReferenceHashEncoding, level_layout
+from .field import ImplicitVolume, VolumeConfig
+from .mlp import MLP
+
+__all__ = [
+    "HASH_PRIMES",
+    "HashEncoding",
+    "Level",
+    "ReferenceHashEncoding",
+    "level_layout",
+    "ImplicitVolume",
+    "VolumeConfig",
+    "MLP",
+]

@@ -1,0 +1,117 @@
+"""The implicit volume: hash encoding + MLP, a density field over the specimen box (DESIGN.md sections 2, 3)."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..geometry import box_to_unit
+from .encoding import HashEncoding
+from .mlp import MLP
+
+__all__ = ["VolumeConfig", "ImplicitVolume"]
+
+
+@dataclass(frozen=True)
+class VolumeConfig:
+    """Sizes of the encoding and the MLP.
+
+    The defaults suit CPU problems of about 128 x 128 x 48 voxels: 8 levels from 8 to 8 * 1.5**7 = 137
+    cells along the longest axis, so the finest level resolves about one voxel; 2 features per level; 2**19
+    rows per level, so that every level but the finest is dense; MLP 2 x 32. Fitted directly to a 48 x 128 x
+    128 phantom crop for 40 s on a 2-core CPU they reach a correlation of 0.999 (0.32 s per whole-box step);
+    a finest level of 65 cells reaches 0.990, the paper's configuration 0.969 (2.5 s per step).
+    :meth:`paper` is the paper's configuration.
+    """
+
+    n_levels: int = 8
+    n_features: int = 2
+    log2_table_size: int = 19
+    base_resolution: float = 8.0
+    per_level_scale: float = 1.5
+    interpolation: Literal["linear", "smoothstep"] = "linear"
+    hidden: int = 32
+    n_hidden_layers: int = 2
+
+    @classmethod
+    def paper(cls) -> "VolumeConfig":
+        """ICE-TIDE's configuration: 8 levels x 4 features, 2**22 rows, base 8, scale 2, MLP 3 x 64."""
+        return cls(n_levels=8, n_features=4, log2_table_size=22, base_resolution=8.0, per_level_scale=2.0,
+                   hidden=64, n_hidden_layers=3)
+
+
+class ImplicitVolume(nn.Module):
+    """Density ``rho(x, y, z)`` over a box of shape ``box_shape_zyx`` (voxel coordinates of DESIGN.md).
+
+    Points outside the box get the network's value at the nearest point of the box (the encoding clamps its
+    unit coordinates), i.e. the field continues its faces outwards; renderers mask what lies outside.
+    """
+
+    def __init__(self, box_shape_zyx: tuple[int, int, int], config: VolumeConfig | None = None):
+        super().__init__()
+        config = config or VolumeConfig()
+        self.config = config
+        self.box_shape_zyx = tuple(int(n) for n in box_shape_zyx)
+        self.encoding = HashEncoding(
+            n_levels=config.n_levels,
+            n_features=config.n_features,
+            log2_table_size=config.log2_table_size,
+            base_resolution=config.base_resolution,
+            per_level_scale=config.per_level_scale,
+            interpolation=config.interpolation,
+            box_shape_zyx=self.box_shape_zyx,
+        )
+        self.mlp = MLP(self.encoding.output_dim, config.hidden, config.n_hidden_layers)
+
+    @classmethod
+    def from_config(cls, config: VolumeConfig, box_shape_zyx: tuple[int, int, int]) -> "ImplicitVolume":
+        """A freshly initialised volume of this configuration over the box ``box_shape_zyx``."""
+        return cls(box_shape_zyx, config)
+
+    def extra_repr(self) -> str:
+        return f"box_shape_zyx={self.box_shape_zyx}, config={asdict(self.config)}"
+
+    def forward(self, xyz_vox: torch.Tensor) -> torch.Tensor:
+        """Density at points ``(N, 3)`` (voxel coordinates ``(x, y, z)``, box centre at 0); returns ``(N,)``."""
+        unit = box_to_unit(xyz_vox, self.box_shape_zyx)
+        return self.mlp(self.encoding(unit)).squeeze(-1)
+
+    def lattice(self, offset_vox: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+        """Density at every voxel centre + ``offset_vox`` (``(3,)``, ``(x, y, z)``, voxels) of the box.
+
+        ``rows``: a band ``start:stop`` of y indices (all rows if None). Returns ``(nz, n_rows, nx)``;
+        differentiable with respect to the parameters (and the offset).
+        """
+        features = self.encoding.forward_lattice(self.box_shape_zyx, offset_vox, rows)
+        return self.mlp(features).squeeze(-1)
+
+    @torch.no_grad()
+    def sample_grid(
+        self,
+        shape_zyx: tuple[int, int, int] | None = None,
+        chunk_voxels: int = 2**20,
+        device: torch.device | str | None = None,
+    ) -> torch.Tensor:
+        """The density at the voxel centres of a grid of shape ``shape_zyx`` spanning the box (default: the box).
+
+        Evaluated in bands of whole rows of about ``chunk_voxels`` voxels (at least one ``nz x nx`` plane), on
+        ``device`` (default: where the parameters are; the module itself stays put). Returns a CPU float32
+        tensor ``(nz, ny, nx)``.
+        """
+        nz, ny, nx = shape_zyx or self.box_shape_zyx
+        module = self
+        if device is not None and torch.device(device) != self.encoding.table.device:
+            module = copy.deepcopy(self).to(device)
+        encoding, table = module.encoding, module.encoding.table
+        offset = torch.zeros(3, dtype=table.dtype, device=table.device)
+        rows_per_band = max(1, chunk_voxels // (nz * nx))
+        out = torch.empty(nz, ny, nx, dtype=torch.float32)
+        for start in range(0, ny, rows_per_band):
+            band = slice(start, min(start + rows_per_band, ny))
+            features = encoding.forward_lattice((nz, ny, nx), offset, band)
+            out[:, band] = module.mlp(features).squeeze(-1).float().cpu()
+        return out

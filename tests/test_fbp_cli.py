@@ -1,0 +1,153 @@
+"""``icetide fbp``: output shape/header, methods, alignment inputs, and refusal of bad input before any output."""
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from icetide.alignment import deformations_to_xf
+from icetide.cli.main import app
+from icetide.deform import Deformations, warp_images
+from icetide.io import read_mrc, write_deformations, write_mrc, write_tlt
+from icetide.io.imod import write_xf
+from icetide.recon import fbp as fbp_volume
+from icetide.recon import project
+
+runner = CliRunner()
+
+ANGLES = np.arange(-60.0, 61.0, 10.0)
+SHAPE = (20, 24)  # detector (ny, nx)
+
+
+def _volume() -> torch.Tensor:
+    z, y, x = torch.meshgrid(
+        torch.arange(10.0) - 4.5, torch.arange(20.0) - 9.5, torch.arange(24.0) - 11.5, indexing="ij"
+    )
+    return torch.exp(-((x - 3) ** 2 + (y + 2) ** 2 + z**2) / 12) + 0.5 * torch.exp(-((x + 4) ** 2 + (y - 3) ** 2) / 8)
+
+
+@pytest.fixture
+def clean(tmp_path):
+    """An undeformed tilt series (13 tilts, 20 x 24) with its angle file; pixel size 6.5 A in the header."""
+    series = project(_volume(), torch.tensor(np.deg2rad(ANGLES))).numpy()
+    write_mrc(tmp_path / "ts.mrc", series, 6.5, stack=True)
+    write_tlt(tmp_path / "ts.tlt", ANGLES)
+    return tmp_path / "ts.mrc", tmp_path / "ts.tlt", series
+
+
+@pytest.fixture
+def deformed(tmp_path, clean):
+    """The same series with known shifts and rotations applied, and the deformations that undo them."""
+    _, tlt, series = clean
+    m = len(ANGLES)
+    rng = np.random.default_rng(0)
+    d = Deformations(ANGLES, rng.uniform(-2, 2, (m, 2)), rng.uniform(-2, 2, m), np.zeros((m, 2, 2, 2)), SHAPE)
+    observed = warp_images(torch.as_tensor(series), **d.tensors(), interpolation=d.local_interpolation).numpy()
+    write_mrc(tmp_path / "deformed.mrc", observed, 6.5, stack=True)
+    return tmp_path / "deformed.mrc", tlt, d
+
+
+def _run(*args):
+    return runner.invoke(app, ["fbp", *(str(a) for a in args)])
+
+
+def _corr(a, b) -> float:
+    return float(np.corrcoef(np.ravel(a), np.ravel(b))[0, 1])
+
+
+def test_fbp_writes_the_volume_with_the_pixel_size(tmp_path, clean):
+    mrc, tlt, series = clean
+    out = tmp_path / "vol.mrc"
+    result = _run(mrc, "--angles", tlt, "-o", out, "--thickness", 10, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    vol, voxel = read_mrc(out)
+    assert vol.shape == (10, 20, 24) and voxel == pytest.approx(6.5)
+    np.testing.assert_allclose(vol, fbp_volume(torch.as_tensor(series), ANGLES, 10).numpy(), rtol=1e-5, atol=1e-5)
+    assert _corr(vol, _volume().numpy()) > 0.9
+
+
+def test_default_thickness_filter_and_pixel_size_override(tmp_path, clean):
+    mrc, tlt, series = clean
+    out = tmp_path / "vol.mrc"
+    result = _run(mrc, "-a", tlt, "-o", out, "--filter", "hann", "--pixel-size", 3.0, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    vol, voxel = read_mrc(out)
+    assert vol.shape == (10, 20, 24)  # max(8, min(20, 24) // 2)
+    assert voxel == pytest.approx(3.0)
+    np.testing.assert_allclose(vol, fbp_volume(torch.as_tensor(series), ANGLES, 10, "hann").numpy(), atol=1e-5)
+
+
+def test_sirt_with_positivity(tmp_path, clean):
+    mrc, tlt, _ = clean
+    out = tmp_path / "sirt.mrc"
+    result = _run(mrc, "-a", tlt, "-o", out, "--thickness", 10, "--method", "sirt", "--iterations", 15,
+                  "--positivity", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    vol, _ = read_mrc(out)
+    assert vol.shape == (10, 20, 24) and vol.min() >= 0
+    assert _corr(vol, _volume().numpy()) > 0.9
+
+
+def test_refuses_to_overwrite_without_force(tmp_path, clean):
+    mrc, tlt, _ = clean
+    out = tmp_path / "vol.mrc"
+    out.write_text("keep me")
+    result = _run(mrc, "-a", tlt, "-o", out, "--device", "cpu")
+    assert result.exit_code == 2 and "--force" in result.output
+    assert out.read_text() == "keep me"
+    result = _run(mrc, "-a", tlt, "-o", out, "--force", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert read_mrc(out)[0].shape == (10, 20, 24)
+
+
+@pytest.mark.parametrize("source", ["deformations", "xf"])
+def test_alignment_from_deformations_or_xf_improves_the_reconstruction(tmp_path, clean, deformed, source):
+    mrc, tlt, d = deformed
+    if source == "deformations":
+        path = tmp_path / "deformations.json"
+        write_deformations(path, d)
+    else:
+        path = tmp_path / "ts.xf"
+        write_xf(path, deformations_to_xf(d))
+    aligned, raw = tmp_path / "aligned.mrc", tmp_path / "raw.mrc"
+    assert _run(mrc, "-a", tlt, "-o", aligned, "--thickness", 10, f"--{source}", path, "--device", "cpu").exit_code == 0
+    assert _run(mrc, "-a", tlt, "-o", raw, "--thickness", 10, "--device", "cpu").exit_code == 0
+    reference = fbp_volume(torch.as_tensor(clean[2]), ANGLES, 10).numpy()
+    c_aligned, c_raw = _corr(read_mrc(aligned)[0], reference), _corr(read_mrc(raw)[0], reference)
+    assert c_aligned > 0.97 and c_aligned > c_raw + 0.05
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--method", "art"], "--method"),
+        (["--filter", "cosine"], "--filter"),
+        (["--method", "sirt", "--filter", "hann"], "--filter"),
+        (["--iterations", "5"], "sirt only"),
+        (["--positivity"], "sirt only"),
+        (["--method", "sirt", "--iterations", "0"], "--iterations"),
+        (["--deformations", "d.json", "--xf", "a.xf"], "exclude each other"),
+        (["--xf", "a.xf", "--tilt-axis-angle", "3"], "--tilt-axis-angle"),
+        (["--thickness", "0"], "--thickness"),
+        (["--xf", "missing.xf"], "missing.xf"),
+    ],
+)
+def test_bad_input_fails_on_one_line_and_writes_nothing(tmp_path, clean, extra, message):
+    mrc, tlt, _ = clean
+    out = tmp_path / "vol.mrc"
+    result = _run(mrc, "-a", tlt, "-o", out, "--device", "cpu", *extra)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and result.output.strip().startswith("error:")
+    assert not out.exists()
+
+
+def test_mismatched_deformations_and_angles_are_refused(tmp_path, clean):
+    mrc, tlt, _ = clean
+    path = tmp_path / "d.json"
+    write_deformations(path, Deformations.identity(ANGLES[:-1], SHAPE))
+    result = _run(mrc, "-a", tlt, "-o", tmp_path / "v.mrc", "--deformations", path, "--device", "cpu")
+    assert result.exit_code == 2 and "tilts" in result.output
+    write_deformations(path, Deformations.identity(ANGLES + 1.0, SHAPE))
+    result = _run(mrc, "-a", tlt, "-o", tmp_path / "v.mrc", "--deformations", path, "--device", "cpu")
+    assert result.exit_code == 2 and "tilt angles differ" in result.output
+    assert not (tmp_path / "v.mrc").exists()

@@ -1,0 +1,99 @@
+"""``icetide reconstruct`` and ``icetide demo`` end to end on tiny inputs; bad input leaves nothing behind."""
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from icetide.alignment import xf_to_deformations
+from icetide.cli.main import app
+from icetide.io import read_deformations, read_mrc, read_tlt, write_mrc, write_tlt
+from icetide.io.imod import read_xf
+from icetide.simulate import crowded_phantom, simulate_tilt_series
+
+runner = CliRunner()
+SHAPE = (12, 24, 32)
+ANGLES = np.arange(-45.0, 46.0, 15.0)
+
+
+def _run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def series_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("series")
+    sim = simulate_tilt_series(crowded_phantom(SHAPE, seed=1), ANGLES, snr_db=20, seed=0, samples_per_voxel=1.0)
+    write_mrc(folder / "ts.mrc", sim.noisy, voxel_size_A=8.0, stack=True)
+    write_tlt(folder / "ts.tlt", ANGLES)
+    write_tlt(folder / "short.tlt", ANGLES[:-1])
+    (folder / "tiny.yaml").write_text("volume: {log2_table_size: 10, n_levels: 3, hidden: 8}\nfit: {tilts_per_step: 4}\n")
+    return folder
+
+
+def test_reconstruct_writes_every_output(series_files, tmp_path):
+    out = tmp_path / "rec"
+    f = series_files
+    result = _run("reconstruct", f / "ts.mrc", "--angles", f / "ts.tlt", "-o", out, "--thickness", 12,
+                  "--epochs", 2, "--config", f / "tiny.yaml", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    tomogram, voxel = read_mrc(out / "tomogram.mrc")
+    assert tomogram.shape == SHAPE and voxel == pytest.approx(8.0) and np.isfinite(tomogram).all()
+    assert read_mrc(out / "tomogram_fbp.mrc")[0].shape == SHAPE
+    assert read_mrc(out / "aligned.mrc")[0].shape == (len(ANGLES), *SHAPE[1:])
+    est = read_deformations(out / "deformations.json")
+    assert est.n_tilts == len(ANGLES) and est.detector_shape == SHAPE[1:]
+    xf = read_xf(out / "alignment.xf")
+    assert xf.shape == (len(ANGLES), 2, 3)
+    back = xf_to_deformations(xf, ANGLES, SHAPE[1:])
+    np.testing.assert_allclose(back.shifts_px, est.shifts_px, atol=1e-3)
+    np.testing.assert_allclose(read_tlt(out / "alignment.tlt"), ANGLES)
+    report = json.loads((out / "report.json").read_text())
+    assert report["epochs"] == 2 and len(report["curves"]["train_loss"]) == 2
+    config = (out / "config.yaml").read_text()
+    assert "log2_table_size: 10" in config and "epochs: 2" in config
+
+    # --resume continues from the checkpoint with the run's own settings, up to the new epoch count
+    result = _run("reconstruct", f / "ts.mrc", "--angles", f / "ts.tlt", "-o", out, "--resume", "--epochs", 3)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "report.json").read_text())["epochs"] == 3
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--angles", "short.tlt"], "6 tilt angles for 7 images"),
+        (["--angles", "missing.tlt"], "missing.tlt"),
+        (["--angles", "ts.tlt", "--renderer", "cones"], "--renderer"),
+        (["--angles", "ts.tlt", "--device", "cuda:7"], "CUDA"),
+        (["--angles", "ts.tlt", "--config", "ts.tlt"], "ts.tlt"),
+    ],
+)
+def test_reconstruct_bad_input_is_one_line_and_writes_nothing(series_files, tmp_path, args, message):
+    out = tmp_path / "rec"
+    args = [series_files / a if a.endswith((".tlt", ".yaml")) else a for a in args]
+    result = _run("reconstruct", series_files / "ts.mrc", *args, "-o", out, "--epochs", 1)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_reconstruct_refuses_a_non_empty_folder(series_files, tmp_path):
+    (tmp_path / "rec").mkdir()
+    (tmp_path / "rec" / "keep.txt").write_text("x")
+    result = _run("reconstruct", series_files / "ts.mrc", "--angles", series_files / "ts.tlt", "-o", tmp_path / "rec")
+    assert result.exit_code == 2 and "not empty" in result.output
+    assert (tmp_path / "rec" / "keep.txt").read_text() == "x"
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    result = _run("demo", "-o", out, "--size", 32, "--minutes", 0.02, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["reconstructions"]) == {"icetide", "fbp_aligned", "fbp_raw", "fbp_oracle"}
+    assert summary["settings"]["n_tilts"] == 41
+    for name in ("fsc.png", "orthoslices.png", "local_fields.png", "icetide/tomogram.mrc", "truth/volume.mrc"):
+        assert (out / name).is_file(), name
+    assert "fbp_oracle" in result.output

@@ -1,0 +1,127 @@
+"""``icetide simulate``: every output file, consistent shapes/angles/headers; bad input leaves nothing."""
+
+import json
+
+import mrcfile
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from icetide.cli.main import app
+from icetide.io import read_deformations, read_mrc, read_tlt, write_mrc
+from icetide.simulate import crowded_phantom, measure_snr_db
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def volume_path(tmp_path):
+    path = tmp_path / "vol.mrc"
+    write_mrc(path, crowded_phantom((16, 32, 32), seed=3), voxel_size_A=7.5)
+    return path
+
+
+def _run(*args):
+    return runner.invoke(app, ["simulate", *map(str, args)])
+
+
+def test_simulate_writes_every_file_consistently(tmp_path, volume_path):
+    out = tmp_path / "sim"
+    result = _run(
+        volume_path, "-o", out, "--tilt-min", -50, "--tilt-max", 50, "--tilt-step", 10, "--snr-db", 5, "--seed", 4
+    )
+    assert result.exit_code == 0, result.output
+    angles = np.arange(-50, 51, 10.0)
+    np.testing.assert_allclose(read_tlt(out / "tilt_series.tlt"), angles)
+    stacks = ["tilt_series.mrc", "truth/clean_deformed.mrc", "truth/clean_undeformed.mrc", "truth/noisy_undeformed.mrc"]
+    for name in stacks:
+        data, px = read_mrc(out / name)
+        assert data.shape == (11, 32, 32), name
+        assert px == pytest.approx(7.5), name
+        with mrcfile.open(out / name) as m:
+            assert m.is_image_stack(), name
+    vol, vx = read_mrc(out / "truth" / "volume.mrc")
+    assert vol.shape == (16, 32, 32) and vx == pytest.approx(7.5)
+    np.testing.assert_array_equal(vol, read_mrc(volume_path)[0])
+    d = read_deformations(out / "truth" / "deformations.json")
+    assert d.n_tilts == 11 and d.detector_shape == (32, 32)
+    np.testing.assert_allclose(d.tilt_angles_deg, angles)
+    assert np.abs(d.shifts_px).max() <= 6
+
+    info = json.loads((out / "simulation.json").read_text())
+    assert info["seed"] == 4 and info["profile"] == "paper" and info["bin"] == 1 and info["n_tilts"] == 11
+    assert info["pixel_size_A"] == pytest.approx(7.5) and info["pixel_size_source"] == "MRC header"
+    noisy, clean = read_mrc(out / "tilt_series.mrc")[0], read_mrc(out / "truth" / "clean_deformed.mrc")[0]
+    assert info["snr_db_measured"] == pytest.approx(measure_snr_db(clean, noisy), abs=1e-4)
+    assert info["snr_zero_mean_db"] == pytest.approx(measure_snr_db(clean, noisy, zero_mean=True), abs=1e-4)
+    assert info["snr_db"] == 5 and abs(info["snr_db_measured"] - 5) < 0.3
+    assert np.std(noisy - clean) == pytest.approx(info["noise_sigma"], rel=0.05)
+    assert {"project_deformed", "project_undeformed", "write", "total"} <= set(info["timings_s"])
+
+
+def test_simulate_bins_hard_profile_and_default_pixel_size(tmp_path):
+    path = tmp_path / "nohdr.mrc"
+    write_mrc(path, crowded_phantom((16, 32, 32), seed=1))  # no voxel size in the header
+    out = tmp_path / "sim"
+    tilts = ["--tilt-min", -30, "--tilt-max", 30, "--tilt-step", 15]
+    result = _run(path, "-o", out, "--bin", 2, "--profile", "hard", *tilts)
+    assert result.exit_code == 0, result.output
+    data, px = read_mrc(out / "tilt_series.mrc")
+    assert data.shape == (5, 16, 16) and px == pytest.approx(20.0)
+    vol, vx = read_mrc(out / "truth" / "volume.mrc")
+    assert vol.shape == (8, 16, 16) and vx == pytest.approx(20.0)
+    info = json.loads((out / "simulation.json").read_text())
+    assert info["input_voxel_size_A"] == 10.0 and "default" in info["pixel_size_source"]
+    assert info["tilt_axis_offset_deg"] != 0.0
+    truth = read_deformations(out / "truth" / "deformations.json")
+    assert truth.extra["tilt_axis_offset_deg"] == info["tilt_axis_offset_deg"]
+
+    again = tmp_path / "again"
+    assert _run(path, "-o", again, "--bin", 2, "--profile", "hard", "--pixel-size", 4, *tilts).exit_code == 0
+    assert read_mrc(again / "tilt_series.mrc")[1] == pytest.approx(8.0)
+    np.testing.assert_array_equal(read_mrc(again / "tilt_series.mrc")[0], data)  # same seed, same data
+
+
+def test_simulate_refuses_a_non_empty_folder_unless_forced(tmp_path, volume_path):
+    out = tmp_path / "sim"
+    out.mkdir()
+    (out / "old.txt").write_text("x")
+    args = [volume_path, "-o", out, "--tilt-min", -10, "--tilt-max", 10, "--tilt-step", 10]
+    result = _run(*args)
+    assert result.exit_code == 2 and (out / "old.txt").exists()
+    assert _run(*args, "--force").exit_code == 0
+    assert not (out / "old.txt").exists() and (out / "tilt_series.mrc").exists()
+
+
+@pytest.mark.parametrize(
+    "make_input, extra",
+    [
+        ("image2d", []),
+        ("missing", []),
+        ("volume", ["--tilt-min", "-95"]),
+        ("volume", ["--tilt-min", "20", "--tilt-max", "10"]),
+        ("volume", ["--tilt-step", "0"]),
+        ("volume", ["--bin", "0"]),
+        ("volume", ["--bin", "9"]),
+        ("volume", ["--profile", "easy"]),
+        ("volume", ["--pixel-size", "-1"]),
+        ("zeros", []),
+    ],
+)
+def test_bad_input_exits_2_with_one_line_and_no_output(tmp_path, volume_path, make_input, extra):
+    if make_input == "image2d":
+        path = tmp_path / "img.mrc"
+        write_mrc(path, np.ones((32, 32), np.float32))
+    elif make_input == "zeros":
+        path = tmp_path / "zeros.mrc"
+        write_mrc(path, np.zeros((8, 16, 16), np.float32))
+    elif make_input == "missing":
+        path = tmp_path / "nope.mrc"
+    else:
+        path = volume_path
+    out = tmp_path / "sim"
+    result = _run(path, "-o", out, *extra)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    assert not out.exists()
