@@ -87,3 +87,23 @@ def test_gauge_is_removed(shifted_series):
     residual, translation = remove_gauge(result.deformations.shifts_px, ANGLES)
     np.testing.assert_allclose(residual, result.deformations.shifts_px, atol=1e-6)
     np.testing.assert_allclose(translation, 0, atol=1e-6)
+
+
+def test_local_border_ring_stays_fixed(shifted_series):
+    series, _ = shifted_series
+    config = _config(epochs=4, warmup_epochs=0, local_delay_epochs=0, lr_local_px=0.5)
+    config.deform.local = True
+    result = Fitter(series, config).run()
+    local = result.deformations.local_px
+    border = np.concatenate([local[..., 0, :], local[..., -1, :], local[..., 1:-1, 0], local[..., 1:-1, -1]], -1)
+    assert np.abs(border).max() == 0
+    assert np.abs(local[..., 1:-1, 1:-1]).max() > 0.1
+
+
+def test_local_fields_wait_for_their_release(shifted_series):
+    series, _ = shifted_series
+    config = _config(epochs=4, warmup_epochs=1, local_delay_epochs=10)
+    config.deform.local = True
+    fitter = Fitter(series, config)
+    fitter.run()
+    assert fitter.local.abs().max() == 0 and fitter.shifts.abs().max() > 0

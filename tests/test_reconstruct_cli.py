@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from icetide.alignment import xf_to_deformations
 from icetide.cli.main import app
-from icetide.io import read_deformations, read_mrc, read_tlt, write_mrc, write_tlt
+from icetide.io import read_deformations, read_mrc, read_relion_tilt_series_star, read_tlt, write_mrc, write_tlt
 from icetide.io.imod import read_xf
 from icetide.simulate import crowded_phantom, simulate_tilt_series
 
@@ -49,6 +49,10 @@ def test_reconstruct_writes_every_output(series_files, tmp_path):
     back = xf_to_deformations(xf, ANGLES, SHAPE[1:])
     np.testing.assert_allclose(back.shifts_px, est.shifts_px, atol=1e-3)
     np.testing.assert_allclose(read_tlt(out / "alignment.tlt"), ANGLES)
+    relion = read_relion_tilt_series_star(out / "alignment.star", 8.0, SHAPE[1:])
+    np.testing.assert_allclose(relion.shifts_px, est.shifts_px, atol=1e-4)
+    np.testing.assert_allclose(relion.angles_deg, est.angles_deg, atol=1e-6)
+    assert "1@" in (out / "alignment.star").read_text()
     report = json.loads((out / "report.json").read_text())
     assert report["epochs"] == 2 and len(report["curves"]["train_loss"]) == 2
     config = (out / "config.yaml").read_text()

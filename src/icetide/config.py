@@ -1,8 +1,15 @@
 """Every knob of a reconstruction in one validated model (pydantic), saved as ``config.yaml`` beside outputs.
 
-Defaults follow the paper (Debarnot et al. 2024, section III and its public code) scaled to the data: the paper
-runs 1000 epochs of 1500 random pixels per tilt on 512 x 512 x 180 volumes; here an *epoch* is one pass over
-every tilt, and the number of epochs is capped by early stopping on held-out pixels and by ``max_minutes``.
+The structure follows the paper (Debarnot et al. 2024, section III and its public code): Adam with separate
+learning rates for the volume (1e-2, as the paper), shifts, rotations and local fields; a volume-only warm-up;
+step decay of every learning rate; the eq. 7 penalties. The paper runs 1000 epochs of 1500 random pixels per
+tilt on 512 x 512 x 180 volumes. Here an *epoch* is one pass over every tilt, by default in one Adam step
+(the lattice renderer predicts every pixel of up to ``tilts_per_step`` tilts from one field evaluation), and
+the run ends by early stopping on held-out pixels, by ``epochs`` or by ``max_minutes``. The deformation
+learning rates are in pixels and degrees (Adam moves a parameter by about its learning rate per step), and
+the numbers below were chosen by measurement on the benchmark of ``benchmarks/quality.py`` (docs/BENCHMARKS.md):
+local fields are released ``local_delay_epochs`` after shifts and rotations, because released together they
+absorb the early misalignment of a still-blurred volume and do not recover.
 """
 
 from __future__ import annotations
@@ -44,31 +51,39 @@ class DeformSettings(_Strict):
     local: bool = True
     local_grid: tuple[int, int] = (10, 10)
     local_interpolation: Literal["bicubic", "bilinear"] = "bicubic"
-    penalty_rotation: float = Field(1e-3, ge=0)
-    penalty_shift: float = Field(1e-4, ge=0)
-    penalty_local: float = Field(1e-3, ge=0)
+    local_border_fixed: bool = Field(
+        True,
+        description="keep the border ring of control points at its start (zero): fixes the split between "
+        "the shift/rotation and the local field, which the data cannot tell apart",
+    )
+    penalty_rotation: float = Field(0.1, ge=0, description="l1, on |alpha| in radians")
+    penalty_shift: float = Field(1e-4, ge=0, description="l2, on ||tau|| in pixels")
+    penalty_local: float = Field(1e-2, ge=0, description="l3, on the RMS of phi in pixels")
 
 
 class FitSettings(_Strict):
     """The optimisation: renderer, batches, learning rates, schedule, early stopping, checkpoints."""
 
     renderer: Literal["lattice", "rays"] = "lattice"
-    epochs: int = Field(200, ge=1)
+    epochs: int = Field(500, ge=1, description="at most this many epochs; early stopping usually ends sooner")
     max_minutes: Optional[float] = Field(None, gt=0)
-    tilts_per_step: int = Field(8, ge=1)
+    tilts_per_step: int = Field(64, ge=1, description="tilts per Adam step (lattice: one field evaluation each)")
     lattice_rows: Optional[int] = Field(None, ge=4, description="rows per lattice band; None = all rows")
     rays_per_tilt: int = Field(1500, ge=1, description="rays renderer: random pixels per tilt per epoch")
     samples_per_voxel: float = Field(1.0, gt=0, description="rays renderer: samples per voxel along each ray")
     lr_volume: float = Field(1e-2, gt=0)
     lr_shift_px: float = Field(0.3, ge=0, description="Adam step for shifts, pixels")
-    lr_rotation_deg: float = Field(0.02, ge=0, description="Adam step for in-plane rotations, degrees")
+    lr_rotation_deg: float = Field(0.005, ge=0, description="Adam step for in-plane rotations, degrees")
     lr_local_px: float = Field(0.05, ge=0, description="Adam step for local control points, pixels")
     warmup_epochs: int = Field(5, ge=0, description="volume-only epochs before deformations are released")
-    lr_decay_every: int = Field(20, ge=1, description="halve every learning rate every this many epochs")
+    local_delay_epochs: int = Field(
+        40, ge=0, description="further epochs before the local fields are released (shifts and rotations first)"
+    )
+    lr_decay_every: int = Field(60, ge=1, description="halve every learning rate every this many epochs")
     lr_decay_factor: float = Field(0.5, gt=0, le=1)
     validation_fraction: float = Field(0.05, ge=0, lt=0.5)
     validate_every: int = Field(1, ge=1, description="epochs between validation passes")
-    patience: int = Field(8, ge=1, description="validations without improvement before stopping")
+    patience: int = Field(30, ge=1, description="validations without improvement before stopping")
     checkpoint_minutes: float = Field(5.0, gt=0)
     seed: int = 0
     device: str = "auto"

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .config import DeformSettings, FitSettings, ReconstructConfig
+from .config import FitSettings, ReconstructConfig
 from .data import TiltSeries
 from .evaluation import REGISTRATION_NOTE, evaluate_volumes
 from .io import write_deformations, write_json, write_mrc, write_tlt
@@ -37,7 +37,8 @@ class DemoSettings:
     """What the demo simulates and how long it fits.
 
     ``shape_zyx``: phantom (and tomogram) shape in voxels; tilts ``tilt_min_deg:tilt_step_deg:tilt_max_deg``;
-    ``voxel_size_A``: the phantom's voxel size (written to the headers); ``max_minutes``: fitting time budget.
+    ``voxel_size_A``: the phantom's voxel size (written to the headers); ``max_minutes``: fitting time budget;
+    ``proteins_dir``: density maps (MRC) to place as proteins instead of Gaussian blobs.
     """
 
     shape_zyx: tuple[int, int, int] = (48, 128, 128)
@@ -52,6 +53,7 @@ class DemoSettings:
     seed: int = 0
     device: str = "auto"
     fsc_taper_vox: float = 4.0
+    proteins_dir: str | None = None
 
     def tilt_angles_deg(self) -> np.ndarray:
         n = int(round((self.tilt_max_deg - self.tilt_min_deg) / self.tilt_step_deg)) + 1
@@ -63,8 +65,12 @@ def run_demo(
     settings: DemoSettings = DemoSettings(),
     on_phase: Callable[[str], None] | None = None,
     on_epoch: Callable[[dict], None] | None = None,
+    config: ReconstructConfig | None = None,
 ) -> dict:
     """Run the demo into ``out_dir`` (which must exist) and return the summary also written to ``summary.json``.
+
+    ``config``: the reconstruction settings; default: the defaults with ``settings``' thickness, epochs, time
+    budget, seed and device.
 
     Writes ``truth/volume.mrc``, ``truth/deformations.json``, ``tilt_series.mrc`` + ``.tlt``, ``icetide/`` (every
     output of :func:`icetide.reconstruct.reconstruct`), ``fbp_raw.mrc``, ``fbp_oracle.mrc``, the figures of
@@ -77,7 +83,7 @@ def run_demo(
 
     phase(f"generating a {s.shape_zyx[2]} x {s.shape_zyx[1]} x {s.shape_zyx[0]} phantom")
     t0 = time.monotonic()
-    truth = crowded_phantom(s.shape_zyx, seed=s.seed, voxel_size_A=s.voxel_size_A)
+    truth = crowded_phantom(s.shape_zyx, seed=s.seed, proteins_dir=s.proteins_dir, voxel_size_A=s.voxel_size_A)
     angles = s.tilt_angles_deg()
     phase(f"simulating {len(angles)} tilts, {s.profile} deformations, {s.snr_db:g} dB")
     sim = simulate_tilt_series(truth, angles, profile=s.profile, snr_db=s.snr_db, seed=s.seed)
@@ -88,14 +94,15 @@ def run_demo(
     write_tlt(out_dir / "tilt_series.tlt", angles)
     timings["simulate_s"] = time.monotonic() - t0
 
-    phase(f"reconstructing with icetide (at most {s.max_minutes:g} min of fitting)")
     t0 = time.monotonic()
-    config = ReconstructConfig(
-        thickness=s.shape_zyx[0],
-        pixel_size_A=s.voxel_size_A,
-        deform=DeformSettings(),
-        fit=FitSettings(epochs=s.epochs, max_minutes=s.max_minutes, seed=s.seed, device=s.device),
-    )
+    if config is None:
+        config = ReconstructConfig(
+            thickness=s.shape_zyx[0],
+            pixel_size_A=s.voxel_size_A,
+            fit=FitSettings(epochs=s.epochs, max_minutes=s.max_minutes, seed=s.seed, device=s.device),
+        )
+    budget = "" if config.fit.max_minutes is None else f" (at most {config.fit.max_minutes:g} min of fitting)"
+    phase(f"reconstructing with icetide{budget}")
     series = TiltSeries(sim.noisy, angles, s.voxel_size_A)
     rec_dir = out_dir / "icetide"
     rec_dir.mkdir(exist_ok=True)
@@ -136,6 +143,7 @@ def run_demo(
         "reconstructions": scores["reconstructions"],
         "deformations": scores["deformations"],
         "fit": {k: rec_report[k] for k in ("epochs", "stop_reason", "best_epoch", "fit_seconds", "device")},
+        "config": config.model_dump(mode="json"),
         "timings_s": timings,
     }
     write_json(out_dir / "summary.json", summary)

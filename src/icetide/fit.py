@@ -140,6 +140,12 @@ class Fitter:
         self.shifts = start["shifts_px"].clone().requires_grad_(dc.shifts)
         self.angles = start["angles_rad"].clone().requires_grad_(dc.rotations)
         self.local = start["local_px"].clone().requires_grad_(dc.local)
+        if dc.local and dc.local_border_fixed and min(dc.local_grid) >= 3:
+            # A constant or linear local field is a shift or a rotation: with the border ring held, the
+            # local field carries only what the rigid motion cannot, so the split is identifiable.
+            interior = torch.zeros(dc.local_grid, device=self.device)
+            interior[1:-1, 1:-1] = 1
+            self.local.register_hook(lambda grad: grad * interior)
 
         self.renderer = make_renderer(fit.renderer, self.shape_zyx, fit.lattice_rows, fit.samples_per_voxel)
         self.opt_volume = torch.optim.Adam(self.volume.parameters(), lr=fit.lr_volume)
@@ -210,8 +216,9 @@ class Fitter:
         fit = self.config.fit
         factor = fit.lr_decay_factor ** (self.epoch // fit.lr_decay_every)
         groups = list(self.opt_volume.param_groups) + (list(self.opt_deform.param_groups) if self.opt_deform else [])
+        local_frozen = self.epoch < fit.warmup_epochs + fit.local_delay_epochs
         for g, base in zip(groups, self.base_lrs):
-            g["lr"] = base * factor
+            g["lr"] = 0.0 if (g.get("name") == "local" and local_frozen) else base * factor
 
     def train_epoch(self) -> float:
         """One pass over every tilt in random order; returns the mean training loss."""

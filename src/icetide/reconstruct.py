@@ -3,7 +3,9 @@
 Outputs (``out_dir``): ``tomogram.mrc`` (the implicit volume sampled on the voxel grid, ``(thickness, ny, nx)``,
 DESIGN.md frame), ``deformations.json`` (estimated, gauge removed), ``aligned.mrc`` (the input series with the
 estimated deformations undone), ``tomogram_fbp.mrc`` (FBP of the aligned series), ``alignment.xf`` and
-``alignment.tlt`` (IMOD), ``config.yaml``, ``report.json``, ``checkpoint.pt``.
+``alignment.tlt`` (IMOD), ``alignment.star`` (RELION-5 tilt-series STAR, when the pixel size is known; like
+``.xf`` it carries the shifts and rotations only, the local fields have no RELION/IMOD equivalent),
+``config.yaml``, ``report.json``, ``checkpoint.pt``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from .deform import Deformations
 from .fit import FitResult, Fitter
 from .io import write_deformations, write_json, write_mrc, write_tlt
 from .io.imod import write_xf
+from .io.relion import write_relion_tilt_series_star
 from .recon import align_series, fbp
 
 __all__ = ["reconstruct", "sample_tomogram"]
@@ -53,8 +56,12 @@ def reconstruct(
     resume: bool = False,
     on_epoch: Callable[[dict], None] | None = None,
     on_phase: Callable[[str], None] | None = None,
+    source_path: Path | None = None,
 ) -> dict:
-    """Fit ``series`` and write all outputs to ``out_dir`` (which must exist). Returns the report."""
+    """Fit ``series`` and write all outputs to ``out_dir`` (which must exist). Returns the report.
+
+    ``source_path``: the tilt-series file, named in ``alignment.star`` (``k@path``) so RELION finds the images.
+    """
     out_dir = Path(out_dir)
     phase = on_phase or (lambda name: None)
     timings: dict[str, float] = {}
@@ -83,6 +90,10 @@ def reconstruct(
     write_deformations(out_dir / "deformations.json", d)
     write_xf(out_dir / "alignment.xf", deformations_to_xf(d))
     write_tlt(out_dir / "alignment.tlt", d.tilt_angles_deg)
+    if voxel is not None:
+        name = Path(source_path).stem if source_path is not None else "tilt_series"
+        images = str(Path(source_path).resolve()) if source_path is not None else None
+        write_relion_tilt_series_star(out_dir / "alignment.star", d, voxel, name.replace(" ", "_"), images)
     aligned = align_series(torch.tensor(series.images), d)
     write_mrc(out_dir / "aligned.mrc", aligned.numpy(), voxel, stack=True)
     thickness = result.volume.box_shape_zyx[0]
@@ -92,6 +103,10 @@ def reconstruct(
     report = dict(result.report)
     report["timings_s"] = timings
     report["gauge_translation_xyz_vox"] = result.translation_xyz.tolist()
+    report["exported_alignment"] = (
+        "alignment.xf, alignment.tlt" + (", alignment.star" if voxel is not None else " (no alignment.star: pixel size unknown)")
+        + ": shifts and in-plane rotations only; the local fields are in deformations.json"
+    )
     report["input"] = {
         "n_tilts": series.n_tilts,
         "detector_shape": list(series.shape),

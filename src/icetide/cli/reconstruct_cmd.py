@@ -79,7 +79,7 @@ def reconstruct(
         None, help="Tilt-axis direction on the images, degrees counter-clockwise from the image Y axis. Default 0."
     ),
     config: Optional[Path] = typer.Option(None, help="YAML file with any subset of the settings (see config.yaml of a run)."),
-    epochs: Optional[int] = typer.Option(None, help="Maximum number of epochs (passes over every tilt). Default 200."),
+    epochs: Optional[int] = typer.Option(None, help="Maximum number of epochs (passes over every tilt). Default 500; early stopping usually ends sooner."),
     max_minutes: Optional[float] = typer.Option(None, help="Stop after this many minutes of fitting."),
     renderer: Optional[str] = typer.Option(None, help="Forward model: lattice (default, fast) or rays (the paper's)."),
     device: Optional[str] = typer.Option(None, help="auto (default: CUDA if available), cpu, cuda or cuda:N."),
@@ -94,7 +94,9 @@ def reconstruct(
     """Jointly estimate the 3-D density and the per-tilt deformations (shift, in-plane rotation, local warp).
 
     Writes OUT/tomogram.mrc (thickness, ny, nx), OUT/deformations.json, OUT/aligned.mrc, OUT/tomogram_fbp.mrc,
-    OUT/alignment.xf + alignment.tlt (IMOD), OUT/config.yaml, OUT/report.json and OUT/checkpoint.pt.
+    OUT/alignment.xf + alignment.tlt (IMOD), OUT/alignment.star (RELION-5, when the pixel size is known),
+    OUT/config.yaml, OUT/report.json and OUT/checkpoint.pt. The IMOD and RELION files carry shifts and
+    rotations only; the local fields are in deformations.json.
     """
     from ..io import read_deformations
     from ..reconstruct import reconstruct as run
@@ -133,7 +135,7 @@ def reconstruct(
     with context as folder:
         progress, on_epoch = progress_printer(cfg.fit.epochs)
         with progress:
-            report = run(series, cfg, folder, init=init, resume=resume, on_epoch=on_epoch,
+            report = run(series, cfg, folder, init=init, resume=resume, on_epoch=on_epoch, source_path=tilt_series,
                          on_phase=lambda name: console.print(f"[dim]{name}[/]"))
     console.print(
         f"done: {report['epochs']} epochs, {report['stop_reason']}; best epoch {report['best_epoch']}; "

@@ -1,8 +1,17 @@
 """File formats. Nothing outside this package reads or writes a file format."""
 
+from .aretomo import AlnFile, read_aln
 from .deformations import read_deformations, write_deformations
-from .imod import read_tlt, write_tlt
+from .imod import read_tlt, read_xf, write_tlt, write_xf
+from .mdoc import read_mdoc
 from .mrc import read_mrc, write_mrc
+from .relion import (
+    RelionTomogram,
+    read_relion_tilt_series_star,
+    read_relion_tomograms_star,
+    write_relion_tilt_series_star,
+    write_relion_tomograms_star,
+)
 from .util import atomic_path, write_json
 
 __all__ = [
@@ -10,6 +19,16 @@ __all__ = [
     "write_mrc",
     "read_tlt",
     "write_tlt",
+    "read_xf",
+    "write_xf",
+    "AlnFile",
+    "read_aln",
+    "read_mdoc",
+    "RelionTomogram",
+    "read_relion_tilt_series_star",
+    "write_relion_tilt_series_star",
+    "read_relion_tomograms_star",
+    "write_relion_tomograms_star",
     "read_deformations",
     "write_deformations",
     "atomic_path",
