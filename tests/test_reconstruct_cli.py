@@ -101,3 +101,69 @@ def test_demo_runs_end_to_end(tmp_path):
     for name in ("fsc.png", "orthoslices.png", "local_fields.png", "icetide/tomogram.mrc", "truth/volume.mrc"):
         assert (out / name).is_file(), name
     assert "fbp_oracle" in result.output
+
+
+def _warmup_only(folder):
+    """A config whose 2 epochs stay in the warm-up: the deformations written are the starting ones."""
+    path = folder / "warmup.yaml"
+    path.write_text("volume: {log2_table_size: 10, n_levels: 3, hidden: 8}\nfit: {tilts_per_step: 4, warmup_epochs: 5}\n")
+    return path
+
+
+def test_starting_alignment_from_xf_and_excluded_views(series_files, tmp_path):
+    from icetide.alignment import deformations_to_xf
+    from icetide.deform import Deformations, remove_gauge
+    from icetide.io import write_xf
+
+    f = series_files
+    rng = np.random.default_rng(5)
+    start = Deformations(ANGLES, rng.uniform(-3, 3, (len(ANGLES), 2)), rng.uniform(-1, 1, len(ANGLES)),
+                         np.zeros((len(ANGLES), 2, 2, 2)), SHAPE[1:])
+    write_xf(tmp_path / "start.xf", deformations_to_xf(start))
+    out = tmp_path / "rec"
+    result = _run("reconstruct", f / "ts.mrc", "--angles", f / "ts.tlt", "-o", out, "--epochs", 2, "--thickness", 12,
+                  "--config", _warmup_only(tmp_path), "--xf", tmp_path / "start.xf", "--exclude", "0,6")
+    assert result.exit_code == 0, result.output
+    est = read_deformations(out / "deformations.json")
+    kept = start.subset(np.arange(1, 6))
+    np.testing.assert_allclose(est.tilt_angles_deg, ANGLES[1:6])
+    np.testing.assert_allclose(est.angles_deg, kept.angles_deg, atol=2e-3)
+    np.testing.assert_allclose(est.shifts_px, remove_gauge(kept.shifts_px, ANGLES[1:6])[0], atol=2e-3)  # .xf precision
+    assert read_mrc(out / "aligned.mrc")[0].shape == (5, *SHAPE[1:])
+    assert "rlnTomoTiltSeriesStarFile" in (out / "tomograms.star").read_text()
+
+
+def test_angles_and_pixel_size_from_mdoc_and_inverted_contrast(series_files, tmp_path):
+    f = series_files
+    sections = "".join(f"[ZValue = {i}]\nTiltAngle = {a:.2f}\n\n" for i, a in enumerate(ANGLES))
+    (tmp_path / "ts.mdoc").write_text(f"PixelSpacing = 6.5\n\n{sections}")
+    images, _ = read_mrc(f / "ts.mrc")
+    write_mrc(tmp_path / "dark.mrc", -images, stack=True)
+    out = tmp_path / "rec"
+    result = _run("reconstruct", tmp_path / "dark.mrc", "--mdoc", tmp_path / "ts.mdoc", "-o", out, "--epochs", 1,
+                  "--thickness", 12, "--config", f / "tiny.yaml", "--invert")
+    assert result.exit_code == 0, result.output
+    assert read_mrc(out / "tomogram.mrc")[1] == pytest.approx(6.5)
+    np.testing.assert_allclose(read_mrc(out / "aligned.mrc")[0].mean(), images.mean(), rtol=0.05)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--exclude", "3,9"], "outside 0..6"),
+        (["--exclude", "a"], "--exclude"),
+        (["--exclude", "0,1,2,3,4,5"], "fewer than 2"),
+        (["--xf", "ts.tlt", "--aln", "ts.tlt"], "exclude each other"),
+    ],
+)
+def test_bad_alignment_options(series_files, tmp_path, extra, message):
+    extra = [str(series_files / a) if a.endswith(".tlt") else a for a in extra]
+    out = tmp_path / "rec"
+    result = _run("reconstruct", series_files / "ts.mrc", "--angles", series_files / "ts.tlt", "-o", out, *extra)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not out.exists()
+
+
+def test_angles_or_mdoc_is_required(series_files, tmp_path):
+    result = _run("reconstruct", series_files / "ts.mrc", "-o", tmp_path / "rec")
+    assert result.exit_code == 2 and "--angles" in result.output and not (tmp_path / "rec").exists()

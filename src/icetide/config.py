@@ -87,6 +87,12 @@ class FitSettings(_Strict):
     checkpoint_minutes: float = Field(5.0, gt=0)
     seed: int = 0
     device: str = "auto"
+    max_rollbacks: int = Field(
+        5,
+        ge=0,
+        description="non-finite steps the fit recovers from (back to the last good epoch, every learning rate "
+        "halved); the next one ends it",
+    )
 
 
 class ReconstructConfig(_Strict):

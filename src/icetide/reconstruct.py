@@ -3,7 +3,7 @@
 Outputs (``out_dir``): ``tomogram.mrc`` (the implicit volume sampled on the voxel grid, ``(thickness, ny, nx)``,
 DESIGN.md frame), ``deformations.json`` (estimated, gauge removed), ``aligned.mrc`` (the input series with the
 estimated deformations undone), ``tomogram_fbp.mrc`` (FBP of the aligned series), ``alignment.xf`` and
-``alignment.tlt`` (IMOD), ``alignment.star`` (RELION-5 tilt-series STAR, when the pixel size is known; like
+``alignment.tlt`` (IMOD), ``alignment.star`` and ``tomograms.star`` (RELION-5, when the pixel size is known; like
 ``.xf`` it carries the shifts and rotations only, the local fields have no RELION/IMOD equivalent),
 ``config.yaml``, ``report.json``, ``checkpoint.pt``.
 """
@@ -11,6 +11,7 @@ estimated deformations undone), ``tomogram_fbp.mrc`` (FBP of the aligned series)
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -24,10 +25,19 @@ from .deform import Deformations
 from .fit import FitResult, Fitter
 from .io import write_deformations, write_json, write_mrc, write_tlt
 from .io.imod import write_xf
-from .io.relion import write_relion_tilt_series_star
+from .io.relion import RelionTomogram, write_relion_tilt_series_star, write_relion_tomograms_star
 from .recon import align_series, fbp
 
-__all__ = ["reconstruct", "sample_tomogram"]
+__all__ = ["RelionMicroscope", "reconstruct", "sample_tomogram"]
+
+
+@dataclass(frozen=True)
+class RelionMicroscope:
+    """What RELION-5's ``tomograms.star`` needs beyond the images: voltage (kV), Cs (mm), amplitude contrast."""
+
+    voltage_kV: float = 300.0
+    spherical_aberration_mm: float = 2.7
+    amplitude_contrast: float = 0.1
 
 
 @torch.no_grad()
@@ -57,10 +67,12 @@ def reconstruct(
     on_epoch: Callable[[dict], None] | None = None,
     on_phase: Callable[[str], None] | None = None,
     source_path: Path | None = None,
+    microscope: RelionMicroscope | None = None,
 ) -> dict:
     """Fit ``series`` and write all outputs to ``out_dir`` (which must exist). Returns the report.
 
     ``source_path``: the tilt-series file, named in ``alignment.star`` (``k@path``) so RELION finds the images.
+    ``microscope``: when given (and the pixel size is known), also write ``tomograms.star`` for RELION-5.
     """
     out_dir = Path(out_dir)
     phase = on_phase or (lambda name: None)
@@ -93,7 +105,15 @@ def reconstruct(
     if voxel is not None:
         name = Path(source_path).stem if source_path is not None else "tilt_series"
         images = str(Path(source_path).resolve()) if source_path is not None else None
-        write_relion_tilt_series_star(out_dir / "alignment.star", d, voxel, name.replace(" ", "_"), images)
+        name = name.replace(" ", "_")
+        write_relion_tilt_series_star(out_dir / "alignment.star", d, voxel, name, images)
+        if microscope is not None:
+            nz, ny, nx = result.volume.box_shape_zyx
+            entry = RelionTomogram(
+                name, str((out_dir / "alignment.star").resolve()), microscope.voltage_kV,
+                microscope.spherical_aberration_mm, microscope.amplitude_contrast, voxel, voxel, (nx, ny, nz),
+            )
+            write_relion_tomograms_star(out_dir / "tomograms.star", [entry])
     aligned = align_series(torch.tensor(series.images), d)
     write_mrc(out_dir / "aligned.mrc", aligned.numpy(), voxel, stack=True)
     thickness = result.volume.box_shape_zyx[0]

@@ -13,6 +13,9 @@ from rich.console import Console
 
 from ..errors import IcetideError
 
+# IMOD writes tilt angles with two decimals.
+ANGLE_TOLERANCE_DEG = 0.01
+
 console = Console(stderr=True)
 F = TypeVar("F", bound=Callable)
 
@@ -41,6 +44,53 @@ def one_line_errors(func: F) -> F:
             raise typer.Exit(code=130)
 
     return wrapper  # type: ignore[return-value]
+
+
+def check_alignment_options(deformations: Path | None, xf: Path | None, aln: Path | None) -> None:
+    """At most one source of an alignment."""
+    given = [name for name, value in (("--deformations", deformations), ("--xf", xf), ("--aln", aln)) if value]
+    if len(given) > 1:
+        raise IcetideError(f"{' and '.join(given)} exclude each other")
+
+
+def read_alignment(
+    tilt_angles_deg, detector_shape: tuple[int, int], deformations: Path | None, xf: Path | None, aln: Path | None
+):
+    """The alignment of a stack from deformations.json, an IMOD ``.xf`` or an AreTomo ``.aln``, or ``None``.
+
+    ``tilt_angles_deg``: of every view of the stack, in stack order; ``detector_shape``: ``(ny, nx)``. Every
+    source is checked against them: number of views and, for deformations.json, the tilt angles; ``.aln``
+    rows are matched by tilt angle.
+    """
+    import numpy as np
+
+    angles = np.asarray(tilt_angles_deg, dtype=np.float64).reshape(-1)
+
+    if deformations is not None:
+        from ..io import read_deformations
+
+        d = read_deformations(deformations, detector_shape)
+        if d.n_tilts != len(angles):
+            raise IcetideError(f"{deformations}: {d.n_tilts} tilts for a series of {len(angles)}")
+        worst = float(np.abs(d.tilt_angles_deg - angles).max())
+        if worst > ANGLE_TOLERANCE_DEG:
+            raise IcetideError(f"{deformations}: tilt angles differ from the angle file by up to {worst:.3g} degrees")
+        return d
+    if xf is not None:
+        from ..alignment import xf_to_deformations
+        from ..io import read_xf
+
+        transforms = read_xf(xf)
+        if len(transforms) != len(angles):
+            raise IcetideError(f"{xf}: {len(transforms)} transforms for a series of {len(angles)}")
+        # Real .xf files often carry a slight magnification or stretch: keep the nearest rotation (warns).
+        return xf_to_deformations(transforms, angles, detector_shape, non_rotation="nearest")
+    if aln is not None:
+        from ..alignment import aln_to_deformations
+        from ..io import read_aln
+
+        return aln_to_deformations(read_aln(aln), angles, detector_shape)
+    return None
 
 
 def check_output_dir(path: Path, force: bool) -> Path:

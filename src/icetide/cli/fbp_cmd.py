@@ -14,12 +14,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ..data import TiltSeries
 from ..deform import Deformations
 from ..errors import IcetideError
-from .common import console, one_line_errors
+from .common import check_alignment_options, console, one_line_errors, read_alignment
 
 METHODS = ("fbp", "sirt")
 DEFAULT_ITERATIONS = 30
-# IMOD writes tilt angles with two decimals.
-ANGLE_TOLERANCE_DEG = 0.01
 
 
 def check_output_file(path: Path, force: bool) -> None:
@@ -39,6 +37,7 @@ def check_options(
     positivity: bool,
     deformations: Optional[Path],
     xf: Optional[Path],
+    aln: Optional[Path],
     tilt_axis_angle: Optional[float],
 ) -> None:
     """Reject option combinations that do not make sense, before reading any data."""
@@ -54,41 +53,27 @@ def check_options(
         raise IcetideError(f"--filter must be one of {', '.join(FILTERS)}, got {filter_name!r}")
     if iterations is not None and iterations < 1:
         raise IcetideError(f"--iterations must be at least 1, got {iterations}")
-    if deformations is not None and xf is not None:
-        raise IcetideError("--deformations and --xf exclude each other")
-    if tilt_axis_angle is not None and (deformations is not None or xf is not None):
-        raise IcetideError("--tilt-axis-angle cannot be combined with --deformations/--xf (they hold the rotations)")
+    check_alignment_options(deformations, xf, aln)
+    if tilt_axis_angle is not None and (deformations is not None or xf is not None or aln is not None):
+        raise IcetideError(
+            "--tilt-axis-angle cannot be combined with --deformations/--xf/--aln (they hold the rotations)"
+        )
 
 
 def load_deformations(
     series: TiltSeries,
     deformations: Optional[Path],
     xf: Optional[Path],
+    aln: Optional[Path],
     tilt_axis_angle_deg: Optional[float],
 ) -> Optional[Deformations]:
-    """The deformations to undo: from deformations.json, from an IMOD .xf, from the tilt-axis angle, or none."""
-    if deformations is not None:
-        from ..io import read_deformations
-
-        d = read_deformations(deformations, series.shape)
-        if d.n_tilts != series.n_tilts:
-            raise IcetideError(f"{deformations}: {d.n_tilts} tilts for a series of {series.n_tilts}")
-        worst = float(np.abs(d.tilt_angles_deg - series.tilt_angles_deg).max())
-        if worst > ANGLE_TOLERANCE_DEG:
-            raise IcetideError(f"{deformations}: tilt angles differ from the angle file by up to {worst:.3g} degrees")
-        return d
-    if xf is not None:
-        from ..alignment import xf_to_deformations
-        from ..io.imod import read_xf
-
-        # Real .xf files often carry a slight magnification or stretch: keep the nearest rotation (warns).
-        return xf_to_deformations(read_xf(xf), series.tilt_angles_deg, series.shape, non_rotation="nearest")
-    if tilt_axis_angle_deg:
+    """The deformations to undo: an alignment file (:func:`read_alignment`), the tilt-axis angle, or none."""
+    d = read_alignment(series.tilt_angles_deg, series.shape, deformations, xf, aln)
+    if d is None and tilt_axis_angle_deg:
         d = Deformations.identity(series.tilt_angles_deg, series.shape)
         # A tilt axis drawn at psi degrees counter-clockwise from the image Y axis is alpha = -psi (deform.py).
         d.angles_deg = np.full(series.n_tilts, -float(tilt_axis_angle_deg))
-        return d
-    return None
+    return d
 
 
 def _sirt_progress(total: int) -> tuple[Progress, Callable[[int, int], None]]:
@@ -124,6 +109,9 @@ def fbp(
     xf: Optional[Path] = typer.Option(
         None, "--xf", help="IMOD .xf alignment to undo first (shifts and in-plane rotations; scaling is dropped)."
     ),
+    aln: Optional[Path] = typer.Option(
+        None, "--aln", help="AreTomo .aln alignment to undo first (global shifts and rotations; rows matched by tilt)."
+    ),
     tilt_axis_angle: Optional[float] = typer.Option(
         None,
         help="Unaligned data only: tilt-axis direction on the images, degrees counter-clockwise from the image "
@@ -137,7 +125,7 @@ def fbp(
     """Reconstruct a tilt series with filtered backprojection (default) or SIRT.
 
     Reads TILT_SERIES (MRC stack) and --angles; optionally undoes per-tilt deformations first (--deformations
-    or --xf; the aligned images are what gets reconstructed). Writes one MRC volume (thickness, ny, nx) in
+    --xf or --aln; the aligned images are what gets reconstructed). Writes one MRC volume (thickness, ny, nx) in
     the icetide frame (DESIGN.md) with voxel size = pixel size. FBP weighs each tilt by its angular interval,
     so a full 180-degree range gives the projected density's units.
     """
@@ -145,14 +133,14 @@ def fbp(
     from ..io import write_mrc
     from ..recon import align_series, fbp_deformed, sirt
 
-    check_options(method, iterations, filter_name, positivity, deformations, xf, tilt_axis_angle)
+    check_options(method, iterations, filter_name, positivity, deformations, xf, aln, tilt_axis_angle)
     check_output_file(out, force)
     dev = resolve_device(device)
     series = TiltSeries.from_files(tilt_series, angles, pixel_size)
     thick = default_thickness(series.shape) if thickness is None else thickness
     if not 1 <= thick <= 4 * max(series.shape):
         raise IcetideError(f"--thickness must be between 1 and {4 * max(series.shape)} voxels, got {thick}")
-    d = load_deformations(series, deformations, xf, tilt_axis_angle)
+    d = load_deformations(series, deformations, xf, aln, tilt_axis_angle)
 
     t0 = time.monotonic()
     images = torch.tensor(series.images, device=dev)

@@ -7,13 +7,14 @@ import math
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..config import ReconstructConfig, load_config, parse_config
 from ..data import TiltSeries
 from ..errors import IcetideError
-from .common import check_output_dir, console, one_line_errors, output_dir
+from .common import check_alignment_options, check_output_dir, console, one_line_errors, output_dir, read_alignment
 
 
 def build_config(
@@ -66,11 +67,74 @@ def progress_printer(total_epochs: int):
     return progress, on_epoch
 
 
+def parse_exclude(text: Optional[str], n_tilts: int) -> np.ndarray:
+    """``"0,1,76"`` -> the sorted, distinct 0-based stack indices to drop; checked against ``n_tilts``."""
+    if not text:
+        return np.zeros(0, dtype=int)
+    try:
+        indices = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise IcetideError(f"--exclude must be comma-separated view indices (0-based), got {text!r}") from None
+    bad = [i for i in indices if not 0 <= i < n_tilts]
+    if bad:
+        raise IcetideError(f"--exclude: view(s) {', '.join(map(str, bad))} outside 0..{n_tilts - 1}")
+    if n_tilts - len(indices) < 2:
+        raise IcetideError("--exclude leaves fewer than 2 views")
+    return np.asarray(indices, dtype=int)
+
+
+def load_series(
+    stack: Path,
+    angles: Optional[Path],
+    mdoc: Optional[Path],
+    pixel_size_A: Optional[float],
+    tilt_axis_angle_deg: Optional[float],
+    exclude: Optional[str],
+    invert: bool,
+) -> tuple[TiltSeries, np.ndarray, np.ndarray]:
+    """The tilt series to fit, the stack indices it keeps and the tilt angles of every view of the stack.
+
+    Angles from ``angles`` (.tlt) or else ``mdoc`` (SerialEM), which also gives the pixel size and the tilt-axis
+    angle when they are not given otherwise. Excluded views are dropped before validation, so a blank view can
+    be excluded; ``invert`` flips the contrast (dark density on a light background, as in raw cryo-EM images).
+    """
+    from ..io import read_mdoc, read_mrc, read_tlt
+
+    if (angles is None) == (mdoc is None):
+        raise IcetideError("give the tilt angles with exactly one of --angles (.tlt) or --mdoc (SerialEM)")
+    images, header_px = read_mrc(stack)
+    if angles is not None:
+        tilt_angles = read_tlt(angles)
+    else:
+        meta = read_mdoc(mdoc)
+        tilt_angles = meta["tilt_angles_deg"]
+        header_px = meta["pixel_size_A"] or header_px
+        if tilt_axis_angle_deg is None and meta["tilt_axis_angle_deg"] is not None:
+            tilt_axis_angle_deg = meta["tilt_axis_angle_deg"]
+    all_angles = np.asarray(tilt_angles, dtype=np.float64).reshape(-1)
+    if images.ndim == 3 and len(all_angles) != images.shape[0]:
+        raise IcetideError(f"{len(all_angles)} tilt angles for {images.shape[0]} images")
+    n_tilts = images.shape[0] if images.ndim == 3 else 1
+    keep = np.setdiff1d(np.arange(n_tilts), parse_exclude(exclude, n_tilts))
+    if images.ndim == 3:
+        images, tilt_angles = images[keep], all_angles[keep]
+    if invert:
+        images = -images
+    series = TiltSeries(images, tilt_angles, pixel_size_A if pixel_size_A is not None else header_px,
+                        tilt_axis_angle_deg or 0.0)
+    return series, keep, all_angles
+
+
 @one_line_errors
 def reconstruct(
     tilt_series: Path = typer.Argument(..., help="Tilt series, MRC stack (n_tilts, ny, nx), any MRC mode."),
-    angles: Path = typer.Option(..., "--angles", "-a", help="Tilt angles in degrees, IMOD .tlt/.rawtlt (one per line)."),
+    angles: Optional[Path] = typer.Option(
+        None, "--angles", "-a", help="Tilt angles in degrees, IMOD .tlt/.rawtlt (one per line, stack order)."
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (created; must be empty unless --force/--resume)."),
+    mdoc: Optional[Path] = typer.Option(
+        None, help="SerialEM .mdoc instead of --angles: tilt angles, and the pixel size and tilt-axis angle if given."
+    ),
     thickness: Optional[int] = typer.Option(
         None, help="Slab thickness in voxels. Default: half the smaller detector side."
     ),
@@ -78,8 +142,16 @@ def reconstruct(
     tilt_axis_angle: Optional[float] = typer.Option(
         None, help="Tilt-axis direction on the images, degrees counter-clockwise from the image Y axis. Default 0."
     ),
+    exclude: Optional[str] = typer.Option(
+        None, help="Views to leave out, 0-based stack indices, e.g. 0,1,76. Outputs hold the remaining views."
+    ),
+    invert: bool = typer.Option(
+        False, "--invert", help="Flip the contrast first (raw cryo-EM images show density dark on light)."
+    ),
     config: Optional[Path] = typer.Option(None, help="YAML file with any subset of the settings (see config.yaml of a run)."),
-    epochs: Optional[int] = typer.Option(None, help="Maximum number of epochs (passes over every tilt). Default 500; early stopping usually ends sooner."),
+    epochs: Optional[int] = typer.Option(
+        None, help="Maximum number of epochs (passes over every tilt). Default 500; early stopping usually ends sooner."
+    ),
     max_minutes: Optional[float] = typer.Option(None, help="Stop after this many minutes of fitting."),
     renderer: Optional[str] = typer.Option(None, help="Forward model: lattice (default, fast) or rays (the paper's)."),
     device: Optional[str] = typer.Option(None, help="auto (default: CUDA if available), cpu, cuda or cuda:N."),
@@ -88,23 +160,38 @@ def reconstruct(
     deformations: Optional[Path] = typer.Option(
         None, help="Starting deformations (deformations.json), e.g. from another run."
     ),
+    xf: Optional[Path] = typer.Option(
+        None, "--xf", help="Starting alignment from IMOD .xf (shifts and rotations; the tilt axis is in it)."
+    ),
+    aln: Optional[Path] = typer.Option(
+        None, "--aln", help="Starting alignment from AreTomo .aln (global part; rows matched by tilt angle)."
+    ),
+    voltage: float = typer.Option(300.0, help="For tomograms.star (RELION): acceleration voltage, kV."),
+    cs: float = typer.Option(2.7, help="For tomograms.star (RELION): spherical aberration, mm."),
+    amplitude_contrast: float = typer.Option(0.1, help="For tomograms.star (RELION): amplitude contrast."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint.pt with OUT's config.yaml."),
     force: bool = typer.Option(False, "--force", help="Replace the contents of a non-empty output folder."),
 ) -> None:
     """Jointly estimate the 3-D density and the per-tilt deformations (shift, in-plane rotation, local warp).
 
     Writes OUT/tomogram.mrc (thickness, ny, nx), OUT/deformations.json, OUT/aligned.mrc, OUT/tomogram_fbp.mrc,
-    OUT/alignment.xf + alignment.tlt (IMOD), OUT/alignment.star (RELION-5, when the pixel size is known),
-    OUT/config.yaml, OUT/report.json and OUT/checkpoint.pt. The IMOD and RELION files carry shifts and
-    rotations only; the local fields are in deformations.json.
+    OUT/alignment.xf + alignment.tlt (IMOD), OUT/alignment.star + tomograms.star (RELION-5, when the pixel
+    size is known), OUT/config.yaml, OUT/report.json and OUT/checkpoint.pt. The IMOD and RELION files carry
+    shifts and rotations only; the local fields are in deformations.json.
     """
-    from ..io import read_deformations
+    from ..reconstruct import RelionMicroscope
     from ..reconstruct import reconstruct as run
 
     if renderer is not None and renderer not in ("lattice", "rays"):
         raise IcetideError(f"--renderer must be lattice or rays, got {renderer!r}")
     if resume and force:
         raise IcetideError("--resume and --force exclude each other")
+    check_alignment_options(deformations, xf, aln)
+    aligned_start = deformations is not None or xf is not None or aln is not None
+    if tilt_axis_angle is not None and aligned_start:
+        raise IcetideError(
+            "--tilt-axis-angle cannot be combined with --deformations/--xf/--aln (they hold the rotations)"
+        )
     if not resume:
         check_output_dir(out, force)
     elif not (out / "checkpoint.pt").is_file():
@@ -124,21 +211,27 @@ def reconstruct(
             "deform.local": False if no_local else None,
         },
     )
-    series = TiltSeries.from_files(tilt_series, angles, cfg.pixel_size_A, cfg.tilt_axis_angle_deg)
+    series, keep, all_angles = load_series(
+        tilt_series, angles, mdoc, cfg.pixel_size_A, cfg.tilt_axis_angle_deg or None,
+        exclude, invert,
+    )
     if cfg.thickness is not None and cfg.thickness > 4 * max(series.shape):
         raise IcetideError(f"thickness {cfg.thickness} is larger than sensible for a {series.shape} detector")
-    init = read_deformations(deformations, series.shape) if deformations is not None else None
-    if init is not None and init.n_tilts != series.n_tilts:
-        raise IcetideError(f"{deformations}: {init.n_tilts} tilts for a series of {series.n_tilts}")
+    # Alignment files describe every view of the stack: read them against all views, then drop the excluded.
+    init = read_alignment(all_angles, series.shape, deformations, xf, aln)
+    if init is not None:
+        init = init.subset(keep)
+        # The starting rotations already hold the tilt axis (e.g. one read from the .mdoc must not count twice).
+        series.tilt_axis_angle_deg = 0.0
+    microscope = RelionMicroscope(voltage, cs, amplitude_contrast)
 
     context = output_dir(out, force) if not resume else contextlib.nullcontext(out)
     with context as folder:
         progress, on_epoch = progress_printer(cfg.fit.epochs)
         with progress:
             report = run(series, cfg, folder, init=init, resume=resume, on_epoch=on_epoch, source_path=tilt_series,
-                         on_phase=lambda name: console.print(f"[dim]{name}[/]"))
+                         on_phase=lambda name: console.print(f"[dim]{name}[/]"), microscope=microscope)
     console.print(
         f"done: {report['epochs']} epochs, {report['stop_reason']}; best epoch {report['best_epoch']}; "
         f"fit {report['fit_seconds']:.1f} s; outputs in {out}"
     )
-

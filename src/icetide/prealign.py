@@ -1,0 +1,179 @@
+"""Coarse pre-alignment of tilt-series shifts by cross-correlating neighbouring tilts (as IMOD's tiltxcorr).
+
+For drifts too large for the joint fit to pull in, :func:`coarse_shifts` measures each tilt's translation
+against its neighbour towards zero tilt and chains the offsets outward from the tilt nearest 0 degrees.
+
+Shifts follow icetide's convention (DESIGN.md section 2, :mod:`icetide.deform`): ``tau_m = [du, dv]`` pixels,
+the observed image is the ideal projection translated by ``+tau_m``, so ``Deformations(shifts_px=...)`` with
+these shifts and :func:`icetide.recon.align_series` undo the drift.
+
+Cosine stretching: a specimen point at ``x`` (thin slab, ``z ~ 0``) projects to ``u = x cos(theta)``. The
+image of the higher ``|theta|`` (the "far" tilt) is stretched along ``u`` about the detector centre by
+``s = cos(theta_near) / cos(theta_far)``, so its features land where the near tilt sees them. A shift
+``tau_far`` is stretched too, so the measured offset of the stretched far image over the near image is
+``D = (s tau_far_u - tau_near_u, tau_far_v - tau_near_v)``, which is solved for ``tau_far``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .deform import remove_gauge, sample_images
+from .errors import IcetideError
+from .geometry import detector_grid
+from .metrics import _parabola_peak, edge_taper
+
+__all__ = ["coarse_shifts"]
+
+# High-pass: an inverted Gaussian whose sigma is this many cycles per image (along the shorter side). It
+# removes thickness and ice gradients, whose broad correlation peaks would otherwise swamp the sharp one.
+LOW_CUT_CYCLES = 2.0
+# Smallest image side: below it the taper and the high-pass leave too little to correlate.
+MIN_SIDE_PX = 16
+# Pixels per chunk of image pairs processed at once, to bound memory on large images.
+CHUNK_PIXELS = 1 << 24
+
+
+def _bandpass(shape: tuple[int, int], sigma_px: float) -> torch.Tensor:
+    """``rfft2`` weights ``(ny, nx // 2 + 1)``: Gaussian low-pass of ``sigma_px`` times a low-frequency cut."""
+    ny, nx = shape
+    fy = torch.fft.fftfreq(ny, dtype=torch.float64)[:, None]
+    fx = torch.fft.rfftfreq(nx, dtype=torch.float64)[None, :]
+    f2 = fy**2 + fx**2
+    low_cut = LOW_CUT_CYCLES / min(ny, nx)
+    weights = torch.exp(-2 * math.pi**2 * sigma_px**2 * f2) * (1 - torch.exp(-f2 / (2 * low_cut**2)))
+    return weights.to(torch.float32)
+
+
+def _prepared(images: torch.Tensor, taper: torch.Tensor) -> torch.Tensor:
+    """Images ``(P, ny, nx)`` with the mean removed, edges tapered to it, and the mean removed again."""
+    centred = images - images.mean(dim=(-2, -1), keepdim=True)
+    tapered = centred * taper
+    return tapered - tapered.mean(dim=(-2, -1), keepdim=True)
+
+
+def _stretched(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """``images (P, ny, nx)`` stretched along ``u`` by ``factors (P,)`` about the centre (bilinear).
+
+    The content at ``u`` moves to ``factors * u``; factors ``>= 1`` sample only inside the image.
+    """
+    u, v = detector_grid(*images.shape[-2:], dtype=images.dtype)
+    coords = torch.stack([u[None] / factors[:, None, None], v[None].expand(len(factors), -1, -1)], -1)
+    return sample_images(images, coords)
+
+
+def _peak(correlation: np.ndarray, max_shift_px: float | None) -> np.ndarray:
+    """Lag ``[du, dv]`` (pixels) of the maximum of a circular correlation ``(ny, nx)``, sub-pixel.
+
+    Lags are limited to ``|du|, |dv| <= max_shift_px`` when given (and to half the image by the wrap).
+    A parabola through the peak and its neighbours along each axis refines it.
+    """
+    ny, nx = correlation.shape
+    lag_v = np.fft.fftfreq(ny, 1 / ny)
+    lag_u = np.fft.fftfreq(nx, 1 / nx)
+    masked = correlation
+    if max_shift_px is not None:
+        allowed = (np.abs(lag_v)[:, None] <= max_shift_px) & (np.abs(lag_u)[None, :] <= max_shift_px)
+        masked = np.where(allowed, correlation, -np.inf)
+    r, c = np.unravel_index(int(np.argmax(masked)), masked.shape)
+    # The neighbours wrap around, as the correlation does.
+    window = correlation[np.ix_(np.arange(r - 1, r + 2) % ny, np.arange(c - 1, c + 2) % nx)]
+    dv, du = _parabola_peak(window, (1, 1), 1.0)
+    lag = np.array([lag_u[c] + du, lag_v[r] + dv])
+    if max_shift_px is not None:
+        lag = np.clip(lag, -max_shift_px, max_shift_px)
+    return lag
+
+
+def _as_series(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    series = images.detach() if isinstance(images, torch.Tensor) else torch.from_numpy(np.asarray(images))
+    if series.dim() != 3:
+        raise IcetideError(f"expected a tilt series (n_tilts, ny, nx), got shape {tuple(series.shape)}")
+    series = series.to(torch.float32)
+    n_tilts, ny, nx = series.shape
+    if n_tilts < 2:
+        raise IcetideError(f"coarse alignment needs at least 2 tilts, got {n_tilts}")
+    if min(ny, nx) < MIN_SIDE_PX:
+        raise IcetideError(f"images of {ny} x {nx} pixels are too small to correlate (need {MIN_SIDE_PX} per side)")
+    if not bool(torch.isfinite(series).all()):
+        raise IcetideError("tilt series contains NaN or infinite values")
+    flat = (series.amax(dim=(-2, -1)) == series.amin(dim=(-2, -1))).nonzero()
+    if len(flat):
+        raise IcetideError(f"tilt {int(flat[0])} is a constant image: nothing to correlate")
+    return series
+
+
+def coarse_shifts(
+    images: np.ndarray | torch.Tensor,
+    tilt_angles_deg,
+    max_shift_px: float | None = None,
+    filter_sigma_px: float = 1.0,
+    taper_fraction: float = 0.1,
+) -> np.ndarray:
+    """Per-tilt shifts ``(M, 2)`` ``[du, dv]`` in pixels in icetide's convention (the `shifts_px` of
+    DESIGN.md: observed image y_m(x) = P[rho](x - tau_m) when there is no rotation/local field), gauge-free.
+
+    ``images``: tilt series ``(M, ny, nx)`` in stack order (any intensity scale and offset);
+    ``tilt_angles_deg``: ``(M,)``, each within +-90 degrees. Tilts are sorted by angle; starting from the one
+    nearest 0 degrees, each tilt is cross-correlated with its neighbour towards zero tilt, its image
+    cosine-stretched along ``u`` onto the neighbour's (module docstring). Both images get their mean
+    removed, their edges tapered to it by a raised cosine over ``taper_fraction`` of each side, and the
+    correlation is band-passed (Gaussian low-pass of ``filter_sigma_px`` pixels, applied once, and an
+    inverted-Gaussian cut of the lowest few cycles per image). The peak is searched over offsets of at most
+    ``max_shift_px`` per component between neighbours (``None``: up to half the image) and refined by a
+    parabola. The offsets are chained outward with the reference tilt at zero, then the best-fitting volume
+    translation is removed (:func:`icetide.deform.remove_gauge`); the residual shifts are returned.
+
+    Runs on the device of ``images`` (a tensor) or the CPU, in chunks of tilt pairs to bound memory.
+    """
+    series = _as_series(images)
+    n_tilts, ny, nx = series.shape
+    angles = np.asarray(
+        tilt_angles_deg.detach().cpu() if isinstance(tilt_angles_deg, torch.Tensor) else tilt_angles_deg,
+        dtype=np.float64,
+    ).reshape(-1)
+    if angles.shape[0] != n_tilts:
+        raise IcetideError(f"{angles.shape[0]} tilt angles for {n_tilts} images")
+    if not np.all(np.abs(angles) < 90):
+        raise IcetideError("tilt angles must be finite and strictly within +-90 degrees")
+    if max_shift_px is not None and not max_shift_px >= 0:
+        raise IcetideError(f"max_shift_px must be non-negative, got {max_shift_px}")
+    if not filter_sigma_px >= 0:
+        raise IcetideError(f"filter_sigma_px must be non-negative, got {filter_sigma_px}")
+    if not 0 <= taper_fraction < 0.5:
+        raise IcetideError(f"taper_fraction must be in [0, 0.5), got {taper_fraction}")
+
+    order = np.argsort(angles, kind="stable")
+    ref = int(np.argmin(np.abs(angles[order])))
+    # Pairs (far, near) in stack indices, in the order the chain visits them.
+    far = np.concatenate([order[ref + 1 :], order[:ref][::-1]])
+    near = np.concatenate([order[ref:-1], order[1 : ref + 1][::-1]])
+    cos = np.cos(np.deg2rad(angles))
+    factors = cos[near] / cos[far]
+
+    device = series.device
+    taper = torch.from_numpy(
+        edge_taper((ny,), taper_fraction * ny)[:, None] * edge_taper((nx,), taper_fraction * nx)[None, :]
+    ).to(device)
+    bandpass = _bandpass((ny, nx), filter_sigma_px).to(device)
+    offsets = np.empty((len(far), 2))
+    chunk = max(1, CHUNK_PIXELS // (ny * nx))
+    for start in range(0, len(far), chunk):
+        idx = slice(start, start + chunk)
+        f_idx, n_idx = torch.as_tensor(far[idx], device=device), torch.as_tensor(near[idx], device=device)
+        stretched = _stretched(series[f_idx], torch.as_tensor(factors[idx], dtype=torch.float32, device=device))
+        spec_far = torch.fft.rfft2(_prepared(stretched, taper))
+        spec_near = torch.fft.rfft2(_prepared(series[n_idx], taper))
+        correlation = torch.fft.irfft2(spec_far * spec_near.conj() * bandpass, s=(ny, nx)).cpu().numpy()
+        for k, corr in enumerate(correlation):
+            offsets[start + k] = _peak(corr, max_shift_px)
+
+    shifts = np.zeros((n_tilts, 2))
+    for (f, n), s, d in zip(zip(far, near), factors, offsets):
+        shifts[f, 0] = (d[0] + shifts[n, 0]) / s
+        shifts[f, 1] = d[1] + shifts[n, 1]
+    residual, _ = remove_gauge(shifts, angles)
+    return residual

@@ -1,0 +1,99 @@
+"""Coarse pre-alignment (icetide.prealign): recovers simulated drifts in icetide's shift convention."""
+
+import numpy as np
+import pytest
+import torch
+
+from icetide.deform import Deformations
+from icetide.errors import IcetideError
+from icetide.metrics import apply_translation, cc, deformation_errors, register_translation
+from icetide.prealign import coarse_shifts
+from icetide.recon import align_series, fbp
+from icetide.simulate import crowded_phantom, simulate_tilt_series
+
+SHAPE = (24, 96, 96)
+ANGLES = np.arange(-60, 61, 4.0)
+
+
+def _rigid(shifts: np.ndarray) -> Deformations:
+    m = len(ANGLES)
+    return Deformations(ANGLES, shifts, np.zeros(m), np.zeros((m, 2, 2, 2)), SHAPE[1:])
+
+
+@pytest.fixture(scope="module")
+def drifted():
+    """A series with random shifts of up to +-15 px per component (no rotation, no local field), 20 dB."""
+    volume = crowded_phantom(SHAPE, seed=1)
+    true = _rigid(np.random.default_rng(3).uniform(-15, 15, (len(ANGLES), 2)))
+    sim = simulate_tilt_series(volume, ANGLES, deformations=true, snr_db=20, seed=2, samples_per_voxel=1.0)
+    return volume, sim.noisy, true, coarse_shifts(sim.noisy, ANGLES)
+
+
+def test_recovers_true_shifts_after_gauge(drifted):
+    _, _, true, est = drifted
+    errors = deformation_errors(true, _rigid(est))
+    # Measured 0.28 px RMS; a flipped sign or a missed cosine stretch would give several pixels.
+    assert errors["shift_rms_px"] < 0.45
+    assert errors["shift_error_per_tilt_px"].max() < 1.0
+
+
+def test_returned_shifts_are_gauge_free(drifted):
+    est = drifted[3]
+    cos, sin = np.cos(np.deg2rad(ANGLES)), np.sin(np.deg2rad(ANGLES))
+    np.testing.assert_allclose([est[:, 0] @ cos, est[:, 0] @ sin, est[:, 1].sum()], 0, atol=1e-6)
+
+
+def _score(reconstruction: torch.Tensor, volume: np.ndarray) -> float:
+    rec = reconstruction.numpy()
+    return cc(apply_translation(rec, register_translation(rec, volume)), volume)
+
+
+def test_aligned_fbp_beats_raw_fbp(drifted):
+    volume, noisy, true, est = drifted
+    raw = _score(fbp(noisy, ANGLES, SHAPE[0]), volume)
+    aligned = _score(fbp(align_series(noisy, _rigid(est)), ANGLES, SHAPE[0]), volume)
+    oracle = _score(fbp(align_series(noisy, true), ANGLES, SHAPE[0]), volume)
+    # Measured: raw 0.27, coarse 0.80, true shifts 0.84.
+    assert aligned > raw + 0.4
+    assert aligned > 0.93 * oracle
+
+
+def test_stack_order_does_not_matter(drifted):
+    _, noisy, _, est = drifted
+    perm = np.random.default_rng(0).permutation(len(ANGLES))
+    np.testing.assert_allclose(coarse_shifts(torch.from_numpy(noisy[perm]), ANGLES[perm]), est[perm], atol=1e-6)
+
+
+def test_invariant_to_intensity_offset_and_scale(drifted):
+    _, noisy, _, est = drifted
+    np.testing.assert_allclose(coarse_shifts(3.7 * noisy + 50.0, ANGLES), est, atol=0.02)
+
+
+def test_max_shift_limits_the_offset_between_neighbours(drifted):
+    _, noisy, true, est = drifted
+    order = np.argsort(ANGLES)
+    # v is untouched by the stretch and its gauge is a constant, so neighbour differences are offsets.
+    free = np.abs(np.diff(est[order, 1]))
+    limited = np.abs(np.diff(coarse_shifts(noisy, ANGLES, max_shift_px=3.0)[order, 1]))
+    assert free.max() > 10
+    assert limited.max() <= 3.0 + 1e-9
+
+
+def test_bad_input_raises():
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((3, 32, 32)).astype(np.float32)
+    angles = [-3.0, 0.0, 3.0]
+    flat = images.copy()
+    flat[1] = 2.0
+    with pytest.raises(IcetideError, match="constant"):
+        coarse_shifts(flat, angles)
+    with pytest.raises(IcetideError, match="too small"):
+        coarse_shifts(images[:, :8, :8], angles)
+    with pytest.raises(IcetideError, match="at least 2 tilts"):
+        coarse_shifts(images[:1], angles[:1])
+    with pytest.raises(IcetideError, match="tilt angles for"):
+        coarse_shifts(images, angles[:2])
+    with pytest.raises(IcetideError, match="within"):
+        coarse_shifts(images, [-90.0, 0.0, 3.0])
+    with pytest.raises(IcetideError, match="max_shift_px"):
+        coarse_shifts(images, angles, max_shift_px=-1.0)
