@@ -32,9 +32,10 @@ def drifted():
 def test_recovers_true_shifts_after_gauge(drifted):
     _, _, true, est = drifted
     errors = deformation_errors(true, _rigid(est))
-    # Measured 0.28 px RMS; a flipped sign or a missed cosine stretch would give several pixels.
-    assert errors["shift_rms_px"] < 0.45
-    assert errors["shift_error_per_tilt_px"].max() < 1.0
+    # Measured 0.28 px RMS (worst tilt 0.56 px). A flipped sign gives 22 px, no cosine stretch 1.09 px, and a
+    # stretched offset not converted back to the far tilt's pixels 1.19 px.
+    assert errors["shift_rms_px"] < 0.42
+    assert errors["shift_error_per_tilt_px"].max() < 0.85
 
 
 def test_returned_shifts_are_gauge_free(drifted):
@@ -70,7 +71,7 @@ def test_invariant_to_intensity_offset_and_scale(drifted):
 
 
 def test_max_shift_limits_the_offset_between_neighbours(drifted):
-    _, noisy, true, est = drifted
+    _, noisy, _, est = drifted
     order = np.argsort(ANGLES)
     # v is untouched by the stretch and its gauge is a constant, so neighbour differences are offsets.
     free = np.abs(np.diff(est[order, 1]))

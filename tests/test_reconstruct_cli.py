@@ -55,6 +55,7 @@ def test_reconstruct_writes_every_output(series_files, tmp_path):
     assert "1@" in (out / "alignment.star").read_text()
     report = json.loads((out / "report.json").read_text())
     assert report["epochs"] == 2 and len(report["curves"]["train_loss"]) == 2
+    assert report["prealigned"] is True  # no starting alignment given: shifts start from the coarse alignment
     config = (out / "config.yaml").read_text()
     assert "log2_table_size: 10" in config and "epochs: 2" in config
 
@@ -144,7 +145,8 @@ def test_angles_and_pixel_size_from_mdoc_and_inverted_contrast(series_files, tmp
                   "--thickness", 12, "--config", f / "tiny.yaml", "--invert")
     assert result.exit_code == 0, result.output
     assert read_mrc(out / "tomogram.mrc")[1] == pytest.approx(6.5)
-    np.testing.assert_allclose(read_mrc(out / "aligned.mrc")[0].mean(), images.mean(), rtol=0.05)
+    aligned = read_mrc(out / "aligned.mrc")[0]
+    assert np.corrcoef(aligned.ravel(), images.ravel())[0, 1] > 0.5  # the contrast was flipped back
 
 
 @pytest.mark.parametrize(

@@ -49,6 +49,10 @@ class DeformSettings(_Strict):
     shifts: bool = True
     rotations: bool = True
     local: bool = True
+    prealign: bool = Field(
+        True, description="start the shifts from a coarse cross-correlation alignment (tiltxcorr-like) when no "
+        "starting alignment is given and the tilt axis is vertical",
+    )
     local_grid: tuple[int, int] = (10, 10)
     local_interpolation: Literal["bicubic", "bilinear"] = "bicubic"
     local_border_fixed: bool = Field(

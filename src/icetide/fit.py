@@ -9,11 +9,13 @@ pass the best state so far is kept, and fitting stops after ``patience`` passes 
 
 A step whose loss or gradient norm is not finite is skipped: the model and both optimisers go back to the
 "last good" state (taken after every completed epoch), every learning rate is halved for the rest of the fit,
-and the event is listed in ``report["rollbacks"]``. After ``max_rollbacks`` of these the next one ends the fit
-("numerical failure") with the best state so far.
+and the event is listed in ``report["rollbacks"]`` (epoch and step counted from 1, reason, learning-rate factor
+after the halving). After ``max_rollbacks`` of these the next one ends the fit ("numerical failure") with the
+best state so far.
 
 State is plain tensors and state dicts: ``checkpoint.pt`` holds the volume and optimiser state dicts, the
-deformation tensors, the random generator state, the best state and the curves; resuming continues exactly.
+deformation tensors, the random generator state, the best state, the curves, the rollbacks and the learning-rate
+factor; resuming continues exactly.
 """
 
 from __future__ import annotations
@@ -274,8 +276,7 @@ class Fitter:
         Only non-finite values count: Adam moves each parameter by about its learning rate whatever the
         gradient's size, so a large finite gradient norm is no sign of divergence.
         """
-        grads = [p.grad for p in self._parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in self._parameters() if p.grad is not None])
         loss_ok, norm_ok = torch.stack([torch.isfinite(loss.detach()), torch.isfinite(norm)]).tolist()
         if not loss_ok:
             return "non-finite loss"
@@ -285,7 +286,7 @@ class Fitter:
         return list(self.volume.parameters()) + [t for t in (self.shifts, self.angles, self.local) if t.requires_grad]
 
     def _keep_good(self) -> None:
-        """Remember the current state as the one a non-finite step rolls back to (~0.2% of an epoch, measured)."""
+        """Remember the current state as the one a non-finite step rolls back to (CPU: ~4 ms, <1% of an epoch)."""
         self.last_good = {
             "model": self.snapshot(),
             # deep copies: the optimisers update their state tensors in place

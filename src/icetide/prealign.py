@@ -25,6 +25,7 @@ from .deform import remove_gauge, sample_images
 from .errors import IcetideError
 from .geometry import detector_grid
 from .metrics import _parabola_peak, edge_taper
+from .recon import _as_series, _check_angles
 
 __all__ = ["coarse_shifts"]
 
@@ -88,11 +89,9 @@ def _peak(correlation: np.ndarray, max_shift_px: float | None) -> np.ndarray:
     return lag
 
 
-def _as_series(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    series = images.detach() if isinstance(images, torch.Tensor) else torch.from_numpy(np.asarray(images))
-    if series.dim() != 3:
-        raise IcetideError(f"expected a tilt series (n_tilts, ny, nx), got shape {tuple(series.shape)}")
-    series = series.to(torch.float32)
+def _checked_series(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """The series as float32 ``(M, ny, nx)``, refused when it cannot be correlated."""
+    series = _as_series(images.detach() if isinstance(images, torch.Tensor) else images)
     n_tilts, ny, nx = series.shape
     if n_tilts < 2:
         raise IcetideError(f"coarse alignment needs at least 2 tilts, got {n_tilts}")
@@ -129,14 +128,9 @@ def coarse_shifts(
 
     Runs on the device of ``images`` (a tensor) or the CPU, in chunks of tilt pairs to bound memory.
     """
-    series = _as_series(images)
+    series = _checked_series(images)
     n_tilts, ny, nx = series.shape
-    angles = np.asarray(
-        tilt_angles_deg.detach().cpu() if isinstance(tilt_angles_deg, torch.Tensor) else tilt_angles_deg,
-        dtype=np.float64,
-    ).reshape(-1)
-    if angles.shape[0] != n_tilts:
-        raise IcetideError(f"{angles.shape[0]} tilt angles for {n_tilts} images")
+    angles = _check_angles(tilt_angles_deg, n_tilts)
     if not np.all(np.abs(angles) < 90):
         raise IcetideError("tilt angles must be finite and strictly within +-90 degrees")
     if max_shift_px is not None and not max_shift_px >= 0:

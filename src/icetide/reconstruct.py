@@ -26,6 +26,7 @@ from .fit import FitResult, Fitter
 from .io import write_deformations, write_json, write_mrc, write_tlt
 from .io.imod import write_xf
 from .io.relion import RelionTomogram, write_relion_tilt_series_star, write_relion_tomograms_star
+from .prealign import coarse_shifts
 from .recon import align_series, fbp
 
 __all__ = ["RelionMicroscope", "reconstruct", "sample_tomogram"]
@@ -58,6 +59,20 @@ def sample_tomogram(result: FitResult, rows_per_chunk: int = 32) -> np.ndarray:
     return (torch.cat(bands, dim=1) * result.density_scale).numpy()
 
 
+def coarse_start(series: TiltSeries, config: ReconstructConfig) -> Deformations | None:
+    """Starting deformations with shifts from :func:`icetide.prealign.coarse_shifts`, or ``None``.
+
+    Only for a vertical tilt axis (the correlation stretches along the image x axis); ``None`` otherwise.
+    """
+    if series.tilt_axis_angle_deg != 0:
+        return None
+    d = Deformations.identity(
+        series.tilt_angles_deg, series.shape, config.deform.local_grid, config.deform.local_interpolation
+    )
+    d.shifts_px = coarse_shifts(series.images, series.tilt_angles_deg)
+    return d
+
+
 def reconstruct(
     series: TiltSeries,
     config: ReconstructConfig,
@@ -79,6 +94,9 @@ def reconstruct(
     timings: dict[str, float] = {}
     t0 = time.monotonic()
     save_config(out_dir / "config.yaml", config)
+    prealigned = False
+    if init is None and not resume and config.deform.prealign and config.deform.shifts:
+        init, prealigned = coarse_start(series, config), series.tilt_axis_angle_deg == 0
     fitter = Fitter(series, config, init)
     ckpt = out_dir / "checkpoint.pt"
     if resume:
@@ -122,6 +140,7 @@ def reconstruct(
 
     report = dict(result.report)
     report["timings_s"] = timings
+    report["prealigned"] = prealigned
     report["gauge_translation_xyz_vox"] = result.translation_xyz.tolist()
     report["exported_alignment"] = (
         "alignment.xf, alignment.tlt" + (", alignment.star" if voxel is not None else " (no alignment.star: pixel size unknown)")
