@@ -300,6 +300,8 @@ def angular_weights(tilt_angles_deg) -> np.ndarray:
 
 
 def _as_series(projections) -> torch.Tensor:
+    if isinstance(projections, np.ndarray) and not projections.flags.writeable:
+        projections = projections.copy()  # torch cannot wrap read-only memory (e.g. a memory-mapped MRC)
     series = torch.as_tensor(projections)
     if series.dim() != 3:
         raise IcetideError(f"expected a tilt series (n_tilts, ny, nx), got shape {tuple(series.shape)}")
