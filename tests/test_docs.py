@@ -2,7 +2,6 @@
 
 from pathlib import Path
 
-import click
 import pytest
 import typer
 
@@ -13,7 +12,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def _commands():
     group = typer.main.get_command(app)
-    return [(name, sub, click.Context(sub, info_name=name)) for name, sub in group.commands.items()]
+    return [(name, sub, sub.context_class(sub, info_name=name)) for name, sub in group.commands.items()]
 
 
 @pytest.mark.parametrize("name, command, ctx", _commands(), ids=lambda x: x if isinstance(x, str) else "")

@@ -4,15 +4,14 @@ Usage: ``python tools/cli_reference.py`` and paste the output under "Command-lin
 ``tests/test_docs.py`` fails when an option is missing from the README.
 """
 
-import click
 import typer
 
 from icetide.cli.main import app
 
 
-def command_reference(name: str, command: click.Command) -> list[str]:
+def command_reference(name: str, command) -> list[str]:
     """Markdown lines for one command: summary, usage and a table of its arguments and options."""
-    ctx = click.Context(command, info_name=f"icetide {name}")
+    ctx = command.context_class(command, info_name=f"icetide {name}")
     params = command.get_params(ctx)
     arguments = [p for p in params if p.param_type_name == "argument"]
     options = [p for p in params if p.param_type_name == "option" and p.name != "help"]

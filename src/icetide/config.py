@@ -51,7 +51,7 @@ class DeformSettings(_Strict):
     local: bool = True
     prealign: bool = Field(
         True, description="start the shifts from a coarse cross-correlation alignment (tiltxcorr-like) when no "
-        "starting alignment is given and the tilt axis is vertical",
+        "starting alignment is given",
     )
     local_grid: tuple[int, int] = (10, 10)
     local_interpolation: Literal["bicubic", "bilinear"] = "bicubic"

@@ -59,17 +59,23 @@ def sample_tomogram(result: FitResult, rows_per_chunk: int = 32) -> np.ndarray:
     return (torch.cat(bands, dim=1) * result.density_scale).numpy()
 
 
-def coarse_start(series: TiltSeries, config: ReconstructConfig) -> Deformations | None:
-    """Starting deformations with shifts from :func:`icetide.prealign.coarse_shifts`, or ``None``.
+def coarse_start(series: TiltSeries, config: ReconstructConfig) -> Deformations:
+    """Starting deformations with shifts from :func:`icetide.prealign.coarse_shifts` and no rotation.
 
-    Only for a vertical tilt axis (the correlation stretches along the image x axis); ``None`` otherwise.
+    With a tilt axis at ``psi`` degrees from the image Y axis the images are first turned by ``alpha = -psi``
+    (:func:`icetide.recon.align_series`), which puts the axis along Y as the correlation needs; in that frame
+    a remaining translation is exactly the model's ``tau`` (``x' = R(alpha) x - tau``), so the shifts carry
+    over unchanged, and the fit adds the tilt-axis rotation itself.
     """
-    if series.tilt_axis_angle_deg != 0:
-        return None
     d = Deformations.identity(
         series.tilt_angles_deg, series.shape, config.deform.local_grid, config.deform.local_interpolation
     )
-    d.shifts_px = coarse_shifts(series.images, series.tilt_angles_deg)
+    images = torch.tensor(series.images)
+    if series.tilt_axis_angle_deg != 0:
+        turn = Deformations.identity(series.tilt_angles_deg, series.shape)
+        turn.angles_deg = np.full(series.n_tilts, -series.tilt_axis_angle_deg)
+        images = align_series(images, turn)
+    d.shifts_px = coarse_shifts(images, series.tilt_angles_deg)
     return d
 
 
@@ -94,9 +100,9 @@ def reconstruct(
     timings: dict[str, float] = {}
     t0 = time.monotonic()
     save_config(out_dir / "config.yaml", config)
-    prealigned = False
-    if init is None and not resume and config.deform.prealign and config.deform.shifts:
-        init, prealigned = coarse_start(series, config), series.tilt_axis_angle_deg == 0
+    prealigned = init is None and not resume and config.deform.prealign and config.deform.shifts
+    if prealigned:
+        init = coarse_start(series, config)
     fitter = Fitter(series, config, init)
     ckpt = out_dir / "checkpoint.pt"
     if resume:
