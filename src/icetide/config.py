@@ -48,6 +48,11 @@ class DeformSettings(_Strict):
 
     shifts: bool = True
     rotations: bool = True
+    axis_offset: bool = Field(
+        False, description="estimate one in-plane rotation common to all tilts (refines the tilt-axis angle); "
+        "unlike the per-tilt rotations it is not penalised. Off by default: with a well-set axis it only adds "
+        "noise (docs/BENCHMARKS.md)",
+    )
     local: bool = True
     prealign: bool = Field(
         True, description="start the shifts from a coarse cross-correlation alignment (tiltxcorr-like) when no "
@@ -79,6 +84,7 @@ class FitSettings(_Strict):
     lr_shift_px: float = Field(0.3, ge=0, description="Adam step for shifts, pixels")
     lr_rotation_deg: float = Field(0.005, ge=0, description="Adam step for in-plane rotations, degrees")
     lr_local_px: float = Field(0.05, ge=0, description="Adam step for local control points, pixels")
+    lr_axis_deg: float = Field(0.05, ge=0, description="Adam step for the common tilt-axis offset, degrees")
     warmup_epochs: int = Field(5, ge=0, description="volume-only epochs before deformations are released")
     local_delay_epochs: int = Field(
         40, ge=0, description="further epochs before the local fields are released (shifts and rotations first)"

@@ -151,6 +151,9 @@ class Fitter:
         self.shifts = start["shifts_px"].clone().requires_grad_(dc.shifts)
         self.angles = start["angles_rad"].clone().requires_grad_(dc.rotations)
         self.local = start["local_px"].clone().requires_grad_(dc.local)
+        # One rotation shared by all tilts: a mis-set tilt axis is common to every view, so it is estimated
+        # without the per-tilt penalty (which would shrink it) and with its own, larger step.
+        self.axis_offset = torch.zeros((), device=self.device, requires_grad=dc.axis_offset)
         if dc.local and dc.local_border_fixed and min(dc.local_grid) >= 3:
             # A constant or linear local field is a shift or a rotation: with the border ring held, the
             # local field carries only what the rigid motion cannot, so the split is identifiable.
@@ -165,6 +168,8 @@ class Fitter:
             groups.append({"params": [self.shifts], "lr": fit.lr_shift_px, "name": "shift"})
         if dc.rotations:
             groups.append({"params": [self.angles], "lr": math.radians(fit.lr_rotation_deg), "name": "rotation"})
+        if dc.axis_offset:
+            groups.append({"params": [self.axis_offset], "lr": math.radians(fit.lr_axis_deg), "name": "axis"})
         if dc.local:
             groups.append({"params": [self.local], "lr": fit.lr_local_px, "name": "local"})
         self.opt_deform = torch.optim.Adam(groups) if groups else None
@@ -190,7 +195,8 @@ class Fitter:
         """Ideal-projection coordinates of every pixel of the given tilts, ``(B, P, 2)``."""
         local = self.local[tilts] if self.config.deform.local else None
         c = deform_coords(
-            self.u, self.v, self.shifts[tilts], self.angles[tilts], local, self.detector_shape, self.interpolation
+            self.u, self.v, self.shifts[tilts], self.angles[tilts] + self.axis_offset, local, self.detector_shape,
+            self.interpolation,
         )
         return c[:, 0]
 
@@ -283,7 +289,9 @@ class Fitter:
         return None if norm_ok else "non-finite gradients"
 
     def _parameters(self) -> list[torch.Tensor]:
-        return list(self.volume.parameters()) + [t for t in (self.shifts, self.angles, self.local) if t.requires_grad]
+        return list(self.volume.parameters()) + [
+            t for t in (self.shifts, self.angles, self.axis_offset, self.local) if t.requires_grad
+        ]
 
     def _keep_good(self) -> None:
         """Remember the current state as the one a non-finite step rolls back to (CPU: ~4 ms, <1% of an epoch)."""
@@ -342,6 +350,7 @@ class Fitter:
             "volume": copy.deepcopy(self.volume.state_dict()),
             "shifts_px": self.shifts.detach().clone(),
             "angles_rad": self.angles.detach().clone(),
+            "axis_offset_rad": self.axis_offset.detach().clone(),
             "local_px": self.local.detach().clone(),
         }
 
@@ -350,6 +359,7 @@ class Fitter:
         with torch.no_grad():
             self.shifts.copy_(snap["shifts_px"])
             self.angles.copy_(snap["angles_rad"])
+            self.axis_offset.copy_(snap["axis_offset_rad"])
             self.local.copy_(snap["local_px"])
 
     # ----------------------------------------------------------------- checkpoints
@@ -371,6 +381,7 @@ class Fitter:
             "elapsed_s": self.elapsed_s,
             "lr_factor": self.lr_factor,
             "rollbacks": self.rollbacks,
+            "tilt_axis_offset_deg": math.degrees(float(self.axis_offset.detach())),
             "config": self.config.model_dump(mode="json"),
         }
 
@@ -486,7 +497,7 @@ class Fitter:
         deformations = Deformations(
             self.tilt_angles_deg,
             residual,
-            np.rad2deg(self.angles.detach().cpu().numpy().astype(np.float64)),
+            np.rad2deg((self.angles + self.axis_offset).detach().cpu().numpy().astype(np.float64)),
             self.local.detach().cpu().numpy().astype(np.float64),
             self.detector_shape,
             self.interpolation,
@@ -501,6 +512,7 @@ class Fitter:
         report = {
             "stop_reason": stop_reason,
             "rollbacks": self.rollbacks,
+            "tilt_axis_offset_deg": math.degrees(float(self.axis_offset.detach())),
             "epochs": self.epoch,
             "steps": self.step,
             "best_epoch": best_epoch,
