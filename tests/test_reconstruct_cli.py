@@ -169,3 +169,18 @@ def test_bad_alignment_options(series_files, tmp_path, extra, message):
 def test_angles_or_mdoc_is_required(series_files, tmp_path):
     result = _run("reconstruct", series_files / "ts.mrc", "-o", tmp_path / "rec")
     assert result.exit_code == 2 and "--angles" in result.output and not (tmp_path / "rec").exists()
+
+
+def test_nonfinite_pixels_are_refused_or_fixed(series_files, tmp_path):
+    images, _ = read_mrc(series_files / "ts.mrc")
+    images = images.copy()
+    images[2, 3, 4], images[5, 0, 0] = np.nan, np.inf
+    write_mrc(tmp_path / "bad.mrc", images, voxel_size_A=8.0, stack=True)
+    args = ["reconstruct", tmp_path / "bad.mrc", "--angles", series_files / "ts.tlt", "--thickness", 12,
+            "--epochs", 1, "--config", series_files / "tiny.yaml"]
+    refused = _run(*args, "-o", tmp_path / "r1")
+    assert refused.exit_code == 2 and "NaN/Inf" in refused.output and not (tmp_path / "r1").exists()
+    fixed = _run(*args, "-o", tmp_path / "r2", "--fix-nonfinite")
+    assert fixed.exit_code == 0, fixed.output
+    assert "replaced 2 NaN/Inf" in fixed.output
+    assert np.isfinite(read_mrc(tmp_path / "r2" / "tomogram.mrc")[0]).all()

@@ -85,3 +85,19 @@ class TiltSeries:
         images, header_px = read_mrc(stack_path)
         angles = read_tlt(angles_path)
         return cls(images, angles, pixel_size_A if pixel_size_A is not None else header_px, tilt_axis_angle_deg)
+
+
+def replace_nonfinite(images: np.ndarray) -> tuple[np.ndarray, int]:
+    """Copy of ``images (M, ny, nx)`` with NaN/Inf pixels set to the median of their image's finite pixels.
+
+    Returns ``(images, n_replaced)``. An image with no finite pixel raises :class:`IcetideError`.
+    """
+    out = np.array(images, dtype=np.float32)
+    bad = ~np.isfinite(out)
+    for k in np.flatnonzero(bad.reshape(len(out), -1).any(axis=1)):
+        finite = out[k][~bad[k]]
+        if finite.size == 0:
+            raise IcetideError(f"tilt {k} has no finite pixel")
+        out[k][bad[k]] = np.median(finite)
+    return out, int(bad.sum())
+

@@ -12,7 +12,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..config import ReconstructConfig, load_config, parse_config
-from ..data import TiltSeries
+from ..data import TiltSeries, replace_nonfinite
 from ..errors import IcetideError
 from .common import check_alignment_options, check_output_dir, console, one_line_errors, output_dir, read_alignment
 
@@ -91,12 +91,14 @@ def load_series(
     tilt_axis_angle_deg: Optional[float],
     exclude: Optional[str],
     invert: bool,
+    fix_nonfinite: bool = False,
 ) -> tuple[TiltSeries, np.ndarray, np.ndarray]:
     """The tilt series to fit, the stack indices it keeps and the tilt angles of every view of the stack.
 
     Angles from ``angles`` (.tlt) or else ``mdoc`` (SerialEM), which also gives the pixel size and the tilt-axis
     angle when they are not given otherwise. Excluded views are dropped before validation, so a blank view can
-    be excluded; ``invert`` flips the contrast (dark density on a light background, as in raw cryo-EM images).
+    be excluded; ``invert`` flips the contrast (dark density on a light background, as in raw cryo-EM images);
+    ``fix_nonfinite`` replaces NaN/Inf pixels by their image's median (with a warning) instead of refusing them.
     """
     from ..io import read_mdoc, read_mrc, read_tlt
 
@@ -120,6 +122,10 @@ def load_series(
         images, tilt_angles = images[keep], all_angles[keep]
     if invert:
         images = -images
+    if fix_nonfinite and images.ndim == 3:
+        images, n_bad = replace_nonfinite(images)
+        if n_bad:
+            console.print(f"[yellow]warning:[/] replaced {n_bad} NaN/Inf pixel(s) by their image's median")
     series = TiltSeries(images, tilt_angles, pixel_size_A if pixel_size_A is not None else header_px,
                         tilt_axis_angle_deg or 0.0)
     return series, keep, all_angles
@@ -147,6 +153,9 @@ def reconstruct(
     ),
     invert: bool = typer.Option(
         False, "--invert", help="Flip the contrast first (raw cryo-EM images show density dark on light)."
+    ),
+    fix_nonfinite: bool = typer.Option(
+        False, "--fix-nonfinite", help="Replace NaN/Inf pixels by their image's median (warns) instead of refusing."
     ),
     config: Optional[Path] = typer.Option(None, help="YAML file with any subset of the settings (see config.yaml of a run)."),
     epochs: Optional[int] = typer.Option(
@@ -213,7 +222,7 @@ def reconstruct(
     )
     series, keep, all_angles = load_series(
         tilt_series, angles, mdoc, cfg.pixel_size_A, cfg.tilt_axis_angle_deg or None,
-        exclude, invert,
+        exclude, invert, fix_nonfinite,
     )
     if cfg.thickness is not None and cfg.thickness > 4 * max(series.shape):
         raise IcetideError(f"thickness {cfg.thickness} is larger than sensible for a {series.shape} detector")
