@@ -54,6 +54,10 @@ class DeformSettings(_Strict):
         "noise (docs/BENCHMARKS.md)",
     )
     local: bool = True
+    gain: bool = Field(
+        False, description="estimate one intensity gain per tilt (exposure or detector drift across the series); "
+        "the gains have geometric mean 1, the volume carries the overall scale",
+    )
     prealign: bool = Field(
         True, description="start the shifts from a coarse cross-correlation alignment (tiltxcorr-like) when no "
         "starting alignment is given",
@@ -85,6 +89,7 @@ class FitSettings(_Strict):
     lr_rotation_deg: float = Field(0.005, ge=0, description="Adam step for in-plane rotations, degrees")
     lr_local_px: float = Field(0.05, ge=0, description="Adam step for local control points, pixels")
     lr_axis_deg: float = Field(0.05, ge=0, description="Adam step for the common tilt-axis offset, degrees")
+    lr_gain: float = Field(0.005, ge=0, description="Adam step for the per-tilt log gains")
     warmup_epochs: int = Field(5, ge=0, description="volume-only epochs before deformations are released")
     local_delay_epochs: int = Field(
         40, ge=0, description="further epochs before the local fields are released (shifts and rotations first)"

@@ -154,6 +154,7 @@ class Fitter:
         # One rotation shared by all tilts: a mis-set tilt axis is common to every view, so it is estimated
         # without the per-tilt penalty (which would shrink it) and with its own, larger step.
         self.axis_offset = torch.zeros((), device=self.device, requires_grad=dc.axis_offset)
+        self.log_gain = torch.zeros(m, device=self.device, requires_grad=dc.gain)
         if dc.local and dc.local_border_fixed and min(dc.local_grid) >= 3:
             # A constant or linear local field is a shift or a rotation: with the border ring held, the
             # local field carries only what the rigid motion cannot, so the split is identifiable.
@@ -172,6 +173,8 @@ class Fitter:
             groups.append({"params": [self.axis_offset], "lr": math.radians(fit.lr_axis_deg), "name": "axis"})
         if dc.local:
             groups.append({"params": [self.local], "lr": fit.lr_local_px, "name": "local"})
+        if dc.gain:
+            groups.append({"params": [self.log_gain], "lr": fit.lr_gain, "name": "gain"})
         self.opt_deform = torch.optim.Adam(groups) if groups else None
         self.base_lrs = [g["lr"] for g in self.opt_volume.param_groups] + (
             [g["lr"] for g in self.opt_deform.param_groups] if self.opt_deform else []
@@ -219,10 +222,20 @@ class Fitter:
             pick = torch.stack([torch.randperm(coords.shape[1], generator=self.generator)[:n] for _ in tilts])
             pick = pick.to(self.device)
             coords = torch.gather(coords, 1, pick[..., None].expand(-1, -1, 2))
-            values, valid = self.renderer.render(self.volume, coords, self.theta[tilts], self.generator, jitter)
+            values, valid = self._render(coords, tilts, jitter)
             return values, valid, pick
-        values, valid = self.renderer.render(self.volume, coords, self.theta[tilts], self.generator, jitter=jitter)
+        values, valid = self._render(coords, tilts, jitter)
         return values, valid, None
+
+    def gains(self) -> torch.Tensor:
+        """Per-tilt intensity gains ``(M,)``, geometric mean 1 (the volume holds the overall scale)."""
+        return torch.exp(self.log_gain - self.log_gain.mean())
+
+    def _render(self, coords: torch.Tensor, tilts: torch.Tensor, jitter: bool):
+        values, valid = self.renderer.render(self.volume, coords, self.theta[tilts], self.generator, jitter=jitter)
+        if self.config.deform.gain:
+            values = values * self.gains()[tilts, None]
+        return values, valid
 
     def _observed(self, tilts: torch.Tensor, pick: torch.Tensor | None, held_out: bool):
         obs = self.images[tilts].reshape(len(tilts), -1)
@@ -290,7 +303,7 @@ class Fitter:
 
     def _parameters(self) -> list[torch.Tensor]:
         return list(self.volume.parameters()) + [
-            t for t in (self.shifts, self.angles, self.axis_offset, self.local) if t.requires_grad
+            t for t in (self.shifts, self.angles, self.axis_offset, self.local, self.log_gain) if t.requires_grad
         ]
 
     def _keep_good(self) -> None:
@@ -341,7 +354,7 @@ class Fitter:
         n = int(mask.sum(1).min())
         pick = torch.stack([torch.nonzero(row)[:n, 0] for row in mask])
         coords = torch.gather(self._coords(tilts), 1, pick[..., None].expand(-1, -1, 2))
-        values, valid = self.renderer.render(self.volume, coords, self.theta[tilts], self.generator, jitter=False)
+        values, valid = self._render(coords, tilts, jitter=False)
         return values, valid, pick
 
     def snapshot(self) -> dict:
@@ -351,6 +364,7 @@ class Fitter:
             "shifts_px": self.shifts.detach().clone(),
             "angles_rad": self.angles.detach().clone(),
             "axis_offset_rad": self.axis_offset.detach().clone(),
+            "log_gain": self.log_gain.detach().clone(),
             "local_px": self.local.detach().clone(),
         }
 
@@ -360,6 +374,7 @@ class Fitter:
             self.shifts.copy_(snap["shifts_px"])
             self.angles.copy_(snap["angles_rad"])
             self.axis_offset.copy_(snap["axis_offset_rad"])
+            self.log_gain.copy_(snap["log_gain"])
             self.local.copy_(snap["local_px"])
 
     # ----------------------------------------------------------------- checkpoints
@@ -382,6 +397,7 @@ class Fitter:
             "lr_factor": self.lr_factor,
             "rollbacks": self.rollbacks,
             "tilt_axis_offset_deg": math.degrees(float(self.axis_offset.detach())),
+            "tilt_gains": self.gains().detach().cpu().tolist(),
             "config": self.config.model_dump(mode="json"),
         }
 
@@ -513,6 +529,7 @@ class Fitter:
             "stop_reason": stop_reason,
             "rollbacks": self.rollbacks,
             "tilt_axis_offset_deg": math.degrees(float(self.axis_offset.detach())),
+            "tilt_gains": self.gains().detach().cpu().tolist(),
             "epochs": self.epoch,
             "steps": self.step,
             "best_epoch": best_epoch,
