@@ -148,3 +148,19 @@ def test_per_tilt_gains_are_recovered():
     found = np.asarray(result.report["tilt_gains"])
     assert np.abs(found - expected).max() < 0.07  # 0.046 measured (the 0-degree tilt), others < 0.03
     assert np.corrcoef(found, expected)[0, 1] > 0.97
+
+
+def test_lattice_bands_bound_memory_and_validation_covers_every_band(shifted_series):
+    from icetide.fit import auto_lattice_rows
+
+    assert auto_lattice_rows((48, 128, 128)) == 128  # the whole volume fits the budget
+    assert auto_lattice_rows((180, 512, 512)) == 86  # 8 M voxels per step
+    assert auto_lattice_rows((180, 512, 512), budget_voxels=1) == 4
+    series, _ = shifted_series
+    whole = Fitter(series, _config(epochs=2))
+    whole.run()
+    banded = Fitter(series, _config(epochs=2, lattice_rows=8))
+    banded.volume.load_state_dict(whole.volume.state_dict())
+    with torch.no_grad():
+        banded.shifts.copy_(whole.shifts)
+    assert banded.validation_loss() == pytest.approx(whole.validation_loss(), rel=0.05)

@@ -81,7 +81,10 @@ class FitSettings(_Strict):
     epochs: int = Field(500, ge=1, description="at most this many epochs; early stopping usually ends sooner")
     max_minutes: Optional[float] = Field(None, gt=0)
     tilts_per_step: int = Field(64, ge=1, description="tilts per Adam step (lattice: one field evaluation each)")
-    lattice_rows: Optional[int] = Field(None, ge=4, description="rows per lattice band; None = all rows")
+    lattice_rows: Optional[int] = Field(
+        None, ge=4, description="rows per lattice band; None = all rows up to 8 M voxels per step (about 4.5 GB "
+        "on CPU), fewer for larger volumes",
+    )
     rays_per_tilt: int = Field(1500, ge=1, description="rays renderer: random pixels per tilt per epoch")
     samples_per_voxel: float = Field(1.0, gt=0, description="rays renderer: samples per voxel along each ray")
     lr_volume: float = Field(1e-2, gt=0)
