@@ -171,6 +171,7 @@ def test_angles_or_mdoc_is_required(series_files, tmp_path):
     assert result.exit_code == 2 and "--angles" in result.output and not (tmp_path / "rec").exists()
 
 
+@pytest.mark.filterwarnings("ignore:Data array contains NaN values")
 def test_nonfinite_pixels_are_refused_or_fixed(series_files, tmp_path):
     images, _ = read_mrc(series_files / "ts.mrc")
     images = images.copy()
