@@ -1,7 +1,7 @@
 """Reconstruction quality against the truth: the quality bar of the engine issue.
 
 Usage: ``python benchmarks/quality.py [--minutes 8] [--out DIR] [--seed 0] [--blobs] [--profile paper|hard]
-[--set fit.lr_shift_px=0.1 ...]``
+[--snr-db 10] [--set fit.lr_shift_px=0.1 ...]``
 
 A 128 x 128 x 48 crowded phantom built from the real protein maps of ``../shared/data/proteins/maps_10A``
 (``--blobs``: Gaussian blobs instead, no shared data needed), 41 tilts from -60 to +60 degrees, the paper's
@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--blobs", action="store_true", help="Gaussian-blob proteins (no shared data needed)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--profile", default="paper", choices=["paper", "hard"], help="deformation profile")
+    parser.add_argument("--snr-db", type=float, default=10.0, help="SNR of the simulated series, dB")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="config override key=value")
     args = parser.parse_args()
     if not args.blobs and not PROTEINS.is_dir():
@@ -78,6 +79,7 @@ def main() -> None:
         device=args.device,
         proteins_dir=None if args.blobs else str(PROTEINS),
         profile=args.profile,
+        snr_db=args.snr_db,
     )
     base = ReconstructConfig(thickness=settings.shape_zyx[0], pixel_size_A=settings.voxel_size_A)
     data = base.model_dump(mode="json")

@@ -116,3 +116,11 @@ def test_coarse_start_handles_a_rotated_tilt_axis():
     start = coarse_start(TiltSeries(sim.noisy, angles, tilt_axis_angle_deg=psi), ReconstructConfig())
     start.angles_deg = np.full(m, -psi)  # the fit adds the tilt-axis rotation to the start
     assert deformation_errors(truth, start)["shift_rms_px"] < 0.8  # 0.52 px measured
+
+
+def test_pure_noise_gives_no_shifts():
+    """Correlation peaks of noise are not trusted, so they cannot chain into a random walk of shifts."""
+    rng = np.random.default_rng(0)
+    angles = np.arange(-60.0, 61.0, 5.0)
+    shifts = coarse_shifts(rng.normal(size=(len(angles), 64, 64)).astype(np.float32), angles)
+    np.testing.assert_allclose(shifts, 0, atol=1e-9)
