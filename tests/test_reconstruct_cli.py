@@ -185,3 +185,39 @@ def test_nonfinite_pixels_are_refused_or_fixed(series_files, tmp_path):
     assert fixed.exit_code == 0, fixed.output
     assert "replaced 2 NaN/Inf" in fixed.output
     assert np.isfinite(read_mrc(tmp_path / "r2" / "tomogram.mrc")[0]).all()
+
+
+def _aln(path, shifts_xy):
+    """An AreTomo .aln for the test series (RawSize = its detector), rows in a shuffled order."""
+    rows = [f"{k + 1:5d}    0.0000    1.00000  {tx:9.3f}  {ty:9.3f}     1.00     1.00     1.00     0.00  {a:7.2f}"
+            for k, (a, (tx, ty)) in enumerate(zip(ANGLES, shifts_xy))]
+    order = [3, 0, 6, 1, 5, 2, 4]
+    path.write_text(
+        f"# AreTomo Alignment / Priims bprmMn\n# RawSize = {SHAPE[2]} {SHAPE[1]} {len(ANGLES)}\n"
+        "# NumPatches = 0\n# AlphaOffset =     0.00\n"
+        "# SEC     ROT         GMAG       TX          TY      SMEAN     SFIT    SCALE     BASE     TILT\n"
+        + "\n".join(rows[i] for i in order) + "\n"
+    )
+    return path
+
+
+def test_starting_alignment_from_aretomo_aln(series_files, tmp_path):
+    from icetide.alignment import aln_to_deformations
+    from icetide.deform import remove_gauge
+    from icetide.io import read_aln
+
+    shifts = np.random.default_rng(2).uniform(-3, 3, (len(ANGLES), 2))
+    aln = _aln(tmp_path / "ts.aln", shifts)
+    expected = aln_to_deformations(read_aln(aln), ANGLES, SHAPE[1:])
+    out = tmp_path / "rec"
+    result = _run("reconstruct", series_files / "ts.mrc", "--angles", series_files / "ts.tlt", "-o", out,
+                  "--epochs", 2, "--thickness", 12, "--config", _warmup_only(tmp_path), "--aln", aln)
+    assert result.exit_code == 0, result.output
+    est = read_deformations(out / "deformations.json")
+    assert np.abs(expected.shifts_px).max() > 1
+    np.testing.assert_allclose(est.shifts_px, remove_gauge(expected.shifts_px, ANGLES)[0], atol=1e-4)
+    fbp_out = tmp_path / "fbp.mrc"
+    result = _run("fbp", series_files / "ts.mrc", "--angles", series_files / "ts.tlt", "-o", fbp_out,
+                  "--thickness", 12, "--aln", aln)
+    assert result.exit_code == 0, result.output
+    assert read_mrc(fbp_out)[0].shape == SHAPE
