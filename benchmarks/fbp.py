@@ -23,29 +23,12 @@ import json
 import os
 import platform
 import resource
-import time
-from typing import Callable
 
 import numpy as np
 import torch
 
 from icetide.recon import backproject, fbp, project, sirt
-
-
-def best_time(step: Callable[[], object], repeats: int, device: torch.device) -> float:
-    """Best wall time (s) of ``step`` over ``repeats`` runs after one warm-up run."""
-
-    def run() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - t0
-
-    run()
-    return min(run() for _ in range(repeats))
+from timing import best_time
 
 
 def peak_rss_mb() -> float:

@@ -20,13 +20,13 @@ import copy
 import json
 import os
 import platform
-import time
 from dataclasses import asdict
 from typing import Callable
 
 import torch
 
 from icetide.volume import ImplicitVolume, ReferenceHashEncoding, VolumeConfig
+from timing import best_times
 
 BOX_ZYX = (48, 128, 128)
 
@@ -35,38 +35,11 @@ def reference_of(volume: ImplicitVolume) -> ImplicitVolume:
     """A copy of ``volume`` whose encoding is the straightforward reference (same parameter values)."""
     cfg = volume.config
     ref = copy.deepcopy(volume)
-    ref.encoding = ReferenceHashEncoding(
-        n_levels=cfg.n_levels,
-        n_features=cfg.n_features,
-        log2_table_size=cfg.log2_table_size,
-        base_resolution=cfg.base_resolution,
-        per_level_scale=cfg.per_level_scale,
-        interpolation=cfg.interpolation,
-        box_shape_zyx=volume.box_shape_zyx,
-    ).to(volume.encoding.table.device)
+    ref.encoding = ReferenceHashEncoding(**cfg.encoding_args(), box_shape_zyx=volume.box_shape_zyx).to(
+        volume.encoding.table.device
+    )
     ref.encoding.load_state_dict(volume.encoding.state_dict())
     return ref
-
-
-def best_times(steps: dict[str, Callable[[], None]], repeats: int, device: torch.device) -> dict[str, float]:
-    """Best wall time (s) of each step over ``repeats`` interleaved runs, after one warm-up run each."""
-
-    def run(step: Callable[[], None]) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - t0
-
-    for step in steps.values():
-        run(step)
-    best = {name: float("inf") for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            best[name] = min(best[name], run(step))
-    return best
 
 
 def training_step(volume: ImplicitVolume, points: torch.Tensor) -> Callable[[], None]:

@@ -135,18 +135,8 @@ class Fitter:
         held = torch.rand(series.images.shape, generator=self.generator) < fit.validation_fraction
         self.validation_mask = held.to(self.device)
 
-        vc = config.volume
         self.volume = ImplicitVolume.from_config(
-            VolumeConfig(
-                n_levels=vc.n_levels,
-                n_features=vc.n_features,
-                log2_table_size=vc.log2_table_size,
-                base_resolution=vc.base_resolution,
-                per_level_scale=vc.per_level_scale,
-                interpolation=vc.interpolation,
-                hidden=vc.hidden,
-                n_hidden_layers=vc.n_hidden_layers,
-            ),
+            VolumeConfig(**config.volume.model_dump()),
             self.shape_zyx,
         ).to(self.device)
 

@@ -37,6 +37,17 @@ class VolumeConfig:
     hidden: int = 32
     n_hidden_layers: int = 2
 
+    def encoding_args(self) -> dict:
+        """The keyword arguments of a hash encoding (:class:`HashEncoding` or its reference) of this config."""
+        return {
+            "n_levels": self.n_levels,
+            "n_features": self.n_features,
+            "log2_table_size": self.log2_table_size,
+            "base_resolution": self.base_resolution,
+            "per_level_scale": self.per_level_scale,
+            "interpolation": self.interpolation,
+        }
+
     @classmethod
     def paper(cls) -> "VolumeConfig":
         """ICE-TIDE's configuration: 8 levels x 4 features, 2**22 rows, base 8, scale 2, MLP 3 x 64."""
@@ -56,15 +67,7 @@ class ImplicitVolume(nn.Module):
         config = config or VolumeConfig()
         self.config = config
         self.box_shape_zyx = tuple(int(n) for n in box_shape_zyx)
-        self.encoding = HashEncoding(
-            n_levels=config.n_levels,
-            n_features=config.n_features,
-            log2_table_size=config.log2_table_size,
-            base_resolution=config.base_resolution,
-            per_level_scale=config.per_level_scale,
-            interpolation=config.interpolation,
-            box_shape_zyx=self.box_shape_zyx,
-        )
+        self.encoding = HashEncoding(**config.encoding_args(), box_shape_zyx=self.box_shape_zyx)
         self.mlp = MLP(self.encoding.output_dim, config.hidden, config.n_hidden_layers)
 
     @classmethod
