@@ -27,7 +27,7 @@ import torch
 
 from icetide import TiltSeries
 from icetide.config import ReconstructConfig
-from icetide.fit import FitResult, Fitter
+from icetide.fit import Fitter
 from icetide.metrics import evaluate_reconstruction
 from icetide.recon import fbp
 from icetide.reconstruct import coarse_start, sample_tomogram
@@ -66,8 +66,8 @@ def main() -> None:
         if info["epoch"] % args.every:
             return
         t0 = time.monotonic()
-        state = FitResult(fitter.volume, None, np.zeros(3), fitter.density_scale)
-        score = evaluate_reconstruction(sample_tomogram(state), truth)["cc"]
+        tomogram = sample_tomogram(fitter.volume, np.zeros(3), fitter.density_scale)
+        score = evaluate_reconstruction(tomogram, truth)["cc"]
         curve.append((info["epoch"], info["elapsed_s"] - scoring_s[0], score))
         scoring_s[0] += time.monotonic() - t0
 

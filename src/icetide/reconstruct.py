@@ -22,12 +22,13 @@ from .alignment import deformations_to_xf
 from .config import ReconstructConfig, save_config
 from .data import TiltSeries
 from .deform import Deformations
-from .fit import FitResult, Fitter
+from .fit import Fitter
 from .io import write_deformations, write_json, write_mrc, write_tlt
 from .io.imod import write_xf
 from .io.relion import RelionTomogram, write_relion_tilt_series_star, write_relion_tomograms_star
 from .prealign import coarse_shifts
 from .recon import align_series, fbp
+from .volume import ImplicitVolume
 
 __all__ = ["RelionMicroscope", "reconstruct", "sample_tomogram"]
 
@@ -42,21 +43,23 @@ class RelionMicroscope:
 
 
 @torch.no_grad()
-def sample_tomogram(result: FitResult, rows_per_chunk: int = 32) -> np.ndarray:
+def sample_tomogram(
+    volume: ImplicitVolume, translation_xyz, density_scale: float, rows_per_chunk: int = 32
+) -> np.ndarray:
     """The fitted density on the voxel grid, float32 ``(nz, ny, nx)``, in the units of the input data.
 
-    The volume is translated by the gauge translation (``rho(p - d)``) so that it matches the reported,
-    gauge-free deformations. Sampled in bands of rows to bound memory.
+    ``translation_xyz`` (voxels): the gauge translation; the volume is sampled as ``rho(p - d)`` so that it
+    matches the reported, gauge-free deformations. ``density_scale``: the fit's data scale (see
+    :class:`icetide.fit.FitResult`). Sampled in bands of rows to bound memory.
     """
-    volume = result.volume
     nz, ny, nx = volume.box_shape_zyx
     device = next(volume.parameters()).device
-    offset = -torch.as_tensor(result.translation_xyz, dtype=torch.float32, device=device)
+    offset = -torch.as_tensor(translation_xyz, dtype=torch.float32, device=device)
     bands = [
         volume.lattice(offset, rows=slice(r, min(r + rows_per_chunk, ny))).float().cpu()
         for r in range(0, ny, rows_per_chunk)
     ]
-    return (torch.cat(bands, dim=1) * result.density_scale).numpy()
+    return (torch.cat(bands, dim=1) * density_scale).numpy()
 
 
 def coarse_start(series: TiltSeries, config: ReconstructConfig) -> Deformations:
@@ -117,7 +120,7 @@ def reconstruct(
     phase("sampling the tomogram")
     t0 = time.monotonic()
     voxel = series.pixel_size_A
-    write_mrc(out_dir / "tomogram.mrc", sample_tomogram(result), voxel)
+    write_mrc(out_dir / "tomogram.mrc", sample_tomogram(result.volume, result.translation_xyz, result.density_scale), voxel)
     timings["sample_s"] = time.monotonic() - t0
 
     phase("aligning the series and FBP")
