@@ -164,3 +164,75 @@ def test_lattice_bands_bound_memory_and_validation_covers_every_band(shifted_ser
     with torch.no_grad():
         banded.shifts.copy_(whole.shifts)
     assert banded.validation_loss() == pytest.approx(whole.validation_loss(), rel=0.05)
+
+
+def test_memory_budget_sizes_the_lattice_bands(shifted_series):
+    from icetide.fit import BYTES_PER_FIELD_POINT, auto_lattice_rows
+
+    assert auto_lattice_rows((180, 512, 512), memory_bytes=180 * 512 * 11 * BYTES_PER_FIELD_POINT) == 11
+    assert auto_lattice_rows((48, 128, 128), memory_bytes=10**12) == 128  # the voxel cap still applies
+    series, _ = shifted_series
+    small = Fitter(series, _config(epochs=1, max_memory_gb=0.001))
+    assert small.memory_budget <= 2**30 // 1000 and small.lattice_rows == 4
+    rays = Fitter(series, _config(epochs=1, renderer="rays", rays_per_tilt=200, max_memory_gb=0.001))
+    assert rays.step_chunks == 4  # every tilt of a step in its own group
+    report = rays.run().report
+    assert report["step_chunks"] == 4 and report["memory_budget_mb"] <= 1.1
+
+
+def _deterministic_render(fitter: Fitter) -> None:
+    render = fitter.renderer.render
+    fitter.renderer.render = lambda *a, **k: render(*a, **{**k, "jitter": False})
+
+
+def test_gradients_in_groups_of_tilts_equal_one_group(shifted_series):
+    series, _ = shifted_series
+    grads = []
+    for chunks in (1, 3):
+        fitter = Fitter(series, _config(epochs=1))
+        _deterministic_render(fitter)
+        fitter.step_chunks = chunks
+        loss, used = fitter._step_gradients(torch.arange(4))
+        grads.append((float(loss), used, torch.cat([p.grad.flatten() for p in fitter._parameters()])))
+    (loss1, used1, g1), (loss3, used3, g3) = grads
+    assert used1 == used3 and loss1 == pytest.approx(loss3, rel=1e-6)
+    assert torch.allclose(g1, g3, rtol=1e-4, atol=1e-7 * float(g1.abs().max()))
+
+
+def _failing_when(fitter: Fitter, too_big) -> list:
+    """Make the renderer raise CUDA's out-of-memory error whenever ``too_big(fitter, coords)``."""
+    render = fitter.renderer.render
+    calls = []
+
+    def guarded(field, coords, *args, **kwargs):
+        calls.append(coords.shape[0])
+        if too_big(fitter, coords):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return render(field, coords, *args, **kwargs)
+
+    fitter.renderer.render = guarded
+    return calls
+
+
+def test_out_of_memory_halves_the_lattice_band_and_retries(shifted_series):
+    series, _ = shifted_series
+    fitter = Fitter(series, _config(epochs=2))
+    assert fitter.lattice_rows == 40
+    _failing_when(fitter, lambda f, coords: f.renderer.band_rows > 10)
+    report = fitter.run().report
+    assert report["epochs"] == 2 and report["lattice_rows"] == 10
+    assert [e["lattice_rows"] for e in report["memory_events"]] == [20, 10]
+
+
+def test_out_of_memory_splits_the_rays_batch_and_gives_up_clearly(shifted_series):
+    from icetide.errors import IcetideError
+
+    series, _ = shifted_series
+    fitter = Fitter(series, _config(epochs=1, renderer="rays", rays_per_tilt=100))
+    calls = _failing_when(fitter, lambda f, coords: coords.shape[0] > 1)
+    report = fitter.run().report
+    assert report["step_chunks"] == 4 and max(calls[-5:]) == 1
+    hopeless = Fitter(series, _config(epochs=1, renderer="rays", rays_per_tilt=100))
+    _failing_when(hopeless, lambda f, coords: True)
+    with pytest.raises(IcetideError, match="out of memory on cpu even with the smallest batch"):
+        hopeless.run()

@@ -99,3 +99,14 @@ def test_plot_curves(tmp_path):
     assert _is_png(png) and len(_rows(data)) == 20
     with pytest.raises(ValueError, match="shape"):
         plot_curves({"bad": (x, x[:3])}, tmp_path / "bad.png", "x", "y")
+
+
+def test_plot_bars(tmp_path):
+    from icetide.plots import plot_bars
+
+    png, data = plot_bars(["a", "b", "c"], {"m1": [0.1, 0.2, 0.3], "m2": [0.3, 0.2, 0.1]}, tmp_path / "bars.png", "CC")
+    assert _is_png(png)
+    rows = _rows(data)
+    assert len(rows) == 6 and rows[0] == {"group": "a", "name": "m1", "value": "0.1"}
+    with pytest.raises(ValueError, match="2 values for 3 groups"):
+        plot_bars(["a", "b", "c"], {"m1": [0.1, 0.2]}, tmp_path / "bad.png", "CC")

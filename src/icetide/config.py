@@ -85,6 +85,11 @@ class FitSettings(_Strict):
         None, ge=4, description="rows per lattice band; None = all rows up to 8 M voxels per step (about 4.5 GB "
         "on CPU), fewer for larger volumes",
     )
+    max_memory_gb: Optional[float] = Field(
+        None, gt=0, description="memory a training step may plan for (CPU RAM or GPU memory), GB; None = 70% of "
+        "what is available at the start. Lattice bands and ray batches are sized to fit; an out-of-memory error "
+        "still shrinks them and retries the step",
+    )
     rays_per_tilt: int = Field(1500, ge=1, description="rays renderer: random pixels per tilt per epoch")
     samples_per_voxel: float = Field(1.0, gt=0, description="rays renderer: samples per voxel along each ray")
     lr_volume: float = Field(1e-2, gt=0)

@@ -21,6 +21,7 @@ factor; resuming continues exactly.
 from __future__ import annotations
 
 import copy
+import gc
 import math
 import platform
 import resource
@@ -39,6 +40,7 @@ from .deform import Deformations, deform_coords, deformation_penalty, local_disp
 from .errors import IcetideError
 from .geometry import deg2rad, detector_grid
 from .io.util import atomic_path
+from .memory import available_bytes
 from .render import make_renderer
 from .volume import ImplicitVolume, VolumeConfig
 
@@ -65,12 +67,40 @@ def resolve_device(name: str) -> torch.device:
 # Voxels evaluated per lattice step when ``lattice_rows`` is not set: about 4.5 GB of CPU memory for the
 # forward and backward pass of the default volume (3.6 GB measured at 6.3 M voxels, 96 x 256 x 256).
 LATTICE_VOXELS_PER_STEP = 8_000_000
+# Memory per field evaluation in a training step (forward and backward of encoding + MLP, the lattice's
+# projections), from the measurement above with a margin; the rays renderer's points cost about the same.
+BYTES_PER_FIELD_POINT = 600
+# Fraction of the memory available at start-up that a fit plans to use.
+AVAILABLE_FRACTION = 0.7
 
 
-def auto_lattice_rows(shape_zyx: tuple[int, int, int], budget_voxels: int = LATTICE_VOXELS_PER_STEP) -> int:
-    """Rows per lattice band so that one step evaluates at most ``budget_voxels`` (all rows when they fit)."""
+def memory_budget_bytes(device: torch.device, max_memory_gb: float | None) -> int | None:
+    """Bytes a training step may use: ``AVAILABLE_FRACTION`` of the available memory (CPU RAM or free GPU
+    memory), capped by ``max_memory_gb``; None when neither is known."""
+    available = available_bytes(device)
+    budgets = [b for b in (
+        None if available is None else int(available * AVAILABLE_FRACTION),
+        None if max_memory_gb is None else int(max_memory_gb * 2**30),
+    ) if b is not None]
+    return min(budgets) if budgets else None
+
+
+def auto_lattice_rows(
+    shape_zyx: tuple[int, int, int], budget_voxels: int = LATTICE_VOXELS_PER_STEP, memory_bytes: int | None = None
+) -> int:
+    """Rows per lattice band so that one step evaluates at most ``budget_voxels`` (all rows when they fit),
+    and fewer when ``memory_bytes`` would not hold them (at least 4 rows)."""
     nz, ny, nx = shape_zyx
+    if memory_bytes is not None:
+        budget_voxels = min(budget_voxels, memory_bytes // BYTES_PER_FIELD_POINT)
     return int(min(ny, max(4, budget_voxels // (nz * nx))))
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """A failed allocation: CUDA's ``OutOfMemoryError`` or the CPU allocator's ``RuntimeError``."""
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+    )
 
 
 def default_thickness(detector_shape: tuple[int, int]) -> int:
@@ -163,8 +193,15 @@ class Fitter:
             interior[1:-1, 1:-1] = 1
             self.local.register_hook(lambda grad: grad * interior)
 
-        self.lattice_rows = fit.lattice_rows or auto_lattice_rows(self.shape_zyx)
+        self.memory_budget = memory_budget_bytes(self.device, fit.max_memory_gb)
+        self.lattice_rows = fit.lattice_rows or auto_lattice_rows(self.shape_zyx, memory_bytes=self.memory_budget)
         self.renderer = make_renderer(fit.renderer, self.shape_zyx, self.lattice_rows, fit.samples_per_voxel)
+        # Tilts of a step are rendered in this many groups, gradients accumulated (same step, less memory).
+        self.step_chunks = 1
+        if fit.renderer == "rays" and self.memory_budget is not None:
+            points = self._evaluations_per_step() * BYTES_PER_FIELD_POINT
+            self.step_chunks = int(min(fit.tilts_per_step, max(1, math.ceil(points / self.memory_budget))))
+        self.memory_events: list[dict] = []
         self.opt_volume = torch.optim.Adam(self.volume.parameters(), lr=fit.lr_volume)
         groups = []
         if dc.shifts:
@@ -271,16 +308,8 @@ class Fitter:
         order = torch.randperm(len(self.theta), generator=self.generator).to(self.device)
         losses = []
         for tilts in order.split(fit.tilts_per_step):
-            values, valid, pick = self._predict(tilts, jitter=True)
-            obs, train = self._observed(tilts, pick, held_out=False)
-            use = valid & train
-            data_loss = (values - obs).abs()[use].mean()
-            loss = data_loss + self._penalty(tilts)
-            self.opt_volume.zero_grad(set_to_none=True)
-            if self.opt_deform is not None:
-                self.opt_deform.zero_grad(set_to_none=True)
-            loss.backward()
-            reason = self._non_finite(loss)
+            data_loss, n_used = self._step_gradients(tilts)
+            reason = self._non_finite(data_loss)
             self.step += 1
             if reason is not None:
                 self._roll_back(reason)
@@ -288,11 +317,67 @@ class Fitter:
             self.opt_volume.step()
             if release:
                 self.opt_deform.step()
-            losses.append(float(data_loss.detach()))
-            self.samples += int(use.sum())
+            losses.append(float(data_loss))
+            self.samples += n_used
         self.epoch += 1
         self._keep_good()
         return float(np.mean(losses)) if losses else math.nan
+
+    def _step_gradients(self, tilts: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Gradients of (mean L1 over the used pixels + penalty) for ``tilts``; returns the data loss and the
+        number of pixels used. Runs in ``step_chunks`` groups of tilts (the same gradients as one group,
+        summed then divided by the pixel count); on running out of memory it shrinks the work and retries."""
+        while True:
+            try:
+                self.opt_volume.zero_grad(set_to_none=True)
+                if self.opt_deform is not None:
+                    self.opt_deform.zero_grad(set_to_none=True)
+                total = torch.zeros((), device=self.device)
+                count = torch.zeros((), device=self.device, dtype=torch.long)
+                for chunk in tilts.tensor_split(min(self.step_chunks, len(tilts))):
+                    values, valid, pick = self._predict(chunk, jitter=True)
+                    obs, train = self._observed(chunk, pick, held_out=False)
+                    use = valid & train
+                    abs_sum = (values - obs).abs()[use].sum()
+                    abs_sum.backward()
+                    total += abs_sum.detach()
+                    count += use.sum()
+                n = count.clamp(min=1).to(total.dtype)
+                for p in self._parameters():
+                    if p.grad is not None:
+                        p.grad.div_(n)
+                penalty = self._penalty(tilts)
+                if penalty.requires_grad:  # not when no deformation is estimated
+                    penalty.backward()
+                return total / n, int(count)
+            except (torch.OutOfMemoryError, RuntimeError) as exc:
+                if not _is_out_of_memory(exc):
+                    raise
+                self._shrink_work()
+
+    def _shrink_work(self) -> None:
+        """After an out-of-memory error: free what the failed step held, then halve the lattice band (down to 4
+        rows) or else split the step's tilts into twice as many groups; recorded in ``memory_events``."""
+        self.opt_volume.zero_grad(set_to_none=True)
+        if self.opt_deform is not None:
+            self.opt_deform.zero_grad(set_to_none=True)
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        fit = self.config.fit
+        if fit.renderer == "lattice" and self.lattice_rows > 4:
+            self.lattice_rows = max(4, self.lattice_rows // 2)
+            self.renderer.band_rows = min(self.lattice_rows, self.shape_zyx[1])
+        elif self.step_chunks < fit.tilts_per_step:
+            self.step_chunks = min(fit.tilts_per_step, self.step_chunks * 2)
+        else:
+            raise IcetideError(
+                f"out of memory on {self.device} even with the smallest batch (one tilt"
+                + (", 4-row lattice bands" if fit.renderer == "lattice" else "")
+                + "); use a smaller volume (bin the data) or free memory"
+            )
+        self.memory_events.append({"epoch": self.epoch + 1, "step": self.step + 1, "lattice_rows": self.lattice_rows,
+                                   "step_chunks": self.step_chunks})
 
     def _non_finite(self, loss: torch.Tensor) -> str | None:
         """Why the step just back-propagated must not be taken, or ``None`` when loss and gradients are finite.
@@ -339,11 +424,22 @@ class Fitter:
         self.rollbacks.append(event)
         self._set_learning_rates()
 
-    @torch.no_grad()
     def validation_loss(self) -> float:
-        """Mean absolute error on the held-out pixels of every tilt (no jitter)."""
+        """Mean absolute error on the held-out pixels of every tilt (no jitter); shrinks the work and retries
+        on running out of memory, as training steps do."""
+        while True:
+            try:
+                return self._validation_loss()
+            except (torch.OutOfMemoryError, RuntimeError) as exc:
+                if not _is_out_of_memory(exc):
+                    raise
+                self._shrink_work()
+
+    @torch.no_grad()
+    def _validation_loss(self) -> float:
         total, count = 0.0, 0
-        for tilts in torch.arange(len(self.theta), device=self.device).split(self.config.fit.tilts_per_step):
+        group = max(1, self.config.fit.tilts_per_step // self.step_chunks)
+        for tilts in torch.arange(len(self.theta), device=self.device).split(group):
             if self.config.fit.renderer == "rays":
                 predictions = [self._predict_heldout_rays(tilts)]
             else:
@@ -413,7 +509,8 @@ class Fitter:
     def load_state_dict(self, state: dict) -> None:
         if state["config"] != self.config.model_dump(mode="json"):
             changed = _first_difference(state["config"], self.config.model_dump(mode="json"))
-            resumable = ("fit.epochs", "fit.max_minutes", "fit.device", "fit.checkpoint_minutes", "fit.max_rollbacks")
+            resumable = ("fit.epochs", "fit.max_minutes", "fit.device", "fit.checkpoint_minutes", "fit.max_rollbacks",
+                         "fit.max_memory_gb")
             if changed not in resumable:
                 raise IcetideError(f"checkpoint was made with different settings ({changed}); cannot resume")
         self.restore(state["model"])
@@ -551,6 +648,9 @@ class Fitter:
             "data_scale": self.data_scale,
             "volume_shape_zyx": list(self.shape_zyx),
             "lattice_rows": self.lattice_rows if self.config.fit.renderer == "lattice" else None,
+            "step_chunks": self.step_chunks,
+            "memory_budget_mb": None if self.memory_budget is None else self.memory_budget / 2**20,
+            "memory_events": self.memory_events,
             "versions": {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version()},
             "seed": self.config.fit.seed,
             **_peak_memory_mb(self.device),

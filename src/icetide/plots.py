@@ -27,6 +27,7 @@ __all__ = [
     "plot_local_fields",
     "plot_deformation_errors",
     "plot_curves",
+    "plot_bars",
 ]
 
 _DPI = 120
@@ -273,11 +274,13 @@ def plot_curves(
     ylabel: str,
     hlines: Mapping[str, float] | Sequence[float] | None = None,
     logy: bool = False,
+    vlines: Mapping[str, float] | None = None,
+    markers: bool = False,
 ) -> tuple[Path, Path]:
     """A generic line plot, e.g. training curves: ``curves`` maps a name to ``(x, y)``.
 
-    ``hlines``: reference values drawn as dashed lines (a mapping gives them labels). CSV columns:
-    ``name, x, y``.
+    ``hlines``: reference values drawn as dashed lines (a mapping gives them labels); ``vlines``: labelled
+    positions on x drawn as dotted lines; ``markers``: mark the data points. CSV columns: ``name, x, y``.
     """
     path = Path(path)
     fig = Figure(figsize=(7, 4.5), layout="constrained")
@@ -287,17 +290,44 @@ def plot_curves(
         x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
         if x.shape != y.shape:
             raise ValueError(f"{name}: x and y differ in shape: {x.shape} vs {y.shape}")
-        ax.plot(x, y, label=name, lw=1.4)
+        ax.plot(x, y, "o-" if markers else "-", label=name, lw=1.4, ms=3)
         rows += [(name, f"{a:.8g}", f"{b:.8g}") for a, b in zip(x, y)]
     references = hlines.items() if isinstance(hlines, Mapping) else ((None, h) for h in (hlines or ()))
     for label, value in references:
         ax.axhline(value, color="0.4", ls="--", lw=1, label=label)
+    for label, value in (vlines or {}).items():
+        ax.axvline(value, color="tab:red", ls=":", lw=1.2, label=label)
     if logy:
         ax.set_yscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    if curves or isinstance(hlines, Mapping):
+    if curves or isinstance(hlines, Mapping) or vlines:
         ax.legend(fontsize="small")
     _save(fig, path)
     return path, _write_csv(path.with_suffix(".csv"), ("name", "x", "y"), rows)
+
+
+def plot_bars(
+    groups: Sequence[str], values: Mapping[str, Sequence[float]], path: str | os.PathLike, ylabel: str
+) -> tuple[Path, Path]:
+    """Grouped bars: one group per entry of ``groups``, one bar per key of ``values`` (each as long as
+    ``groups``). CSV columns: ``group, name, value``."""
+    path = Path(path)
+    names = list(values)
+    for name in names:
+        if len(values[name]) != len(groups):
+            raise ValueError(f"{name}: {len(values[name])} values for {len(groups)} groups")
+    fig = Figure(figsize=(max(6.0, 1.2 * len(groups) + 2), 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    width = 0.8 / max(len(names), 1)
+    x = np.arange(len(groups))
+    for k, name in enumerate(names):
+        ax.bar(x + (k - (len(names) - 1) / 2) * width, values[name], width, label=name)
+    ax.set_xticks(x, groups, rotation=20, ha="right", fontsize="small")
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize="small", ncols=min(len(names), 3))
+    _save(fig, path)
+    rows = [(g, name, f"{values[name][i]:.8g}") for name in names for i, g in enumerate(groups)]
+    return path, _write_csv(path.with_suffix(".csv"), ("group", "name", "value"), rows)

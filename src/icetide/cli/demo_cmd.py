@@ -25,8 +25,8 @@ def demo(
 
     Generates a crowded phantom (membranes, filaments, proteins), simulates a 41-tilt series (-60..60 degrees,
     step 3) with the paper's deformations at 10 dB, reconstructs it with icetide, runs FBP of the raw, the
-    icetide-aligned and an undeformed (oracle) series, and scores everything against the truth: CC, FSC,
-    deformation errors. Writes OUT/summary.json, figures (fsc.png, orthoslices.png, fourier_slices.png,
+    icetide-aligned and an undeformed (oracle) series and SIRT of the aligned and the undeformed series, and scores everything
+    against the truth: CC, FSC, deformation errors. Writes OUT/summary.json, figures (fsc.png, orthoslices.png, fourier_slices.png,
     deformation_errors.png, local_fields.png), the volumes and OUT/icetide/ (the reconstruction's outputs).
     """
     from ..demo import DemoSettings, run_demo

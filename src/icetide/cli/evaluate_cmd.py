@@ -5,24 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional
 
-import numpy as np
 import typer
 from rich.table import Table
 
 from .. import __version__
 from ..errors import IcetideError
 from .common import check_output_dir, console, one_line_errors, output_dir
-
-
-def _read_volume(path: Path) -> tuple[np.ndarray, Optional[float]]:
-    from ..io import read_mrc
-
-    volume, voxel_A = read_mrc(path)
-    if volume.ndim != 3:
-        raise IcetideError(f"{path}: expected a 3-D volume (nz, ny, nx), got shape {volume.shape}")
-    if not np.all(np.isfinite(volume)):
-        raise IcetideError(f"{path}: the volume contains NaN or Inf")
-    return volume, voxel_A
 
 
 def _method_names(names: Optional[str], recons: List[Path]) -> list[str]:
@@ -136,16 +124,16 @@ def evaluate(
     fourier_slices.png/.json; with deformations also deformation_errors.png/.csv
     and local_fields.png/.json. Prints a summary table.
     """
-    from ..io import write_json
+    from ..io import read_volume, write_json
     from ..evaluation import REGISTRATION_NOTE, evaluate_volumes
     from ..metrics import slab_mask
 
     labels = _method_names(names, recons)
     check_output_dir(out, force)
-    truth_volume, voxel_A = _read_volume(truth)
+    truth_volume, voxel_A = read_volume(truth)
     volumes = {}
     for label, path in zip(labels, recons):
-        volume, _ = _read_volume(path)
+        volume, _ = read_volume(path)
         if volume.shape != truth_volume.shape:
             raise IcetideError(
                 f"{path} has shape {volume.shape} but the truth {truth} has shape {truth_volume.shape}"

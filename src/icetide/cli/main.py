@@ -33,13 +33,14 @@ def _root(
 
 
 def _register() -> None:
-    from . import demo_cmd, evaluate_cmd, fbp_cmd, reconstruct_cmd, simulate_cmd
+    from . import demo_cmd, evaluate_cmd, experiment_cmd, fbp_cmd, reconstruct_cmd, simulate_cmd
 
     app.command("demo")(demo_cmd.demo)
     app.command("simulate")(simulate_cmd.simulate)
     app.command("reconstruct")(reconstruct_cmd.reconstruct)
     app.command("fbp")(fbp_cmd.fbp)
     app.command("evaluate")(evaluate_cmd.evaluate)
+    app.command("experiment")(experiment_cmd.experiment)
 
 
 _register()

@@ -162,6 +162,10 @@ def reconstruct(
         None, help="Maximum number of epochs (passes over every tilt). Default 500; early stopping usually ends sooner."
     ),
     max_minutes: Optional[float] = typer.Option(None, help="Stop after this many minutes of fitting."),
+    max_memory: Optional[float] = typer.Option(
+        None, "--max-memory", help="GB a training step may plan for (CPU RAM or GPU memory); default 70% of "
+        "what is available. Out-of-memory errors shrink the batch and retry."
+    ),
     renderer: Optional[str] = typer.Option(None, help="Forward model: lattice (default, fast) or rays (the paper's)."),
     device: Optional[str] = typer.Option(None, help="auto (default: CUDA if available), cpu, cuda or cuda:N."),
     seed: Optional[int] = typer.Option(None, help="Random seed (default 0); CPU runs are reproducible for a seed."),
@@ -214,6 +218,7 @@ def reconstruct(
             "tilt_axis_angle_deg": tilt_axis_angle,
             "fit.epochs": epochs,
             "fit.max_minutes": max_minutes,
+            "fit.max_memory_gb": max_memory,
             "fit.renderer": renderer,
             "fit.device": device,
             "fit.seed": seed,

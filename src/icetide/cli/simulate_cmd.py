@@ -46,15 +46,11 @@ def _voxel_size(override_A: Optional[float], header_A: Optional[float]) -> tuple
 
 def _load_volume(path: Path, bin_factor: int) -> tuple[np.ndarray, tuple[int, ...], Optional[float]]:
     """Read and check the truth volume; returns ``(volume, input_shape, header_voxel_size_A)``."""
-    from ..io import read_mrc
+    from ..io import read_volume
 
-    volume, header_A = read_mrc(path)
-    if volume.ndim != 3:
-        raise IcetideError(f"{path}: expected a 3-D volume (nz, ny, nx), got shape {volume.shape}")
+    volume, header_A = read_volume(path)
     if min(volume.shape) // bin_factor < 2:
         raise IcetideError(f"--bin {bin_factor} leaves fewer than 2 voxels per axis of a {volume.shape} volume")
-    if not np.all(np.isfinite(volume)):
-        raise IcetideError(f"{path}: the volume contains NaN or Inf")
     if not volume.any():
         raise IcetideError(f"{path}: the volume is all zeros")
     return volume, volume.shape, header_A

@@ -4,7 +4,7 @@ from .aretomo import AlnFile, read_aln
 from .deformations import read_deformations, write_deformations
 from .imod import read_tlt, read_xf, write_tlt, write_xf
 from .mdoc import read_mdoc
-from .mrc import read_mrc, write_mrc
+from .mrc import read_mrc, read_volume, write_mrc
 from .relion import (
     RelionTomogram,
     read_relion_tilt_series_star,
@@ -16,6 +16,7 @@ from .util import atomic_path, write_json
 
 __all__ = [
     "read_mrc",
+    "read_volume",
     "write_mrc",
     "read_tlt",
     "write_tlt",

@@ -44,6 +44,16 @@ def read_mrc(path: str | os.PathLike) -> tuple[np.ndarray, float | None]:
     return data.astype(np.float32, copy=False), voxel_size
 
 
+def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, float | None]:
+    """:func:`read_mrc` for a 3-D volume: refuses 2-D data and NaN/Inf with one-line errors."""
+    volume, voxel_size_A = read_mrc(path)
+    if volume.ndim != 3:
+        raise IcetideError(f"{path}: expected a 3-D volume (nz, ny, nx), got shape {volume.shape}")
+    if not np.all(np.isfinite(volume)):
+        raise IcetideError(f"{path}: the volume contains NaN or Inf")
+    return volume, voxel_size_A
+
+
 def write_mrc(
     path: str | os.PathLike, data: np.ndarray, voxel_size_A: float | None = None, *, stack: bool = False
 ) -> None:
