@@ -236,3 +236,39 @@ def test_out_of_memory_splits_the_rays_batch_and_gives_up_clearly(shifted_series
     _failing_when(hopeless, lambda f, coords: True)
     with pytest.raises(IcetideError, match="out of memory on cpu even with the smallest batch"):
         hopeless.run()
+
+
+def test_robust_spread_ignores_outliers_and_equals_std_without_them():
+    from icetide.fit import robust_spread
+
+    images = torch.randn(5, 64, 64, generator=torch.Generator().manual_seed(0)) * 3.0 + 7.0
+    assert robust_spread(images) == pytest.approx(float(images.double().std()), rel=1e-6)
+    hot = images.clone()
+    hot.view(-1)[::997] = 1e6  # 0.1 % hot pixels
+    assert float(hot.std()) > 1000 and robust_spread(hot) == pytest.approx(3.0, rel=0.1)
+    assert robust_spread(torch.ones(2, 8, 8)) == 1.0
+
+
+def test_intensity_offset_is_recovered(shifted_series):
+    """A series stored with a constant offset of 4 standard deviations: the offset comes back."""
+    series, _ = shifted_series
+    spread = float(np.std(series.images))
+    shifted = TiltSeries(series.images + np.float32(4 * spread), ANGLES)
+    config = _config(epochs=30, patience=30, lr_offset=0.2)
+    config.deform.offset = True
+    config.deform.shifts = False
+    report = Fitter(shifted, config).run().report
+    assert report["intensity_offset"] == pytest.approx(4 * spread, rel=0.1)
+
+
+def test_cos_tilt_weighting_weights_each_tilt_by_its_cosine(shifted_series):
+    series, _ = shifted_series
+    fitter = Fitter(series, _config(epochs=1, tilt_weighting="cos"))
+    cos = np.cos(np.deg2rad(ANGLES))
+    np.testing.assert_allclose(fitter.tilt_weights.numpy(), cos / cos.mean(), rtol=1e-6)
+    plain = Fitter(series, _config(epochs=1))
+    for f in (fitter, plain):
+        _deterministic_render(f)
+    high = torch.tensor([0])  # -60 degrees
+    ratio = float(fitter._step_gradients(high)[0]) / float(plain._step_gradients(high)[0])
+    assert ratio == pytest.approx(0.5 / cos.mean(), rel=1e-5)

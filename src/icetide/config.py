@@ -58,6 +58,11 @@ class DeformSettings(_Strict):
         False, description="estimate one intensity gain per tilt (exposure or detector drift across the series); "
         "the gains have geometric mean 1, the volume carries the overall scale",
     )
+    offset: bool = Field(
+        False, description="estimate one additive intensity offset common to all tilts (a detector or vacuum level "
+        "the data were stored with: the model has no density outside the specimen, so a constant in the images "
+        "cannot be explained otherwise)",
+    )
     prealign: bool = Field(
         True, description="start the shifts from a coarse cross-correlation alignment (tiltxcorr-like) when no "
         "starting alignment is given",
@@ -98,6 +103,11 @@ class FitSettings(_Strict):
     lr_local_px: float = Field(0.05, ge=0, description="Adam step for local control points, pixels")
     lr_axis_deg: float = Field(0.05, ge=0, description="Adam step for the common tilt-axis offset, degrees")
     lr_gain: float = Field(0.005, ge=0, description="Adam step for the per-tilt log gains")
+    lr_offset: float = Field(0.1, ge=0, description="Adam step for the intensity offset, in units of the data's spread")
+    tilt_weighting: Literal["none", "cos"] = Field(
+        "none", description="weight of each tilt's pixels in the loss: none, or cos(tilt) (the high tilts see a "
+        "longer path through the specimen and carry less signal per pixel); weights have mean 1",
+    )
     warmup_epochs: int = Field(5, ge=0, description="volume-only epochs before deformations are released")
     local_delay_epochs: int = Field(
         40, ge=0, description="further epochs before the local fields are released (shifts and rotations first)"

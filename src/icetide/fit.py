@@ -44,7 +44,7 @@ from .memory import available_bytes
 from .render import make_renderer
 from .volume import ImplicitVolume, VolumeConfig
 
-__all__ = ["FitResult", "Fitter", "resolve_device", "default_thickness", "auto_lattice_rows"]
+__all__ = ["FitResult", "Fitter", "resolve_device", "default_thickness", "auto_lattice_rows", "robust_spread"]
 
 
 class _NumericalFailure(Exception):
@@ -94,6 +94,20 @@ def auto_lattice_rows(
     if memory_bytes is not None:
         budget_voxels = min(budget_voxels, memory_bytes // BYTES_PER_FIELD_POINT)
     return int(min(ny, max(4, budget_voxels // (nz * nx))))
+
+
+def robust_spread(images: torch.Tensor, clip_mads: float = 10.0) -> float:
+    """Standard deviation of ``images`` after clipping values further than ``clip_mads`` scaled MADs from the
+    median (hot pixels, dead areas, gold beads do not set the scale); equals the plain standard deviation when
+    nothing lies that far out. Estimated on at most 4 M evenly spaced pixels."""
+    flat = images.reshape(-1)
+    sample = flat[:: max(1, flat.numel() // 4_000_000)].double()
+    median = sample.median()
+    mad = 1.4826 * (sample - median).abs().median()
+    if not mad > 0:
+        return float(sample.std()) or 1.0
+    clipped = sample.clamp(median - clip_mads * mad, median + clip_mads * mad)
+    return float(clipped.std()) or 1.0
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -159,7 +173,7 @@ class Fitter:
         images = torch.tensor(series.images, dtype=torch.float32)  # a copy: the input may be read-only
         # Normalise by the spread of the data so one set of learning rates fits every input scale; the
         # field then predicts projections / thickness of order one.
-        self.data_scale = float(images.std())
+        self.data_scale = robust_spread(images)
         self.images = (images / self.data_scale).to(self.device)
         self.density_scale = self.data_scale  # tomogram = field * data_scale (renderers divide by thickness)
         held = torch.rand(series.images.shape, generator=self.generator) < fit.validation_fraction
@@ -186,6 +200,9 @@ class Fitter:
         # without the per-tilt penalty (which would shrink it) and with its own, larger step.
         self.axis_offset = torch.zeros((), device=self.device, requires_grad=dc.axis_offset)
         self.log_gain = torch.zeros(m, device=self.device, requires_grad=dc.gain)
+        self.offset = torch.zeros((), device=self.device, requires_grad=dc.offset)  # in units of data_scale
+        weights = torch.cos(self.theta) if fit.tilt_weighting == "cos" else torch.ones_like(self.theta)
+        self.tilt_weights = weights / weights.mean()
         if dc.local and dc.local_border_fixed and min(dc.local_grid) >= 3:
             # A constant or linear local field is a shift or a rotation: with the border ring held, the
             # local field carries only what the rigid motion cannot, so the split is identifiable.
@@ -203,6 +220,8 @@ class Fitter:
             self.step_chunks = int(min(fit.tilts_per_step, max(1, math.ceil(points / self.memory_budget))))
         self.memory_events: list[dict] = []
         self.opt_volume = torch.optim.Adam(self.volume.parameters(), lr=fit.lr_volume)
+        if dc.offset:  # an intensity parameter: it learns with the volume, from the first epoch
+            self.opt_volume.add_param_group({"params": [self.offset], "lr": fit.lr_offset, "name": "offset"})
         groups = []
         if dc.shifts:
             groups.append({"params": [self.shifts], "lr": fit.lr_shift_px, "name": "shift"})
@@ -277,7 +296,13 @@ class Fitter:
         )
         if self.config.deform.gain:
             values = values * self.gains()[tilts, None]
+        if self.config.deform.offset:
+            values = values + self.offset
         return values, valid
+
+    def _weighted_abs(self, values: torch.Tensor, obs: torch.Tensor, tilts: torch.Tensor) -> torch.Tensor:
+        """Per-pixel absolute residuals ``(B, P)`` times each tilt's loss weight."""
+        return (values - obs).abs() * self.tilt_weights[tilts, None]
 
     def _observed(self, tilts: torch.Tensor, pick: torch.Tensor | None, held_out: bool):
         obs = self.images[tilts].reshape(len(tilts), -1)
@@ -338,7 +363,7 @@ class Fitter:
                     values, valid, pick = self._predict(chunk, jitter=True)
                     obs, train = self._observed(chunk, pick, held_out=False)
                     use = valid & train
-                    abs_sum = (values - obs).abs()[use].sum()
+                    abs_sum = self._weighted_abs(values, obs, chunk)[use].sum()
                     abs_sum.backward()
                     total += abs_sum.detach()
                     count += use.sum()
@@ -393,7 +418,8 @@ class Fitter:
 
     def _parameters(self) -> list[torch.Tensor]:
         return list(self.volume.parameters()) + [
-            t for t in (self.shifts, self.angles, self.axis_offset, self.local, self.log_gain) if t.requires_grad
+            t for t in (self.shifts, self.angles, self.axis_offset, self.local, self.log_gain, self.offset)
+            if t.requires_grad
         ]
 
     def _keep_good(self) -> None:
@@ -450,7 +476,7 @@ class Fitter:
             for values, valid, pick in predictions:
                 obs, held = self._observed(tilts, pick, held_out=True)
                 use = valid & held
-                total += float((values - obs).abs()[use].sum())
+                total += float(self._weighted_abs(values, obs, tilts)[use].sum())
                 count += int(use.sum())
         return total / max(count, 1)
 
@@ -470,6 +496,7 @@ class Fitter:
             "angles_rad": self.angles.detach().clone(),
             "axis_offset_rad": self.axis_offset.detach().clone(),
             "log_gain": self.log_gain.detach().clone(),
+            "offset": self.offset.detach().clone(),
             "local_px": self.local.detach().clone(),
         }
 
@@ -480,6 +507,7 @@ class Fitter:
             self.angles.copy_(snap["angles_rad"])
             self.axis_offset.copy_(snap["axis_offset_rad"])
             self.log_gain.copy_(snap["log_gain"])
+            self.offset.copy_(torch.as_tensor(snap.get("offset", 0.0)))  # checkpoints made before offsets existed have none
             self.local.copy_(snap["local_px"])
 
     # ----------------------------------------------------------------- checkpoints
@@ -636,6 +664,7 @@ class Fitter:
             "rollbacks": self.rollbacks,
             "tilt_axis_offset_deg": math.degrees(float(self.axis_offset.detach())),
             "tilt_gains": self.gains().detach().cpu().tolist(),
+            "intensity_offset": float(self.offset.detach()) * self.data_scale,
             "epochs": self.epoch,
             "steps": self.step,
             "best_epoch": best_epoch,
