@@ -92,6 +92,36 @@ def test_reconstruct_refuses_a_non_empty_folder(series_files, tmp_path):
     assert (tmp_path / "rec" / "keep.txt").read_text() == "x"
 
 
+def test_slab_specimen_models_a_wider_volume_and_writes_the_detector_sized_tomogram(series_files, tmp_path):
+    from icetide.geometry import slab_padding_px
+
+    out = tmp_path / "slab"
+    f = series_files
+    result = _run("reconstruct", f / "ts.mrc", "--angles", f / "ts.tlt", "-o", out, "--thickness", 12, "--epochs", 1,
+                  "--config", f / "tiny.yaml", "--device", "cpu", "--specimen", "slab", "--max-memory", 0.5)
+    assert result.exit_code == 0, result.output
+    assert read_mrc(out / "tomogram.mrc")[0].shape == SHAPE
+    report = json.loads((out / "report.json").read_text())
+    pad = slab_padding_px(SHAPE[2], SHAPE[0], 45.0)
+    assert report["model_shape_zyx"] == [SHAPE[0], SHAPE[1], SHAPE[2] + 2 * pad] and pad > 0
+    assert report["memory_budget_mb"] <= 512
+    bad = _run("reconstruct", f / "ts.mrc", "--angles", f / "ts.tlt", "-o", tmp_path / "bad", "--specimen", "ring")
+    assert bad.exit_code == 2 and "--specimen must be box or slab" in bad.output and not (tmp_path / "bad").exists()
+
+
+def test_a_seed_makes_cpu_runs_bit_identical(series_files, tmp_path):
+    f = series_files
+    outputs = []
+    for name in ("a", "b"):
+        result = _run("reconstruct", f / "ts.mrc", "--angles", f / "ts.tlt", "-o", tmp_path / name, "--thickness", 12,
+                      "--epochs", 3, "--config", f / "tiny.yaml", "--device", "cpu", "--seed", 7)
+        assert result.exit_code == 0, result.output
+        outputs.append([(tmp_path / name / file).read_bytes() for file in ("tomogram.mrc", "deformations.json")])
+    assert outputs[0] == outputs[1]
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert report["seed"] == 7 and {"torch", "numpy", "python"} <= set(report["versions"])
+
+
 def test_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
     result = _run("demo", "-o", out, "--size", 32, "--minutes", 0.02, "--device", "cpu")

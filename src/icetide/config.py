@@ -134,6 +134,12 @@ class ReconstructConfig(_Strict):
     thickness: Optional[int] = Field(None, ge=1, description="voxels along z; None = half the smaller detector side")
     pixel_size_A: Optional[float] = Field(None, gt=0)
     tilt_axis_angle_deg: float = 0.0
+    specimen: Literal["box", "slab"] = Field(
+        "box", description="box: no density outside the detector's field of view (an isolated specimen); slab: "
+        "the specimen extends sideways beyond it (a lamella, an ice film), so the volume is modelled over the "
+        "whole width that the rays of the highest tilt cross and the tomogram is its central part (costs "
+        "about 1/cos(max tilt) + thickness/width * tan(max tilt) times more voxels)",
+    )
     volume: VolumeSettings = VolumeSettings()
     deform: DeformSettings = DeformSettings()
     fit: FitSettings = FitSettings()

@@ -38,7 +38,7 @@ from .config import ReconstructConfig
 from .data import TiltSeries
 from .deform import Deformations, deform_coords, deformation_penalty, local_displacement, remove_gauge
 from .errors import IcetideError
-from .geometry import deg2rad, detector_grid
+from .geometry import deg2rad, detector_grid, slab_padding_px
 from .io.util import atomic_path
 from .memory import available_bytes
 from .render import make_renderer
@@ -165,7 +165,10 @@ class Fitter:
         ny, nx = series.shape
         self.detector_shape = (ny, nx)
         thickness = config.thickness or default_thickness(series.shape)
-        self.shape_zyx = (thickness, ny, nx)
+        self.shape_zyx = (thickness, ny, nx)  # the tomogram
+        pad = slab_padding_px(nx, thickness, float(np.abs(series.tilt_angles_deg).max())) \
+            if config.specimen == "slab" else 0
+        self.model_shape_zyx = (thickness, ny, nx + 2 * pad)  # where the density is modelled
         self.tilt_angles_deg = series.tilt_angles_deg
         self.theta = deg2rad(series.tilt_angles_deg).to(self.device)
         m = series.n_tilts
@@ -181,7 +184,7 @@ class Fitter:
 
         self.volume = ImplicitVolume.from_config(
             VolumeConfig(**config.volume.model_dump()),
-            self.shape_zyx,
+            self.model_shape_zyx,
         ).to(self.device)
 
         dc = config.deform
@@ -211,8 +214,8 @@ class Fitter:
             self.local.register_hook(lambda grad: grad * interior)
 
         self.memory_budget = memory_budget_bytes(self.device, fit.max_memory_gb)
-        self.lattice_rows = fit.lattice_rows or auto_lattice_rows(self.shape_zyx, memory_bytes=self.memory_budget)
-        self.renderer = make_renderer(fit.renderer, self.shape_zyx, self.lattice_rows, fit.samples_per_voxel)
+        self.lattice_rows = fit.lattice_rows or auto_lattice_rows(self.model_shape_zyx, memory_bytes=self.memory_budget)
+        self.renderer = make_renderer(fit.renderer, self.model_shape_zyx, self.lattice_rows, fit.samples_per_voxel, nx)
         # Tilts of a step are rendered in this many groups, gradients accumulated (same step, less memory).
         self.step_chunks = 1
         if fit.renderer == "rays" and self.memory_budget is not None:
@@ -676,6 +679,7 @@ class Fitter:
             "device": str(self.device),
             "data_scale": self.data_scale,
             "volume_shape_zyx": list(self.shape_zyx),
+            "model_shape_zyx": list(self.model_shape_zyx),
             "lattice_rows": self.lattice_rows if self.config.fit.renderer == "lattice" else None,
             "step_chunks": self.step_chunks,
             "memory_budget_mb": None if self.memory_budget is None else self.memory_budget / 2**20,
@@ -687,7 +691,7 @@ class Fitter:
         return FitResult(self.volume, deformations, translation, self.density_scale, report)
 
     def _evaluations_per_step(self) -> int:
-        nz, ny, nx = self.shape_zyx
+        nz, ny, nx = self.model_shape_zyx
         fit = self.config.fit
         if fit.renderer == "lattice":
             return nz * min(self.lattice_rows, ny) * nx

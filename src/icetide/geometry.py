@@ -28,6 +28,7 @@ __all__ = [
     "slab_ray_interval",
     "box_to_unit",
     "deg2rad",
+    "slab_padding_px",
 ]
 
 
@@ -115,3 +116,13 @@ def box_to_unit(xyz: torch.Tensor, shape_zyx: tuple[int, int, int]) -> torch.Ten
 def deg2rad(a) -> torch.Tensor:
     """Degrees to radians as a float32 tensor (any array-like in)."""
     return torch.as_tensor(np.asarray(a, dtype=np.float64) * (math.pi / 180.0), dtype=torch.float32)
+
+
+def slab_padding_px(nx: int, nz: int, max_tilt_deg: float) -> int:
+    """Columns to add on each side of an ``nx``-wide box so that every ray reaching an ``nx``-wide detector at
+    tilts up to ``max_tilt_deg`` crosses a slab of thickness ``nz`` inside it: a ray at ``u`` meets the slab at
+    ``|x| <= |u| / cos(theta) + (nz / 2) tan(theta)``."""
+    theta = math.radians(abs(max_tilt_deg))
+    half_width = (nx / 2) / math.cos(theta) + (nz / 2) * math.tan(theta)
+    return max(0, math.ceil(half_width - nx / 2 - 1e-9))
+

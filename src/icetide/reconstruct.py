@@ -44,19 +44,23 @@ class RelionMicroscope:
 
 @torch.no_grad()
 def sample_tomogram(
-    volume: ImplicitVolume, translation_xyz, density_scale: float, rows_per_chunk: int = 32
+    volume: ImplicitVolume, translation_xyz, density_scale: float, width_x: int | None = None,
+    rows_per_chunk: int = 32,
 ) -> np.ndarray:
-    """The fitted density on the voxel grid, float32 ``(nz, ny, nx)``, in the units of the input data.
+    """The fitted density on the voxel grid, float32 ``(nz, ny, width_x)``, in the units of the input data.
 
     ``translation_xyz`` (voxels): the gauge translation; the volume is sampled as ``rho(p - d)`` so that it
     matches the reported, gauge-free deformations. ``density_scale``: the fit's data scale (see
-    :class:`icetide.fit.FitResult`). Sampled in bands of rows to bound memory.
+    :class:`icetide.fit.FitResult`). ``width_x``: keep the central columns of a volume modelled wider than the
+    detector (a laterally unbounded slab); default all. Sampled in bands of rows to bound memory.
     """
     nz, ny, nx = volume.box_shape_zyx
+    width_x = nx if width_x is None else int(width_x)
+    keep = slice((nx - width_x) // 2, (nx - width_x) // 2 + width_x)
     device = next(volume.parameters()).device
     offset = -torch.as_tensor(translation_xyz, dtype=torch.float32, device=device)
     bands = [
-        volume.lattice(offset, rows=slice(r, min(r + rows_per_chunk, ny))).float().cpu()
+        volume.lattice(offset, rows=slice(r, min(r + rows_per_chunk, ny)))[..., keep].float().cpu()
         for r in range(0, ny, rows_per_chunk)
     ]
     return (torch.cat(bands, dim=1) * density_scale).numpy()
@@ -120,7 +124,9 @@ def reconstruct(
     phase("sampling the tomogram")
     t0 = time.monotonic()
     voxel = series.pixel_size_A
-    write_mrc(out_dir / "tomogram.mrc", sample_tomogram(result.volume, result.translation_xyz, result.density_scale), voxel)
+    width = series.shape[1]
+    tomogram = sample_tomogram(result.volume, result.translation_xyz, result.density_scale, width)
+    write_mrc(out_dir / "tomogram.mrc", tomogram, voxel)
     timings["sample_s"] = time.monotonic() - t0
 
     phase("aligning the series and FBP")
@@ -135,7 +141,7 @@ def reconstruct(
         name = name.replace(" ", "_")
         write_relion_tilt_series_star(out_dir / "alignment.star", d, voxel, name, images)
         if microscope is not None:
-            nz, ny, nx = result.volume.box_shape_zyx
+            nz, ny, nx = tomogram.shape
             entry = RelionTomogram(
                 name, str((out_dir / "alignment.star").resolve()), microscope.voltage_kV,
                 microscope.spherical_aberration_mm, microscope.amplitude_contrast, voxel, voxel, (nx, ny, nz),
@@ -143,7 +149,7 @@ def reconstruct(
             write_relion_tomograms_star(out_dir / "tomograms.star", [entry])
     aligned = align_series(torch.tensor(series.images), d)
     write_mrc(out_dir / "aligned.mrc", aligned.numpy(), voxel, stack=True)
-    thickness = result.volume.box_shape_zyx[0]
+    thickness = tomogram.shape[0]
     write_mrc(out_dir / "tomogram_fbp.mrc", fbp(aligned, d.tilt_angles_deg, thickness).numpy(), voxel)
     timings["outputs_s"] = time.monotonic() - t0
 

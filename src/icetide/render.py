@@ -38,10 +38,14 @@ def _inside(coords: torch.Tensor, n_rows: int, nx: int, margin: float = 0.5) -> 
 class LatticeRenderer:
     """Lattice evaluation + explicit projection + 2-D resampling at the deformed coordinates."""
 
-    def __init__(self, volume_shape_zyx: tuple[int, int, int], band_rows: int | None = None):
+    def __init__(
+        self, volume_shape_zyx: tuple[int, int, int], band_rows: int | None = None, detector_nx: int | None = None
+    ):
         self.shape = volume_shape_zyx
         nz, ny, nx = volume_shape_zyx
         self.band_rows = ny if band_rows is None else min(band_rows, ny)
+        # A volume wider than the detector (a laterally unbounded slab) projects onto the central columns.
+        self.detector_nx = nx if detector_nx is None else int(detector_nx)
 
     def band(self, generator: torch.Generator | None) -> slice:
         """A random band of rows (all rows when the band covers the volume)."""
@@ -68,7 +72,7 @@ class LatticeRenderer:
         else:
             offset = torch.zeros(3, device=coords.device)
         lattice = field.lattice(offset, rows=rows)  # (nz, n_rows, nx), the field at voxel centres + offset
-        proj = project(lattice, tilt_angles_rad)  # (B, n_rows, nx)
+        proj = project(lattice, tilt_angles_rad, self.detector_nx)  # (B, n_rows, detector_nx)
         n_rows = rows.stop - rows.start
         # The lattice holds f(p + offset): its projection at w is P[f](w + projected offset). Move the
         # coordinates into the band's own centred frame as well.
@@ -77,7 +81,7 @@ class LatticeRenderer:
         du = offset[0] * c + offset[2] * s
         dv = offset[1] + band_centre_v
         local = coords - torch.stack([du, dv.expand_as(du)], -1)[:, None, :]
-        valid = _inside(local, n_rows, nx)
+        valid = _inside(local, n_rows, self.detector_nx)
         values = sample_images(proj, local[:, None], mode="bilinear")[:, 0]
         return values / nz, valid
 
@@ -117,7 +121,7 @@ class RaysRenderer:
         steps = (torch.arange(k, device=coords.device) + frac) / k  # stratified in [0, 1)
         dt = (t1 - t0) / k  # (B, P, 1)
         points = ray_points(u, v, theta, t0 + steps * (t1 - t0))  # (B, P, K, 3)
-        # The box is laterally bounded: density is zero outside it.
+        # Density is zero outside the box (which is wider than the detector for a laterally unbounded slab).
         half = points.new_tensor([nx / 2, ny / 2, nz / 2])
         inside = (points.abs() <= half).all(-1)
         density = field(points.reshape(-1, 3)).reshape(b, p, k) * inside
@@ -126,10 +130,11 @@ class RaysRenderer:
         return values, valid
 
 
-def make_renderer(name: str, volume_shape_zyx, band_rows=None, samples_per_voxel=1.0):
-    """The renderer called ``name`` (``"lattice"`` or ``"rays"``)."""
+def make_renderer(name: str, volume_shape_zyx, band_rows=None, samples_per_voxel=1.0, detector_nx=None):
+    """The renderer called ``name`` (``"lattice"`` or ``"rays"``); ``detector_nx``: detector width when the
+    volume is wider (default: the volume's)."""
     if name == "lattice":
-        return LatticeRenderer(volume_shape_zyx, band_rows)
+        return LatticeRenderer(volume_shape_zyx, band_rows, detector_nx)
     if name == "rays":
         return RaysRenderer(volume_shape_zyx, samples_per_voxel)
     raise ValueError(f"unknown renderer {name!r}")

@@ -167,6 +167,10 @@ def reconstruct(
         "what is available. Out-of-memory errors shrink the batch and retry."
     ),
     renderer: Optional[str] = typer.Option(None, help="Forward model: lattice (default, fast) or rays (the paper's)."),
+    specimen: Optional[str] = typer.Option(
+        None, help="box (default: nothing outside the field of view) or slab (the specimen extends sideways "
+        "beyond it, as a lamella or ice film does: modelled wider, slower)."
+    ),
     device: Optional[str] = typer.Option(None, help="auto (default: CUDA if available), cpu, cuda or cuda:N."),
     seed: Optional[int] = typer.Option(None, help="Random seed (default 0); CPU runs are reproducible for a seed."),
     no_local: bool = typer.Option(False, "--no-local", help="Do not estimate local deformation fields."),
@@ -197,6 +201,8 @@ def reconstruct(
 
     if renderer is not None and renderer not in ("lattice", "rays"):
         raise IcetideError(f"--renderer must be lattice or rays, got {renderer!r}")
+    if specimen is not None and specimen not in ("box", "slab"):
+        raise IcetideError(f"--specimen must be box or slab, got {specimen!r}")
     if resume and force:
         raise IcetideError("--resume and --force exclude each other")
     check_alignment_options(deformations, xf, aln)
@@ -216,6 +222,7 @@ def reconstruct(
             "thickness": thickness,
             "pixel_size_A": pixel_size,
             "tilt_axis_angle_deg": tilt_axis_angle,
+            "specimen": specimen,
             "fit.epochs": epochs,
             "fit.max_minutes": max_minutes,
             "fit.max_memory_gb": max_memory,

@@ -60,7 +60,7 @@ def cc_along_fit(
         if info["epoch"] % every:
             return
         t0 = time.monotonic()
-        tomogram = sample_tomogram(fitter.volume, np.zeros(3), fitter.density_scale)
+        tomogram = sample_tomogram(fitter.volume, np.zeros(3), fitter.density_scale, fitter.shape_zyx[2])
         cc = evaluate_reconstruction(tomogram, truth)["cc"]
         curve.append({"epoch": info["epoch"], "fit_s": info["elapsed_s"] - scoring_s[0], "cc": cc})
         scoring_s[0] += time.monotonic() - t0
