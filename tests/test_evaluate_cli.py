@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-import typer
 from scipy import ndimage
 from typer.testing import CliRunner
 

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..config import ReconstructConfig, load_config, parse_config
-from ..data import TiltSeries, replace_nonfinite
 from ..errors import IcetideError
+from ..io.series import load_series
 from .common import check_alignment_options, check_output_dir, console, one_line_errors, output_dir, read_alignment
 
 
@@ -65,70 +65,6 @@ def progress_printer(total_epochs: int):
         )
 
     return progress, on_epoch
-
-
-def parse_exclude(text: Optional[str], n_tilts: int) -> np.ndarray:
-    """``"0,1,76"`` -> the sorted, distinct 0-based stack indices to drop; checked against ``n_tilts``."""
-    if not text:
-        return np.zeros(0, dtype=int)
-    try:
-        indices = sorted({int(part) for part in text.split(",") if part.strip()})
-    except ValueError:
-        raise IcetideError(f"--exclude must be comma-separated view indices (0-based), got {text!r}") from None
-    bad = [i for i in indices if not 0 <= i < n_tilts]
-    if bad:
-        raise IcetideError(f"--exclude: view(s) {', '.join(map(str, bad))} outside 0..{n_tilts - 1}")
-    if n_tilts - len(indices) < 2:
-        raise IcetideError("--exclude leaves fewer than 2 views")
-    return np.asarray(indices, dtype=int)
-
-
-def load_series(
-    stack: Path,
-    angles: Optional[Path],
-    mdoc: Optional[Path],
-    pixel_size_A: Optional[float],
-    tilt_axis_angle_deg: Optional[float],
-    exclude: Optional[str],
-    invert: bool,
-    fix_nonfinite: bool = False,
-) -> tuple[TiltSeries, np.ndarray, np.ndarray]:
-    """The tilt series to fit, the stack indices it keeps and the tilt angles of every view of the stack.
-
-    Angles from ``angles`` (.tlt) or else ``mdoc`` (SerialEM), which also gives the pixel size and the tilt-axis
-    angle when they are not given otherwise. Excluded views are dropped before validation, so a blank view can
-    be excluded; ``invert`` flips the contrast (dark density on a light background, as in raw cryo-EM images);
-    ``fix_nonfinite`` replaces NaN/Inf pixels by their image's median (with a warning) instead of refusing them.
-    """
-    from ..io import read_mdoc, read_mrc, read_tlt
-
-    if (angles is None) == (mdoc is None):
-        raise IcetideError("give the tilt angles with exactly one of --angles (.tlt) or --mdoc (SerialEM)")
-    images, header_px = read_mrc(stack)
-    if angles is not None:
-        tilt_angles = read_tlt(angles)
-    else:
-        meta = read_mdoc(mdoc)
-        tilt_angles = meta["tilt_angles_deg"]
-        header_px = meta["pixel_size_A"] or header_px
-        if tilt_axis_angle_deg is None and meta["tilt_axis_angle_deg"] is not None:
-            tilt_axis_angle_deg = meta["tilt_axis_angle_deg"]
-    all_angles = np.asarray(tilt_angles, dtype=np.float64).reshape(-1)
-    if images.ndim == 3 and len(all_angles) != images.shape[0]:
-        raise IcetideError(f"{len(all_angles)} tilt angles for {images.shape[0]} images")
-    n_tilts = images.shape[0] if images.ndim == 3 else 1
-    keep = np.setdiff1d(np.arange(n_tilts), parse_exclude(exclude, n_tilts))
-    if images.ndim == 3:
-        images, tilt_angles = images[keep], all_angles[keep]
-    if invert:
-        images = -images
-    if fix_nonfinite and images.ndim == 3:
-        images, n_bad = replace_nonfinite(images)
-        if n_bad:
-            console.print(f"[yellow]warning:[/] replaced {n_bad} NaN/Inf pixel(s) by their image's median")
-    series = TiltSeries(images, tilt_angles, pixel_size_A if pixel_size_A is not None else header_px,
-                        tilt_axis_angle_deg or 0.0)
-    return series, keep, all_angles
 
 
 @one_line_errors
@@ -232,10 +168,14 @@ def reconstruct(
             "deform.local": False if no_local else None,
         },
     )
-    series, keep, all_angles = load_series(
-        tilt_series, angles, mdoc, cfg.pixel_size_A, cfg.tilt_axis_angle_deg or None,
-        exclude, invert, fix_nonfinite,
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        series, keep, all_angles = load_series(
+            tilt_series, angles, mdoc, cfg.pixel_size_A, cfg.tilt_axis_angle_deg or None,
+            exclude, invert, fix_nonfinite,
+        )
+    for warning in caught:
+        console.print(f"[yellow]warning:[/] {warning.message}", highlight=False)
     if cfg.thickness is not None and cfg.thickness > 4 * max(series.shape):
         raise IcetideError(f"thickness {cfg.thickness} is larger than sensible for a {series.shape} detector")
     # Alignment files describe every view of the stack: read them against all views, then drop the excluded.

@@ -5,6 +5,7 @@ from .deformations import read_deformations, write_deformations
 from .imod import read_tlt, read_xf, write_tlt, write_xf
 from .mdoc import read_mdoc
 from .mrc import read_mrc, read_volume, write_mrc
+from .series import load_series, parse_exclude
 from .relion import (
     RelionTomogram,
     read_relion_tilt_series_star,
@@ -34,4 +35,6 @@ __all__ = [
     "write_deformations",
     "atomic_path",
     "write_json",
+    "load_series",
+    "parse_exclude",
 ]
