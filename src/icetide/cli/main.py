@@ -33,7 +33,7 @@ def _root(
 
 
 def _register() -> None:
-    from . import demo_cmd, evaluate_cmd, experiment_cmd, fbp_cmd, reconstruct_cmd, simulate_cmd
+    from . import batch_cmd, demo_cmd, evaluate_cmd, experiment_cmd, fbp_cmd, reconstruct_cmd, simulate_cmd
 
     app.command("demo")(demo_cmd.demo)
     app.command("simulate")(simulate_cmd.simulate)
@@ -41,6 +41,7 @@ def _register() -> None:
     app.command("fbp")(fbp_cmd.fbp)
     app.command("evaluate")(evaluate_cmd.evaluate)
     app.command("experiment")(experiment_cmd.experiment)
+    app.command("batch")(batch_cmd.batch)
 
 
 _register()
