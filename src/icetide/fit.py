@@ -44,7 +44,10 @@ from .memory import available_bytes
 from .render import make_renderer
 from .volume import ImplicitVolume, VolumeConfig
 
-__all__ = ["FitResult", "Fitter", "resolve_device", "default_thickness", "auto_lattice_rows", "robust_spread"]
+__all__ = [
+    "FitResult", "Fitter", "resolve_device", "default_thickness", "auto_lattice_rows", "robust_spread",
+    "distributed_rank",
+]
 
 
 class _NumericalFailure(Exception):
@@ -110,6 +113,15 @@ def robust_spread(images: torch.Tensor, clip_mads: float = 10.0) -> float:
     return float(clipped.std()) or 1.0
 
 
+def distributed_rank() -> tuple[int, int]:
+    """``(rank, world size)`` of this process in an initialised ``torch.distributed`` group, else ``(0, 1)``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def _is_out_of_memory(exc: BaseException) -> bool:
     """A failed allocation: CUDA's ``OutOfMemoryError`` or the CPU allocator's ``RuntimeError``."""
     return isinstance(exc, torch.OutOfMemoryError) or (
@@ -161,7 +173,11 @@ class Fitter:
         fit = config.fit
         self.device = resolve_device(fit.device)
         torch.manual_seed(fit.seed)
+        self.rank, self.world = distributed_rank()
+        # The tilt order and the held-out pixels are drawn alike on every rank; the sampling (jitter, rays) of
+        # each rank has its own stream. One process uses one generator for both.
         self.generator = torch.Generator().manual_seed(fit.seed)
+        self.sampler = self.generator if self.world == 1 else torch.Generator().manual_seed(fit.seed + 7919 * self.rank)
         ny, nx = series.shape
         self.detector_shape = (ny, nx)
         thickness = config.thickness or default_thickness(series.shape)
@@ -222,6 +238,14 @@ class Fitter:
             points = self._evaluations_per_step() * BYTES_PER_FIELD_POINT
             self.step_chunks = int(min(fit.tilts_per_step, max(1, math.ceil(points / self.memory_budget))))
         self.memory_events: list[dict] = []
+        if self.world > 1:
+            # Data parallel: the lattice renderer splits the rows (each rank renders its band of every tilt; a
+            # ray keeps its row), the rays renderer splits the tilts of each step.
+            band = math.ceil(ny / self.world)
+            self.rank_rows = slice(min(ny, self.rank * band), min(ny, (self.rank + 1) * band))
+            if fit.renderer == "lattice":
+                self.lattice_rows = band
+                self.renderer.band_rows = band
         self.opt_volume = torch.optim.Adam(self.volume.parameters(), lr=fit.lr_volume)
         if dc.offset:  # an intensity parameter: it learns with the volume, from the first epoch
             self.opt_volume.add_param_group({"params": [self.offset], "lr": fit.lr_offset, "name": "offset"})
@@ -276,11 +300,12 @@ class Fitter:
         )
 
     def _predict(self, tilts: torch.Tensor, jitter: bool, rows: slice | None = None):
-        """``(values, valid, pick)`` for every pixel of ``tilts`` (lattice) or random pixels ``pick`` (rays)."""
+        """``(values, valid, pick)`` for every pixel of ``tilts`` (lattice, in the band ``rows`` when given) or
+        random pixels ``pick`` (rays)."""
         coords = self._coords(tilts)
         if self.config.fit.renderer == "rays" and jitter:
             n = min(self.config.fit.rays_per_tilt, coords.shape[1])
-            pick = torch.stack([torch.randperm(coords.shape[1], generator=self.generator)[:n] for _ in tilts])
+            pick = torch.stack([torch.randperm(coords.shape[1], generator=self.sampler)[:n] for _ in tilts])
             pick = pick.to(self.device)
             coords = torch.gather(coords, 1, pick[..., None].expand(-1, -1, 2))
             values, valid = self._render(coords, tilts, jitter)
@@ -295,7 +320,7 @@ class Fitter:
     def _render(self, coords: torch.Tensor, tilts: torch.Tensor, jitter: bool, rows: slice | None = None):
         extra = {} if rows is None else {"rows": rows}  # the lattice renderer's band; a random one by default
         values, valid = self.renderer.render(
-            self.volume, coords, self.theta[tilts], self.generator, jitter=jitter, **extra
+            self.volume, coords, self.theta[tilts], self.sampler, jitter=jitter, **extra
         )
         if self.config.deform.gain:
             values = values * self.gains()[tilts, None]
@@ -362,14 +387,19 @@ class Fitter:
                     self.opt_deform.zero_grad(set_to_none=True)
                 total = torch.zeros((), device=self.device)
                 count = torch.zeros((), device=self.device, dtype=torch.long)
-                for chunk in tilts.tensor_split(min(self.step_chunks, len(tilts))):
-                    values, valid, pick = self._predict(chunk, jitter=True)
+                mine, rows = self._share(tilts)
+                for chunk in mine.tensor_split(max(1, min(self.step_chunks, len(mine)))):
+                    if len(chunk) == 0:
+                        continue
+                    values, valid, pick = self._predict(chunk, jitter=True, rows=rows)
                     obs, train = self._observed(chunk, pick, held_out=False)
                     use = valid & train
                     abs_sum = self._weighted_abs(values, obs, chunk)[use].sum()
                     abs_sum.backward()
                     total += abs_sum.detach()
                     count += use.sum()
+                if self.world > 1:
+                    total, count = self._all_reduce_gradients(total, count)
                 n = count.clamp(min=1).to(total.dtype)
                 for p in self._parameters():
                     if p.grad is not None:
@@ -382,6 +412,28 @@ class Fitter:
                 if not _is_out_of_memory(exc):
                     raise
                 self._shrink_work()
+
+    def _share(self, tilts: torch.Tensor) -> tuple[torch.Tensor, slice | None]:
+        """This rank's part of a step: its tilts (rays) or its band of rows of every tilt (lattice)."""
+        if self.world == 1:
+            return tilts, None
+        if self.config.fit.renderer == "lattice":
+            return tilts, self.rank_rows
+        return tilts.tensor_split(self.world)[self.rank], None
+
+    def _all_reduce_gradients(self, total: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sum the gradients, the absolute-residual sums and the pixel counts of every rank (one all-reduce)."""
+        import torch.distributed as dist
+
+        params = self._parameters()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads] + [total.reshape(1), count.to(total.dtype).reshape(1)])
+        dist.all_reduce(flat)
+        offset = 0
+        for p, g in zip(params, grads):
+            p.grad = flat[offset: offset + g.numel()].view_as(p).clone()
+            offset += g.numel()
+        return flat[-2], flat[-1].round().long()
 
     def _shrink_work(self) -> None:
         """After an out-of-memory error: free what the failed step held, then halve the lattice band (down to 4
@@ -466,22 +518,34 @@ class Fitter:
 
     @torch.no_grad()
     def _validation_loss(self) -> float:
-        total, count = 0.0, 0
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        count = torch.zeros((), dtype=torch.float64, device=self.device)
         group = max(1, self.config.fit.tilts_per_step // self.step_chunks)
         for tilts in torch.arange(len(self.theta), device=self.device).split(group):
+            mine, rows = self._share(tilts)
+            if len(mine) == 0:
+                continue
             if self.config.fit.renderer == "rays":
-                predictions = [self._predict_heldout_rays(tilts)]
+                predictions = [self._predict_heldout_rays(mine)]
+            elif rows is not None:
+                predictions = [self._predict(mine, jitter=False, rows=rows)]
             else:
                 # Every band of rows in turn, so that the held-out pixels of the whole detector are scored.
                 ny = self.detector_shape[0]
                 bands = [slice(r, min(r + self.lattice_rows, ny)) for r in range(0, ny, self.lattice_rows)]
-                predictions = [self._predict(tilts, jitter=False, rows=band) for band in bands]
+                predictions = [self._predict(mine, jitter=False, rows=band) for band in bands]
             for values, valid, pick in predictions:
-                obs, held = self._observed(tilts, pick, held_out=True)
+                obs, held = self._observed(mine, pick, held_out=True)
                 use = valid & held
-                total += float(self._weighted_abs(values, obs, tilts)[use].sum())
-                count += int(use.sum())
-        return total / max(count, 1)
+                total += self._weighted_abs(values, obs, mine)[use].sum().double()
+                count += use.sum()
+        if self.world > 1:
+            import torch.distributed as dist
+
+            both = torch.stack([total, count])
+            dist.all_reduce(both)
+            total, count = both[0], both[1]
+        return float(total) / max(float(count), 1.0)
 
     def _predict_heldout_rays(self, tilts: torch.Tensor):
         mask = self.validation_mask[tilts].reshape(len(tilts), -1)
@@ -549,6 +613,8 @@ class Fitter:
         if self.opt_deform is not None and state["opt_deform"] is not None:
             self.opt_deform.load_state_dict(state["opt_deform"])
         self.generator.set_state(state["generator"])
+        if self.world > 1:  # the checkpoint holds one rank's sampling stream; give each rank a fresh one
+            self.sampler.manual_seed(self.config.fit.seed + 7919 * self.rank + 104729 * int(state["epoch"]))
         torch.set_rng_state(state["torch_rng"])
         self.validation_mask = state["validation_mask"].to(self.device)
         for key in ("epoch", "step", "samples", "best_val", "best_state", "bad_validations", "curves", "elapsed_s"):
@@ -559,6 +625,8 @@ class Fitter:
         self.last_good = None
 
     def save_checkpoint(self, path: Path) -> None:
+        if self.rank != 0:  # the ranks hold the same state; one file
+            return
         with atomic_path(path) as tmp:
             torch.save(self.state_dict(), tmp)
 
@@ -626,11 +694,19 @@ class Fitter:
                 if self.bad_validations >= fit.patience:
                     stop_reason = "early stopping (validation loss stopped improving)"
                     break
-                if deadline is not None and self.elapsed_s >= deadline:
+                out_of_time = deadline is not None and self.elapsed_s >= deadline
+                signum = interrupted["signal"] or 0
+                if self.world > 1:  # every rank must stop at the same epoch
+                    import torch.distributed as dist
+
+                    flags = torch.tensor([float(out_of_time), float(signum)], device=self.device)
+                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                    out_of_time, signum = bool(flags[0]), int(flags[1])
+                if out_of_time:
                     stop_reason = "time budget (--max-minutes)"
                     break
-                if interrupted["signal"] is not None:
-                    stop_reason = f"interrupted by signal {interrupted['signal']}"
+                if signum:
+                    stop_reason = f"interrupted by signal {signum}"
                     break
                 if checkpoint_path is not None and time.monotonic() - last_ckpt >= fit.checkpoint_minutes * 60:
                     self.save_checkpoint(checkpoint_path)

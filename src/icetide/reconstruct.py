@@ -22,7 +22,7 @@ from .alignment import deformations_to_xf
 from .config import ReconstructConfig, save_config
 from .data import TiltSeries
 from .deform import Deformations
-from .fit import Fitter
+from .fit import Fitter, distributed_rank
 from .io import write_deformations, write_json, write_mrc, write_tlt
 from .io.imod import write_xf
 from .io.relion import RelionTomogram, write_relion_tilt_series_star, write_relion_tomograms_star
@@ -86,6 +86,23 @@ def coarse_start(series: TiltSeries, config: ReconstructConfig) -> Deformations:
     return d
 
 
+def _fit_only(
+    series: TiltSeries, config: ReconstructConfig, out_dir: Path, init: Deformations | None, resume: bool
+) -> dict:
+    """A rank other than 0 of a distributed run: the same fit (gradients are all-reduced), no files written."""
+    if _prealigns(config, init, resume):
+        init = coarse_start(series, config)
+    fitter = Fitter(series, config, init)
+    if resume:
+        fitter.load_checkpoint(out_dir / "checkpoint.pt")
+    return fitter.run().report
+
+
+def _prealigns(config: ReconstructConfig, init: Deformations | None, resume: bool) -> bool:
+    """Whether the shifts start from the coarse pre-alignment: no starting alignment given, not resuming."""
+    return init is None and not resume and config.deform.prealign and config.deform.shifts
+
+
 def reconstruct(
     series: TiltSeries,
     config: ReconstructConfig,
@@ -101,13 +118,17 @@ def reconstruct(
 
     ``source_path``: the tilt-series file, named in ``alignment.star`` (``k@path``) so RELION finds the images.
     ``microscope``: when given (and the pixel size is known), also write ``tomograms.star`` for RELION-5.
+    In a ``torch.distributed`` run (see :func:`icetide.fit.distributed_rank`) every rank fits and only rank 0
+    writes; the other ranks return their fit report.
     """
     out_dir = Path(out_dir)
     phase = on_phase or (lambda name: None)
     timings: dict[str, float] = {}
     t0 = time.monotonic()
+    if distributed_rank()[0] != 0:
+        return _fit_only(series, config, out_dir, init, resume)
     save_config(out_dir / "config.yaml", config)
-    prealigned = init is None and not resume and config.deform.prealign and config.deform.shifts
+    prealigned = _prealigns(config, init, resume)
     if prealigned:
         init = coarse_start(series, config)
     fitter = Fitter(series, config, init)

@@ -67,6 +67,25 @@ def progress_printer(total_epochs: int):
     return progress, on_epoch
 
 
+def init_distributed(device: Optional[str]) -> tuple[int, Optional[str]]:
+    """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1): NCCL with one GPU per rank
+    (``LOCAL_RANK``), else gloo on the CPU. Returns ``(rank, device for this rank)``."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, device
+    import torch
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available() and device in (None, "auto", "cuda")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    return dist.get_rank(), device if cuda else (device or "cpu")
+
+
 @one_line_errors
 def reconstruct(
     tilt_series: Path = typer.Argument(..., help="Tilt series, MRC stack (n_tilts, ny, nx), any MRC mode."),
@@ -147,9 +166,10 @@ def reconstruct(
         raise IcetideError(
             "--tilt-axis-angle cannot be combined with --deformations/--xf/--aln (they hold the rotations)"
         )
-    if not resume:
+    rank, device = init_distributed(device)  # rank 0 alone checks and owns the output folder
+    if rank == 0 and not resume:
         check_output_dir(out, force)
-    elif not (out / "checkpoint.pt").is_file():
+    elif rank == 0 and not (out / "checkpoint.pt").is_file():
         raise IcetideError(f"{out}/checkpoint.pt: no checkpoint to resume from")
     cfg = build_config(
         config,
@@ -186,6 +206,9 @@ def reconstruct(
         series.tilt_axis_angle_deg = 0.0
     microscope = RelionMicroscope(voltage, cs, amplitude_contrast)
 
+    if rank != 0:
+        run(series, cfg, out, init=init, resume=resume)
+        return
     context = output_dir(out, force) if not resume else contextlib.nullcontext(out)
     with context as folder:
         progress, on_epoch = progress_printer(cfg.fit.epochs)
