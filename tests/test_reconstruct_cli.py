@@ -130,7 +130,7 @@ def test_demo_runs_end_to_end(tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["reconstructions"]) == {"icetide", "fbp_aligned", "sirt_aligned", "fbp_raw", "fbp_oracle", "sirt_oracle"}
-    assert summary["cost"]["icetide"]["seconds"] > 0 and "cpu_peak_mb" in summary["cost"]["sirt_aligned"]
+    assert summary["seconds"]["icetide"] > 0 and summary["seconds"]["sirt_aligned"] > 0
     assert summary["settings"]["n_tilts"] == 41
     for name in ("fsc.png", "orthoslices.png", "local_fields.png", "icetide/tomogram.mrc", "truth/volume.mrc"):
         assert (out / name).is_file(), name
