@@ -74,3 +74,33 @@ def test_two_gloo_ranks_agree_with_each_other_and_with_one_process(renderer, tmp
     # Same problem, same total batch, different random sampling: the same quality.
     assert err0 < 0.35 and single_err < 0.35, (err0, single_err)
     assert val0 == pytest.approx(single_val, rel=0.15)
+
+
+def _resume_main(rank: int, world: int, port: int, out: str, epochs: int) -> None:
+    """Fit to ``epochs`` from ``out/checkpoint.pt`` when it exists (rank 0 alone writes it), then save it."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        series, _ = _problem()
+        config = _config("lattice")
+        config.fit.epochs = epochs
+        fitter = Fitter(series, config)
+        checkpoint = os.path.join(out, "checkpoint.pt")
+        if os.path.exists(checkpoint):
+            fitter.load_checkpoint(checkpoint)
+        fitter.run(checkpoint_path=checkpoint)
+        params = torch.cat([p.detach().flatten() for p in fitter._parameters()])
+        torch.save((fitter.epoch, params), os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_resume_from_rank_zeros_checkpoint(tmp_path):
+    for epochs in (3, 6):
+        torch.multiprocessing.start_processes(
+            _resume_main, args=(2, _free_port(), str(tmp_path), epochs), nprocs=2, start_method="spawn"
+        )
+        (e0, p0), (e1, p1) = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+        assert e0 == e1 == epochs and torch.equal(p0, p1)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["epoch"] == 6

@@ -150,7 +150,7 @@ def run_case(
 
     phase("baselines: FBP of the raw series, FBP and SIRT of the aligned and of the undeformed series")
     volumes = {"icetide": read_mrc(rec_dir / "tomogram.mrc")[0], "fbp_aligned": read_mrc(rec_dir / "tomogram_fbp.mrc")[0]}
-    aligned = torch.from_numpy(read_mrc(rec_dir / "aligned.mrc")[0])
+    aligned = torch.tensor(read_mrc(rec_dir / "aligned.mrc")[0])
     baselines = {
         "sirt_aligned": lambda: sirt(aligned, angles, nz, SIRT_ITERATIONS),
         "fbp_raw": lambda: fbp(torch.from_numpy(sim.noisy), angles, nz),
