@@ -45,6 +45,7 @@ def test_single_writes_every_method_and_figure(phantom_files, tmp_path):
     data = json.loads((out / "results.json").read_text())
     assert set(data["case"]["reconstructions"]) == set(METHODS)
     assert data["case"]["fit"]["epochs"] == 2 and data["machine"]["device"] == "cpu"
+    assert "epoch 1: loss" in result.output  # progress of the fit
     summary = (out / "summary.md").read_text()
     assert "icetide experiment single" in summary and "| sirt_oracle |" in summary
     for name in ("fsc.png", "orthoslices.png", "fourier_slices.png", "local_fields.png", "deformation_errors.png"):

@@ -14,6 +14,8 @@ import typer
 from ..errors import IcetideError
 from .common import check_output_dir, console, one_line_errors, output_dir
 
+EPOCH_REPORT_EVERY = 25
+
 
 def parse_numbers(text: str, option: str, kind=float) -> tuple:
     """``"a,b,c"`` -> a tuple of numbers (``kind``); a one-line error names ``option`` otherwise."""
@@ -98,7 +100,12 @@ def experiment(
     def on_phase(text: str) -> None:
         console.print(f"[dim]{time.monotonic() - started:7.0f} s[/]  {text}", highlight=False)
 
+    def on_epoch(info: dict) -> None:
+        if info["epoch"] == 1 or info["epoch"] % EPOCH_REPORT_EVERY == 0:
+            val = "-" if math.isnan(info["val_loss"]) else f"{info['val_loss']:.4f}"
+            on_phase(f"  epoch {info['epoch']}: loss {info['train_loss']:.4f}, held-out {val}")
+
     with output_dir(out, force) as folder:
-        run_experiment(name, folder, settings, on_phase)
+        run_experiment(name, folder, settings, on_phase, on_epoch)
     console.print((out / "summary.md").read_text(), highlight=False, markup=False)
     console.print(f"done in {time.monotonic() - started:.0f} s: {out}/summary.md, results.json and figures")

@@ -115,14 +115,19 @@ def machine_info(device: str) -> dict:
 
 
 def run_experiment(
-    name: str, out_dir: Path, settings: ExperimentSettings, on_phase: Callable[[str], None] | None = None
+    name: str,
+    out_dir: Path,
+    settings: ExperimentSettings,
+    on_phase: Callable[[str], None] | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
 ) -> dict:
     """Run experiment ``name`` (one of :data:`EXPERIMENTS`) into ``out_dir`` (which must exist); returns what
-    it also wrote to ``results.json``."""
+    it also wrote to ``results.json``. ``on_epoch`` receives the fit's per-epoch info (not in ``timing``, whose
+    fits run in their own processes)."""
     from . import epochs, noise, single, timing, volumes
 
     runners = {"single": single.run, "timing": timing.run, "noise": noise.run, "epochs": epochs.run,
                "volumes": volumes.run}
     if name not in runners:
         raise IcetideError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
-    return runners[name](settings, Path(out_dir), on_phase or (lambda text: None))
+    return runners[name](settings, Path(out_dir), on_phase or (lambda text: None), on_epoch)

@@ -96,7 +96,9 @@ def plot_cc_along_fit(result: dict, path: Path, n_tilts: int) -> None:
     )
 
 
-def run(settings, out_dir: Path, phase: Callable[[str], None]) -> dict:
+def run(
+    settings, out_dir: Path, phase: Callable[[str], None], on_epoch: Callable[[dict], None] | None = None
+) -> dict:
     from . import machine_info, phantoms
 
     phantom = phantoms(settings, first_only=True)[0]
@@ -107,7 +109,7 @@ def run(settings, out_dir: Path, phase: Callable[[str], None]) -> dict:
     config = reconstruction_config(nz, phantom.voxel_size_A, epochs, settings.max_minutes, settings.seed,
                                    settings.device, patience=epochs + 1)
     phase(f"fitting {epochs} epochs without early stopping, scoring every {settings.every}")
-    result = cc_along_fit(phantom.volume, sim, phantom.voxel_size_A, config, settings.every)
+    result = cc_along_fit(phantom.volume, sim, phantom.voxel_size_A, config, settings.every, on_epoch)
     plot_cc_along_fit(result, out_dir / "cc_vs_epoch.png", len(sim.tilt_angles_deg))
     r = result
     reached = ("never reaches it" if r["epoch_to_oracle"] is None else

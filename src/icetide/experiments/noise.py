@@ -10,7 +10,9 @@ from .case import METHODS, reconstruction_config, run_case
 from .report import markdown_table, write_report
 
 
-def run(settings, out_dir: Path, phase: Callable[[str], None]) -> dict:
+def run(
+    settings, out_dir: Path, phase: Callable[[str], None], on_epoch: Callable[[dict], None] | None = None
+) -> dict:
     from . import machine_info, phantoms
 
     phantom = phantoms(settings, first_only=True)[0]
@@ -24,7 +26,7 @@ def run(settings, out_dir: Path, phase: Callable[[str], None]) -> dict:
             nz, phantom.voxel_size_A, settings.epochs or 500, settings.max_minutes, settings.seed, settings.device
         )
         cases[snr] = run_case(phantom.volume, phantom.voxel_size_A, settings.acquisition(snr_db=snr), config,
-                              folder, phase)
+                              folder, phase, on_epoch)
     snrs = list(cases)
     curves = {m: (snrs, [cases[s]["reconstructions"][m]["cc"] for s in snrs]) for m in METHODS}
     plot_curves(curves, out_dir / "cc_vs_snr.png", "SNR (dB)", "CC with the truth")

@@ -17,7 +17,9 @@ FIGURES = {
 }
 
 
-def run(settings, out_dir: Path, phase: Callable[[str], None]) -> dict:
+def run(
+    settings, out_dir: Path, phase: Callable[[str], None], on_epoch: Callable[[dict], None] | None = None
+) -> dict:
     from . import machine_info, phantoms
 
     phantom = phantoms(settings, first_only=True)[0]
@@ -25,7 +27,7 @@ def run(settings, out_dir: Path, phase: Callable[[str], None]) -> dict:
     config = reconstruction_config(
         nz, phantom.voxel_size_A, settings.epochs or 500, settings.max_minutes, settings.seed, settings.device
     )
-    case = run_case(phantom.volume, phantom.voxel_size_A, settings.acquisition(), config, out_dir, phase)
+    case = run_case(phantom.volume, phantom.voxel_size_A, settings.acquisition(), config, out_dir, phase, on_epoch)
     d, fit = case["deformations"], case["fit"]
     a = case["acquisition"]
     nz, ny, nx = case["volume_shape_zyx"]

@@ -69,7 +69,9 @@ def _in_fresh_process(*args) -> dict:
         return pool.submit(_measure, *args).result()
 
 
-def run(settings, out_dir: Path, phase: Callable[[str], None]) -> dict:
+def run(
+    settings, out_dir: Path, phase: Callable[[str], None], on_epoch: Callable[[dict], None] | None = None
+) -> dict:
     from . import machine_info, phantoms
 
     phantom = phantoms(settings, first_only=True)[0]

@@ -12,7 +12,9 @@ from .case import METHODS, reconstruction_config, run_case
 from .report import markdown_table, write_report
 
 
-def run(settings, out_dir: Path, phase: Callable[[str], None]) -> dict:
+def run(
+    settings, out_dir: Path, phase: Callable[[str], None], on_epoch: Callable[[dict], None] | None = None
+) -> dict:
     from . import machine_info, phantoms
 
     # Given phantoms are read once and simulated with every seed; without them each seed makes its own phantom.
@@ -30,7 +32,7 @@ def run(settings, out_dir: Path, phase: Callable[[str], None]) -> dict:
                 nz, phantom.voxel_size_A, settings.epochs or 500, settings.max_minutes, seed, settings.device
             )
             cases[label] = run_case(phantom.volume, phantom.voxel_size_A, settings.acquisition(seed=seed), config,
-                                    folder, phase)
+                                    folder, phase, on_epoch)
             sources[phantom.name] = f"{phantom.source}, {' x '.join(map(str, phantom.volume.shape[::-1]))} voxels"
     labels = sorted(cases)
     cc = {m: [cases[k]["reconstructions"][m]["cc"] for k in labels] for m in METHODS}
