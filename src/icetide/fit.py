@@ -380,38 +380,48 @@ class Fitter:
         """Gradients of (mean L1 over the used pixels + penalty) for ``tilts``; returns the data loss and the
         number of pixels used. Runs in ``step_chunks`` groups of tilts (the same gradients as one group,
         summed then divided by the pixel count); on running out of memory it shrinks the work and retries."""
+        return self._retrying_on_out_of_memory(self._accumulate_gradients, tilts)
+
+    def _accumulate_gradients(self, tilts: torch.Tensor) -> tuple[torch.Tensor, int]:
+        self._zero_grads()
+        total = torch.zeros((), device=self.device)
+        count = torch.zeros((), device=self.device, dtype=torch.long)
+        mine, rows = self._share(tilts)
+        for chunk in mine.tensor_split(max(1, min(self.step_chunks, len(mine)))):
+            if len(chunk) == 0:
+                continue
+            values, valid, pick = self._predict(chunk, jitter=True, rows=rows)
+            obs, train = self._observed(chunk, pick, held_out=False)
+            use = valid & train
+            abs_sum = self._weighted_abs(values, obs, chunk)[use].sum()
+            abs_sum.backward()
+            total += abs_sum.detach()
+            count += use.sum()
+        if self.world > 1:
+            total, count = self._all_reduce_gradients(total, count)
+        n = count.clamp(min=1).to(total.dtype)
+        for p in self._parameters():
+            if p.grad is not None:
+                p.grad.div_(n)
+        penalty = self._penalty(tilts)
+        if penalty.requires_grad:  # not when no deformation is estimated
+            penalty.backward()
+        return total / n, int(count)
+
+    def _retrying_on_out_of_memory(self, work: Callable, *args):
+        """``work(*args)``, run again after :meth:`_shrink_work` each time it runs out of memory."""
         while True:
             try:
-                self.opt_volume.zero_grad(set_to_none=True)
-                if self.opt_deform is not None:
-                    self.opt_deform.zero_grad(set_to_none=True)
-                total = torch.zeros((), device=self.device)
-                count = torch.zeros((), device=self.device, dtype=torch.long)
-                mine, rows = self._share(tilts)
-                for chunk in mine.tensor_split(max(1, min(self.step_chunks, len(mine)))):
-                    if len(chunk) == 0:
-                        continue
-                    values, valid, pick = self._predict(chunk, jitter=True, rows=rows)
-                    obs, train = self._observed(chunk, pick, held_out=False)
-                    use = valid & train
-                    abs_sum = self._weighted_abs(values, obs, chunk)[use].sum()
-                    abs_sum.backward()
-                    total += abs_sum.detach()
-                    count += use.sum()
-                if self.world > 1:
-                    total, count = self._all_reduce_gradients(total, count)
-                n = count.clamp(min=1).to(total.dtype)
-                for p in self._parameters():
-                    if p.grad is not None:
-                        p.grad.div_(n)
-                penalty = self._penalty(tilts)
-                if penalty.requires_grad:  # not when no deformation is estimated
-                    penalty.backward()
-                return total / n, int(count)
+                return work(*args)
             except (torch.OutOfMemoryError, RuntimeError) as exc:
                 if not _is_out_of_memory(exc):
                     raise
                 self._shrink_work()
+
+    def _zero_grads(self) -> None:
+        self.opt_volume.zero_grad(set_to_none=True)
+        if self.opt_deform is not None:
+            self.opt_deform.zero_grad(set_to_none=True)
 
     def _share(self, tilts: torch.Tensor) -> tuple[torch.Tensor, slice | None]:
         """This rank's part of a step: its tilts (rays) or its band of rows of every tilt (lattice)."""
@@ -438,9 +448,7 @@ class Fitter:
     def _shrink_work(self) -> None:
         """After an out-of-memory error: free what the failed step held, then halve the lattice band (down to 4
         rows) or else split the step's tilts into twice as many groups; recorded in ``memory_events``."""
-        self.opt_volume.zero_grad(set_to_none=True)
-        if self.opt_deform is not None:
-            self.opt_deform.zero_grad(set_to_none=True)
+        self._zero_grads()
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -508,13 +516,7 @@ class Fitter:
     def validation_loss(self) -> float:
         """Mean absolute error on the held-out pixels of every tilt (no jitter); shrinks the work and retries
         on running out of memory, as training steps do."""
-        while True:
-            try:
-                return self._validation_loss()
-            except (torch.OutOfMemoryError, RuntimeError) as exc:
-                if not _is_out_of_memory(exc):
-                    raise
-                self._shrink_work()
+        return self._retrying_on_out_of_memory(self._validation_loss)
 
     @torch.no_grad()
     def _validation_loss(self) -> float:
