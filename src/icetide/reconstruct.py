@@ -86,23 +86,6 @@ def coarse_start(series: TiltSeries, config: ReconstructConfig) -> Deformations:
     return d
 
 
-def _fit_only(
-    series: TiltSeries, config: ReconstructConfig, out_dir: Path, init: Deformations | None, resume: bool
-) -> dict:
-    """A rank other than 0 of a distributed run: the same fit (gradients are all-reduced), no files written."""
-    if _prealigns(config, init, resume):
-        init = coarse_start(series, config)
-    fitter = Fitter(series, config, init)
-    if resume:
-        fitter.load_checkpoint(out_dir / "checkpoint.pt")
-    return fitter.run().report
-
-
-def _prealigns(config: ReconstructConfig, init: Deformations | None, resume: bool) -> bool:
-    """Whether the shifts start from the coarse pre-alignment: no starting alignment given, not resuming."""
-    return init is None and not resume and config.deform.prealign and config.deform.shifts
-
-
 def reconstruct(
     series: TiltSeries,
     config: ReconstructConfig,
@@ -125,10 +108,10 @@ def reconstruct(
     phase = on_phase or (lambda name: None)
     timings: dict[str, float] = {}
     t0 = time.monotonic()
-    if distributed_rank()[0] != 0:
-        return _fit_only(series, config, out_dir, init, resume)
-    save_config(out_dir / "config.yaml", config)
-    prealigned = _prealigns(config, init, resume)
+    writer = distributed_rank()[0] == 0
+    if writer:
+        save_config(out_dir / "config.yaml", config)
+    prealigned = init is None and not resume and config.deform.prealign and config.deform.shifts
     if prealigned:
         init = coarse_start(series, config)
     fitter = Fitter(series, config, init)
@@ -139,8 +122,10 @@ def reconstruct(
 
     phase("fitting")
     t0 = time.monotonic()
-    result = fitter.run(checkpoint_path=ckpt, on_epoch=on_epoch)
+    result = fitter.run(checkpoint_path=ckpt, on_epoch=on_epoch)  # only rank 0 saves checkpoints
     timings["fit_s"] = time.monotonic() - t0
+    if not writer:
+        return result.report
 
     phase("sampling the tomogram")
     t0 = time.monotonic()
