@@ -32,6 +32,7 @@ import yaml
 
 from icetide.config import ReconstructConfig, parse_config
 from icetide.demo import DemoSettings, run_demo
+from icetide.experiments.case import Acquisition
 
 PROTEINS = Path(__file__).resolve().parents[2] / "shared" / "data" / "proteins" / "maps_10A"
 
@@ -75,11 +76,9 @@ def main() -> None:
         shape_zyx=(args.size * 3 // 8, args.size, args.size),
         max_minutes=args.minutes,
         epochs=100_000,
-        seed=args.seed,
+        acquisition=Acquisition(snr_db=args.snr_db, profile=args.profile, seed=args.seed),
         device=args.device,
         proteins_dir=None if args.blobs else str(PROTEINS),
-        profile=args.profile,
-        snr_db=args.snr_db,
     )
     base = ReconstructConfig(thickness=settings.shape_zyx[0], pixel_size_A=settings.voxel_size_A)
     data = base.model_dump(mode="json")
@@ -101,8 +100,8 @@ def main() -> None:
         "phantom": "blobs" if args.blobs else "protein maps (shared/data/proteins/maps_10A)",
         "shape_zyx": list(settings.shape_zyx),
         "n_tilts": summary["settings"]["n_tilts"],
-        "snr_db": settings.snr_db,
-        "profile": settings.profile,
+        "snr_db": settings.acquisition.snr_db,
+        "profile": settings.acquisition.profile,
         "overrides": args.sets,
         "methods": {
             name: {

@@ -45,7 +45,8 @@ def main() -> None:
     acquisition = Acquisition(seed=args.seed)
     truth = crowded_phantom(shape, seed=args.seed, proteins_dir=None if args.blobs else PROTEINS)
     sim = simulate_tilt_series(truth, acquisition.tilt_angles_deg(), snr_db=acquisition.snr_db, seed=args.seed)
-    config = reconstruction_config(shape[0], 10.0, args.epochs, None, args.seed, args.device, patience=args.epochs + 1)
+    config = reconstruction_config(shape[0], 10.0, epochs=args.epochs, seed=args.seed, device=args.device,
+                                   patience=args.epochs + 1)
     with PeakMemory(resolve_device(args.device)) as used:
         result = cc_along_fit(truth, sim, 10.0, config, args.every)
     print(json.dumps({"benchmark": "time_to_quality", "phantom": "blobs" if args.blobs else "protein maps",

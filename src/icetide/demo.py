@@ -26,27 +26,19 @@ __all__ = ["DemoSettings", "run_demo"]
 class DemoSettings:
     """What the demo simulates and how long it fits.
 
-    ``shape_zyx``: phantom (and tomogram) shape in voxels; tilts ``tilt_min_deg:tilt_step_deg:tilt_max_deg``;
-    ``voxel_size_A``: the phantom's voxel size (written to the headers); ``max_minutes``: fitting time budget;
-    ``seed``: phantom, deformations, noise and fit; ``proteins_dir``: density maps (MRC) to place as proteins
+    ``shape_zyx``: phantom (and tomogram) shape in voxels; ``acquisition``: tilts, SNR, deformation profile and
+    the seed (also of the phantom and the fit); ``voxel_size_A``: the phantom's voxel size (written to the
+    headers); ``max_minutes``: fitting time budget; ``proteins_dir``: density maps (MRC) to place as proteins
     instead of Gaussian blobs.
     """
 
     shape_zyx: tuple[int, int, int] = (48, 128, 128)
-    tilt_min_deg: float = -60.0
-    tilt_max_deg: float = 60.0
-    tilt_step_deg: float = 3.0
-    snr_db: float = 10.0
-    profile: str = "paper"
+    acquisition: Acquisition = Acquisition()
     voxel_size_A: float = 10.0
     max_minutes: float = 3.0
     epochs: int = 400
-    seed: int = 0
     device: str = "auto"
     proteins_dir: str | None = None
-
-    def acquisition(self) -> Acquisition:
-        return Acquisition(self.tilt_min_deg, self.tilt_max_deg, self.tilt_step_deg, self.snr_db, self.profile, self.seed)
 
 
 def run_demo(
@@ -64,10 +56,12 @@ def run_demo(
     s = settings
     phase = on_phase or (lambda name: None)
     phase(f"generating a {s.shape_zyx[2]} x {s.shape_zyx[1]} x {s.shape_zyx[0]} phantom")
-    truth = crowded_phantom(s.shape_zyx, seed=s.seed, proteins_dir=s.proteins_dir, voxel_size_A=s.voxel_size_A)
+    seed = s.acquisition.seed
+    truth = crowded_phantom(s.shape_zyx, seed=seed, proteins_dir=s.proteins_dir, voxel_size_A=s.voxel_size_A)
     if config is None:
-        config = reconstruction_config(s.shape_zyx[0], s.voxel_size_A, s.epochs, s.max_minutes, s.seed, s.device)
-    case = run_case(truth, s.voxel_size_A, s.acquisition(), config, Path(out_dir), on_phase, on_epoch)
+        config = reconstruction_config(s.shape_zyx[0], s.voxel_size_A, epochs=s.epochs, max_minutes=s.max_minutes,
+                                       seed=seed, device=s.device)
+    case = run_case(truth, s.voxel_size_A, s.acquisition, config, Path(out_dir), on_phase, on_epoch)
     summary = {
         "command": "demo",
         "icetide_version": __version__,

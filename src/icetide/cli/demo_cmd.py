@@ -30,13 +30,14 @@ def demo(
     deformation_errors.png, local_fields.png), the volumes and OUT/icetide/ (the reconstruction's outputs).
     """
     from ..demo import DemoSettings, run_demo
+    from ..experiments.case import Acquisition
 
     if minutes <= 0:
         raise IcetideError(f"--minutes must be positive, got {minutes:g}")
     if not 32 <= size <= 1024:
         raise IcetideError(f"--size must lie in [32, 1024] voxels, got {size}")
-    settings = DemoSettings(shape_zyx=(max(8, size * 3 // 8), size, size), max_minutes=minutes, seed=seed,
-                            device=device)
+    settings = DemoSettings(shape_zyx=(max(8, size * 3 // 8), size, size), acquisition=Acquisition(seed=seed),
+                            max_minutes=minutes, device=device)
     from ..fit import resolve_device
 
     resolve_device(device)

@@ -28,7 +28,8 @@ from .. import __version__
 from ..errors import IcetideError
 from ..fit import resolve_device
 from ..simulate import crowded_phantom
-from .case import Acquisition, load_phantom
+from ..config import ReconstructConfig
+from .case import Acquisition, load_phantom, reconstruction_config
 
 __all__ = ["EXPERIMENTS", "ExperimentSettings", "Phantom", "machine_info", "run_experiment"]
 
@@ -62,6 +63,15 @@ class ExperimentSettings:
     def max_size(self) -> int | None:
         """Largest lateral size after binning (None at full scale)."""
         return None if self.full else 128
+
+    def reconstruction_config(
+        self, phantom: "Phantom", seed: int | None = None, default_epochs: int = 500, **fit
+    ) -> ReconstructConfig:
+        """icetide's settings for ``phantom``: the defaults with this experiment's epoch limit (else
+        ``default_epochs``), time budget, device and ``seed`` (default: this experiment's), then ``fit``."""
+        limits = {"epochs": self.epochs or default_epochs, "max_minutes": self.max_minutes,
+                  "seed": self.seed if seed is None else seed, "device": self.device}
+        return reconstruction_config(phantom.volume.shape[0], phantom.voxel_size_A, **{**limits, **fit})
 
     def acquisition(self, **changes) -> Acquisition:
         """The default acquisition of this scale (41 tilts at 3 degrees, or 61 at 2 with ``full``)."""

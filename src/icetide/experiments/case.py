@@ -75,15 +75,9 @@ def load_phantom(path: str | Path, max_size: int | None = None) -> tuple[np.ndar
     return volume, (header_A or 10.0) * factor, factor
 
 
-def reconstruction_config(
-    thickness: int, voxel_size_A: float, epochs: int, max_minutes: float | None, seed: int, device: str, **fit
-) -> ReconstructConfig:
-    """The default reconstruction settings for a simulated case (``fit``: further :class:`FitSettings`)."""
-    return ReconstructConfig(
-        thickness=thickness,
-        pixel_size_A=voxel_size_A,
-        fit=FitSettings(epochs=epochs, max_minutes=max_minutes, seed=seed, device=device, **fit),
-    )
+def reconstruction_config(thickness: int, voxel_size_A: float, **fit) -> ReconstructConfig:
+    """The default reconstruction settings for a simulated case; ``fit``: :class:`FitSettings` to change."""
+    return ReconstructConfig(thickness=thickness, pixel_size_A=voxel_size_A, fit=FitSettings(**fit))
 
 
 def simulate_case(

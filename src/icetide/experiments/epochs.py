@@ -23,7 +23,7 @@ from ..plots import plot_curves
 from ..recon import fbp
 from ..reconstruct import coarse_start, sample_tomogram
 from ..simulate import SimulatedTiltSeries
-from .case import reconstruction_config, simulate_case
+from .case import simulate_case
 from .report import fmt, write_report
 
 DEFAULT_EPOCHS = 250
@@ -106,8 +106,7 @@ def run(
     epochs = settings.epochs or DEFAULT_EPOCHS
     acquisition = settings.acquisition()
     sim = simulate_case(phantom.volume, phantom.voxel_size_A, acquisition, out_dir, phase)
-    config = reconstruction_config(nz, phantom.voxel_size_A, epochs, settings.max_minutes, settings.seed,
-                                   settings.device, patience=epochs + 1)
+    config = settings.reconstruction_config(phantom, epochs=epochs, patience=epochs + 1)
     phase(f"fitting {epochs} epochs without early stopping, scoring every {settings.every}")
     result = cc_along_fit(phantom.volume, sim, phantom.voxel_size_A, config, settings.every, on_epoch)
     plot_cc_along_fit(result, out_dir / "cc_vs_epoch.png", len(sim.tilt_angles_deg))

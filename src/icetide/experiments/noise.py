@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..plots import plot_curves
-from .case import METHODS, reconstruction_config, run_case
+from .case import METHODS, run_case
 from .report import markdown_table, write_report
 
 
@@ -17,14 +17,12 @@ def run(
 
     phantom = phantoms(settings, first_only=True)[0]
     nz = phantom.volume.shape[0]
+    config = settings.reconstruction_config(phantom)
     cases = {}
     for snr in settings.snrs_db:
         phase(f"SNR {snr:g} dB")
         folder = out_dir / f"snr_{snr:+g}dB"
         folder.mkdir(exist_ok=True)
-        config = reconstruction_config(
-            nz, phantom.voxel_size_A, settings.epochs or 500, settings.max_minutes, settings.seed, settings.device
-        )
         cases[snr] = run_case(phantom.volume, phantom.voxel_size_A, settings.acquisition(snr_db=snr), config,
                               folder, phase, on_epoch)
     snrs = list(cases)

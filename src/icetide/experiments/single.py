@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from .case import reconstruction_config, run_case
+from .case import run_case
 from .report import cc_table, fmt, write_report
 
 FIGURES = {
@@ -23,10 +23,7 @@ def run(
     from . import machine_info, phantoms
 
     phantom = phantoms(settings, first_only=True)[0]
-    nz = phantom.volume.shape[0]
-    config = reconstruction_config(
-        nz, phantom.voxel_size_A, settings.epochs or 500, settings.max_minutes, settings.seed, settings.device
-    )
+    config = settings.reconstruction_config(phantom)
     case = run_case(phantom.volume, phantom.voxel_size_A, settings.acquisition(), config, out_dir, phase, on_epoch)
     d, fit = case["deformations"], case["fit"]
     a = case["acquisition"]

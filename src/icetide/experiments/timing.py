@@ -27,7 +27,7 @@ from ..metrics import evaluate_reconstruction
 from ..prealign import coarse_shifts
 from ..recon import fbp, sirt
 from ..reconstruct import reconstruct
-from .case import SIRT_ITERATIONS, reconstruction_config, simulate_case
+from .case import SIRT_ITERATIONS, simulate_case
 from .report import fmt, markdown_table, write_report
 
 # The rays renderer does not reach early stopping in a CPU-sized budget; it gets this many minutes by default.
@@ -79,13 +79,12 @@ def run(
     nz = truth.shape[0]
     sim = simulate_case(truth, voxel, settings.acquisition(), out_dir, phase)
     angles = sim.tilt_angles_deg
-    epochs = settings.epochs or 500
     rays_minutes = settings.max_minutes or (None if settings.full else RAYS_MINUTES_DEFAULT)
-    lattice = reconstruction_config(nz, voxel, epochs, settings.max_minutes, settings.seed, settings.device)
+    lattice = settings.reconstruction_config(phantom)
     configs = {
         "icetide_lattice": lattice,
-        "icetide_rays": reconstruction_config(nz, voxel, epochs, rays_minutes, settings.seed, settings.device,
-                                              renderer="rays", tilts_per_step=8),
+        "icetide_rays": settings.reconstruction_config(phantom, max_minutes=rays_minutes, renderer="rays",
+                                                       tilts_per_step=8),
         "fbp": lattice,
         "sirt": lattice,
         "prealign": lattice,

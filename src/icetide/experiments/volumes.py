@@ -8,7 +8,7 @@ from typing import Callable
 import numpy as np
 
 from ..plots import plot_bars
-from .case import METHODS, reconstruction_config, run_case
+from .case import METHODS, run_case
 from .report import markdown_table, write_report
 
 
@@ -27,10 +27,7 @@ def run(
             phase(label)
             folder = out_dir / label
             folder.mkdir(exist_ok=True)
-            nz = phantom.volume.shape[0]
-            config = reconstruction_config(
-                nz, phantom.voxel_size_A, settings.epochs or 500, settings.max_minutes, seed, settings.device
-            )
+            config = settings.reconstruction_config(phantom, seed)
             cases[label] = run_case(phantom.volume, phantom.voxel_size_A, settings.acquisition(seed=seed), config,
                                     folder, phase, on_epoch)
             sources[phantom.name] = f"{phantom.source}, {' x '.join(map(str, phantom.volume.shape[::-1]))} voxels"
