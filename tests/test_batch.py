@@ -4,21 +4,13 @@ import json
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
+from cli_helpers import ANGLES, SHAPE, TINY_VOLUME_YAML, write_series
+from cli_helpers import run_cli as _run
 
 from icetide.batch import find_items
-from icetide.cli.main import app
 from icetide.errors import IcetideError
 from icetide.io import write_mrc, write_tlt
-from icetide.simulate import crowded_phantom, simulate_tilt_series
-
-runner = CliRunner()
-SHAPE = (12, 24, 32)
-ANGLES = np.arange(-45.0, 46.0, 15.0)
-
-
-def _run(*args):
-    return runner.invoke(app, [str(a) for a in args])
+from icetide.simulate import crowded_phantom
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +21,12 @@ def series_dir(tmp_path_factory):
     for seed in (1, 2):
         folder = root / f"sim{seed}"
         (folder / "truth").mkdir(parents=True)
-        sim = simulate_tilt_series(truth, ANGLES, snr_db=20, seed=seed, samples_per_voxel=1.0)
-        write_mrc(folder / "tilt_series.mrc", sim.noisy, 10.0, stack=True)
-        write_tlt(folder / "tilt_series.tlt", ANGLES)
+        write_series(folder / "tilt_series.mrc", truth, seed=seed, voxel_size_A=10.0)
         write_mrc(folder / "truth" / "volume.mrc", truth, 10.0)
     (root / "bad").mkdir()
     (root / "bad" / "broken.mrc").write_bytes(b"not an MRC file")
     write_tlt(root / "bad" / "broken.tlt", ANGLES)
-    (root / "tiny.yaml").write_text("volume: {log2_table_size: 10, n_levels: 3, hidden: 8}\n")
+    (root / "tiny.yaml").write_text(TINY_VOLUME_YAML)
     return root
 
 

@@ -5,19 +5,13 @@ import json
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
+from cli_helpers import run_cli as _run
 
-from icetide.cli.main import app
 from icetide.experiments.case import METHODS, load_phantom
 from icetide.io import write_mrc
 from icetide.simulate import crowded_phantom
 
-runner = CliRunner()
 SHAPE = (12, 32, 32)
-
-
-def _run(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")

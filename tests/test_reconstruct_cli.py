@@ -4,31 +4,20 @@ import json
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
+from cli_helpers import ANGLES, SHAPE, TINY_VOLUME_YAML, write_series
+from cli_helpers import run_cli as _run
 
 from icetide.alignment import xf_to_deformations
-from icetide.cli.main import app
 from icetide.io import read_deformations, read_mrc, read_relion_tilt_series_star, read_tlt, write_mrc, write_tlt
 from icetide.io.imod import read_xf
-from icetide.simulate import crowded_phantom, simulate_tilt_series
-
-runner = CliRunner()
-SHAPE = (12, 24, 32)
-ANGLES = np.arange(-45.0, 46.0, 15.0)
-
-
-def _run(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
+from icetide.simulate import crowded_phantom
 
 @pytest.fixture(scope="module")
 def series_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("series")
-    sim = simulate_tilt_series(crowded_phantom(SHAPE, seed=1), ANGLES, snr_db=20, seed=0, samples_per_voxel=1.0)
-    write_mrc(folder / "ts.mrc", sim.noisy, voxel_size_A=8.0, stack=True)
-    write_tlt(folder / "ts.tlt", ANGLES)
+    write_series(folder / "ts.mrc", crowded_phantom(SHAPE, seed=1), seed=0, voxel_size_A=8.0)
     write_tlt(folder / "short.tlt", ANGLES[:-1])
-    (folder / "tiny.yaml").write_text("volume: {log2_table_size: 10, n_levels: 3, hidden: 8}\nfit: {tilts_per_step: 4}\n")
+    (folder / "tiny.yaml").write_text(TINY_VOLUME_YAML + "fit: {tilts_per_step: 4}\n")
     return folder
 
 
