@@ -9,7 +9,10 @@ Prints one JSON object:
   iteration on the same problem (:func:`icetide.recon.sirt` with 2 iterations minus 1, setup included once).
 - ``engine``: the engine's per-step projector cost, a 128 x 128 x 48 volume and 8 tilts:
   ``project_s`` (forward), ``backproject_s``, and ``project_grad_s`` (forward + autograd backward of a
-  ``requires_grad`` volume, as in a training step).
+  ``requires_grad`` volume, as in a training step); the system matrices are cached after the first call, as in
+  a fit. ``band``: a training step's projection at the paper's scale (a band of 86 rows of a 512 x 512 x 180
+  volume, 61 tilts in a new random order each call, forward + backward) with the matrices cached
+  (``project_grad_cached_s``) and rebuilt at every call (``project_grad_cold_s``, the cache cleared).
 - ``peak_rss_after_fbp_mb`` / ``peak_rss_mb``: the process' peak resident memory after the FBP runs / at the
   end (SIRT included); on CUDA also ``peak_cuda_mb``.
 
@@ -27,6 +30,7 @@ import resource
 import numpy as np
 import torch
 
+from icetide import recon
 from icetide.recon import backproject, fbp, project, sirt
 from timing import best_time
 
@@ -74,6 +78,27 @@ def engine_timings(device: torch.device, repeats: int) -> dict:
     }
 
 
+def band_timings(device: torch.device, repeats: int) -> dict:
+    gen = torch.Generator().manual_seed(2)
+    leaf = torch.rand(180, 86, 512, generator=gen).to(device).requires_grad_(True)
+    theta = torch.deg2rad(torch.arange(-60, 61, 2.0, dtype=torch.float64)).to(device)
+
+    def step(cold: bool):
+        def run() -> None:
+            if cold:
+                recon._MATRIX_CACHE.clear()
+            order = torch.randperm(len(theta), generator=gen).to(device)
+            project(leaf, theta[order]).square().sum().backward()
+            leaf.grad = None
+
+        return run
+
+    cached = best_time(step(False), repeats, device)
+    cold = best_time(step(True), repeats, device)
+    return {"volume_shape": [180, 86, 512], "n_tilts": len(theta), "project_grad_cached_s": round(cached, 4),
+            "project_grad_cold_s": round(cold, 4), "cache_speedup": round(cold / cached, 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -90,6 +115,7 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),
         "engine": engine_timings(device, max(args.repeats, 5)),
+        "band": band_timings(device, args.repeats),
         **fbp_timings(device, args.repeats),
         "peak_rss_mb": peak_rss_mb(),
     }

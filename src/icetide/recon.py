@@ -14,13 +14,16 @@ voxel's value is shared between the detector bins (width 1) in proportion to the
 
 The matrices are built per chunk of tilts (memory stays bounded) and applied with sparse-dense products in
 which the ``y`` rows are the contiguous dense dimension. :func:`project` and :func:`backproject` are exact
-adjoints (same matrix, transposed) and each one's autograd backward is the other one.
+adjoints (same matrix, transposed) and each one's autograd backward is the other one. Building the matrices
+costs about ten times applying them, so the last few geometries are kept (``MATRIX_CACHE_SIZE``), keyed by the
+sorted tilt angles: the lattice renderer projects the same tilts, in a new order, at every training step.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections import OrderedDict
 from typing import Callable
 
 import numpy as np
@@ -48,6 +51,8 @@ FILTERS = ("ramp", "hann", "shepp-logan")
 # Voxel-tilt pairs per sparse matrix (at most two entries each): about 35 MB of matrix and 150 MB of
 # temporaries while building one.
 CHUNK_VOXEL_TILTS = 2**21
+# Geometries whose system matrices are kept between calls (least recently used first out).
+MATRIX_CACHE_SIZE = 4
 # Tilts filtered at once by FBP: bounds the padded FFT buffers (8 x 4k x 8k complex = 2 GB at most).
 FILTER_CHUNK_TILTS = 8
 
@@ -158,6 +163,25 @@ def _angles(tilt_angles_rad, device) -> torch.Tensor:
     return torch.as_tensor(tilt_angles_rad, dtype=torch.float64, device=device).detach().reshape(-1)
 
 
+_MATRIX_CACHE: OrderedDict[tuple, _SystemMatrix] = OrderedDict()
+
+
+def _system_matrix(theta: torch.Tensor, nz: int, nx: int, n_u: int, dtype: torch.dtype) -> _SystemMatrix:
+    """The (cached) projector of tilts ``theta`` (float64, sorted by the callers) for an ``nz x nx`` slice."""
+    key = (theta.cpu().numpy().tobytes(), nz, nx, n_u, dtype, theta.device)
+    matrix = _MATRIX_CACHE.pop(key, None) or _SystemMatrix(theta, nz, nx, n_u, dtype)
+    _MATRIX_CACHE[key] = matrix
+    while len(_MATRIX_CACHE) > MATRIX_CACHE_SIZE:
+        _MATRIX_CACHE.popitem(last=False)
+    return matrix
+
+
+def _sorted_order(theta: torch.Tensor) -> torch.Tensor | None:
+    """The permutation that sorts ``theta``, or None when it is sorted already."""
+    order = torch.argsort(theta)
+    return None if bool((order == torch.arange(len(theta), device=theta.device)).all()) else order
+
+
 def _volume_to_columns(volume: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     nz, ny, nx = volume.shape
     return volume.to(dtype).permute(0, 2, 1).reshape(nz * nx, ny)
@@ -221,8 +245,12 @@ def project(volume: torch.Tensor, tilt_angles_rad, n_u: int | None = None) -> to
         raise ValueError(f"volume must have shape (nz, ny, nx), got {tuple(volume.shape)}")
     nz, _, nx = volume.shape
     n_u = nx if n_u is None else int(n_u)
-    matrix = _SystemMatrix(_angles(tilt_angles_rad, volume.device), nz, nx, n_u, _work_dtype(volume.dtype))
-    return _Project.apply(volume, matrix)
+    theta = _angles(tilt_angles_rad, volume.device)
+    order = _sorted_order(theta)
+    if order is None:
+        return _Project.apply(volume, _system_matrix(theta, nz, nx, n_u, _work_dtype(volume.dtype)))
+    projections = _Project.apply(volume, _system_matrix(theta[order], nz, nx, n_u, _work_dtype(volume.dtype)))
+    return projections[torch.argsort(order)]
 
 
 def backproject(projections: torch.Tensor, tilt_angles_rad, nz: int, nx: int) -> torch.Tensor:
@@ -235,7 +263,10 @@ def backproject(projections: torch.Tensor, tilt_angles_rad, nz: int, nx: int) ->
     theta = _angles(tilt_angles_rad, projections.device)
     if theta.shape[0] != projections.shape[0]:
         raise ValueError(f"{theta.shape[0]} tilt angles for {projections.shape[0]} projections")
-    matrix = _SystemMatrix(theta, int(nz), int(nx), projections.shape[2], _work_dtype(projections.dtype))
+    order = _sorted_order(theta)
+    if order is not None:
+        theta, projections = theta[order], projections[order]
+    matrix = _system_matrix(theta, int(nz), int(nx), projections.shape[2], _work_dtype(projections.dtype))
     return _Backproject.apply(projections, matrix)
 
 
