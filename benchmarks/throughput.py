@@ -1,16 +1,22 @@
 """Throughput of the implicit volume: fast hash encoding vs the straightforward reference, and the lattice path.
 
-Usage: ``python benchmarks/throughput.py [--device cpu|cuda] [--n 262144] [--repeats 3]``
+Usage: ``python benchmarks/throughput.py [--device cpu|cuda] [--n N] [--repeats 3]``
 
 Prints one JSON object. A *sample* is one point through encoding + MLP, forward and backward (the training
 step of the rays renderer: loss = mean squared density, gradients for every parameter). ``samples_per_s`` /
 ``baseline_samples_per_s`` / ``ratio`` are the default configuration (:class:`icetide.volume.VolumeConfig`)
-with :class:`HashEncoding` / :class:`ReferenceHashEncoding` (same parameters, same points, same run);
+with :class:`HashEncoding` as a fit uses it (``kernel`` says which: the Triton kernels on CUDA when Triton
+imports, else the PyTorch path) / :class:`ReferenceHashEncoding` (the straightforward PyTorch hash grid; same
+parameters, same points, same run); ``torch_path_*`` is the PyTorch path of :class:`HashEncoding` and, on
+CUDA, ``mixed_*`` the Triton kernels with fp16 table reads and the MLP in bf16 (``fit.precision: mixed``).
 ``paper`` holds the same for the paper's configuration; ``*_position_grad`` also differentiates the positions
-(as when deformations are fitted). ``lattice_voxels_per_s`` is :meth:`ImplicitVolume.lattice` on the whole
-box, forward and backward; ``sample_grid_voxels_per_s`` is :meth:`ImplicitVolume.sample_grid` (no gradients).
-Each timing is the best of ``--repeats`` runs after one warm-up, fast and reference interleaved so that other
-load on the machine hits both alike.
+(as when deformations are fitted). ``lattice_voxels_per_s`` is :meth:`ImplicitVolume.lattice` on the box
+(a band of ``--lattice-rows`` rows), forward and backward; ``sample_grid_voxels_per_s`` is
+:meth:`ImplicitVolume.sample_grid` of the whole box (no gradients). Each timing is the best of ``--repeats``
+runs after one warm-up, all variants interleaved so that other load on the machine hits them alike.
+``peak_memory`` is the process's peak (CPU RSS; on CUDA also the allocator's peak) over the whole run.
+Defaults: CPU 2**18 points and a 48 x 128 x 128 box; CUDA 2**22 points and the paper's 180 x 512 x 512 box
+in bands of 86 rows (7.9 M voxels, what a fit evaluates per step there).
 """
 
 from __future__ import annotations
@@ -25,10 +31,13 @@ from typing import Callable
 
 import torch
 
+from icetide.memory import PeakMemory
 from icetide.volume import ImplicitVolume, ReferenceHashEncoding, VolumeConfig
 from timing import best_times
 
-BOX_ZYX = (48, 128, 128)
+BOX_ZYX = {"cpu": (48, 128, 128), "cuda": (180, 512, 512)}
+POINTS = {"cpu": 2**18, "cuda": 2**22}
+LATTICE_ROWS = {"cpu": None, "cuda": 86}
 
 
 def reference_of(volume: ImplicitVolume) -> ImplicitVolume:
@@ -40,6 +49,16 @@ def reference_of(volume: ImplicitVolume) -> ImplicitVolume:
     )
     ref.encoding.load_state_dict(volume.encoding.state_dict())
     return ref
+
+
+def variants(volume: ImplicitVolume) -> dict[str, ImplicitVolume]:
+    """The volume as a fit runs it (``fast``), its PyTorch path, the reference and, on CUDA, mixed precision."""
+    out = {"fast": volume, "reference": reference_of(volume)}
+    if volume.encoding.uses_kernel(volume.encoding.table.device):
+        out["torch_path"] = copy.deepcopy(volume).set_execution("torch")
+    if volume.encoding.table.is_cuda:
+        out["mixed"] = copy.deepcopy(volume).set_execution("auto", mixed_precision=True)
+    return out
 
 
 def training_step(volume: ImplicitVolume, points: torch.Tensor) -> Callable[[], None]:
@@ -54,32 +73,27 @@ def training_step(volume: ImplicitVolume, points: torch.Tensor) -> Callable[[], 
     return step
 
 
-def random_points(n: int, device: torch.device, requires_grad: bool = False) -> torch.Tensor:
+def random_points(n: int, box_zyx: tuple[int, int, int], device: torch.device, requires_grad: bool = False):
     """``n`` uniform points in the box, voxel coordinates ``(x, y, z)``."""
-    nz, ny, nx = BOX_ZYX
+    nz, ny, nx = box_zyx
     half = torch.tensor([nx / 2, ny / 2, nz / 2], device=device)
     return ((torch.rand(n, 3, device=device) * 2 - 1) * half).requires_grad_(requires_grad)
 
 
-def point_throughput(cfg: VolumeConfig, n: int, repeats: int, device: torch.device) -> dict[str, float]:
-    """Samples/s of fast and reference, with and without position gradients, and their ratios."""
-    volume = ImplicitVolume.from_config(cfg, BOX_ZYX).to(device)
-    reference = reference_of(volume)
-    points = random_points(n, device)
-    moving = random_points(n, device, requires_grad=True)
-    t = best_times(
-        {
-            "fast": training_step(volume, points),
-            "reference": training_step(reference, points),
-            "fast_position_grad": training_step(volume, moving),
-            "reference_position_grad": training_step(reference, moving),
-        },
-        repeats,
-        device,
-    )
+def point_throughput(cfg: VolumeConfig, box_zyx, n: int, repeats: int, device: torch.device) -> dict:
+    """Samples/s of every variant, with and without position gradients, and the ratios to the reference."""
+    volumes = variants(ImplicitVolume.from_config(cfg, box_zyx).to(device))
+    points = random_points(n, box_zyx, device)
+    moving = random_points(n, box_zyx, device, requires_grad=True)
+    steps = {}
+    for name, volume in volumes.items():
+        steps[name] = training_step(volume, points)
+        steps[f"{name}_position_grad"] = training_step(volume, moving)
+    t = best_times(steps, repeats, device)
     with torch.no_grad():
-        t_forward = best_times({"fast": lambda: volume(points)}, repeats, device)["fast"]
-    return {
+        t_forward = best_times({"fast": lambda: volumes["fast"](points)}, repeats, device)["fast"]
+    out = {
+        "kernel": "triton" if volumes["fast"].encoding.uses_kernel(device) else "torch",
         "samples_per_s": n / t["fast"],
         "baseline_samples_per_s": n / t["reference"],
         "ratio": t["reference"] / t["fast"],
@@ -88,37 +102,61 @@ def point_throughput(cfg: VolumeConfig, n: int, repeats: int, device: torch.devi
         "ratio_position_grad": t["reference_position_grad"] / t["fast_position_grad"],
         "forward_only_samples_per_s": n / t_forward,
     }
+    for name in volumes.keys() - {"fast", "reference"}:
+        out[f"{name}_samples_per_s"] = n / t[name]
+        out[f"{name}_samples_per_s_position_grad"] = n / t[f"{name}_position_grad"]
+    return out
 
 
-def lattice_throughput(cfg: VolumeConfig, repeats: int, device: torch.device) -> dict[str, float]:
-    """Voxels/s of the lattice path (forward + backward) and of ``sample_grid`` over the whole box."""
-    volume = ImplicitVolume.from_config(cfg, BOX_ZYX).to(device)
+def lattice_throughput(cfg: VolumeConfig, box_zyx, rows: int | None, repeats: int, device: torch.device) -> dict:
+    """Voxels/s of the lattice path (forward + backward, a band of ``rows`` rows) of each variant but the
+    reference, and of ``sample_grid`` over the whole box."""
+    volumes = variants(ImplicitVolume.from_config(cfg, box_zyx).to(device))
+    del volumes["reference"]
     offset = torch.rand(3, device=device) - 0.5
+    band = slice(0, rows) if rows else None
 
-    def lattice_step() -> None:
-        volume.zero_grad(set_to_none=True)
-        volume.lattice(offset).square().mean().backward()
+    def lattice_step(volume: ImplicitVolume):
+        def step() -> None:
+            volume.zero_grad(set_to_none=True)
+            volume.lattice(offset, band).square().mean().backward()
 
-    t = best_times({"lattice": lattice_step, "grid": lambda: volume.sample_grid()}, repeats, device)
-    n_voxels = BOX_ZYX[0] * BOX_ZYX[1] * BOX_ZYX[2]
-    return {"lattice_voxels_per_s": n_voxels / t["lattice"], "sample_grid_voxels_per_s": n_voxels / t["grid"]}
+        return step
+
+    steps = {name: lattice_step(volume) for name, volume in volumes.items()}
+    steps["grid"] = lambda: volumes["fast"].sample_grid()
+    t = best_times(steps, repeats, device)
+    nz, ny, nx = box_zyx
+    band_voxels = nz * (rows or ny) * nx
+    out = {"lattice_band_voxels": band_voxels, "lattice_voxels_per_s": band_voxels / t["fast"],
+           "sample_grid_voxels_per_s": nz * ny * nx / t["grid"]}
+    for name in volumes.keys() - {"fast"}:
+        out[f"{name}_lattice_voxels_per_s"] = band_voxels / t[name]
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--n", type=int, default=262144, help="points per training step")
+    parser.add_argument("--n", type=int, default=None, help="points per training step (CPU 2**18, CUDA 2**22)")
+    parser.add_argument("--box", default=None, help="box nz,ny,nx (CPU 48,128,128; CUDA 180,512,512)")
+    parser.add_argument("--lattice-rows", type=int, default=None, help="rows of the lattice band (CUDA 86)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (best is kept)")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
+    n = args.n or POINTS[device.type]
+    box = tuple(int(v) for v in args.box.split(",")) if args.box else BOX_ZYX[device.type]
+    rows = args.lattice_rows or LATTICE_ROWS[device.type]
 
     default, paper = VolumeConfig(), VolumeConfig.paper()
-    result: dict = {"n": args.n, "box_shape_zyx": list(BOX_ZYX), "config": asdict(default)}
-    result.update(point_throughput(default, args.n, args.repeats, device))
-    result.update(lattice_throughput(default, args.repeats, device))
-    result["paper"] = {"config": asdict(paper), **point_throughput(paper, args.n, args.repeats, device)}
-    result["paper"].update(lattice_throughput(paper, args.repeats, device))
+    result: dict = {"n": n, "box_shape_zyx": list(box), "config": asdict(default)}
+    with PeakMemory(device) as used:
+        result.update(point_throughput(default, box, n, args.repeats, device))
+        result.update(lattice_throughput(default, box, rows, args.repeats, device))
+        result["paper"] = {"config": asdict(paper), **point_throughput(paper, box, n, args.repeats, device)}
+        result["paper"].update(lattice_throughput(paper, box, rows, args.repeats, device))
+    result["peak_memory"] = used.as_dict()
     result["machine"] = {
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),

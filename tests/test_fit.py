@@ -200,13 +200,13 @@ def test_gradients_in_groups_of_tilts_equal_one_group(shifted_series):
 
 
 def _failing_when(fitter: Fitter, too_big) -> list:
-    """Make the renderer raise CUDA's out-of-memory error whenever ``too_big(fitter, coords)``."""
+    """Make the renderer raise CUDA's out-of-memory error whenever ``too_big(fitter, coords, rows)``."""
     render = fitter.renderer.render
     calls = []
 
     def guarded(field, coords, *args, **kwargs):
         calls.append(coords.shape[0])
-        if too_big(fitter, coords):
+        if too_big(fitter, coords, kwargs.get("rows")):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return render(field, coords, *args, **kwargs)
 
@@ -218,10 +218,56 @@ def test_out_of_memory_halves_the_lattice_band_and_retries(shifted_series):
     series, _ = shifted_series
     fitter = Fitter(series, _config(epochs=2))
     assert fitter.lattice_rows == 40
-    _failing_when(fitter, lambda f, coords: f.renderer.band_rows > 10)
+    _failing_when(fitter, lambda f, coords, rows: rows.stop - rows.start > 10)
     report = fitter.run().report
     assert report["epochs"] == 2 and report["lattice_rows"] == 10
     assert [e["lattice_rows"] for e in report["memory_events"]] == [20, 10]
+
+
+def test_an_epoch_covers_every_row_once_in_bands(shifted_series):
+    series, _ = shifted_series
+    fitter = Fitter(series, _config(epochs=2, lattice_rows=12))
+    ny = series.shape[0]
+    starts = set()
+    for _ in range(5):
+        steps = fitter._epoch_bands()
+        assert len(steps) == -(-ny // 12)
+        rows = [r for step in steps for band in step for r in range(band.start, band.stop)]
+        assert sorted(rows) == list(range(ny))  # every row once
+        assert all(sum(b.stop - b.start for b in step) <= 12 for step in steps)
+        starts.add(min(b.start for step in steps for b in step if b.start > 0))
+    assert len(starts) > 1  # the band edges move from epoch to epoch
+    fitter.run()
+    groups = -(-len(series.tilt_angles_deg) // fitter.config.fit.tilts_per_step)
+    assert fitter.step == 2 * len(steps) * groups
+    assert Fitter(series, _config(epochs=1))._epoch_bands() == [None]  # all rows fit: one band
+
+
+def test_a_band_step_warps_only_the_rows_that_can_see_the_band(shifted_series, monkeypatch):
+    """Leaving out the pixel rows that cannot reach the band changes neither the loss nor any gradient."""
+    series, _ = shifted_series
+    fitter = Fitter(series, _config(epochs=1, lattice_rows=8))
+    with torch.no_grad():
+        fitter.shifts += torch.randn_like(fitter.shifts) * 2
+        fitter.angles += 0.02
+        fitter.local += torch.randn_like(fitter.local) * 0.5
+    tilts, band = torch.arange(len(series.tilt_angles_deg)), [slice(16, 24)]
+    rows = fitter._pixel_rows(tilts, band[0])
+    assert 0 < rows.start and rows.stop < series.shape[0]  # fewer rows than the detector's
+
+    state = fitter.sampler.get_state()
+
+    def gradients():
+        fitter.sampler.set_state(state)  # the same renderer jitter both times
+        loss, count = fitter._step_gradients(tilts, band)
+        return float(loss), count, [p.grad.clone() for p in fitter._parameters() if p.grad is not None]
+
+    restricted = gradients()
+    monkeypatch.setattr(fitter, "_pixel_rows", lambda tilts, rows: slice(0, series.shape[0]))
+    everything = gradients()
+    assert restricted[1] == everything[1] and restricted[0] == pytest.approx(everything[0], rel=1e-5)
+    for a, b in zip(restricted[2], everything[2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_out_of_memory_splits_the_rays_batch_and_gives_up_clearly(shifted_series):
@@ -229,11 +275,11 @@ def test_out_of_memory_splits_the_rays_batch_and_gives_up_clearly(shifted_series
 
     series, _ = shifted_series
     fitter = Fitter(series, _config(epochs=1, renderer="rays", rays_per_tilt=100))
-    calls = _failing_when(fitter, lambda f, coords: coords.shape[0] > 1)
+    calls = _failing_when(fitter, lambda f, coords, rows: coords.shape[0] > 1)
     report = fitter.run().report
     assert report["step_chunks"] == 4 and max(calls[-5:]) == 1
     hopeless = Fitter(series, _config(epochs=1, renderer="rays", rays_per_tilt=100))
-    _failing_when(hopeless, lambda f, coords: True)
+    _failing_when(hopeless, lambda f, coords, rows: True)
     with pytest.raises(IcetideError, match="out of memory on cpu even with the smallest batch"):
         hopeless.run()
 

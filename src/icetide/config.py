@@ -120,6 +120,14 @@ class FitSettings(_Strict):
     checkpoint_minutes: float = Field(5.0, gt=0)
     seed: int = 0
     device: str = "auto"
+    kernel: Literal["auto", "triton", "torch"] = Field(
+        "auto", description="hash encoding: the fused Triton kernels on CUDA (auto: when Triton is installed, "
+        "as with CUDA builds of PyTorch), or the PyTorch path (torch); on CPU always the PyTorch path",
+    )
+    precision: Literal["fp32", "mixed"] = Field(
+        "fp32", description="on CUDA, mixed: the encoding table read in fp16 and the MLP run in bf16 (autocast), "
+        "with fp32 parameters, gradients and densities; ignored on CPU",
+    )
     max_rollbacks: int = Field(
         5,
         ge=0,

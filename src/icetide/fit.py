@@ -202,6 +202,10 @@ class Fitter:
             VolumeConfig(**config.volume.model_dump()),
             self.model_shape_zyx,
         ).to(self.device)
+        try:
+            self.volume.set_execution(fit.kernel, fit.precision == "mixed" and self.device.type == "cuda")
+        except RuntimeError as exc:
+            raise IcetideError(f"fit.kernel: {exc}") from None
 
         dc = config.deform
         if init is None:
@@ -279,14 +283,36 @@ class Fitter:
         self.last_good: dict | None = None
 
     # ----------------------------------------------------------------- model pieces
-    def _coords(self, tilts: torch.Tensor) -> torch.Tensor:
-        """Ideal-projection coordinates of every pixel of the given tilts, ``(B, P, 2)``."""
+    def _coords(self, tilts: torch.Tensor, pixel_rows: slice | None = None) -> torch.Tensor:
+        """Ideal-projection coordinates of every pixel (or every pixel of the detector rows ``pixel_rows``) of
+        the given tilts, ``(B, P, 2)``."""
+        u, v = self.u, self.v
+        if pixel_rows is not None:
+            ny, nx = self.detector_shape
+            u, v = (t.view(ny, nx)[pixel_rows].reshape(1, -1) for t in (u, v))
         local = self.local[tilts] if self.config.deform.local else None
         c = deform_coords(
-            self.u, self.v, self.shifts[tilts], self.angles[tilts] + self.axis_offset, local, self.detector_shape,
+            u, v, self.shifts[tilts], self.angles[tilts] + self.axis_offset, local, self.detector_shape,
             self.interpolation,
         )
         return c[:, 0]
+
+    @torch.no_grad()
+    def _pixel_rows(self, tilts: torch.Tensor, rows: slice) -> slice:
+        """The detector rows whose pixels can see the lattice band ``rows``: the band widened by a bound on
+        how far the current deformations of ``tilts`` move a pixel, ``|x' - x| <= |tau| + 2 |sin(alpha / 2)|
+        (r + Phi) + Phi`` (``r`` the detector's half-diagonal, ``Phi`` = 1.6 sqrt(2) max|phi| bounding the
+        bicubic field with its overshoot), plus 2 rows for the renderer's sub-voxel jitter and rounding. The
+        other pixels fall outside the band and would not be scored; leaving them out saves their warping."""
+        ny, nx = self.detector_shape
+        reach = self.shifts[tilts].norm(dim=-1)
+        phi = torch.zeros_like(reach)
+        if self.config.deform.local:
+            phi = 1.6 * math.sqrt(2) * self.local[tilts].abs().amax(dim=(1, 2, 3))
+        radius = math.hypot(ny, nx) / 2
+        turn = 2 * torch.sin((self.angles[tilts] + self.axis_offset).abs().clamp(max=math.pi) / 2)
+        bound = float((reach + turn * (radius + phi) + phi).max()) + 2
+        return slice(max(0, math.floor(rows.start - bound)), min(ny, math.ceil(rows.stop + bound)))
 
     def _penalty(self, tilts: torch.Tensor) -> torch.Tensor:
         dc = self.config.deform
@@ -300,8 +326,12 @@ class Fitter:
         )
 
     def _predict(self, tilts: torch.Tensor, jitter: bool, rows: slice | None = None):
-        """``(values, valid, pick)`` for every pixel of ``tilts`` (lattice, in the band ``rows`` when given) or
-        random pixels ``pick`` (rays)."""
+        """``(values, valid, pick)`` for the pixels ``pick`` of ``tilts``: random pixel indices (rays), the
+        detector rows that can see the band ``rows`` (lattice, see :meth:`_pixel_rows`), or None (every pixel)."""
+        if rows is not None:
+            pixel_rows = self._pixel_rows(tilts, rows)
+            values, valid = self._render(self._coords(tilts, pixel_rows), tilts, jitter, rows)
+            return values, valid, pixel_rows
         coords = self._coords(tilts)
         if self.config.fit.renderer == "rays" and jitter:
             n = min(self.config.fit.rays_per_tilt, coords.shape[1])
@@ -310,7 +340,7 @@ class Fitter:
             coords = torch.gather(coords, 1, pick[..., None].expand(-1, -1, 2))
             values, valid = self._render(coords, tilts, jitter)
             return values, valid, pick
-        values, valid = self._render(coords, tilts, jitter, rows)
+        values, valid = self._render(coords, tilts, jitter)
         return values, valid, None
 
     def gains(self) -> torch.Tensor:
@@ -332,10 +362,14 @@ class Fitter:
         """Per-pixel absolute residuals ``(B, P)`` times each tilt's loss weight."""
         return (values - obs).abs() * self.tilt_weights[tilts, None]
 
-    def _observed(self, tilts: torch.Tensor, pick: torch.Tensor | None, held_out: bool):
-        obs = self.images[tilts].reshape(len(tilts), -1)
-        mask = self.validation_mask[tilts].reshape(len(tilts), -1)
-        if pick is not None:
+    def _observed(self, tilts: torch.Tensor, pick: torch.Tensor | slice | None, held_out: bool):
+        """Observed values and training (or ``held_out``) mask ``(B, P)`` of the pixels ``pick`` (see
+        :meth:`_predict`)."""
+        images, held = self.images[tilts], self.validation_mask[tilts]
+        if isinstance(pick, slice):
+            images, held = images[:, pick], held[:, pick]
+        obs, mask = images.reshape(len(tilts), -1), held.reshape(len(tilts), -1)
+        if isinstance(pick, torch.Tensor):
             obs, mask = torch.gather(obs, 1, pick), torch.gather(mask, 1, pick)
         return obs, (mask if held_out else ~mask)
 
@@ -349,7 +383,8 @@ class Fitter:
             g["lr"] = 0.0 if (g.get("name") == "local" and local_frozen) else base * factor
 
     def train_epoch(self) -> float:
-        """One pass over every tilt in random order; returns the mean training loss of the steps taken.
+        """One pass over every pixel of every tilt: the tilts in random order, and with the lattice renderer
+        each band of rows of :meth:`_epoch_bands` in turn; returns the mean training loss of the steps taken.
 
         A non-finite step is rolled back (see ``_roll_back``); NaN when every step of the epoch was.
         """
@@ -360,43 +395,76 @@ class Fitter:
         release = self.epoch >= fit.warmup_epochs and self.opt_deform is not None
         order = torch.randperm(len(self.theta), generator=self.generator).to(self.device)
         losses = []
-        for tilts in order.split(fit.tilts_per_step):
-            data_loss, n_used = self._step_gradients(tilts)
-            reason = self._non_finite(data_loss)
-            self.step += 1
-            if reason is not None:
-                self._roll_back(reason)
-                continue
-            self.opt_volume.step()
-            if release:
-                self.opt_deform.step()
-            losses.append(float(data_loss))
-            self.samples += n_used
+        for bands in self._epoch_bands():
+            for tilts in order.split(fit.tilts_per_step):
+                data_loss, n_used = self._step_gradients(tilts, bands)
+                reason = self._non_finite(data_loss)
+                self.step += 1
+                if reason is not None:
+                    self._roll_back(reason)
+                    continue
+                self.opt_volume.step()
+                if release:
+                    self.opt_deform.step()
+                losses.append(float(data_loss))
+                self.samples += n_used
         self.epoch += 1
         self._keep_good()
         return float(np.mean(losses)) if losses else math.nan
 
-    def _step_gradients(self, tilts: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Gradients of (mean L1 over the used pixels + penalty) for ``tilts``; returns the data loss and the
-        number of pixels used. Runs in ``step_chunks`` groups of tilts (the same gradients as one group,
-        summed then divided by the pixel count); on running out of memory it shrinks the work and retries."""
-        return self._retrying_on_out_of_memory(self._accumulate_gradients, tilts)
+    def _epoch_bands(self) -> list[list[slice] | None]:
+        """The rows of each step of an epoch (lattice renderer, when one band cannot hold every row).
 
-    def _accumulate_gradients(self, tilts: torch.Tensor) -> tuple[torch.Tensor, int]:
+        The detector rows are cut into ``n = ceil(ny / lattice_rows)`` bands of equal height whose edges are
+        shifted by a random fraction of a band (so that band edges, where warped pixels fall outside the band
+        and are not scored, move from epoch to epoch); the two partial end pieces form one step together.
+        The steps come in random order; together they cover every row once. ``[None]`` (the whole detector,
+        or the rank's own band under torch.distributed) otherwise.
+        """
+        ny = self.detector_shape[0]
+        if self.config.fit.renderer != "lattice" or self.world > 1 or self.lattice_rows >= ny:
+            return [None]
+        n = math.ceil(ny / self.lattice_rows)
+        shift = float(torch.rand((), generator=self.generator))
+        edges = [round((i + shift) * ny / n) for i in range(n)]
+        steps = [[slice(a, b)] for a, b in zip(edges[:-1], edges[1:])]
+        steps.append([band for band in (slice(0, edges[0]), slice(edges[-1], ny)) if band.stop > band.start])
+        return [steps[i] for i in torch.randperm(len(steps), generator=self.generator).tolist()]
+
+    def _step_gradients(self, tilts: torch.Tensor, bands: list[slice] | None = None) -> tuple[torch.Tensor, int]:
+        """Gradients of (mean L1 over the used pixels + penalty) for ``tilts`` (lattice: in the rows ``bands``;
+        None: every row, or this rank's band); returns the data loss and the number of pixels used. Runs in
+        ``step_chunks`` groups of tilts and in bands of at most ``lattice_rows`` rows (the same gradients as one
+        group, summed then divided by the pixel count); on running out of memory it shrinks the work and
+        retries."""
+        return self._retrying_on_out_of_memory(self._accumulate_gradients, tilts, bands)
+
+    def _row_pieces(self, bands: list[slice] | None) -> list[slice | None]:
+        """``bands`` (lattice; None: every row) cut into pieces of at most ``lattice_rows`` rows; ``[None]``
+        for the rays renderer."""
+        if self.config.fit.renderer != "lattice":
+            return [None]
+        size = self.lattice_rows
+        return [slice(r, min(r + size, band.stop))
+                for band in (bands or [slice(0, self.detector_shape[0])]) for r in range(band.start, band.stop, size)]
+
+    def _accumulate_gradients(self, tilts: torch.Tensor, bands: list[slice] | None) -> tuple[torch.Tensor, int]:
         self._zero_grads()
         total = torch.zeros((), device=self.device)
         count = torch.zeros((), device=self.device, dtype=torch.long)
-        mine, rows = self._share(tilts)
-        for chunk in mine.tensor_split(max(1, min(self.step_chunks, len(mine)))):
-            if len(chunk) == 0:
-                continue
-            values, valid, pick = self._predict(chunk, jitter=True, rows=rows)
-            obs, train = self._observed(chunk, pick, held_out=False)
-            use = valid & train
-            abs_sum = self._weighted_abs(values, obs, chunk)[use].sum()
-            abs_sum.backward()
-            total += abs_sum.detach()
-            count += use.sum()
+        mine, rank_rows = self._share(tilts)
+        pieces = self._row_pieces([rank_rows] if rank_rows is not None else bands)
+        for rows in pieces:
+            for chunk in mine.tensor_split(max(1, min(self.step_chunks, len(mine)))):
+                if len(chunk) == 0:
+                    continue
+                values, valid, pick = self._predict(chunk, jitter=True, rows=rows)
+                obs, train = self._observed(chunk, pick, held_out=False)
+                use = valid & train
+                abs_sum = self._weighted_abs(values, obs, chunk)[use].sum()
+                abs_sum.backward()
+                total += abs_sum.detach()
+                count += use.sum()
         if self.world > 1:
             total, count = self._all_reduce_gradients(total, count)
         n = count.clamp(min=1).to(total.dtype)
@@ -455,7 +523,6 @@ class Fitter:
         fit = self.config.fit
         if fit.renderer == "lattice" and self.lattice_rows > 4:
             self.lattice_rows = max(4, self.lattice_rows // 2)
-            self.renderer.band_rows = min(self.lattice_rows, self.shape_zyx[1])
         elif self.step_chunks < fit.tilts_per_step:
             self.step_chunks = min(fit.tilts_per_step, self.step_chunks * 2)
         else:
@@ -529,13 +596,10 @@ class Fitter:
                 continue
             if self.config.fit.renderer == "rays":
                 predictions = [self._predict_heldout_rays(mine)]
-            elif rows is not None:
-                predictions = [self._predict(mine, jitter=False, rows=rows)]
             else:
                 # Every band of rows in turn, so that the held-out pixels of the whole detector are scored.
-                ny = self.detector_shape[0]
-                bands = [slice(r, min(r + self.lattice_rows, ny)) for r in range(0, ny, self.lattice_rows)]
-                predictions = [self._predict(mine, jitter=False, rows=band) for band in bands]
+                pieces = self._row_pieces([rows] if rows is not None else None)
+                predictions = [self._predict(mine, jitter=False, rows=band) for band in pieces]
             for values, valid, pick in predictions:
                 obs, held = self._observed(mine, pick, held_out=True)
                 use = valid & held
@@ -755,6 +819,8 @@ class Fitter:
             "field_evaluations_per_step": self._evaluations_per_step(),
             "curves": self.curves,
             "device": str(self.device),
+            "encoding_kernel": "triton" if self.volume.encoding.uses_kernel(self.device) else "torch",
+            "mixed_precision": self.volume.mixed_precision,
             "data_scale": self.data_scale,
             "volume_shape_zyx": list(self.shape_zyx),
             "model_shape_zyx": list(self.model_shape_zyx),

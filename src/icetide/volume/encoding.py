@@ -43,10 +43,13 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .triton_encoding import LevelConstants, encode_points_triton, kernel_available
+
 __all__ = ["HASH_PRIMES", "Level", "level_layout", "HashEncoding", "ReferenceHashEncoding"]
 
 HASH_PRIMES = (1, 2654435761, 805459861)
 Interpolation = Literal["linear", "smoothstep"]
+Kernel = Literal["auto", "triton", "torch"]
 
 # Points per chunk: on a CPU the intermediates of a chunk stay in cache; on a GPU a chunk fills the device.
 _CHUNK_POINTS = {"cpu": 8192}
@@ -209,7 +212,8 @@ class _LevelGroup:
         if key not in self._cache:
             index_dtype = _index_dtype(like.device)
             self._cache[key] = {
-                k: v.to(like.device, like.dtype) if v.is_floating_point() else _to_index(v, index_dtype)
+                k: v.to(like.device, like.dtype) if v.is_floating_point()
+                else _to_index(v, index_dtype).to(like.device)
                 for k, v in self._constants.items()
             }
         return self._cache[key]
@@ -369,7 +373,10 @@ class HashEncoding(nn.Module):
 
     Inputs are unit coordinates in ``(x, y, z)`` order (``icetide.geometry.box_to_unit`` of voxel coordinates).
     ``chunk_points`` overrides the number of points processed at once (default: 8192 on CPU, 2**17 elsewhere).
-    Raises ``ValueError`` on bad sizes.
+    ``kernel``: ``"auto"`` evaluates points with the fused Triton kernels (:mod:`.triton_encoding`) on CUDA
+    when Triton imports and ``F`` is a power of two, else with the PyTorch path; ``"torch"`` always uses the
+    PyTorch path; ``"triton"`` requires the kernels. ``table_dtype`` is the precision of the kernels' table
+    reads (float32, float16 or bfloat16; the parameter stays float32). Raises ``ValueError`` on bad sizes.
     """
 
     def __init__(
@@ -382,8 +389,14 @@ class HashEncoding(nn.Module):
         interpolation: Interpolation = "linear",
         box_shape_zyx: tuple[int, int, int] = (48, 128, 128),
         chunk_points: int | None = None,
+        kernel: Kernel = "auto",
+        table_dtype: torch.dtype = torch.float32,
     ):
         super().__init__()
+        if kernel not in ("auto", "triton", "torch"):
+            raise ValueError(f"kernel must be 'auto', 'triton' or 'torch', not {kernel!r}")
+        if table_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"table_dtype must be float32, float16 or bfloat16, not {table_dtype}")
         if interpolation not in ("linear", "smoothstep"):
             raise ValueError(f"interpolation must be 'linear' or 'smoothstep', not {interpolation!r}")
         if n_levels < 1 or n_features < 1 or base_resolution <= 0 or per_level_scale < 1:
@@ -398,6 +411,9 @@ class HashEncoding(nn.Module):
         self.interpolation: Interpolation = interpolation
         self.box_shape_zyx = tuple(int(n) for n in box_shape_zyx)
         self.chunk_points = chunk_points
+        self.kernel: Kernel = kernel
+        self.table_dtype = table_dtype
+        self._level_constants: dict[tuple, LevelConstants] = {}
         self.levels = level_layout(n_levels, log2_table_size, base_resolution, per_level_scale, self.box_shape_zyx)
         self.n_dense = sum(level.dense for level in self.levels)  # dense levels are the coarse ones, a prefix
         total_rows = sum(level.rows for level in self.levels)
@@ -431,8 +447,30 @@ class HashEncoding(nn.Module):
         if unit_xyz.ndim != 2 or unit_xyz.shape[1] != 3:
             raise ValueError(f"expected points of shape (N, 3), got {tuple(unit_xyz.shape)}")
         table = self.table if table is None else table
+        if self.uses_kernel(table.device):
+            first, stop = groups[0].first, groups[-1].stop
+            key = (first, stop, table.device)
+            if key not in self._level_constants:
+                self._level_constants[key] = LevelConstants(self.levels[first:stop], HASH_PRIMES, table.device)
+            out = encode_points_triton(unit_xyz.float(), table, self._level_constants[key],
+                                       self.interpolation == "smoothstep", self.table_dtype)
+            return out.to(table.dtype)
         x = unit_xyz.to(table.dtype)
         return _PointLookup.apply(x, table, groups, _chunk_points(x.device, self.chunk_points))
+
+    def uses_kernel(self, device: torch.device) -> bool:
+        """Whether points on ``device`` are evaluated by the Triton kernels (see ``kernel``); raises
+        ``RuntimeError`` when ``kernel="triton"`` and they cannot run."""
+        power_of_two = self.n_features & (self.n_features - 1) == 0
+        if self.kernel == "torch":
+            return False
+        usable = power_of_two and kernel_available(device)
+        if self.kernel == "triton" and not usable:
+            raise RuntimeError(
+                f"the Triton kernels cannot run here (device {device.type}, {self.n_features} features, "
+                f"Triton {'missing' if not kernel_available(device) else 'present'})"
+            )
+        return usable
 
     # -- the lattice path ------------------------------------------------------------------------------------
 
@@ -562,8 +600,11 @@ class ReferenceHashEncoding(HashEncoding):
     """The straightforward encoding: ``(N, 8, 3)`` corner indices per level, autograd for every gradient.
 
     Same layout and parameters as :class:`HashEncoding` (a state dict moves between them); the baseline of
-    the tests and of ``benchmarks/throughput.py``.
+    the tests and of ``benchmarks/throughput.py``. Never uses the Triton kernels.
     """
+
+    def __init__(self, **kwargs):
+        super().__init__(**{**kwargs, "kernel": "torch"})
 
     _CORNERS = torch.tensor(list(itertools.product((0, 1), repeat=3)))  # (8, 3): 0 lower, 1 upper corner
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..geometry import box_to_unit
-from .encoding import HashEncoding
+from .encoding import HashEncoding, Kernel
 from .mlp import MLP
 
 __all__ = ["VolumeConfig", "ImplicitVolume"]
@@ -60,6 +60,10 @@ class ImplicitVolume(nn.Module):
 
     Points outside the box get the network's value at the nearest point of the box (the encoding clamps its
     unit coordinates), i.e. the field continues its faces outwards; renderers mask what lies outside.
+
+    Execution (not part of the model; see :meth:`set_execution`): the encoding's kernel choice, and mixed
+    precision on CUDA (table reads in fp16, the MLP in bf16 under autocast; parameters, gradients and the
+    returned densities stay fp32).
     """
 
     def __init__(self, box_shape_zyx: tuple[int, int, int], config: VolumeConfig | None = None):
@@ -69,6 +73,26 @@ class ImplicitVolume(nn.Module):
         self.box_shape_zyx = tuple(int(n) for n in box_shape_zyx)
         self.encoding = HashEncoding(**config.encoding_args(), box_shape_zyx=self.box_shape_zyx)
         self.mlp = MLP(self.encoding.output_dim, config.hidden, config.n_hidden_layers)
+        self.mixed_precision = False
+
+    def set_execution(self, kernel: Kernel = "auto", mixed_precision: bool = False) -> "ImplicitVolume":
+        """Choose the encoding's kernel (``auto``, ``triton`` or ``torch``, see :class:`HashEncoding`) and mixed
+        precision (CUDA only: fp16 table reads, bf16 MLP). Returns ``self``."""
+        if kernel not in ("auto", "triton", "torch"):
+            raise ValueError(f"kernel must be 'auto', 'triton' or 'torch', not {kernel!r}")
+        self.encoding.kernel = kernel
+        self.encoding.uses_kernel(self.encoding.table.device)  # raises if "triton" cannot run there
+        self.mixed_precision = mixed_precision
+        self.encoding.table_dtype = torch.float16 if mixed_precision else torch.float32
+        return self
+
+    def _density(self, features: torch.Tensor) -> torch.Tensor:
+        """The MLP's output ``(...)`` float32 for encoded ``features`` ``(..., L * F)``."""
+        if self.mixed_precision and features.is_cuda:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = self.mlp(features)
+            return out.squeeze(-1).float()
+        return self.mlp(features).squeeze(-1)
 
     @classmethod
     def from_config(cls, config: VolumeConfig, box_shape_zyx: tuple[int, int, int]) -> "ImplicitVolume":
@@ -81,7 +105,7 @@ class ImplicitVolume(nn.Module):
     def forward(self, xyz_vox: torch.Tensor) -> torch.Tensor:
         """Density at points ``(N, 3)`` (voxel coordinates ``(x, y, z)``, box centre at 0); returns ``(N,)``."""
         unit = box_to_unit(xyz_vox, self.box_shape_zyx)
-        return self.mlp(self.encoding(unit)).squeeze(-1)
+        return self._density(self.encoding(unit))
 
     def lattice(self, offset_vox: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
         """Density at every voxel centre + ``offset_vox`` (``(3,)``, ``(x, y, z)``, voxels) of the box.
@@ -90,7 +114,7 @@ class ImplicitVolume(nn.Module):
         differentiable with respect to the parameters (and the offset).
         """
         features = self.encoding.forward_lattice(self.box_shape_zyx, offset_vox, rows)
-        return self.mlp(features).squeeze(-1)
+        return self._density(features)
 
     @torch.no_grad()
     def sample_grid(
@@ -116,5 +140,5 @@ class ImplicitVolume(nn.Module):
         for start in range(0, ny, rows_per_band):
             band = slice(start, min(start + rows_per_band, ny))
             features = encoding.forward_lattice((nz, ny, nx), offset, band)
-            out[:, band] = module.mlp(features).squeeze(-1).float().cpu()
+            out[:, band] = module._density(features).float().cpu()
         return out
