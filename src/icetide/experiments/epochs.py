@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Collection
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from .case import simulate_case
 from .report import fmt, write_report
 
 DEFAULT_EPOCHS = 250
+# What of the fit's report.json the result keeps: how the fit ran.
+FIT_REPORT_KEYS = ("epochs", "steps", "stop_reason", "fit_seconds", "lattice_rows", "field_evaluations_per_step",
+                   "encoding_kernel", "mixed_precision", "device")
 
 
 def cc_along_fit(
@@ -34,16 +37,18 @@ def cc_along_fit(
     sim: SimulatedTiltSeries,
     voxel_size_A: float,
     config: ReconstructConfig,
-    every: int,
+    every: int | Collection[int],
     on_epoch: Callable[[dict], None] | None = None,
+    on_score: Callable[[dict], None] | None = None,
 ) -> dict:
     """Fit ``sim.noisy`` with ``config`` (its ``patience`` should exceed its ``epochs``) from the coarse
-    pre-alignment as ``reconstruct`` does, scoring the volume every ``every`` epochs.
+    pre-alignment as ``reconstruct`` does, scoring the volume every ``every`` epochs, or at the epochs listed
+    in ``every`` (``on_score`` gets each point of the curve as it is scored).
 
     Returns ``oracle_cc`` (FBP of the undeformed noisy series), ``raw_cc`` (FBP of the raw series),
     ``curve`` (epoch, fit seconds, CC), ``time_to_oracle_s`` / ``epoch_to_oracle`` (first scored epoch whose CC
     reaches the oracle's; None if none), ``early_stopping_epoch`` and ``cc_near_early_stopping``, ``max_cc`` and
-    ``max_cc_epoch``.
+    ``max_cc_epoch``, and ``fit`` (``FIT_REPORT_KEYS`` of the fit's report).
     """
     angles = sim.tilt_angles_deg
     nz = truth.shape[0]
@@ -57,15 +62,17 @@ def cc_along_fit(
     def score(info: dict) -> None:
         if on_epoch is not None:
             on_epoch(info)
-        if info["epoch"] % every:
+        if info["epoch"] % every if isinstance(every, int) else info["epoch"] not in every:
             return
         t0 = time.monotonic()
         tomogram = sample_tomogram(fitter.volume, np.zeros(3), fitter.density_scale, fitter.shape_zyx[2])
         cc = evaluate_reconstruction(tomogram, truth)["cc"]
         curve.append({"epoch": info["epoch"], "fit_s": info["elapsed_s"] - scoring_s[0], "cc": cc})
         scoring_s[0] += time.monotonic() - t0
+        if on_score is not None:
+            on_score(curve[-1])
 
-    fitter.run(on_epoch=score)
+    report = fitter.run(on_epoch=score).report
     best_epoch = int(fitter.curves["epoch"][int(np.nanargmin(fitter.curves["val_loss"]))])
     reached = next((c for c in curve if c["cc"] >= oracle_cc), None)
     nearest = min(curve, key=lambda c: abs(c["epoch"] - best_epoch))
@@ -80,6 +87,7 @@ def cc_along_fit(
         "max_cc": peak["cc"],
         "max_cc_epoch": peak["epoch"],
         "curve": curve,
+        "fit": {key: report[key] for key in FIT_REPORT_KEYS},
     }
 
 
