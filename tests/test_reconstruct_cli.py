@@ -62,6 +62,7 @@ def test_reconstruct_writes_every_output(series_files, tmp_path):
         (["--angles", "ts.tlt", "--renderer", "cones"], "--renderer"),
         (["--angles", "ts.tlt", "--device", "cuda:7"], "CUDA"),
         (["--angles", "ts.tlt", "--config", "ts.tlt"], "ts.tlt"),
+        (["--angles", "ts.tlt", "--half-maps", "frames"], "--half-maps must be tilts or pixels"),
     ],
 )
 def test_reconstruct_bad_input_is_one_line_and_writes_nothing(series_files, tmp_path, args, message):
@@ -71,6 +72,21 @@ def test_reconstruct_bad_input_is_one_line_and_writes_nothing(series_files, tmp_
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
     assert not out.exists()
+
+
+def test_half_maps_write_both_halves_their_fsc_and_the_mean(series_files, tmp_path):
+    out = tmp_path / "rec"
+    f = series_files
+    result = _run("reconstruct", f / "ts.mrc", "--angles", f / "ts.tlt", "-o", out, "--thickness", 12,
+                  "--epochs", 3, "--config", f / "tiny.yaml", "--device", "cpu", "--half-maps", "pixels")
+    assert result.exit_code == 0, result.output
+    assert "half-map FSC 0.143" in result.output
+    first, second = read_mrc(out / "tomogram_half1.mrc")[0], read_mrc(out / "tomogram_half2.mrc")[0]
+    assert first.shape == SHAPE and not np.array_equal(first, second)  # two volumes, fitted apart
+    np.testing.assert_allclose(read_mrc(out / "tomogram.mrc")[0], (first + second) / 2, rtol=1e-5, atol=1e-6)
+    half_maps = json.loads((out / "report.json").read_text())["half_maps"]
+    assert half_maps["split"] == "pixels" and set(half_maps["resolution"]) == {"0.5", "0.143"}
+    assert (out / "fsc_halves.png").is_file() and (out / "fsc_halves.csv").is_file()
 
 
 def test_reconstruct_refuses_a_non_empty_folder(series_files, tmp_path):

@@ -73,6 +73,10 @@ LATTICE_VOXELS_PER_STEP = 8_000_000
 # Memory per field evaluation in a training step (forward and backward of encoding + MLP, the lattice's
 # projections), from the measurement above with a margin; the rays renderer's points cost about the same.
 BYTES_PER_FIELD_POINT = 600
+# The second half volume's encoding grids are finer by this factor: half volumes on identical grids share the
+# grids' interpolation artefacts, which correlate them at high frequency (half-map FSC near 0.6 at Nyquist where
+# the truth's is 0; with 1.13 it falls to 0.0-0.03; docs/RESULTS.md, half maps).
+HALF_GRID_SCALE = 1.13
 # Fraction of the memory available at start-up that a fit plans to use.
 AVAILABLE_FRACTION = 0.7
 
@@ -146,7 +150,8 @@ def _peak_memory_mb(device: torch.device) -> dict:
 class FitResult:
     """What a finished fit hands to the outputs.
 
-    ``volume``: the implicit volume in its best state; ``deformations``: estimated deformations with the gauge
+    ``volume``: the implicit volume in its best state (with ``fit.half_maps``, the first half's; ``half_volume``
+    is the second's, else None); ``deformations``: estimated deformations with the gauge
     removed (see ``translation_xyz``); ``translation_xyz``: the volume translation (voxels) that replaces the
     removed common shift, i.e. the tomogram is ``rho(p - translation)``; ``density_scale``: multiply the field
     by it to get density in the units of the input (line integral per voxel length); ``report``: timings,
@@ -158,6 +163,7 @@ class FitResult:
     translation_xyz: np.ndarray
     density_scale: float
     report: dict = field(default_factory=dict)
+    half_volume: ImplicitVolume | None = None
 
 
 class Fitter:
@@ -198,14 +204,11 @@ class Fitter:
         held = torch.rand(series.images.shape, generator=self.generator) < fit.validation_fraction
         self.validation_mask = held.to(self.device)
 
-        self.volume = ImplicitVolume.from_config(
-            VolumeConfig(**config.volume.model_dump()),
-            self.model_shape_zyx,
-        ).to(self.device)
-        try:
-            self.volume.set_execution(fit.kernel, fit.precision == "mixed" and self.device.type == "cuda")
-        except RuntimeError as exc:
-            raise IcetideError(f"fit.kernel: {exc}") from None
+        self.volume = self._new_volume()
+        # Half maps: a second volume, and which pixels it explains (True) instead of the first one.
+        self.half_volume = self._new_volume(HALF_GRID_SCALE) if fit.half_maps != "none" else None
+        self.half_mask = _half_mask(fit.half_maps, series.tilt_angles_deg, series.images.shape, self.generator)
+        self.half_mask = None if self.half_mask is None else self.half_mask.to(self.device)
 
         dc = config.deform
         if init is None:
@@ -234,7 +237,8 @@ class Fitter:
             self.local.register_hook(lambda grad: grad * interior)
 
         self.memory_budget = memory_budget_bytes(self.device, fit.max_memory_gb)
-        self.lattice_rows = fit.lattice_rows or auto_lattice_rows(self.model_shape_zyx, memory_bytes=self.memory_budget)
+        per_volume = None if self.memory_budget is None else self.memory_budget // len(self.volumes)
+        self.lattice_rows = fit.lattice_rows or auto_lattice_rows(self.model_shape_zyx, memory_bytes=per_volume)
         self.renderer = make_renderer(fit.renderer, self.model_shape_zyx, self.lattice_rows, fit.samples_per_voxel, nx)
         # Tilts of a step are rendered in this many groups, gradients accumulated (same step, less memory).
         self.step_chunks = 1
@@ -250,7 +254,7 @@ class Fitter:
             if fit.renderer == "lattice":
                 self.lattice_rows = band
                 self.renderer.band_rows = band
-        self.opt_volume = torch.optim.Adam(self.volume.parameters(), lr=fit.lr_volume)
+        self.opt_volume = torch.optim.Adam([p for v in self.volumes for p in v.parameters()], lr=fit.lr_volume)
         if dc.offset:  # an intensity parameter: it learns with the volume, from the first epoch
             self.opt_volume.add_param_group({"params": [self.offset], "lr": fit.lr_offset, "name": "offset"})
         groups = []
@@ -283,6 +287,25 @@ class Fitter:
         self.last_good: dict | None = None
 
     # ----------------------------------------------------------------- model pieces
+    def _new_volume(self, grid_scale: float = 1.0) -> ImplicitVolume:
+        """A freshly initialised implicit volume of the configuration (its encoding's base resolution times
+        ``grid_scale``), on the device, with the kernel choice."""
+        fit = self.config.fit
+        settings = self.config.volume.model_dump()
+        settings["base_resolution"] *= grid_scale
+        volume = ImplicitVolume.from_config(VolumeConfig(**settings), self.model_shape_zyx)
+        volume = volume.to(self.device)
+        try:
+            volume.set_execution(fit.kernel, fit.precision == "mixed" and self.device.type == "cuda")
+        except RuntimeError as exc:
+            raise IcetideError(f"fit.kernel: {exc}") from None
+        return volume
+
+    @property
+    def volumes(self) -> list[ImplicitVolume]:
+        """The fitted volumes: one, or the two half volumes."""
+        return [self.volume] if self.half_volume is None else [self.volume, self.half_volume]
+
     def _coords(self, tilts: torch.Tensor, pixel_rows: slice | None = None) -> torch.Tensor:
         """Ideal-projection coordinates of every pixel (or every pixel of the detector rows ``pixel_rows``) of
         the given tilts, ``(B, P, 2)``."""
@@ -327,31 +350,51 @@ class Fitter:
 
     def _predict(self, tilts: torch.Tensor, jitter: bool, rows: slice | None = None):
         """``(values, valid, pick)`` for the pixels ``pick`` of ``tilts``: random pixel indices (rays), the
-        detector rows that can see the band ``rows`` (lattice, see :meth:`_pixel_rows`), or None (every pixel)."""
+        detector rows that can see the band ``rows`` (lattice, see :meth:`_pixel_rows`), or None (every pixel).
+        With half maps each pixel's value comes from the volume of its half."""
         if rows is not None:
-            pixel_rows = self._pixel_rows(tilts, rows)
-            values, valid = self._render(self._coords(tilts, pixel_rows), tilts, jitter, rows)
-            return values, valid, pixel_rows
-        coords = self._coords(tilts)
-        if self.config.fit.renderer == "rays" and jitter:
-            n = min(self.config.fit.rays_per_tilt, coords.shape[1])
-            pick = torch.stack([torch.randperm(coords.shape[1], generator=self.sampler)[:n] for _ in tilts])
-            pick = pick.to(self.device)
-            coords = torch.gather(coords, 1, pick[..., None].expand(-1, -1, 2))
+            pick = self._pixel_rows(tilts, rows)
+            values, valid = self._render(self._coords(tilts, pick), tilts, jitter, rows)
+        else:
+            coords = self._coords(tilts)
+            pick = None
+            if self.config.fit.renderer == "rays" and jitter:
+                n = min(self.config.fit.rays_per_tilt, coords.shape[1])
+                pick = torch.stack([torch.randperm(coords.shape[1], generator=self.sampler)[:n] for _ in tilts])
+                pick = pick.to(self.device)
+                coords = torch.gather(coords, 1, pick[..., None].expand(-1, -1, 2))
             values, valid = self._render(coords, tilts, jitter)
-            return values, valid, pick
-        values, valid = self._render(coords, tilts, jitter)
-        return values, valid, None
+        return self._of_own_half(values, tilts, pick), valid, pick
+
+    def _of_own_half(self, values: torch.Tensor, tilts: torch.Tensor, pick) -> torch.Tensor:
+        """``values (V, B, P)`` -> ``(B, P)``: each pixel's value from its half's volume (the only one if V = 1)."""
+        if len(values) == 1:
+            return values[0]
+        return torch.where(self._pixels(self.half_mask, tilts, pick), values[1], values[0])
+
+    @staticmethod
+    def _pixels(per_pixel: torch.Tensor, tilts: torch.Tensor, pick) -> torch.Tensor:
+        """``per_pixel (M, ny, nx)`` at the pixels ``pick`` of ``tilts`` (see :meth:`_predict`): ``(B, P)``."""
+        chosen = per_pixel[tilts]
+        if isinstance(pick, slice):
+            chosen = chosen[:, pick]
+        chosen = chosen.reshape(len(tilts), -1)
+        return torch.gather(chosen, 1, pick) if isinstance(pick, torch.Tensor) else chosen
 
     def gains(self) -> torch.Tensor:
         """Per-tilt intensity gains ``(M,)``, geometric mean 1 (the volume holds the overall scale)."""
         return torch.exp(self.log_gain - self.log_gain.mean())
 
     def _render(self, coords: torch.Tensor, tilts: torch.Tensor, jitter: bool, rows: slice | None = None):
+        """Predicted values ``(V, B, P)`` of every volume (``V`` = 1, or 2 with half maps) and the pixels
+        valid for all of them ``(B, P)``."""
         extra = {} if rows is None else {"rows": rows}  # the lattice renderer's band; a random one by default
-        values, valid = self.renderer.render(
-            self.volume, coords, self.theta[tilts], self.sampler, jitter=jitter, **extra
-        )
+        rendered = [
+            self.renderer.render(volume, coords, self.theta[tilts], self.sampler, jitter=jitter, **extra)
+            for volume in self.volumes
+        ]
+        values = torch.stack([v for v, _ in rendered])
+        valid = rendered[0][1] if len(rendered) == 1 else rendered[0][1] & rendered[1][1]
         if self.config.deform.gain:
             values = values * self.gains()[tilts, None]
         if self.config.deform.offset:
@@ -365,12 +408,7 @@ class Fitter:
     def _observed(self, tilts: torch.Tensor, pick: torch.Tensor | slice | None, held_out: bool):
         """Observed values and training (or ``held_out``) mask ``(B, P)`` of the pixels ``pick`` (see
         :meth:`_predict`)."""
-        images, held = self.images[tilts], self.validation_mask[tilts]
-        if isinstance(pick, slice):
-            images, held = images[:, pick], held[:, pick]
-        obs, mask = images.reshape(len(tilts), -1), held.reshape(len(tilts), -1)
-        if isinstance(pick, torch.Tensor):
-            obs, mask = torch.gather(obs, 1, pick), torch.gather(mask, 1, pick)
+        obs, mask = self._pixels(self.images, tilts, pick), self._pixels(self.validation_mask, tilts, pick)
         return obs, (mask if held_out else ~mask)
 
     # ----------------------------------------------------------------- training
@@ -547,7 +585,7 @@ class Fitter:
         return None if norm_ok else "non-finite gradients"
 
     def _parameters(self) -> list[torch.Tensor]:
-        return list(self.volume.parameters()) + [
+        return [p for v in self.volumes for p in v.parameters()] + [
             t for t in (self.shifts, self.angles, self.axis_offset, self.local, self.log_gain, self.offset)
             if t.requires_grad
         ]
@@ -619,12 +657,13 @@ class Fitter:
         pick = torch.stack([torch.nonzero(row)[:n, 0] for row in mask])
         coords = torch.gather(self._coords(tilts), 1, pick[..., None].expand(-1, -1, 2))
         values, valid = self._render(coords, tilts, jitter=False)
-        return values, valid, pick
+        return self._of_own_half(values, tilts, pick), valid, pick
 
     def snapshot(self) -> dict:
         """The model state (volume state dict and deformation tensors), detached copies."""
         return {
             "volume": copy.deepcopy(self.volume.state_dict()),
+            "half_volume": None if self.half_volume is None else copy.deepcopy(self.half_volume.state_dict()),
             "shifts_px": self.shifts.detach().clone(),
             "angles_rad": self.angles.detach().clone(),
             "axis_offset_rad": self.axis_offset.detach().clone(),
@@ -635,6 +674,8 @@ class Fitter:
 
     def restore(self, snap: dict) -> None:
         self.volume.load_state_dict(snap["volume"])
+        if self.half_volume is not None:
+            self.half_volume.load_state_dict(snap["half_volume"])
         with torch.no_grad():
             self.shifts.copy_(snap["shifts_px"])
             self.angles.copy_(snap["angles_rad"])
@@ -652,6 +693,7 @@ class Fitter:
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "validation_mask": self.validation_mask.cpu(),
+            "half_mask": None if self.half_mask is None else self.half_mask.cpu(),
             "epoch": self.epoch,
             "step": self.step,
             "samples": self.samples,
@@ -683,6 +725,8 @@ class Fitter:
             self.sampler.manual_seed(self.config.fit.seed + 7919 * self.rank + 104729 * int(state["epoch"]))
         torch.set_rng_state(state["torch_rng"])
         self.validation_mask = state["validation_mask"].to(self.device)
+        if self.half_mask is not None:
+            self.half_mask = state["half_mask"].to(self.device)
         for key in ("epoch", "step", "samples", "best_val", "best_state", "bad_validations", "curves", "elapsed_s"):
             setattr(self, key, state[key])
         # checkpoints written before rollbacks existed have neither key
@@ -832,7 +876,7 @@ class Fitter:
             "seed": self.config.fit.seed,
             **_peak_memory_mb(self.device),
         }
-        return FitResult(self.volume, deformations, translation, self.density_scale, report)
+        return FitResult(self.volume, deformations, translation, self.density_scale, report, self.half_volume)
 
     def _evaluations_per_step(self) -> int:
         nz, ny, nx = self.model_shape_zyx
@@ -841,6 +885,17 @@ class Fitter:
             return nz * min(self.lattice_rows, ny) * nx
         theta_max = float(self.theta.abs().max())
         return fit.tilts_per_step * fit.rays_per_tilt * self.renderer.n_samples(torch.tensor(theta_max))
+
+
+def _half_mask(split: str, tilt_angles_deg: np.ndarray, shape: tuple[int, int, int], generator: torch.Generator):
+    """Which pixels ``(M, ny, nx)`` the second half volume explains: every other tilt in angle order
+    (``tilts``), a random half of the pixels (``pixels``), or None (``none``)."""
+    if split == "none":
+        return None
+    if split == "tilts":
+        rank = np.argsort(np.argsort(tilt_angles_deg, kind="stable"), kind="stable")
+        return torch.from_numpy(rank % 2 == 1)[:, None, None].expand(shape).clone()
+    return torch.rand(shape, generator=generator) < 0.5
 
 
 def _regrid(local_px: torch.Tensor, grid: tuple[int, int], detector_shape, interpolation: str) -> torch.Tensor:

@@ -50,9 +50,10 @@ def _write_csv(path: Path, header: Sequence[str], rows) -> Path:
 
 
 def plot_fsc(
-    curves: Mapping[str, Mapping], path: str | os.PathLike, voxel_size_A: float | None = None
+    curves: Mapping[str, Mapping], path: str | os.PathLike, voxel_size_A: float | None = None,
+    title: str = "FSC against the ground truth",
 ) -> tuple[Path, Path]:
-    """FSC curves of several methods against the truth on one plot (paper Fig. 4).
+    """FSC curves of several methods against the truth (paper Fig. 4), or of any pairs named by ``title``.
 
     ``curves``: name -> an :func:`icetide.metrics.fsc` dict (``frequency`` in cycles/voxel, ``fsc``, and
     optionally ``n_voxels``). Lines at 0.5 and 0.143; a top axis in 1/Angstrom when ``voxel_size_A`` is known.
@@ -72,13 +73,13 @@ def plot_fsc(
     ax.set_xlim(0, 0.5)
     ax.set_ylim(min(-0.1, ax.get_ylim()[0]), 1.05)
     ax.set_xlabel("spatial frequency (cycles/voxel)")
-    ax.set_ylabel("Fourier shell correlation with the truth")
+    ax.set_ylabel("Fourier shell correlation")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize="small")
     if voxel_size_A:
         top = ax.secondary_xaxis("top", functions=(lambda f: f / voxel_size_A, lambda k: k * voxel_size_A))
         top.set_xlabel(f"spatial frequency (1/Å, voxel {voxel_size_A:g} Å)")
-    ax.set_title("FSC against the ground truth")
+    ax.set_title(title)
     _save(fig, path)
     return path, _write_csv(path.with_suffix(".csv"), ("name", "frequency_cycles_per_voxel", "fsc", "n_voxels"), rows)
 

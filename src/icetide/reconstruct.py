@@ -5,7 +5,8 @@ DESIGN.md frame), ``deformations.json`` (estimated, gauge removed), ``aligned.mr
 estimated deformations undone), ``tomogram_fbp.mrc`` (FBP of the aligned series), ``alignment.xf`` and
 ``alignment.tlt`` (IMOD), ``alignment.star`` and ``tomograms.star`` (RELION-5, when the pixel size is known; like
 ``.xf`` it carries the shifts and rotations only, the local fields have no RELION/IMOD equivalent),
-``config.yaml``, ``report.json``, ``checkpoint.pt``.
+``config.yaml``, ``report.json``, ``checkpoint.pt``. With ``fit.half_maps``: ``tomogram_half1.mrc`` and
+``tomogram_half2.mrc`` (the two half volumes; ``tomogram.mrc`` is their mean) and ``fsc_halves.png/.csv``.
 """
 
 from __future__ import annotations
@@ -26,11 +27,16 @@ from .fit import Fitter, distributed_rank
 from .io import write_deformations, write_json, write_mrc, write_tlt
 from .io.imod import write_xf
 from .io.relion import RelionTomogram, write_relion_tilt_series_star, write_relion_tomograms_star
+from .metrics import edge_taper, fsc
+from .plots import plot_fsc
 from .prealign import coarse_shifts
 from .recon import align_series, fbp
 from .volume import ImplicitVolume
 
-__all__ = ["RelionMicroscope", "reconstruct", "sample_tomogram"]
+__all__ = ["RelionMicroscope", "reconstruct", "sample_tomogram", "write_half_maps"]
+
+# Soft edge (voxels) of the half-map FSC: the volumes' hard box edges would correlate at high frequency.
+HALF_MAP_TAPER_VOX = 4.0
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,26 @@ def sample_tomogram(
         for r in range(0, ny, rows_per_chunk)
     ]
     return (torch.cat(bands, dim=1) * density_scale).numpy()
+
+
+def write_half_maps(
+    out_dir: Path, first: np.ndarray, second: np.ndarray, voxel_size_A: float | None, split: str
+) -> dict:
+    """Write the half tomograms, their FSC (``fsc_halves.png/.csv``, a soft edge of ``HALF_MAP_TAPER_VOX``)
+    and return the report entry: the split, the resolution at FSC 0.143 and 0.5 (voxels, and Angstrom when the
+    pixel size is known) and the curve."""
+    write_mrc(out_dir / "tomogram_half1.mrc", first, voxel_size_A)
+    write_mrc(out_dir / "tomogram_half2.mrc", second, voxel_size_A)
+    curve = fsc(first, second, voxel_size_A, mask=edge_taper(first.shape, HALF_MAP_TAPER_VOX))
+    plot_fsc({f"half 1 vs half 2 ({split})": curve}, out_dir / "fsc_halves.png", voxel_size_A,
+             title="FSC between the half tomograms (0.143: the full tomogram's resolution)")
+    return {
+        "split": split,
+        "resolution": curve["resolution"],
+        "frequency_cycles_per_voxel": curve["frequency"].tolist(),
+        "fsc": curve["fsc"].tolist(),
+        "taper_vox": HALF_MAP_TAPER_VOX,
+    }
 
 
 def coarse_start(series: TiltSeries, config: ReconstructConfig) -> Deformations:
@@ -132,6 +158,11 @@ def reconstruct(
     voxel = series.pixel_size_A
     width = series.shape[1]
     tomogram = sample_tomogram(result.volume, result.translation_xyz, result.density_scale, width)
+    half_maps = None
+    if result.half_volume is not None:
+        second = sample_tomogram(result.half_volume, result.translation_xyz, result.density_scale, width)
+        half_maps = write_half_maps(out_dir, tomogram, second, voxel, config.fit.half_maps)
+        tomogram = (tomogram + second) / 2
     write_mrc(out_dir / "tomogram.mrc", tomogram, voxel)
     timings["sample_s"] = time.monotonic() - t0
 
@@ -167,6 +198,8 @@ def reconstruct(
         "alignment.xf, alignment.tlt" + (", alignment.star" if voxel is not None else " (no alignment.star: pixel size unknown)")
         + ": shifts and in-plane rotations only; the local fields are in deformations.json"
     )
+    if half_maps is not None:
+        report["half_maps"] = half_maps
     report["input"] = {
         "n_tilts": series.n_tilts,
         "detector_shape": list(series.shape),
