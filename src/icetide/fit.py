@@ -74,8 +74,8 @@ LATTICE_VOXELS_PER_STEP = 8_000_000
 # projections), from the measurement above with a margin; the rays renderer's points cost about the same.
 BYTES_PER_FIELD_POINT = 600
 # The second half volume's encoding grids are finer by this factor: half volumes on identical grids share the
-# grids' interpolation artefacts, which correlate them at high frequency (half-map FSC near 0.6 at Nyquist where
-# the truth's is 0; with 1.13 it falls to 0.0-0.03; docs/RESULTS.md, half maps).
+# grids' interpolation artefacts, which correlate them at high frequency (half-map FSC about 0.5-0.7 near Nyquist
+# where the truth's is 0; below 0.05 with 1.13; docs/RESULTS.md, half maps).
 HALF_GRID_SCALE = 1.13
 # Fraction of the memory available at start-up that a fit plans to use.
 AVAILABLE_FRACTION = 0.7
