@@ -74,7 +74,7 @@ LATTICE_VOXELS_PER_STEP = 8_000_000
 # projections), from the measurement above with a margin; the rays renderer's points cost about the same.
 BYTES_PER_FIELD_POINT = 600
 # The second half volume's encoding grids are finer by this factor: half volumes on identical grids share the
-# grids' interpolation artefacts, which correlate them at high frequency (half-map FSC about 0.5-0.7 near Nyquist
+# grids' interpolation artefacts, which correlate them at high frequency (half-map FSC 0.25-0.5 near Nyquist
 # where the truth's is 0; below 0.05 with 1.13; docs/RESULTS.md, half maps).
 HALF_GRID_SCALE = 1.13
 # Fraction of the memory available at start-up that a fit plans to use.
