@@ -1,6 +1,6 @@
 """Reconstruction quality against the truth: the quality bar of the engine issue.
 
-Usage: ``python benchmarks/quality.py [--minutes 8] [--out DIR] [--seed 0] [--blobs] [--profile paper|hard]
+Usage: ``python benchmarks/quality.py [--minutes 8] [--out DIR] [--seed 0] [--blobs] [--profile paper|hard|drift]
 [--snr-db 10] [--set fit.lr_shift_px=0.1 ...]``
 
 A 128 x 128 x 48 crowded phantom built from the real protein maps of ``../shared/data/proteins/maps_10A``
@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128, help="phantom width/height; thickness 3/8 of it")
     parser.add_argument("--blobs", action="store_true", help="Gaussian-blob proteins (no shared data needed)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--profile", default="paper", choices=["paper", "hard"], help="deformation profile")
+    parser.add_argument("--profile", default="paper", choices=["paper", "hard", "drift"], help="deformation profile")
     parser.add_argument("--snr-db", type=float, default=10.0, help="SNR of the simulated series, dB")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="config override key=value")
     args = parser.parse_args()

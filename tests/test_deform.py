@@ -6,6 +6,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from icetide.deform import (
+    smoothness_penalty,
     Deformations,
     deform_coords,
     deformation_penalty,
@@ -135,3 +136,11 @@ def test_warp_is_differentiable_in_every_parameter():
     warp_images(img, shifts, angles, local).square().sum().backward()
     for p in (shifts, angles, local):
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+
+
+def test_smoothness_penalty_is_the_mean_squared_step_and_ignores_a_common_shift():
+    shifts = torch.tensor([[0.0, 0.0], [3.0, 4.0], [3.0, 4.0]], dtype=torch.float64)
+    assert float(smoothness_penalty(shifts)) == pytest.approx((25.0 + 0.0) / 2)
+    assert float(smoothness_penalty(shifts + torch.tensor([7.0, -2.0], dtype=torch.float64))) == pytest.approx(12.5)
+    assert float(smoothness_penalty(shifts[:1])) == 0.0
+    assert torch.autograd.gradcheck(smoothness_penalty, (shifts.requires_grad_(),))

@@ -291,3 +291,14 @@ def test_bin_volume_averages_and_crops():
     for bad in (0, 6):
         with pytest.raises(IcetideError):
             bin_volume(vol, bad)
+
+
+def test_drift_profile_is_a_random_walk_along_the_tilt_angles():
+    angles = np.array([30.0, -60.0, 0.0, 60.0, -30.0, 15.0, -15.0, 45.0, -45.0])  # not in angle order
+    d = random_deformations(angles, (64, 64), "drift", np.random.default_rng(3))
+    assert np.abs(d.shifts_px).max() == pytest.approx(20.0)
+    np.testing.assert_allclose(d.shifts_px.mean(axis=0), 0.0, atol=1e-9)
+    in_order = d.shifts_px[np.argsort(angles)]
+    steps = np.linalg.norm(np.diff(in_order, axis=0), axis=1)
+    jumps = np.linalg.norm(np.diff(d.shifts_px, axis=0), axis=1)  # neighbours in file order are not neighbours
+    assert steps.mean() < jumps.mean()

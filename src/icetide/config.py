@@ -77,6 +77,11 @@ class DeformSettings(_Strict):
     penalty_rotation: float = Field(0.1, ge=0, description="l1, on |alpha| in radians")
     penalty_shift: float = Field(1e-4, ge=0, description="l2, on ||tau|| in pixels")
     penalty_local: float = Field(1e-2, ge=0, description="l3, on the RMS of phi in pixels")
+    penalty_smooth: float = Field(
+        0.0, ge=0, description="random-walk prior on the shifts along the tilt-angle order (the acquisition order "
+        "of a continuous or one-directional scheme): weight of the mean squared difference of consecutive "
+        "tilts' shifts, px^2; 0 = off (paper Remark II.2)",
+    )
 
 
 class FitSettings(_Strict):

@@ -39,6 +39,7 @@ __all__ = [
     "warp_images",
     "unwarp_images",
     "deformation_penalty",
+    "smoothness_penalty",
     "gauge_shifts",
     "remove_gauge",
 ]
@@ -265,6 +266,14 @@ def deformation_penalty(
         rms = phi.square().sum(-1).mean(dim=(1, 2)).add(1e-12).sqrt()
         total = total + l3 * rms.mean()
     return total
+
+
+def smoothness_penalty(shifts_px: torch.Tensor) -> torch.Tensor:
+    """Random-walk prior on shifts ``(M, 2)`` given in acquisition order: the mean squared difference between
+    consecutive tilts' shifts, px^2 (0 for fewer than two tilts). Blind to a common shift."""
+    if shifts_px.shape[0] < 2:
+        return shifts_px.sum() * 0.0
+    return (shifts_px[1:] - shifts_px[:-1]).square().sum(-1).mean()
 
 
 def gauge_shifts(translation_xyz, tilt_angles_deg) -> np.ndarray:

@@ -36,7 +36,9 @@ import torch
 
 from .config import ReconstructConfig
 from .data import TiltSeries
-from .deform import Deformations, deform_coords, deformation_penalty, local_displacement, remove_gauge
+from .deform import (
+    Deformations, deform_coords, deformation_penalty, local_displacement, remove_gauge, smoothness_penalty,
+)
 from .errors import IcetideError
 from .geometry import deg2rad, detector_grid, slab_padding_px
 from .io.util import atomic_path
@@ -193,6 +195,7 @@ class Fitter:
         self.model_shape_zyx = (thickness, ny, nx + 2 * pad)  # where the density is modelled
         self.tilt_angles_deg = series.tilt_angles_deg
         self.theta = deg2rad(series.tilt_angles_deg).to(self.device)
+        self.angle_order = torch.as_tensor(np.argsort(series.tilt_angles_deg, kind="stable"), device=self.device)
         m = series.n_tilts
 
         images = torch.tensor(series.images, dtype=torch.float32)  # a copy: the input may be read-only
@@ -338,8 +341,9 @@ class Fitter:
         return slice(max(0, math.floor(rows.start - bound)), min(ny, math.ceil(rows.stop + bound)))
 
     def _penalty(self, tilts: torch.Tensor) -> torch.Tensor:
+        """Paper eq. 7 over ``tilts`` plus, when weighted, the random-walk prior over every tilt."""
         dc = self.config.deform
-        return deformation_penalty(
+        penalty = deformation_penalty(
             self.shifts[tilts] - self.start["shifts_px"][tilts],
             self.angles[tilts] - self.start["angles_rad"][tilts],
             (self.local[tilts] - self.start["local_px"][tilts]) if dc.local else None,
@@ -347,6 +351,9 @@ class Fitter:
             self.detector_shape,
             self.interpolation,
         )
+        if dc.penalty_smooth > 0 and dc.shifts:
+            penalty = penalty + dc.penalty_smooth * smoothness_penalty(self.shifts[self.angle_order])
+        return penalty
 
     def _predict(self, tilts: torch.Tensor, jitter: bool, rows: slice | None = None):
         """``(values, valid, pick)`` for the pixels ``pick`` of ``tilts``: random pixel indices (rays), the

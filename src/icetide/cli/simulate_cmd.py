@@ -63,8 +63,9 @@ def simulate(
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (created; must be empty unless --force)."),
     profile: str = typer.Option(
-        "paper", help="Deformations: paper (shifts +-6 px, rotations +-0.01 deg, 2-px local fields) or hard "
-        "(+-20 px, +-0.5 deg plus a common +-1 deg tilt-axis offset, 4-px local fields)."
+        "paper", help="Deformations: paper (shifts +-6 px, rotations +-0.01 deg, 2-px local fields), hard "
+        "(+-20 px, +-0.5 deg plus a common +-1 deg tilt-axis offset, 4-px local fields) or drift (hard, with the "
+        "shifts a random walk along the tilt angles, as stage drift in a continuous scheme)."
     ),
     snr_db: float = typer.Option(
         10.0, "--snr-db", help="SNR in dB: 10 log10(sum(y^2)/sum(noise^2)) over the clean series."

@@ -47,7 +47,9 @@ class DeformationProfile:
 
     ``shift_px``: per shift component; ``rotation_deg``: per-tilt in-plane rotation; ``axis_offset_deg``:
     one tilt-axis offset common to all tilts (added to every rotation); ``local_px``: the largest local
-    displacement anywhere on the detector, from a ``local_grid`` of control points with a zero border ring.
+    displacement anywhere on the detector, from a ``local_grid`` of control points with a zero border ring;
+    ``drift``: the shifts are a random walk along the tilt-angle order (a continuous acquisition's stage drift:
+    Gaussian steps, centred, scaled so that the largest component is ``shift_px``) instead of independent draws.
     """
 
     shift_px: float
@@ -55,6 +57,7 @@ class DeformationProfile:
     axis_offset_deg: float
     local_px: float
     local_grid: tuple[int, int] = (5, 5)
+    drift: bool = False
 
 
 PROFILES: dict[str, DeformationProfile] = {
@@ -62,6 +65,8 @@ PROFILES: dict[str, DeformationProfile] = {
     "paper": DeformationProfile(shift_px=6.0, rotation_deg=0.01, axis_offset_deg=0.0, local_px=2.0),
     # What real data looks like: larger drift, rotations, a mis-set tilt axis and stronger local warps.
     "hard": DeformationProfile(shift_px=20.0, rotation_deg=0.5, axis_offset_deg=1.0, local_px=4.0),
+    # The hard profile with the shifts drifting from tilt to tilt, as a stage does during a continuous tilt scheme.
+    "drift": DeformationProfile(shift_px=20.0, rotation_deg=0.5, axis_offset_deg=1.0, local_px=4.0, drift=True),
 }
 
 
@@ -103,8 +108,9 @@ def random_deformations(
     """Random true deformations for a tilt series (DESIGN.md "Simulation protocol").
 
     ``profile``: ``"paper"`` (shifts +-6 px per component, rotations +-0.01 deg, 5 x 5 bicubic local field
-    of at most 2 px) or ``"hard"`` (+-20 px, +-0.5 deg plus one common tilt-axis offset of +-1 deg,
-    recorded in ``extra["tilt_axis_offset_deg"]``, local fields of at most 4 px).
+    of at most 2 px), ``"hard"`` (+-20 px, +-0.5 deg plus one common tilt-axis offset of +-1 deg,
+    recorded in ``extra["tilt_axis_offset_deg"]``, local fields of at most 4 px) or ``"drift"`` (the hard profile
+    with shifts drifting along the tilt-angle order, see :class:`DeformationProfile`).
     """
     if profile not in PROFILES:
         raise IcetideError(f"unknown deformation profile {profile!r}; choose one of {', '.join(PROFILES)}")
@@ -112,7 +118,13 @@ def random_deformations(
     p = PROFILES[profile]
     angles = np.asarray(tilt_angles_deg, dtype=np.float64).reshape(-1)
     m = angles.shape[0]
-    shifts = rng.uniform(-p.shift_px, p.shift_px, size=(m, 2))
+    if p.drift:
+        walk = np.cumsum(rng.standard_normal((m, 2)), axis=0)
+        walk -= walk.mean(axis=0)
+        shifts = np.empty_like(walk)
+        shifts[np.argsort(angles, kind="stable")] = walk * (p.shift_px / max(np.abs(walk).max(), 1e-12))
+    else:
+        shifts = rng.uniform(-p.shift_px, p.shift_px, size=(m, 2))
     offset = float(rng.uniform(-p.axis_offset_deg, p.axis_offset_deg)) if p.axis_offset_deg > 0 else 0.0
     rotations = rng.uniform(-p.rotation_deg, p.rotation_deg, size=m) + offset
     local = _local_fields(m, detector_shape, p, rng)
