@@ -295,6 +295,23 @@ def test_half_maps_each_volume_learns_from_its_own_half_only(shifted_series, spl
     assert any(not torch.allclose(a, b) for a, b in zip(before[1], after[1]))  # the second does
 
 
+def test_coarse_to_fine_releases_the_levels_one_after_another(shifted_series):
+    series, _ = shifted_series
+    fitter = Fitter(series, _config(epochs=1, coarse_to_fine_epochs=6))
+    n_levels = fitter.volume.encoding.n_levels  # 4: a level enters every 2 epochs
+    fitter._set_level_weights(0)
+    assert fitter.volume.level_weights.tolist() == [1.0, 0.0, 0.0, 0.0]
+    fitter._set_level_weights(3)  # a = 2.5: level 1 in, level 2 half way
+    torch.testing.assert_close(fitter.volume.level_weights, torch.tensor([1.0, 1.0, 0.5, 0.0]))
+    fitter._set_level_weights(6)
+    assert fitter.volume.level_weights is None and n_levels == 4
+    points = torch.rand(20, 3) * 8
+    fitter.volume.level_weights = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    coarse = fitter.volume(points)
+    fitter.volume.encoding.table.data[fitter.volume.encoding.levels[1].offset:] += 1.0  # finer levels only
+    torch.testing.assert_close(fitter.volume(points), coarse)  # the finer levels do not reach the output yet
+
+
 def test_out_of_memory_splits_the_rays_batch_and_gives_up_clearly(shifted_series):
     from icetide.errors import IcetideError
 

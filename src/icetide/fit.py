@@ -437,6 +437,7 @@ class Fitter:
         if self.last_good is None:
             self._keep_good()
         self._set_learning_rates()
+        self._set_level_weights(self.epoch)
         release = self.epoch >= fit.warmup_epochs and self.opt_deform is not None
         order = torch.randperm(len(self.theta), generator=self.generator).to(self.device)
         losses = []
@@ -456,6 +457,19 @@ class Fitter:
         self.epoch += 1
         self._keep_good()
         return float(np.mean(losses)) if losses else math.nan
+
+    def _set_level_weights(self, epoch: int) -> None:
+        """Weights of the encoding's levels during ``epoch`` (0-based) under ``fit.coarse_to_fine_epochs``:
+        the coarsest level from the start, the others entering one after another (BARF, Lin et al. 2021)."""
+        epochs = self.config.fit.coarse_to_fine_epochs
+        if epochs == 0:
+            return
+        n_levels = self.volume.encoding.n_levels
+        reach = 1 + (n_levels - 1) * min(1.0, epoch / epochs)
+        ramp = (reach - torch.arange(n_levels, dtype=torch.float32, device=self.device)).clamp(0, 1)
+        weights = (1 - torch.cos(math.pi * ramp)) / 2
+        for volume in self.volumes:
+            volume.level_weights = None if bool((weights == 1).all()) else weights
 
     def _epoch_bands(self) -> list[list[slice] | None]:
         """The rows of each step of an epoch (lattice renderer, when one band cannot hold every row).
@@ -855,6 +869,8 @@ class Fitter:
             vals = np.asarray(self.curves["val_loss"], dtype=float)
             if np.isfinite(vals).any():
                 best_epoch = int(self.curves["epoch"][int(np.nanargmin(vals))])
+        if best_epoch is not None and self.best_state is not None:
+            self._set_level_weights(best_epoch - 1)  # the weights the best state was trained with
         report = {
             "stop_reason": stop_reason,
             "rollbacks": self.rollbacks,

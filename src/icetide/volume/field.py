@@ -74,6 +74,8 @@ class ImplicitVolume(nn.Module):
         self.encoding = HashEncoding(**config.encoding_args(), box_shape_zyx=self.box_shape_zyx)
         self.mlp = MLP(self.encoding.output_dim, config.hidden, config.n_hidden_layers)
         self.mixed_precision = False
+        # Per-level weights of the encoding's features (coarse-to-fine schedules); None: all 1.
+        self.level_weights: torch.Tensor | None = None
 
     def set_execution(self, kernel: Kernel = "auto", mixed_precision: bool = False) -> "ImplicitVolume":
         """Choose the encoding's kernel (``auto``, ``triton`` or ``torch``, see :class:`HashEncoding`) and mixed
@@ -88,6 +90,8 @@ class ImplicitVolume(nn.Module):
 
     def _density(self, features: torch.Tensor) -> torch.Tensor:
         """The MLP's output ``(...)`` float32 for encoded ``features`` ``(..., L * F)``."""
+        if self.level_weights is not None:
+            features = features * self.level_weights.repeat_interleave(self.encoding.n_features)
         if self.mixed_precision and features.is_cuda:
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 out = self.mlp(features)
