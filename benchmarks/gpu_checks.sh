@@ -5,6 +5,9 @@
 # tests on CUDA; benchmarks/throughput.py --device cuda; time to quality at the paper's scale (the 512 x 512 x
 # 180 phantom, 61 tilts, 10 dB, paper profile and volume configuration) in fp32 and then, when time is left
 # before DEADLINE_S (default 540 s), with mixed precision; each fit is capped at FIT_MINUTES (default 1.5).
+# The numbers of docs/BENCHMARKS.md came from two runs on an H200 whose image lacked mrcfile, pydantic and
+# starfile: their wheels were installed first (pip install --target, then PYTHONPATH), and the phantom
+# (tomo_001_den.mrc.gz of shared/data/phantoms/polnet_512x512x180_1nm_seed512) was copied beside the repository.
 set -u
 phantom=$1
 out=$2
