@@ -1,7 +1,7 @@
 """Reconstruction quality against the truth: the quality bar of the engine issue.
 
 Usage: ``python benchmarks/quality.py [--minutes 8] [--out DIR] [--seed 0] [--blobs] [--profile paper|hard|drift]
-[--snr-db 10] [--set fit.lr_shift_px=0.1 ...]``
+[--snr-db 10] [--dose COUNTS] [--set fit.lr_shift_px=0.1 ...]``
 
 A 128 x 128 x 48 crowded phantom built from the real protein maps of ``../shared/data/proteins/maps_10A``
 (``--blobs``: Gaussian blobs instead, no shared data needed), 41 tilts from -60 to +60 degrees, the paper's
@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--profile", default="paper", choices=["paper", "hard", "drift"], help="deformation profile")
     parser.add_argument("--snr-db", type=float, default=10.0, help="SNR of the simulated series, dB")
+    parser.add_argument("--dose", type=float, default=None, help="Poisson noise at this mean count per pixel instead")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="config override key=value")
     args = parser.parse_args()
     if not args.blobs and not PROTEINS.is_dir():
@@ -76,7 +77,7 @@ def main() -> None:
         shape_zyx=(args.size * 3 // 8, args.size, args.size),
         max_minutes=args.minutes,
         epochs=100_000,
-        acquisition=Acquisition(snr_db=args.snr_db, profile=args.profile, seed=args.seed),
+        acquisition=Acquisition(snr_db=args.snr_db, profile=args.profile, seed=args.seed, dose_per_px=args.dose),
         device=args.device,
         proteins_dir=None if args.blobs else str(PROTEINS),
     )
@@ -101,6 +102,7 @@ def main() -> None:
         "shape_zyx": list(settings.shape_zyx),
         "n_tilts": summary["settings"]["n_tilts"],
         "snr_db": settings.acquisition.snr_db,
+        "dose_per_px": args.dose,
         "profile": settings.acquisition.profile,
         "overrides": args.sets,
         "methods": {

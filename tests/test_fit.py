@@ -1,5 +1,7 @@
 """The joint fit: it recovers shifts on a small problem, resumes exactly from a checkpoint, stops on time."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -310,6 +312,37 @@ def test_coarse_to_fine_releases_the_levels_one_after_another(shifted_series):
     coarse = fitter.volume(points)
     fitter.volume.encoding.table.data[fitter.volume.encoding.levels[1].offset:] += 1.0  # finer levels only
     torch.testing.assert_close(fitter.volume(points), coarse)  # the finer levels do not reach the output yet
+
+
+def test_pixel_losses():
+    from icetide.fit import POISSON_SHARPNESS, pixel_loss
+
+    values = torch.tensor([0.5, 1.0, 2.0, 0.0, 3.0], dtype=torch.float64)
+    obs = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(pixel_loss(values, obs, "l1"), (values - obs).abs())
+    torch.testing.assert_close(pixel_loss(values, obs, "l2"), (values - obs) ** 2)
+    poisson = pixel_loss(values, obs, "poisson")  # mu - y - y log(mu / y), 0 log 0 = 0
+    mu = torch.nn.functional.softplus(values, beta=POISSON_SHARPNESS)  # = values beyond a few 1 / k
+    assert (mu[1:3] - values[1:3]).abs().max() < 1e-5 and mu[3] == pytest.approx(math.log(2) / POISSON_SHARPNESS)
+    expected = mu - obs - torch.xlogy(obs, mu) + torch.xlogy(obs, obs)
+    torch.testing.assert_close(poisson, expected)
+    assert poisson[1] == pytest.approx(0, abs=1e-9) and (poisson >= 0).all()
+    # its minimiser is the Poisson maximum likelihood: d/dmu = 1 - y / mu
+    m = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    pixel_loss(m, torch.tensor([1.0, 1.0], dtype=torch.float64), "poisson").sum().backward()
+    torch.testing.assert_close(m.grad, torch.tensor([0.0, 1 - 1 / 2.0], dtype=torch.float64), atol=1e-4, rtol=1e-4)
+    # a prediction below zero still learns: the gradient pushes it up towards a positive count
+    low = torch.tensor([-0.5], dtype=torch.float64, requires_grad=True)
+    pixel_loss(low, torch.tensor([1.0], dtype=torch.float64), "poisson").sum().backward()
+    assert low.grad.item() < 0
+
+
+def test_poisson_fit_on_counting_data():
+    volume = crowded_phantom(SHAPE, seed=3)
+    sim = simulate_tilt_series(volume, ANGLES, dose_per_px=3.0, seed=0, samples_per_voxel=1.0)
+    assert np.array_equal(sim.noisy, np.round(sim.noisy)) and abs(sim.noisy.mean() - 3.0) < 0.1
+    result = Fitter(TiltSeries(sim.noisy, ANGLES), _config(epochs=4, loss="poisson")).run()
+    assert np.isfinite(result.report["best_validation_loss"]) and result.report["best_validation_loss"] > 0
 
 
 def test_out_of_memory_splits_the_rays_batch_and_gives_up_clearly(shifted_series):

@@ -302,3 +302,16 @@ def test_drift_profile_is_a_random_walk_along_the_tilt_angles():
     steps = np.linalg.norm(np.diff(in_order, axis=0), axis=1)
     jumps = np.linalg.norm(np.diff(d.shifts_px, axis=0), axis=1)  # neighbours in file order are not neighbours
     assert steps.mean() < jumps.mean()
+
+
+def test_counting_noise_is_poisson_in_counts():
+    volume = np.zeros((8, 64, 64), dtype=np.float32)
+    volume[2:6, 16:48, 16:48] = 1.0
+    sim = simulate_tilt_series(volume, [-30.0, 0.0, 30.0], dose_per_px=4.0, seed=1, samples_per_voxel=1.0)
+    assert sim.clean.mean() == pytest.approx(4.0, rel=1e-5)  # scaled to the dose
+    for noisy in (sim.noisy, sim.noisy_undeformed):
+        assert np.array_equal(noisy, np.round(noisy)) and noisy.min() >= 0
+    residual = sim.noisy - sim.clean
+    assert abs(residual.mean()) < 0.15 and residual.var() == pytest.approx(4.0, rel=0.1)  # variance = mean
+    with pytest.raises(IcetideError, match="positive number of counts"):
+        simulate_tilt_series(volume, [0.0], dose_per_px=0.0)

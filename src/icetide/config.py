@@ -109,6 +109,11 @@ class FitSettings(_Strict):
     lr_axis_deg: float = Field(0.05, ge=0, description="Adam step for the common tilt-axis offset, degrees")
     lr_gain: float = Field(0.005, ge=0, description="Adam step for the per-tilt log gains")
     lr_offset: float = Field(0.1, ge=0, description="Adam step for the intensity offset, in units of the data's spread")
+    loss: Literal["l1", "l2", "poisson"] = Field(
+        "l1", description="data term per pixel: l1 |pred - obs| (the paper's), l2 (pred - obs)^2, or poisson, the "
+        "Poisson deviance pred - obs - obs log(pred / obs) for counting data (non-negative images in counts, "
+        "e.g. electron counts; predictions are clamped to a small positive floor)",
+    )
     tilt_weighting: Literal["none", "cos"] = Field(
         "none", description="weight of each tilt's pixels in the loss: none, or cos(tilt) (the high tilts see a "
         "longer path through the specimen and carry less signal per pixel); weights have mean 1",

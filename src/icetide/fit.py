@@ -47,7 +47,7 @@ from .render import make_renderer
 from .volume import ImplicitVolume, VolumeConfig
 
 __all__ = [
-    "FitResult", "Fitter", "resolve_device", "default_thickness", "auto_lattice_rows", "robust_spread",
+    "FitResult", "Fitter", "resolve_device", "default_thickness", "auto_lattice_rows", "robust_spread", "pixel_loss",
     "distributed_rank",
 ]
 
@@ -408,9 +408,9 @@ class Fitter:
             values = values + self.offset
         return values, valid
 
-    def _weighted_abs(self, values: torch.Tensor, obs: torch.Tensor, tilts: torch.Tensor) -> torch.Tensor:
-        """Per-pixel absolute residuals ``(B, P)`` times each tilt's loss weight."""
-        return (values - obs).abs() * self.tilt_weights[tilts, None]
+    def _pixel_loss(self, values: torch.Tensor, obs: torch.Tensor, tilts: torch.Tensor) -> torch.Tensor:
+        """Per-pixel data term ``(B, P)`` (``fit.loss``) times each tilt's loss weight."""
+        return pixel_loss(values, obs, self.config.fit.loss) * self.tilt_weights[tilts, None]
 
     def _observed(self, tilts: torch.Tensor, pick: torch.Tensor | slice | None, held_out: bool):
         """Observed values and training (or ``held_out``) mask ``(B, P)`` of the pixels ``pick`` (see
@@ -491,10 +491,10 @@ class Fitter:
         return [steps[i] for i in torch.randperm(len(steps), generator=self.generator).tolist()]
 
     def _step_gradients(self, tilts: torch.Tensor, bands: list[slice] | None = None) -> tuple[torch.Tensor, int]:
-        """Gradients of (mean L1 over the used pixels + penalty) for ``tilts`` (lattice: in the rows ``bands``;
-        None: every row, or this rank's band); returns the data loss and the number of pixels used. Runs in
-        ``step_chunks`` groups of tilts and in bands of at most ``lattice_rows`` rows (the same gradients as one
-        group, summed then divided by the pixel count); on running out of memory it shrinks the work and
+        """Gradients of (mean data term over the used pixels + penalty) for ``tilts`` (lattice: in the rows
+        ``bands``; None: every row, or this rank's band); returns the data loss and the number of pixels used.
+        Runs in ``step_chunks`` groups of tilts and in bands of at most ``lattice_rows`` rows (the same gradients
+        as one group, summed then divided by the pixel count); on running out of memory it shrinks the work and
         retries."""
         return self._retrying_on_out_of_memory(self._accumulate_gradients, tilts, bands)
 
@@ -520,9 +520,9 @@ class Fitter:
                 values, valid, pick = self._predict(chunk, jitter=True, rows=rows)
                 obs, train = self._observed(chunk, pick, held_out=False)
                 use = valid & train
-                abs_sum = self._weighted_abs(values, obs, chunk)[use].sum()
-                abs_sum.backward()
-                total += abs_sum.detach()
+                loss_sum = self._pixel_loss(values, obs, chunk)[use].sum()
+                loss_sum.backward()
+                total += loss_sum.detach()
                 count += use.sum()
         if self.world > 1:
             total, count = self._all_reduce_gradients(total, count)
@@ -559,7 +559,7 @@ class Fitter:
         return tilts.tensor_split(self.world)[self.rank], None
 
     def _all_reduce_gradients(self, total: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sum the gradients, the absolute-residual sums and the pixel counts of every rank (one all-reduce)."""
+        """Sum the gradients, the data-term sums and the pixel counts of every rank (one all-reduce)."""
         import torch.distributed as dist
 
         params = self._parameters()
@@ -640,7 +640,7 @@ class Fitter:
         self._set_learning_rates()
 
     def validation_loss(self) -> float:
-        """Mean absolute error on the held-out pixels of every tilt (no jitter); shrinks the work and retries
+        """Mean data term (fit.loss) on the held-out pixels of every tilt (no jitter); shrinks the work and retries
         on running out of memory, as training steps do."""
         return self._retrying_on_out_of_memory(self._validation_loss)
 
@@ -662,7 +662,7 @@ class Fitter:
             for values, valid, pick in predictions:
                 obs, held = self._observed(mine, pick, held_out=True)
                 use = valid & held
-                total += self._weighted_abs(values, obs, mine)[use].sum().double()
+                total += self._pixel_loss(values, obs, mine)[use].sum().double()
                 count += use.sum()
         if self.world > 1:
             import torch.distributed as dist
@@ -908,6 +908,27 @@ class Fitter:
             return nz * min(self.lattice_rows, ny) * nx
         theta_max = float(self.theta.abs().max())
         return fit.tilts_per_step * fit.rays_per_tilt * self.renderer.n_samples(torch.tensor(theta_max))
+
+
+# Sharpness of the softplus that keeps the predicted counts of the Poisson deviance positive (in units of the
+# data's spread): mu = softplus(k v) / k equals v beyond a few 1/k and still passes a gradient below 0, where a
+# clamp would freeze the pixels a fresh, near-zero volume predicts as negative.
+POISSON_SHARPNESS = 10.0
+
+
+def pixel_loss(values: torch.Tensor, obs: torch.Tensor, loss: str) -> torch.Tensor:
+    """The data term of each pixel: ``|values - obs|`` (l1), ``(values - obs)^2`` (l2), or the Poisson deviance
+    (halved) ``mu - obs - obs log(mu / obs)`` with ``mu = softplus(k values) / k`` (``k`` =
+    ``POISSON_SHARPNESS``) and ``0 log 0 = 0`` (poisson: zero where ``mu = obs``, positive elsewhere; its
+    minimiser over ``mu`` is the Poisson maximum likelihood, and it is invariant, up to a factor, to the scale
+    the data were divided by)."""
+    if loss == "l1":
+        return (values - obs).abs()
+    if loss == "l2":
+        return (values - obs).square()
+    mu = torch.nn.functional.softplus(values, beta=POISSON_SHARPNESS)
+    counts = obs.clamp(min=0)
+    return mu - counts - torch.xlogy(counts, mu) + torch.xlogy(counts, counts)
 
 
 def _half_mask(split: str, tilt_angles_deg: np.ndarray, shape: tuple[int, int, int], generator: torch.Generator):

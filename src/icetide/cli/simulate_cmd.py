@@ -70,6 +70,10 @@ def simulate(
     snr_db: float = typer.Option(
         10.0, "--snr-db", help="SNR in dB: 10 log10(sum(y^2)/sum(noise^2)) over the clean series."
     ),
+    dose: Optional[float] = typer.Option(
+        None, help="Counting noise instead of --snr-db: Poisson draws with this mean count per pixel (the series "
+        "are written in counts)."
+    ),
     tilt_min: float = typer.Option(-60.0, help="First tilt angle, degrees."),
     tilt_max: float = typer.Option(60.0, help="Last tilt angle (inclusive), degrees."),
     tilt_step: float = typer.Option(2.0, help="Tilt increment, degrees."),
@@ -102,6 +106,8 @@ def simulate(
         raise IcetideError(f"--profile must be one of {', '.join(PROFILES)}, got {profile!r}")
     if not math.isfinite(snr_db):
         raise IcetideError(f"--snr-db must be a finite number, got {snr_db}")
+    if dose is not None and not (math.isfinite(dose) and dose > 0):
+        raise IcetideError(f"--dose must be a positive number of counts per pixel, got {dose:g}")
     if bin_factor < 1:
         raise IcetideError(f"--bin must be a positive integer, got {bin_factor}")
     if pixel_size is not None and not (math.isfinite(pixel_size) and pixel_size > 0):
@@ -119,7 +125,8 @@ def simulate(
     n = len(angles)
     console.print(
         f"simulating {n} tilts ({angles[0]:g} to {angles[-1]:g} deg) of a {truth.shape} volume, "
-        f"profile {profile}, SNR {snr_db:g} dB, seed {seed}"
+        f"profile {profile}, " + (f"SNR {snr_db:g} dB" if dose is None else f"Poisson noise, {dose:g} counts/px")
+        + f", seed {seed}"
     )
     with output_dir(out, force) as folder:
         with Progress(
@@ -131,7 +138,7 @@ def simulate(
             def on_tilt(stage: str, i: int) -> None:
                 progress.update(task, completed=i + 1 + (n if stage == "undeformed" else 0), stage=stage)
 
-            sim = simulate_tilt_series(truth, angles, profile, snr_db, seed, on_tilt=on_tilt)
+            sim = simulate_tilt_series(truth, angles, profile, snr_db, seed, on_tilt=on_tilt, dose_per_px=dose)
         timings.update(sim.timings_s)
 
         start = time.perf_counter()
@@ -170,6 +177,7 @@ def simulate(
             "snr_db_measured": sim.snr_db_measured,
             "snr_zero_mean_db": sim.snr_zero_mean_db,
             "noise_sigma": sim.sigma,
+            "noise": "gaussian" if dose is None else f"poisson, mean {dose:g} counts per pixel (series in counts)",
             "samples_per_voxel": sim.samples_per_voxel,
             "projection": "line integrals of the trilinear interpolant (zero outside the box) along the rays of "
             "the deformed detector coordinates, midpoint rule inside the slab",

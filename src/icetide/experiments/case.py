@@ -46,7 +46,8 @@ SIRT_ITERATIONS = 30
 @dataclass(frozen=True)
 class Acquisition:
     """A simulated acquisition: tilts ``tilt_min_deg:tilt_step_deg:tilt_max_deg`` (degrees, inclusive),
-    SNR (dB, DESIGN.md definition), deformation profile and the seed of deformations and noise."""
+    SNR (dB, DESIGN.md definition), deformation profile and the seed of deformations and noise; with
+    ``dose_per_px``, counting (Poisson) noise at that mean count per pixel instead of the SNR's Gaussian noise."""
 
     tilt_min_deg: float = -60.0
     tilt_max_deg: float = 60.0
@@ -54,6 +55,7 @@ class Acquisition:
     snr_db: float = 10.0
     profile: str = "paper"
     seed: int = 0
+    dose_per_px: float | None = None
 
     def tilt_angles_deg(self) -> np.ndarray:
         n = int(round((self.tilt_max_deg - self.tilt_min_deg) / self.tilt_step_deg)) + 1
@@ -92,8 +94,10 @@ def simulate_case(
     a = acquisition
     angles = a.tilt_angles_deg()
     if on_phase is not None:
-        on_phase(f"simulating {len(angles)} tilts, {a.profile} deformations, {a.snr_db:g} dB, seed {a.seed}")
-    sim = simulate_tilt_series(truth, angles, profile=a.profile, snr_db=a.snr_db, seed=a.seed)
+        noise = f"{a.snr_db:g} dB" if a.dose_per_px is None else f"Poisson noise at {a.dose_per_px:g} counts/px"
+        on_phase(f"simulating {len(angles)} tilts, {a.profile} deformations, {noise}, seed {a.seed}")
+    sim = simulate_tilt_series(truth, angles, profile=a.profile, snr_db=a.snr_db, seed=a.seed,
+                               dose_per_px=a.dose_per_px)
     out_dir = Path(out_dir)
     (out_dir / "truth").mkdir(exist_ok=True)
     write_mrc(out_dir / "truth" / "volume.mrc", truth, voxel_size_A)

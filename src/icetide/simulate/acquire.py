@@ -35,6 +35,8 @@ __all__ = [
     "random_deformations",
     "project_deformed",
     "add_noise",
+    "poisson_counts",
+    "poisson_scale",
     "measure_snr_db",
     "SimulatedTiltSeries",
     "simulate_tilt_series",
@@ -248,6 +250,22 @@ def project_deformed(
     return out
 
 
+def poisson_scale(clean: np.ndarray, dose_per_px: float) -> float:
+    """Counts per projection unit that give ``clean`` (non-negative line integrals) a mean of ``dose_per_px``."""
+    if not (math.isfinite(dose_per_px) and dose_per_px > 0):
+        raise IcetideError(f"the dose must be a positive number of counts per pixel, got {dose_per_px}")
+    mean = float(np.mean(clean, dtype=np.float64))
+    if mean <= 0:
+        raise IcetideError("the clean tilt series has no positive mean; counting noise is undefined")
+    return dose_per_px / mean
+
+
+def poisson_counts(expected: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Poisson draws (float32) of the expected counts ``expected`` (negative values, from interpolation
+    undershoot, count as 0)."""
+    return rng.poisson(np.clip(expected, 0, None).astype(np.float64)).astype(np.float32)
+
+
 def add_noise(
     clean: np.ndarray | torch.Tensor, snr_db: float, rng: np.random.Generator
 ) -> tuple[np.ndarray | torch.Tensor, float]:
@@ -319,13 +337,17 @@ def simulate_tilt_series(
     deformations: Deformations | None = None,
     samples_per_voxel: float = 2.0,
     on_tilt: Callable[[str, int], None] | None = None,
+    dose_per_px: float | None = None,
 ) -> SimulatedTiltSeries:
     """Simulate a tilt series of ``volume (nz, ny, nx)`` with known truth (DESIGN.md "Simulation protocol").
 
     Draws deformations of ``profile`` (unless ``deformations`` is given), projects through them and without
     them, then adds noise at ``snr_db``; one ``numpy`` generator seeded by ``seed`` draws everything, so the
     same inputs give identical outputs. Runs on the volume's device. ``on_tilt(stage, i)`` reports progress
-    (``stage`` is ``"deformed"`` or ``"undeformed"``).
+    (``stage`` is ``"deformed"`` or ``"undeformed"``). With ``dose_per_px`` the noise is counting noise
+    instead (``snr_db`` is then ignored): every series is in counts, the projections scaled so that the
+    deformed series' mean is ``dose_per_px`` counts per pixel, and the noisy series are Poisson draws of them
+    (:func:`poisson_counts`); ``sigma`` is then the square root of that mean.
     """
     rng = np.random.default_rng(seed)
     angles = np.asarray(tilt_angles_deg, dtype=np.float64).reshape(-1)
@@ -353,14 +375,21 @@ def simulate_tilt_series(
     start = time.perf_counter()
     clean_np = clean.cpu().numpy()
     ideal_np = ideal.cpu().numpy()
-    noisy, sigma = add_noise(clean_np, snr_db, rng)
-    noise_ideal = rng.standard_normal(ideal_np.shape, dtype=np.float32) * np.float32(sigma)
+    if dose_per_px is None:
+        noisy, sigma = add_noise(clean_np, snr_db, rng)
+        noisy_ideal = ideal_np + rng.standard_normal(ideal_np.shape, dtype=np.float32) * np.float32(sigma)
+    else:
+        counts_per_unit = poisson_scale(clean_np, dose_per_px)
+        clean_np, ideal_np = clean_np * counts_per_unit, ideal_np * counts_per_unit
+        noisy, noisy_ideal = poisson_counts(clean_np, rng), poisson_counts(ideal_np, rng)
+        sigma = math.sqrt(dose_per_px)
+        snr_db = measure_snr_db(clean_np, noisy)
     timings["noise"] = time.perf_counter() - start
     return SimulatedTiltSeries(
         noisy=noisy,
         clean=clean_np,
         clean_undeformed=ideal_np,
-        noisy_undeformed=ideal_np + noise_ideal,
+        noisy_undeformed=noisy_ideal,
         tilt_angles_deg=angles,
         deformations=deformations,
         sigma=sigma,
