@@ -104,3 +104,26 @@ def test_two_ranks_resume_from_rank_zeros_checkpoint(tmp_path):
         (e0, p0), (e1, p1) = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
         assert e0 == e1 == epochs and torch.equal(p0, p1)
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["epoch"] == 6
+
+
+def _half_maps_main(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        series, _ = _problem()
+        config = _config("lattice")
+        config.fit.epochs, config.fit.half_maps = 6, "pixels"
+        fitter = Fitter(series, config)
+        fitter.run()
+        torch.save(torch.cat([p.detach().flatten() for p in fitter._parameters()]), os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_keep_both_half_volumes_identical(tmp_path):
+    torch.multiprocessing.start_processes(
+        _half_maps_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn"
+    )
+    p0, p1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert torch.equal(p0, p1)  # both volumes and the deformations: all-reduced alike on every rank
