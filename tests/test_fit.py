@@ -345,6 +345,16 @@ def test_poisson_fit_on_counting_data():
     assert np.isfinite(result.report["best_validation_loss"]) and result.report["best_validation_loss"] > 0
 
 
+def test_pixel_rows_cover_what_a_large_rotation_can_bring_into_the_band(shifted_series):
+    series, _ = shifted_series
+    fitter = Fitter(series, _config(epochs=1, lattice_rows=8))
+    tilts, band = torch.arange(len(ANGLES)), slice(16, 24)
+    assert fitter._pixel_rows(tilts, band) != slice(0, series.shape[0])  # small deformations: a narrow window
+    with torch.no_grad():
+        fitter.angles += math.pi / 2  # a tilt axis along x: any row can see the band
+    assert fitter._pixel_rows(tilts, band) == slice(0, series.shape[0])
+
+
 def test_out_of_memory_splits_the_rays_batch_and_gives_up_clearly(shifted_series):
     from icetide.errors import IcetideError
 

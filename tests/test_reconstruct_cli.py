@@ -63,6 +63,7 @@ def test_reconstruct_writes_every_output(series_files, tmp_path):
         (["--angles", "ts.tlt", "--device", "cuda:7"], "CUDA"),
         (["--angles", "ts.tlt", "--config", "ts.tlt"], "ts.tlt"),
         (["--angles", "ts.tlt", "--half-maps", "frames"], "--half-maps must be tilts or pixels"),
+        (["--angles", "ts.tlt", "--loss", "huber"], "--loss must be l1, l2 or poisson"),
     ],
 )
 def test_reconstruct_bad_input_is_one_line_and_writes_nothing(series_files, tmp_path, args, message):
@@ -78,7 +79,7 @@ def test_half_maps_write_both_halves_their_fsc_and_the_mean(series_files, tmp_pa
     out = tmp_path / "rec"
     f = series_files
     result = _run("reconstruct", f / "ts.mrc", "--angles", f / "ts.tlt", "-o", out, "--thickness", 12,
-                  "--epochs", 3, "--config", f / "tiny.yaml", "--device", "cpu", "--half-maps", "pixels")
+                  "--epochs", 3, "--config", f / "tiny.yaml", "--device", "cpu", "--half-maps", "pixels", "--loss", "l2")
     assert result.exit_code == 0, result.output
     assert "half-map FSC 0.143" in result.output
     first, second = read_mrc(out / "tomogram_half1.mrc")[0], read_mrc(out / "tomogram_half2.mrc")[0]
@@ -87,6 +88,7 @@ def test_half_maps_write_both_halves_their_fsc_and_the_mean(series_files, tmp_pa
     half_maps = json.loads((out / "report.json").read_text())["half_maps"]
     assert half_maps["split"] == "pixels" and set(half_maps["resolution"]) == {"0.5", "0.143"}
     assert (out / "fsc_halves.png").is_file() and (out / "fsc_halves.csv").is_file()
+    assert "loss: l2" in (out / "config.yaml").read_text()
 
 
 def test_reconstruct_refuses_a_non_empty_folder(series_files, tmp_path):

@@ -133,6 +133,10 @@ def reconstruct(
         "tomogram_half1/2.mrc and fsc_halves.png, the resolution at FSC 0.143 in report.json (tomogram.mrc is "
         "their mean). About twice the fitting time."
     ),
+    loss: Optional[str] = typer.Option(
+        None, help="Data term: l1 (default, the paper's), l2, or poisson for counting data of very low dose "
+        "(below about 1 count per pixel; docs/RESULTS.md)."
+    ),
     mixed_precision: bool = typer.Option(
         False, "--mixed-precision", help="On CUDA: hash table read in fp16 and MLP in bf16 (fp32 parameters and "
         "gradients): 1.4-1.5x faster field evaluation and 40% less GPU memory in docs/BENCHMARKS.md. No effect on CPU."
@@ -166,6 +170,8 @@ def reconstruct(
 
     if renderer is not None and renderer not in ("lattice", "rays"):
         raise IcetideError(f"--renderer must be lattice or rays, got {renderer!r}")
+    if loss is not None and loss not in ("l1", "l2", "poisson"):
+        raise IcetideError(f"--loss must be l1, l2 or poisson, got {loss!r}")
     if half_maps is not None and half_maps not in ("tilts", "pixels"):
         raise IcetideError(f"--half-maps must be tilts or pixels, got {half_maps!r}")
     if specimen is not None and specimen not in ("box", "slab"):
@@ -198,6 +204,7 @@ def reconstruct(
             "fit.device": device,
             "fit.precision": "mixed" if mixed_precision else None,
             "fit.half_maps": half_maps,
+            "fit.loss": loss,
             "fit.seed": seed,
             "deform.local": False if no_local else None,
         },
