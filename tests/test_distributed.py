@@ -1,6 +1,7 @@
 """One tilt series on several processes (``torch.distributed``, gloo on the CPU): the ranks stay identical and
 the result matches a single-process fit at equal total batch."""
 
+import contextlib
 import os
 import socket
 
@@ -47,14 +48,23 @@ def _fit(renderer: str):
     return params, deformation_errors(truth, result.deformations)["shift_rms_px"], fitter.best_val
 
 
-def _rank_main(rank: int, world: int, port: int, renderer: str, out: str) -> None:
+@contextlib.contextmanager
+def _process_group(rank: int, world: int, port: int):
+    """This spawned process as rank ``rank`` of a gloo group on ``port``; the ranks leave it together (one
+    rank tearing the group down while its peer still works can abort the peer's gloo threads)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        torch.save(_fit(renderer), os.path.join(out, f"rank{rank}.pt"))
+        yield
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _rank_main(rank: int, world: int, port: int, renderer: str, out: str) -> None:
+    with _process_group(rank, world, port):
+        torch.save(_fit(renderer), os.path.join(out, f"rank{rank}.pt"))
 
 
 def _free_port() -> int:
@@ -78,10 +88,7 @@ def test_two_gloo_ranks_agree_with_each_other_and_with_one_process(renderer, tmp
 
 def _resume_main(rank: int, world: int, port: int, out: str, epochs: int) -> None:
     """Fit to ``epochs`` from ``out/checkpoint.pt`` when it exists (rank 0 alone writes it), then save it."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with _process_group(rank, world, port):
         series, _ = _problem()
         config = _config("lattice")
         config.fit.epochs = epochs
@@ -92,8 +99,6 @@ def _resume_main(rank: int, world: int, port: int, out: str, epochs: int) -> Non
         fitter.run(checkpoint_path=checkpoint)
         params = torch.cat([p.detach().flatten() for p in fitter._parameters()])
         torch.save((fitter.epoch, params), os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_ranks_resume_from_rank_zeros_checkpoint(tmp_path):
@@ -107,18 +112,13 @@ def test_two_ranks_resume_from_rank_zeros_checkpoint(tmp_path):
 
 
 def _half_maps_main(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with _process_group(rank, world, port):
         series, _ = _problem()
         config = _config("lattice")
         config.fit.epochs, config.fit.half_maps = 6, "pixels"
         fitter = Fitter(series, config)
         fitter.run()
         torch.save(torch.cat([p.detach().flatten() for p in fitter._parameters()]), os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_ranks_keep_both_half_volumes_identical(tmp_path):
