@@ -210,8 +210,7 @@ class Fitter:
         self.volume = self._new_volume()
         # Half maps: a second volume, and which pixels it explains (True) instead of the first one.
         self.half_volume = self._new_volume(HALF_GRID_SCALE) if fit.half_maps != "none" else None
-        self.half_mask = _half_mask(fit.half_maps, series.tilt_angles_deg, series.images.shape, self.generator)
-        self.half_mask = None if self.half_mask is None else self.half_mask.to(self.device)
+        self.half_mask = _half_mask(fit.half_maps, self.angle_order, series.images.shape, self.generator)
 
         dc = config.deform
         if init is None:
@@ -256,7 +255,6 @@ class Fitter:
             self.rank_rows = slice(min(ny, self.rank * band), min(ny, (self.rank + 1) * band))
             if fit.renderer == "lattice":
                 self.lattice_rows = band
-                self.renderer.band_rows = band
         self.opt_volume = torch.optim.Adam([p for v in self.volumes for p in v.parameters()], lr=fit.lr_volume)
         if dc.offset:  # an intensity parameter: it learns with the volume, from the first epoch
             self.opt_volume.add_param_group({"params": [self.offset], "lr": fit.lr_offset, "name": "offset"})
@@ -931,15 +929,19 @@ def pixel_loss(values: torch.Tensor, obs: torch.Tensor, loss: str) -> torch.Tens
     return mu - counts - torch.xlogy(counts, mu) + torch.xlogy(counts, counts)
 
 
-def _half_mask(split: str, tilt_angles_deg: np.ndarray, shape: tuple[int, int, int], generator: torch.Generator):
-    """Which pixels ``(M, ny, nx)`` the second half volume explains: every other tilt in angle order
-    (``tilts``), a random half of the pixels (``pixels``), or None (``none``)."""
+def _half_mask(
+    split: str, angle_order: torch.Tensor, shape: tuple[int, int, int], generator: torch.Generator
+) -> torch.Tensor | None:
+    """Which pixels ``(M, ny, nx)`` the second half volume explains, on the device of ``angle_order`` (the tilts
+    sorted by angle): every other tilt in angle order (``tilts``), a random half of the pixels (``pixels``), or
+    None (``none``)."""
     if split == "none":
         return None
     if split == "tilts":
-        rank = np.argsort(np.argsort(tilt_angles_deg, kind="stable"), kind="stable")
-        return torch.from_numpy(rank % 2 == 1)[:, None, None].expand(shape).clone()
-    return torch.rand(shape, generator=generator) < 0.5
+        mask = torch.zeros(shape, dtype=torch.bool, device=angle_order.device)
+        mask[angle_order[1::2]] = True
+        return mask
+    return (torch.rand(shape, generator=generator) < 0.5).to(angle_order.device)
 
 
 def _regrid(local_px: torch.Tensor, grid: tuple[int, int], detector_shape, interpolation: str) -> torch.Tensor:
