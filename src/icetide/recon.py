@@ -247,10 +247,9 @@ def project(volume: torch.Tensor, tilt_angles_rad, n_u: int | None = None) -> to
     n_u = nx if n_u is None else int(n_u)
     theta = _angles(tilt_angles_rad, volume.device)
     order = _sorted_order(theta)
-    if order is None:
-        return _Project.apply(volume, _system_matrix(theta, nz, nx, n_u, _work_dtype(volume.dtype)))
-    projections = _Project.apply(volume, _system_matrix(theta[order], nz, nx, n_u, _work_dtype(volume.dtype)))
-    return projections[torch.argsort(order)]
+    in_order = theta if order is None else theta[order]
+    projections = _Project.apply(volume, _system_matrix(in_order, nz, nx, n_u, _work_dtype(volume.dtype)))
+    return projections if order is None else projections[torch.argsort(order)]
 
 
 def backproject(projections: torch.Tensor, tilt_angles_rad, nz: int, nx: int) -> torch.Tensor:
