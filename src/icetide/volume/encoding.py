@@ -393,10 +393,7 @@ class HashEncoding(nn.Module):
         table_dtype: torch.dtype = torch.float32,
     ):
         super().__init__()
-        if kernel not in ("auto", "triton", "torch"):
-            raise ValueError(f"kernel must be 'auto', 'triton' or 'torch', not {kernel!r}")
-        if table_dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ValueError(f"table_dtype must be float32, float16 or bfloat16, not {table_dtype}")
+        self.set_kernel(kernel, table_dtype)
         if interpolation not in ("linear", "smoothstep"):
             raise ValueError(f"interpolation must be 'linear' or 'smoothstep', not {interpolation!r}")
         if n_levels < 1 or n_features < 1 or base_resolution <= 0 or per_level_scale < 1:
@@ -411,8 +408,6 @@ class HashEncoding(nn.Module):
         self.interpolation: Interpolation = interpolation
         self.box_shape_zyx = tuple(int(n) for n in box_shape_zyx)
         self.chunk_points = chunk_points
-        self.kernel: Kernel = kernel
-        self.table_dtype = table_dtype
         self._level_constants: dict[tuple, LevelConstants] = {}
         self.levels = level_layout(n_levels, log2_table_size, base_resolution, per_level_scale, self.box_shape_zyx)
         self.n_dense = sum(level.dense for level in self.levels)  # dense levels are the coarse ones, a prefix
@@ -457,6 +452,16 @@ class HashEncoding(nn.Module):
             return out.to(table.dtype)
         x = unit_xyz.to(table.dtype)
         return _PointLookup.apply(x, table, groups, _chunk_points(x.device, self.chunk_points))
+
+    def set_kernel(self, kernel: Kernel, table_dtype: torch.dtype = torch.float32) -> None:
+        """Choose how points are evaluated and the precision of the kernels' table reads (see the class
+        docstring); raises ``ValueError`` on an unknown kernel or dtype."""
+        if kernel not in ("auto", "triton", "torch"):
+            raise ValueError(f"kernel must be 'auto', 'triton' or 'torch', not {kernel!r}")
+        if table_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"table_dtype must be float32, float16 or bfloat16, not {table_dtype}")
+        self.kernel: Kernel = kernel
+        self.table_dtype = table_dtype
 
     def uses_kernel(self, device: torch.device) -> bool:
         """Whether points on ``device`` are evaluated by the Triton kernels (see ``kernel``); raises

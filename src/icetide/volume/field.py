@@ -80,12 +80,9 @@ class ImplicitVolume(nn.Module):
     def set_execution(self, kernel: Kernel = "auto", mixed_precision: bool = False) -> "ImplicitVolume":
         """Choose the encoding's kernel (``auto``, ``triton`` or ``torch``, see :class:`HashEncoding`) and mixed
         precision (CUDA only: fp16 table reads, bf16 MLP). Returns ``self``."""
-        if kernel not in ("auto", "triton", "torch"):
-            raise ValueError(f"kernel must be 'auto', 'triton' or 'torch', not {kernel!r}")
-        self.encoding.kernel = kernel
+        self.encoding.set_kernel(kernel, torch.float16 if mixed_precision else torch.float32)
         self.encoding.uses_kernel(self.encoding.table.device)  # raises if "triton" cannot run there
         self.mixed_precision = mixed_precision
-        self.encoding.table_dtype = torch.float16 if mixed_precision else torch.float32
         return self
 
     def _density(self, features: torch.Tensor) -> torch.Tensor:
