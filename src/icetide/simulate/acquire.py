@@ -383,8 +383,8 @@ def simulate_tilt_series(
         clean_np, ideal_np = clean_np * counts_per_unit, ideal_np * counts_per_unit
         noisy, noisy_ideal = poisson_counts(clean_np, rng), poisson_counts(ideal_np, rng)
         sigma = math.sqrt(dose_per_px)
-        snr_db = measure_snr_db(clean_np, noisy)
     timings["noise"] = time.perf_counter() - start
+    snr_measured = measure_snr_db(clean_np, noisy)
     return SimulatedTiltSeries(
         noisy=noisy,
         clean=clean_np,
@@ -393,8 +393,8 @@ def simulate_tilt_series(
         tilt_angles_deg=angles,
         deformations=deformations,
         sigma=sigma,
-        snr_db=float(snr_db),
-        snr_db_measured=measure_snr_db(clean_np, noisy),
+        snr_db=float(snr_db if dose_per_px is None else snr_measured),
+        snr_db_measured=snr_measured,
         snr_zero_mean_db=measure_snr_db(clean_np, noisy, zero_mean=True),
         seed=int(seed),
         profile=profile,
