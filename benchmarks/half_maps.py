@@ -27,9 +27,9 @@ from icetide.data import TiltSeries
 from icetide.experiments import machine_info
 from icetide.experiments.case import Acquisition, reconstruction_config
 from icetide.io import read_mrc
-from icetide.metrics import evaluate_reconstruction
+from icetide.metrics import FSC_TAPER_VOX, evaluate_reconstruction
 from icetide.plots import plot_fsc
-from icetide.reconstruct import HALF_MAP_TAPER_VOX, reconstruct
+from icetide.reconstruct import reconstruct
 from icetide.simulate import crowded_phantom, simulate_tilt_series
 
 PROTEINS = Path(__file__).resolve().parents[2] / "shared" / "data" / "proteins" / "maps_10A"
@@ -62,7 +62,7 @@ def main() -> None:
             report = reconstruct(series, reconstruction_config(shape[0], 10.0, seed=args.seed, half_maps=split),
                                  Path(folder))
             tomogram = read_mrc(Path(folder) / "tomogram.mrc")[0]
-        scored = evaluate_reconstruction(tomogram, truth, 10.0, taper_vox=HALF_MAP_TAPER_VOX)
+        scored = evaluate_reconstruction(tomogram, truth, 10.0, taper_vox=FSC_TAPER_VOX)
         truth_fsc = np.asarray(scored["fsc"]["fsc"])
         entry = {"cc": scored["cc"], "truth_fsc_0.5_voxels": scored["fsc"]["resolution"]["0.5"]["voxels"],
                  "fit_seconds": report["fit_seconds"], "epochs": report["epochs"], "best_epoch": report["best_epoch"]}

@@ -40,9 +40,13 @@ __all__ = [
     "local_field",
     "edge_taper",
     "slab_mask",
+    "FSC_TAPER_VOX",
 ]
 
 FSC_THRESHOLDS = (0.5, 0.143)
+# Soft edge (voxels) applied before the FSC of volumes cut by a box: hard edges shared by both volumes
+# correlate at high frequency.
+FSC_TAPER_VOX = 4.0
 
 
 def _check_same_shape(a: np.ndarray, b: np.ndarray, what: str = "volumes") -> None:

@@ -27,16 +27,13 @@ from .fit import Fitter, distributed_rank
 from .io import write_deformations, write_json, write_mrc, write_tlt
 from .io.imod import write_xf
 from .io.relion import RelionTomogram, write_relion_tilt_series_star, write_relion_tomograms_star
-from .metrics import edge_taper, fsc
+from .metrics import FSC_TAPER_VOX, edge_taper, fsc
 from .plots import plot_fsc
 from .prealign import coarse_shifts
 from .recon import align_series, fbp
 from .volume import ImplicitVolume
 
 __all__ = ["RelionMicroscope", "reconstruct", "sample_tomogram", "write_half_maps"]
-
-# Soft edge (voxels) of the half-map FSC: the volumes' hard box edges would correlate at high frequency.
-HALF_MAP_TAPER_VOX = 4.0
 
 
 @dataclass(frozen=True)
@@ -75,12 +72,12 @@ def sample_tomogram(
 def write_half_maps(
     out_dir: Path, first: np.ndarray, second: np.ndarray, voxel_size_A: float | None, split: str
 ) -> dict:
-    """Write the half tomograms, their FSC (``fsc_halves.png/.csv``, a soft edge of ``HALF_MAP_TAPER_VOX``)
+    """Write the half tomograms, their FSC (``fsc_halves.png/.csv``, a soft edge of ``FSC_TAPER_VOX``)
     and return the report entry: the split, the resolution at FSC 0.143 and 0.5 (voxels, and Angstrom when the
     pixel size is known) and the curve."""
     write_mrc(out_dir / "tomogram_half1.mrc", first, voxel_size_A)
     write_mrc(out_dir / "tomogram_half2.mrc", second, voxel_size_A)
-    curve = fsc(first, second, voxel_size_A, mask=edge_taper(first.shape, HALF_MAP_TAPER_VOX))
+    curve = fsc(first, second, voxel_size_A, mask=edge_taper(first.shape, FSC_TAPER_VOX))
     plot_fsc({f"half 1 vs half 2 ({split})": curve}, out_dir / "fsc_halves.png", voxel_size_A,
              title="FSC between the half tomograms (0.143: the full tomogram's resolution)")
     return {
@@ -88,7 +85,7 @@ def write_half_maps(
         "resolution": curve["resolution"],
         "frequency_cycles_per_voxel": curve["frequency"].tolist(),
         "fsc": curve["fsc"].tolist(),
-        "taper_vox": HALF_MAP_TAPER_VOX,
+        "taper_vox": FSC_TAPER_VOX,
     }
 
 

@@ -30,6 +30,7 @@ from ..data import TiltSeries
 from ..errors import IcetideError
 from ..evaluation import evaluate_volumes
 from ..io import read_deformations, read_mrc, read_volume, write_deformations, write_mrc, write_tlt
+from ..metrics import FSC_TAPER_VOX
 from ..recon import fbp, sirt
 from ..reconstruct import reconstruct
 from ..simulate import SimulatedTiltSeries, bin_volume, simulate_tilt_series
@@ -39,7 +40,6 @@ __all__ = [
 ]
 
 METHODS = ("icetide", "fbp_aligned", "sirt_aligned", "fbp_raw", "fbp_oracle", "sirt_oracle")
-FSC_TAPER_VOX = 4.0
 SIRT_ITERATIONS = 30
 
 
