@@ -111,8 +111,8 @@ class FitSettings(_Strict):
     lr_offset: float = Field(0.1, ge=0, description="Adam step for the intensity offset, in units of the data's spread")
     loss: Literal["l1", "l2", "poisson"] = Field(
         "l1", description="data term per pixel: l1 |pred - obs| (the paper's), l2 (pred - obs)^2, or poisson, the "
-        "Poisson deviance pred - obs - obs log(pred / obs) for counting data (non-negative images in counts, "
-        "e.g. electron counts; predictions are clamped to a small positive floor)",
+        "Poisson deviance mu - obs - obs log(mu / obs), mu = softplus(10 pred) / 10, for counting data "
+        "(non-negative images in counts, e.g. electron counts)",
     )
     tilt_weighting: Literal["none", "cos"] = Field(
         "none", description="weight of each tilt's pixels in the loss: none, or cos(tilt) (the high tilts see a "

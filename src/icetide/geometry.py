@@ -125,4 +125,3 @@ def slab_padding_px(nx: int, nz: int, max_tilt_deg: float) -> int:
     theta = math.radians(abs(max_tilt_deg))
     half_width = (nx / 2) / math.cos(theta) + (nz / 2) * math.tan(theta)
     return max(0, math.ceil(half_width - nx / 2 - 1e-9))
-
