@@ -1,7 +1,7 @@
 """Reconstruction quality against the truth: the quality bar of the engine issue.
 
 Usage: ``python benchmarks/quality.py [--minutes 8] [--out DIR] [--seed 0] [--blobs] [--profile paper|hard|drift]
-[--snr-db 10] [--dose COUNTS] [--set fit.lr_shift_px=0.1 ...]``
+[--snr-db 10] [--dose COUNTS] [--defocus-um 3] [--exposure 120] [--voxel-size 10] [--set fit.lr_shift_px=0.1 ...]``
 
 A 128 x 128 x 48 crowded phantom built from the real protein maps of ``../shared/data/proteins/maps_10A``
 (``--blobs``: Gaussian blobs instead, no shared data needed), 41 tilts from -60 to +60 degrees, the paper's
@@ -67,6 +67,9 @@ def main() -> None:
     parser.add_argument("--profile", default="paper", choices=["paper", "hard", "drift"], help="deformation profile")
     parser.add_argument("--snr-db", type=float, default=10.0, help="SNR of the simulated series, dB")
     parser.add_argument("--dose", type=float, default=None, help="Poisson noise at this mean count per pixel instead")
+    parser.add_argument("--defocus-um", type=float, default=None, help="simulate the CTF at this nominal defocus")
+    parser.add_argument("--exposure", type=float, default=0.0, help="radiation damage: total exposure, e/A^2")
+    parser.add_argument("--voxel-size", type=float, default=10.0, help="phantom voxel (= pixel) size, A")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="config override key=value")
     args = parser.parse_args()
     if not args.blobs and not PROTEINS.is_dir():
@@ -77,8 +80,10 @@ def main() -> None:
         shape_zyx=(args.size * 3 // 8, args.size, args.size),
         max_minutes=args.minutes,
         epochs=100_000,
-        acquisition=Acquisition(snr_db=args.snr_db, profile=args.profile, seed=args.seed, dose_per_px=args.dose),
+        acquisition=Acquisition(snr_db=args.snr_db, profile=args.profile, seed=args.seed, dose_per_px=args.dose,
+                                defocus_um=args.defocus_um, exposure_e_per_A2=args.exposure),
         device=args.device,
+        voxel_size_A=args.voxel_size,
         proteins_dir=None if args.blobs else str(PROTEINS),
     )
     base = ReconstructConfig(thickness=settings.shape_zyx[0], pixel_size_A=settings.voxel_size_A)
@@ -103,6 +108,9 @@ def main() -> None:
         "n_tilts": summary["settings"]["n_tilts"],
         "snr_db": settings.acquisition.snr_db,
         "dose_per_px": args.dose,
+        "defocus_um": args.defocus_um,
+        "exposure_e_per_A2": args.exposure,
+        "voxel_size_A": args.voxel_size,
         "profile": settings.acquisition.profile,
         "overrides": args.sets,
         "methods": {

@@ -9,6 +9,7 @@ import torch
 from icetide import TiltSeries
 from icetide.config import ReconstructConfig
 from icetide.deform import Deformations
+from icetide.errors import IcetideError
 from icetide.fit import Fitter
 from icetide.metrics import deformation_errors
 from icetide.simulate import crowded_phantom, simulate_tilt_series
@@ -356,8 +357,6 @@ def test_pixel_rows_cover_what_a_large_rotation_can_bring_into_the_band(shifted_
 
 
 def test_out_of_memory_splits_the_rays_batch_and_gives_up_clearly(shifted_series):
-    from icetide.errors import IcetideError
-
     series, _ = shifted_series
     fitter = Fitter(series, _config(epochs=1, renderer="rays", rays_per_tilt=100))
     calls = _failing_when(fitter, lambda f, coords, rows: coords.shape[0] > 1)
@@ -403,3 +402,36 @@ def test_cos_tilt_weighting_weights_each_tilt_by_its_cosine(shifted_series):
     high = torch.tensor([0])  # -60 degrees
     ratio = float(fitter._step_gradients(high)[0]) / float(plain._step_gradients(high)[0])
     assert ratio == pytest.approx(0.5 / cos.mean(), rel=1e-5)
+
+
+def test_ctf_forward_model_filters_each_whole_predicted_image_and_learns_through_it(shifted_series):
+    from icetide.ctf import Microscope, SeriesCtf
+
+    series, _ = shifted_series
+    defocus = np.linspace(9000.0, 11000.0, len(ANGLES))
+    with_ctf = TiltSeries(series.images, ANGLES, 3.0, defocus_A=defocus)
+    config = _config(epochs=2)
+    config.ctf.correction = "model"
+    fitter = Fitter(with_ctf, config)
+    assert fitter.ctf is not None
+    tilts = torch.tensor([1, 7])
+    rows = slice(0, SHAPE[1])
+    torch.manual_seed(0)
+    values, _, pick = fitter._predict(tilts, jitter=False, rows=rows)
+    fitter.ctf = None
+    plain, _, _ = fitter._predict(tilts, jitter=False, rows=rows)
+    assert pick == rows
+    scale = with_ctf.images.std()  # the fit's normalisation only scales; the filter is linear
+    ctf = SeriesCtf(ANGLES, 3.0, defocus, Microscope())
+    for b, m in enumerate(tilts.tolist()):
+        expected = ctf(plain[b].view(SHAPE[1:]).double(), m).reshape(-1)
+        torch.testing.assert_close(values[b].double(), expected.to(values.dtype).double(), atol=1e-5 * scale, rtol=1e-4)
+    # Gradients reach the volume through the filter.
+    fitter.ctf = ctf
+    fitter._zero_grads()
+    values, _, _ = fitter._predict(tilts, jitter=False, rows=rows)
+    values.square().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in fitter.volume.parameters())
+    config.fit.renderer = "rays"
+    with pytest.raises(IcetideError, match="CTF forward model filters whole images"):
+        Fitter(with_ctf, config)

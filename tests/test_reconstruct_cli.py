@@ -4,11 +4,15 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from cli_helpers import ANGLES, SHAPE, TINY_VOLUME_YAML, write_series
 from cli_helpers import run_cli as _run
 
 from icetide.alignment import xf_to_deformations
-from icetide.io import read_deformations, read_mrc, read_relion_tilt_series_star, read_tlt, write_mrc, write_tlt
+from icetide.io import (
+    read_deformations, read_mrc, read_relion_tilt_series_star, read_tlt, write_imod_defocus, write_mrc,
+    write_pre_exposure, write_tlt,
+)
 from icetide.io.imod import read_xf
 from icetide.simulate import crowded_phantom
 
@@ -18,6 +22,9 @@ def series_files(tmp_path_factory):
     write_series(folder / "ts.mrc", crowded_phantom(SHAPE, seed=1), seed=0, voxel_size_A=8.0)
     write_tlt(folder / "short.tlt", ANGLES[:-1])
     (folder / "tiny.yaml").write_text(TINY_VOLUME_YAML + "fit: {tilts_per_step: 4}\n")
+    write_imod_defocus(folder / "ts.defocus", ANGLES, np.full(len(ANGLES), 20000.0))
+    write_imod_defocus(folder / "long.defocus", np.append(ANGLES, 60.0), np.full(len(ANGLES) + 1, 20000.0))
+    write_pre_exposure(folder / "short.dose", np.arange(len(ANGLES) - 1, dtype=float))
     return folder
 
 
@@ -64,11 +71,18 @@ def test_reconstruct_writes_every_output(series_files, tmp_path):
         (["--angles", "ts.tlt", "--config", "ts.tlt"], "ts.tlt"),
         (["--angles", "ts.tlt", "--half-maps", "frames"], "--half-maps must be tilts or pixels"),
         (["--angles", "ts.tlt", "--loss", "huber"], "--loss must be l1, l2 or poisson"),
+        (["--angles", "ts.tlt", "--ctf-correction", "wiener"], "--ctf-correction must be phaseflip or none"),
+        (["--angles", "ts.tlt", "--ctf-correction", "none"], "needs the per-view defocus"),
+        (["--angles", "ts.tlt", "--defocus", "long.defocus"], "defocus for 8 views, the stack has 7"),
+        (["--angles", "ts.tlt", "--defocus", "ts.tlt"], "not a recognised defocus file"),
+        (["--angles", "ts.tlt", "--defocus", "ts.defocus", "--defocus-hand", "2"], "--defocus-hand must be 1 or -1"),
+        (["--angles", "ts.tlt", "--exposure-weighting"], "--exposure-weighting needs"),
+        (["--angles", "ts.tlt", "--pre-exposure", "short.dose"], "pre-exposure for 6 views"),
     ],
 )
 def test_reconstruct_bad_input_is_one_line_and_writes_nothing(series_files, tmp_path, args, message):
     out = tmp_path / "rec"
-    args = [series_files / a if a.endswith((".tlt", ".yaml")) else a for a in args]
+    args = [series_files / a if a.endswith((".tlt", ".yaml", ".defocus", ".dose")) else a for a in args]
     result = _run("reconstruct", series_files / "ts.mrc", *args, "-o", out, "--epochs", 1)
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
@@ -261,3 +275,36 @@ def test_starting_alignment_from_aretomo_aln(series_files, tmp_path):
                   "--thickness", 12, "--aln", aln)
     assert result.exit_code == 0, result.output
     assert read_mrc(fbp_out)[0].shape == SHAPE
+
+
+def test_defocus_and_pre_exposure_correct_the_series_before_the_fit(series_files, tmp_path):
+    from icetide.ctf import Microscope, exposure_weight_series, phase_flip_series
+
+    f = series_files
+    images = read_mrc(f / "ts.mrc")[0]
+    defocus = np.linspace(15000.0, 21000.0, len(ANGLES))
+    dose = 3.0 * np.arange(len(ANGLES))
+    write_imod_defocus(tmp_path / "ts.defocus", ANGLES, defocus)
+    write_pre_exposure(tmp_path / "ts.dose", dose)
+    out = tmp_path / "rec"
+    result = _run("reconstruct", f / "ts.mrc", "--angles", f / "ts.tlt", "-o", out, "--epochs", 1, "--thickness", 12,
+                  "--config", f / "tiny.yaml", "--defocus", tmp_path / "ts.defocus", "--pre-exposure",
+                  tmp_path / "ts.dose", "--exposure-weighting", "--amplitude-contrast", 0.1, "--exclude", "3")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    keep = [0, 1, 2, 4, 5, 6]
+    assert report["optics"]["correction"] == "phaseflip" and report["optics"]["exposure_weighting"]
+    np.testing.assert_allclose(report["optics"]["defocus_A"], np.stack([defocus, defocus, 0 * defocus], 1)[keep],
+                               atol=1e-2)
+    np.testing.assert_allclose(report["optics"]["pre_exposure_e_per_A2"], dose[keep])
+    assert "rlnAmplitudeContrast" in (out / "tomograms.star").read_text()
+    assert "0.1" in (out / "config.yaml").read_text().split("amplitude_contrast:")[1].splitlines()[0]
+    # The fit saw the corrected images: the first epoch leaves the deformations near zero, so aligned.mrc is
+    # close to the phase-flipped, exposure-weighted input and far from the raw one.
+    corrected = exposure_weight_series(
+        phase_flip_series(torch.from_numpy(images[keep]), ANGLES[keep], 8.0, defocus[keep], Microscope(amplitude_contrast=0.1)),
+        8.0, dose[keep],
+    ).numpy()
+    aligned = read_mrc(out / "aligned.mrc")[0]
+    assert np.corrcoef(aligned.ravel(), corrected.ravel())[0, 1] > 0.9
+    assert np.corrcoef(aligned.ravel(), corrected.ravel())[0, 1] > np.corrcoef(aligned.ravel(), images[keep].ravel())[0, 1]

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from icetide.cli.main import app
-from icetide.io import read_deformations, read_mrc, read_tlt, write_mrc
+from icetide.io import read_defocus, read_deformations, read_mrc, read_pre_exposure, read_tlt, write_mrc
 from icetide.simulate import crowded_phantom, measure_snr_db
 
 runner = CliRunner()
@@ -105,6 +105,10 @@ def test_simulate_refuses_a_non_empty_folder_unless_forced(tmp_path, volume_path
         ("volume", ["--bin", "9"]),
         ("volume", ["--profile", "easy"]),
         ("volume", ["--pixel-size", "-1"]),
+        ("volume", ["--ctf", "--dose", "2"]),
+        ("volume", ["--ctf", "--defocus-hand", "0"]),
+        ("volume", ["--ctf", "--defocus", "-1"]),
+        ("volume", ["--exposure", "-5"]),
         ("zeros", []),
     ],
 )
@@ -125,3 +129,22 @@ def test_bad_input_exits_2_with_one_line_and_no_output(tmp_path, volume_path, ma
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), result.output
     assert not out.exists()
+
+
+def test_simulate_ctf_and_exposure_write_the_true_defocus_and_pre_exposure(tmp_path, volume_path):
+    out = tmp_path / "sim"
+    result = _run(volume_path, "-o", out, "--tilt-step", 20, "--ctf", "--defocus", 2.5, "--defocus-spread", 0.1,
+                  "--exposure", 70, "--seed", 2)
+    assert result.exit_code == 0, result.output
+    info = json.loads((out / "simulation.json").read_text())
+    optics = info["optics"]
+    assert optics["ctf"] and optics["pixel_size_A"] == pytest.approx(7.5)
+    defocus = np.asarray(optics["defocus_A"])
+    assert defocus.shape == (7,) and np.all(np.abs(defocus - 25000) <= 1000)
+    table = read_defocus(out / "tilt_series.defocus", 7)
+    np.testing.assert_allclose(table.defocus_u_A, defocus, atol=1e-2)  # IMOD's nm with 4 decimals
+    np.testing.assert_allclose(read_pre_exposure(out / "tilt_series_pre_exposure.txt", 7),
+                               optics["pre_exposure_e_per_A2"])
+    np.testing.assert_allclose(sorted(optics["pre_exposure_e_per_A2"]), 10 * np.arange(7))
+    clean = read_mrc(out / "truth" / "clean_undeformed.mrc")[0]
+    assert clean.min() < 0  # a CTF image is contrast: the first lobe's ringing goes negative

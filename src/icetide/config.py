@@ -23,7 +23,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import IcetideError
 
-__all__ = ["VolumeSettings", "DeformSettings", "FitSettings", "ReconstructConfig", "load_config", "parse_config", "save_config"]
+__all__ = [
+    "VolumeSettings", "DeformSettings", "FitSettings", "CtfSettings", "ReconstructConfig",
+    "load_config", "parse_config", "save_config",
+]
 
 
 class _Strict(BaseModel):
@@ -156,6 +159,40 @@ class FitSettings(_Strict):
     )
 
 
+class CtfSettings(_Strict):
+    """Optics, and the CTF and exposure corrections applied to the series before the fit (docs/CONVENTIONS.md
+    "CTF"). The corrections need the per-tilt defocus (``reconstruct --defocus``) or pre-exposure
+    (``--pre-exposure``); without them nothing is corrected. The optics also go into RELION's tomograms.star."""
+
+    voltage_kV: float = Field(300.0, gt=0)
+    spherical_aberration_mm: float = Field(2.7, ge=0)
+    amplitude_contrast: float = Field(0.07, ge=0, lt=1)
+    correction: Literal["phaseflip", "model", "none"] = Field(
+        "phaseflip", description="with a known defocus: phaseflip (multiply every frequency by the sign of the "
+        "CTF at the defocus of each pixel, which varies across a tilted image), model (fit the raw images with "
+        "the CTF in the forward model: each predicted image is filtered by its tilt's CTF; lattice renderer, "
+        "whole images per step, one process; aligned.mrc and the FBP are still phase-flipped) or none",
+    )
+    defocus_hand: Literal[1, -1] = Field(
+        1, description="+1: at a positive tilt the image's -X side (left of the tilt axis) is further underfocus; "
+        "-1: the other way (flip it when the microscope's or the software's tilt sign is the opposite)",
+    )
+    phase_tolerance_deg: float = Field(
+        22.5, gt=0, le=90, description="phase flipping: defocus spacing of the filtered images the pixels "
+        "interpolate between, as the CTF phase change at Nyquist (IMOD's strips have a defocus tolerance instead)",
+    )
+    exposure_weighting: bool = Field(
+        False, description="with a known pre-exposure per tilt: weight each tilt's spectrum by exp(-N/(2 Ne(k))) "
+        "(Grant & Grigorieff's critical exposure Ne), fading what radiation damage has already faded",
+    )
+
+    def microscope(self):
+        """These optics as a :class:`icetide.ctf.Microscope`."""
+        from .ctf import Microscope
+
+        return Microscope(self.voltage_kV, self.spherical_aberration_mm, self.amplitude_contrast)
+
+
 class ReconstructConfig(_Strict):
     """A whole reconstruction: geometry plus the three groups above."""
 
@@ -171,6 +208,7 @@ class ReconstructConfig(_Strict):
     volume: VolumeSettings = VolumeSettings()
     deform: DeformSettings = DeformSettings()
     fit: FitSettings = FitSettings()
+    ctf: CtfSettings = CtfSettings()
 
 
 def load_config(path: str | os.PathLike) -> ReconstructConfig:

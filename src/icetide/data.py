@@ -18,7 +18,10 @@ class TiltSeries:
 
     ``images``: float32 ``(n_tilts, ny, nx)`` in stack order; ``tilt_angles_deg``: ``(n_tilts,)``;
     ``pixel_size_A``: Angstrom per pixel (``None`` if unknown); ``tilt_axis_angle_deg``: the tilt axis'
-    direction on the images, counter-clockwise from the image Y axis (0 when the axis is vertical).
+    direction on the images, counter-clockwise from the image Y axis (0 when the axis is vertical);
+    ``defocus_A``: per-tilt defocus on the tilt axis, ``(n_tilts, 3)`` rows ``(defocus_u, defocus_v,
+    astigmatism_angle_deg)`` in Angstrom (positive = underfocus; a ``(n_tilts,)`` array means no astigmatism),
+    or ``None``; ``pre_exposure_e_per_A2``: ``(n_tilts,)`` exposure accumulated before each tilt, or ``None``.
     Construction validates everything and raises :class:`IcetideError` with a one-line message.
     """
 
@@ -26,6 +29,8 @@ class TiltSeries:
     tilt_angles_deg: np.ndarray
     pixel_size_A: float | None = None
     tilt_axis_angle_deg: float = 0.0
+    defocus_A: np.ndarray | None = None
+    pre_exposure_e_per_A2: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         images = np.asarray(self.images)
@@ -52,6 +57,7 @@ class TiltSeries:
             if not np.isfinite(self.pixel_size_A) or self.pixel_size_A <= 0:
                 raise IcetideError(f"pixel size must be positive, got {self.pixel_size_A}")
         self.tilt_axis_angle_deg = float(self.tilt_axis_angle_deg)
+        self._check_optics(images.shape[0])
         bad = ~np.isfinite(self.images).reshape(images.shape[0], -1).all(axis=1)
         if bad.any():
             raise IcetideError(
@@ -61,6 +67,24 @@ class TiltSeries:
         const = flat.max(axis=1) == flat.min(axis=1)
         if const.any():
             raise IcetideError(f"constant image(s) in tilt(s) {', '.join(map(str, np.flatnonzero(const)))}")
+
+    def _check_optics(self, n_tilts: int) -> None:
+        if self.defocus_A is not None:
+            table = np.asarray(self.defocus_A, dtype=np.float64)
+            if table.ndim == 1:
+                table = np.stack([table, table, np.zeros_like(table)], axis=1)
+            if table.ndim != 2 or table.shape != (n_tilts, 3):
+                raise IcetideError(f"defocus for {table.shape[0]} views, the series has {n_tilts}")
+            if not np.all(np.isfinite(table)) or np.any(table[:, :2] <= 0):
+                raise IcetideError("defocus values must be finite underfocus (positive Angstrom)")
+            self.defocus_A = table
+        if self.pre_exposure_e_per_A2 is not None:
+            dose = np.asarray(self.pre_exposure_e_per_A2, dtype=np.float64).reshape(-1)
+            if dose.shape[0] != n_tilts:
+                raise IcetideError(f"pre-exposure for {dose.shape[0]} views, the series has {n_tilts}")
+            if not np.all(np.isfinite(dose)) or np.any(dose < 0):
+                raise IcetideError("pre-exposure values must be finite and non-negative (e/A^2)")
+            self.pre_exposure_e_per_A2 = dose
 
     @property
     def n_tilts(self) -> int:

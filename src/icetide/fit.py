@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from .config import ReconstructConfig
+from .ctf import SeriesCtf
 from .data import TiltSeries
 from .deform import (
     Deformations, deform_coords, deformation_penalty, local_displacement, remove_gauge, smoothness_penalty,
@@ -273,6 +274,7 @@ class Fitter:
         self.base_lrs = [g["lr"] for g in self.opt_volume.param_groups] + (
             [g["lr"] for g in self.opt_deform.param_groups] if self.opt_deform else []
         )
+        self.ctf = self._forward_ctf(series)
         u, v = detector_grid(ny, nx, device=self.device)
         self.u, self.v = u.reshape(1, -1), v.reshape(1, -1)  # (1, P) every pixel of a tilt
         self.epoch = 0
@@ -301,6 +303,22 @@ class Fitter:
         except RuntimeError as exc:
             raise IcetideError(f"fit.kernel: {exc}") from None
         return volume
+
+    def _forward_ctf(self, series: TiltSeries) -> SeriesCtf | None:
+        """The CTF of the forward model (``ctf.correction: model`` with a known defocus), else None. It filters
+        whole predicted images, so it needs the lattice renderer with every row in one band, in one process."""
+        settings = self.config.ctf
+        if settings.correction != "model" or series.defocus_A is None:
+            return None
+        if series.pixel_size_A is None:
+            raise IcetideError("the CTF forward model needs the pixel size (--pixel-size or the MRC header)")
+        if self.config.fit.renderer != "lattice" or self.world > 1 or self.lattice_rows < self.detector_shape[0]:
+            raise IcetideError(
+                "the CTF forward model filters whole images: it needs the lattice renderer, one process and every "
+                f"row in one band (here {self.lattice_rows} of {self.detector_shape[0]} rows fit); use phaseflip"
+            )
+        return SeriesCtf(series.tilt_angles_deg, series.pixel_size_A, series.defocus_A, settings.microscope(),
+                         series.tilt_axis_angle_deg, settings.defocus_hand, math.radians(settings.phase_tolerance_deg))
 
     @property
     def volumes(self) -> list[ImplicitVolume]:
@@ -359,7 +377,8 @@ class Fitter:
         With half maps each pixel's value comes from the volume of its half."""
         if rows is not None:
             pick = self._pixel_rows(tilts, rows)
-            values, valid = self._render(self._coords(tilts, pick), tilts, jitter, rows)
+            whole = pick.start == 0 and pick.stop == self.detector_shape[0]
+            values, valid = self._render(self._coords(tilts, pick), tilts, jitter, rows, whole)
         else:
             coords = self._coords(tilts)
             pick = None
@@ -368,7 +387,7 @@ class Fitter:
                 pick = torch.stack([torch.randperm(coords.shape[1], generator=self.sampler)[:n] for _ in tilts])
                 pick = pick.to(self.device)
                 coords = torch.gather(coords, 1, pick[..., None].expand(-1, -1, 2))
-            values, valid = self._render(coords, tilts, jitter)
+            values, valid = self._render(coords, tilts, jitter, whole=pick is None)
         return self._of_own_half(values, tilts, pick), valid, pick
 
     def _of_own_half(self, values: torch.Tensor, tilts: torch.Tensor, pick) -> torch.Tensor:
@@ -390,9 +409,12 @@ class Fitter:
         """Per-tilt intensity gains ``(M,)``, geometric mean 1 (the volume holds the overall scale)."""
         return torch.exp(self.log_gain - self.log_gain.mean())
 
-    def _render(self, coords: torch.Tensor, tilts: torch.Tensor, jitter: bool, rows: slice | None = None):
+    def _render(
+        self, coords: torch.Tensor, tilts: torch.Tensor, jitter: bool, rows: slice | None = None, whole: bool = False
+    ):
         """Predicted values ``(V, B, P)`` of every volume (``V`` = 1, or 2 with half maps) and the pixels
-        valid for all of them ``(B, P)``."""
+        valid for all of them ``(B, P)``. ``whole``: the pixels are every pixel of the tilts, in order (then the
+        forward model's CTF, if any, applies)."""
         extra = {} if rows is None else {"rows": rows}  # the lattice renderer's band; a random one by default
         rendered = [
             self.renderer.render(volume, coords, self.theta[tilts], self.sampler, jitter=jitter, **extra)
@@ -400,6 +422,14 @@ class Fitter:
         ]
         values = torch.stack([v for v, _ in rendered])
         valid = rendered[0][1] if len(rendered) == 1 else rendered[0][1] & rendered[1][1]
+        if self.ctf is not None:
+            if not whole:
+                raise IcetideError("the CTF forward model needs whole images; this step predicted part of them")
+            shape = self.detector_shape
+            values = torch.stack([
+                torch.stack([self.ctf(image.view(shape), int(m)).reshape(-1) for image, m in zip(per_volume, tilts)])
+                for per_volume in values
+            ])
         if self.config.deform.gain:
             values = values * self.gains()[tilts, None]
         if self.config.deform.offset:

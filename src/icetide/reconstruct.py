@@ -11,8 +11,8 @@ estimated deformations undone), ``tomogram_fbp.mrc`` (FBP of the aligned series)
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -21,8 +21,10 @@ import torch
 
 from .alignment import deformations_to_xf
 from .config import ReconstructConfig, save_config
+from .ctf import exposure_weight_series, phase_flip_series
 from .data import TiltSeries
 from .deform import Deformations
+from .errors import IcetideError
 from .fit import Fitter, distributed_rank
 from .io import write_deformations, write_json, write_mrc, write_tlt
 from .io.imod import write_xf
@@ -33,16 +35,47 @@ from .prealign import coarse_shifts
 from .recon import align_series, fbp
 from .volume import ImplicitVolume
 
-__all__ = ["RelionMicroscope", "reconstruct", "sample_tomogram", "write_half_maps"]
+__all__ = ["correct_optics", "reconstruct", "sample_tomogram", "write_half_maps"]
 
 
-@dataclass(frozen=True)
-class RelionMicroscope:
-    """What RELION-5's ``tomograms.star`` needs beyond the images: voltage (kV), Cs (mm), amplitude contrast."""
-
-    voltage_kV: float = 300.0
-    spherical_aberration_mm: float = 2.7
-    amplitude_contrast: float = 0.1
+def correct_optics(series: TiltSeries, config: ReconstructConfig, for_fit: bool = True) -> tuple[TiltSeries, dict]:
+    """The series the fit sees (``for_fit``) or the one the outputs (``aligned.mrc``, FBP) are made of:
+    phase-flipped when its defocus is known and ``config.ctf.correction`` is phaseflip (for the outputs also
+    when it is model: the fit then sees the raw images and applies the CTF itself), exposure-weighted when its
+    pre-exposure is known and ``config.ctf.exposure_weighting`` is on (:mod:`icetide.ctf`). Returns
+    ``(series, report entry)``; the series is the input when nothing applies."""
+    settings = config.ctf
+    info: dict = {"correction": "none", "exposure_weighting": False}
+    flip = series.defocus_A is not None and (
+        settings.correction == "phaseflip" or (settings.correction == "model" and not for_fit)
+    )
+    if series.defocus_A is not None and settings.correction == "model":
+        info["correction"] = "model"
+    weight = series.pre_exposure_e_per_A2 is not None and settings.exposure_weighting
+    if series.defocus_A is not None:
+        info["defocus_A"] = series.defocus_A.tolist()
+    if series.pre_exposure_e_per_A2 is not None:
+        info["pre_exposure_e_per_A2"] = series.pre_exposure_e_per_A2.tolist()
+    if settings.exposure_weighting and series.pre_exposure_e_per_A2 is None:
+        info["note"] = "exposure weighting asked for, but no pre-exposure per tilt is known: not applied"
+    if (flip or weight or info["correction"] == "model") and series.pixel_size_A is None:
+        raise IcetideError("CTF or exposure correction needs the pixel size (--pixel-size or the MRC header)")
+    if not (flip or weight):
+        return series, info
+    images = torch.from_numpy(series.images)
+    if flip:
+        images = phase_flip_series(
+            images, series.tilt_angles_deg, series.pixel_size_A, series.defocus_A, settings.microscope(),
+            series.tilt_axis_angle_deg, settings.defocus_hand, math.radians(settings.phase_tolerance_deg),
+        )
+        info["correction"] = "model" if settings.correction == "model" else "phaseflip"
+    if weight:
+        images = exposure_weight_series(images, series.pixel_size_A, series.pre_exposure_e_per_A2,
+                                        settings.voltage_kV)
+        info["exposure_weighting"] = True
+    corrected = TiltSeries(images.numpy(), series.tilt_angles_deg, series.pixel_size_A, series.tilt_axis_angle_deg,
+                           series.defocus_A, series.pre_exposure_e_per_A2)
+    return corrected, info
 
 
 @torch.no_grad()
@@ -118,13 +151,12 @@ def reconstruct(
     on_epoch: Callable[[dict], None] | None = None,
     on_phase: Callable[[str], None] | None = None,
     source_path: Path | None = None,
-    microscope: RelionMicroscope | None = None,
 ) -> dict:
     """Fit ``series`` and write all outputs to ``out_dir`` (which must exist). Returns the report.
 
-    ``source_path``: the tilt-series file, named in ``alignment.star`` (``k@path``) so RELION finds the images.
-    ``microscope``: when given (and the pixel size is known), also write ``tomograms.star`` for RELION-5.
-    In a ``torch.distributed`` run (see :func:`icetide.fit.distributed_rank`) every rank fits and only rank 0
+    The fit, ``aligned.mrc`` and the FBP see the series after :func:`correct_optics` (CTF, exposure).
+    ``source_path``: the tilt-series file, named in ``alignment.star`` (``k@path``) so RELION finds the images;
+    ``tomograms.star`` carries ``config.ctf``'s optics. In a ``torch.distributed`` run (see :func:`icetide.fit.distributed_rank`) every rank fits and only rank 0
     writes; the other ranks return their fit report.
     """
     out_dir = Path(out_dir)
@@ -134,6 +166,12 @@ def reconstruct(
     writer = distributed_rank()[0] == 0
     if writer:
         save_config(out_dir / "config.yaml", config)
+    if series.defocus_A is not None or series.pre_exposure_e_per_A2 is not None:
+        phase("correcting the CTF and exposure")
+    raw = series
+    series, optics = correct_optics(raw, config)
+    timings["optics_s"] = time.monotonic() - t0
+    t0 = time.monotonic()
     prealigned = init is None and not resume and config.deform.prealign and config.deform.shifts
     if prealigned:
         init = coarse_start(series, config)
@@ -174,14 +212,15 @@ def reconstruct(
         images = str(Path(source_path).resolve()) if source_path is not None else None
         name = name.replace(" ", "_")
         write_relion_tilt_series_star(out_dir / "alignment.star", d, voxel, name, images)
-        if microscope is not None:
-            nz, ny, nx = tomogram.shape
-            entry = RelionTomogram(
-                name, str((out_dir / "alignment.star").resolve()), microscope.voltage_kV,
-                microscope.spherical_aberration_mm, microscope.amplitude_contrast, voxel, voxel, (nx, ny, nz),
-            )
-            write_relion_tomograms_star(out_dir / "tomograms.star", [entry])
-    aligned = align_series(torch.tensor(series.images), d)
+        nz, ny, nx = tomogram.shape
+        optics_settings = config.ctf
+        entry = RelionTomogram(
+            name, str((out_dir / "alignment.star").resolve()), optics_settings.voltage_kV,
+            optics_settings.spherical_aberration_mm, optics_settings.amplitude_contrast, voxel, voxel, (nx, ny, nz),
+        )
+        write_relion_tomograms_star(out_dir / "tomograms.star", [entry])
+    shown = correct_optics(raw, config, for_fit=False)[0] if config.ctf.correction == "model" else series
+    aligned = align_series(torch.tensor(shown.images), d)
     write_mrc(out_dir / "aligned.mrc", aligned.numpy(), voxel, stack=True)
     thickness = tomogram.shape[0]
     write_mrc(out_dir / "tomogram_fbp.mrc", fbp(aligned, d.tilt_angles_deg, thickness).numpy(), voxel)
@@ -195,6 +234,7 @@ def reconstruct(
         "alignment.xf, alignment.tlt" + (", alignment.star" if voxel is not None else " (no alignment.star: pixel size unknown)")
         + ": shifts and in-plane rotations only; the local fields are in deformations.json"
     )
+    report["optics"] = optics
     if half_maps is not None:
         report["half_maps"] = half_maps
     report["input"] = {

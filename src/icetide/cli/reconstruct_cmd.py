@@ -152,9 +152,31 @@ def reconstruct(
     aln: Optional[Path] = typer.Option(
         None, "--aln", help="Starting alignment from AreTomo .aln (global part; rows matched by tilt angle)."
     ),
-    voltage: float = typer.Option(300.0, help="For tomograms.star (RELION): acceleration voltage, kV."),
-    cs: float = typer.Option(2.7, help="For tomograms.star (RELION): spherical aberration, mm."),
-    amplitude_contrast: float = typer.Option(0.1, help="For tomograms.star (RELION): amplitude contrast."),
+    defocus: Optional[Path] = typer.Option(
+        None, help="Per-view defocus: CTFFIND4 output (.txt), IMOD .defocus, RELION-5 tilt-series .star or SerialEM "
+        ".mdoc (its nominal Defocus). The series is phase-flipped before the fit (--ctf-correction)."
+    ),
+    ctf_correction: Optional[str] = typer.Option(
+        None, help="With --defocus: phaseflip (default; in effect strips parallel to the tilt axis, as the "
+        "defocus varies across a tilted image) or none."
+    ),
+    defocus_hand: Optional[int] = typer.Option(
+        None, help="1 (default) or -1: which side of a tilted image is further underfocus (docs/CONVENTIONS.md); "
+        "flip it when the tilt sign of the data is the opposite."
+    ),
+    pre_exposure: Optional[Path] = typer.Option(
+        None, help="Exposure before each view (e/A^2): SerialEM .mdoc (PriorRecordDose, or ExposureDose in "
+        "DateTime order), RELION-5 .star (rlnMicrographPreExposure) or one number per line."
+    ),
+    exposure_weighting: bool = typer.Option(
+        False, "--exposure-weighting", help="Weight each view's spectrum by its accumulated exposure (Grant & "
+        "Grigorieff critical exposure). Needs --pre-exposure, or an --mdoc with doses."
+    ),
+    voltage: Optional[float] = typer.Option(None, help="Acceleration voltage, kV (CTF, tomograms.star). Default 300."),
+    cs: Optional[float] = typer.Option(None, help="Spherical aberration, mm (CTF, tomograms.star). Default 2.7."),
+    amplitude_contrast: Optional[float] = typer.Option(
+        None, help="Amplitude contrast (CTF, tomograms.star). Default 0.07."
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint.pt with OUT's config.yaml."),
     force: bool = typer.Option(False, "--force", help="Replace the contents of a non-empty output folder."),
 ) -> None:
@@ -163,9 +185,10 @@ def reconstruct(
     Writes OUT/tomogram.mrc (thickness, ny, nx), OUT/deformations.json, OUT/aligned.mrc, OUT/tomogram_fbp.mrc,
     OUT/alignment.xf + alignment.tlt (IMOD), OUT/alignment.star + tomograms.star (RELION-5, when the pixel
     size is known), OUT/config.yaml, OUT/report.json and OUT/checkpoint.pt. The IMOD and RELION files carry
-    shifts and rotations only; the local fields are in deformations.json.
+    shifts and rotations only; the local fields are in deformations.json. With --defocus (and
+    --exposure-weighting) the series is corrected first: the fit, aligned.mrc and tomogram_fbp.mrc see the
+    corrected images.
     """
-    from ..reconstruct import RelionMicroscope
     from ..reconstruct import reconstruct as run
 
     if renderer is not None and renderer not in ("lattice", "rays"):
@@ -176,6 +199,16 @@ def reconstruct(
         raise IcetideError(f"--half-maps must be tilts or pixels, got {half_maps!r}")
     if specimen is not None and specimen not in ("box", "slab"):
         raise IcetideError(f"--specimen must be box or slab, got {specimen!r}")
+    if ctf_correction is not None and ctf_correction not in ("phaseflip", "none"):
+        raise IcetideError(f"--ctf-correction must be phaseflip or none, got {ctf_correction!r}")
+    if ctf_correction is not None and defocus is None:
+        raise IcetideError("--ctf-correction needs the per-view defocus (--defocus)")
+    if defocus_hand is not None and defocus_hand not in (1, -1):
+        raise IcetideError(f"--defocus-hand must be 1 or -1, got {defocus_hand}")
+    if exposure_weighting and pre_exposure is None:
+        if mdoc is None:
+            raise IcetideError("--exposure-weighting needs the exposure before each view (--pre-exposure or --mdoc)")
+        pre_exposure = mdoc
     if resume and force:
         raise IcetideError("--resume and --force exclude each other")
     check_alignment_options(deformations, xf, aln)
@@ -207,13 +240,19 @@ def reconstruct(
             "fit.loss": loss,
             "fit.seed": seed,
             "deform.local": False if no_local else None,
+            "ctf.correction": ctf_correction,
+            "ctf.defocus_hand": defocus_hand,
+            "ctf.exposure_weighting": True if exposure_weighting else None,
+            "ctf.voltage_kV": voltage,
+            "ctf.spherical_aberration_mm": cs,
+            "ctf.amplitude_contrast": amplitude_contrast,
         },
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         series, keep, all_angles = load_series(
             tilt_series, angles, mdoc, cfg.pixel_size_A, cfg.tilt_axis_angle_deg or None,
-            exclude, invert, fix_nonfinite,
+            exclude, invert, fix_nonfinite, defocus, pre_exposure,
         )
     for warning in caught:
         console.print(f"[yellow]warning:[/] {warning.message}", highlight=False)
@@ -225,7 +264,6 @@ def reconstruct(
         init = init.subset(keep)
         # The starting rotations already hold the tilt axis (e.g. one read from the .mdoc must not count twice).
         series.tilt_axis_angle_deg = 0.0
-    microscope = RelionMicroscope(voltage, cs, amplitude_contrast)
 
     if rank != 0:
         run(series, cfg, out, init=init, resume=resume)
@@ -235,7 +273,7 @@ def reconstruct(
         progress, on_epoch = progress_printer(cfg.fit.epochs)
         with progress:
             report = run(series, cfg, folder, init=init, resume=resume, on_epoch=on_epoch, source_path=tilt_series,
-                         on_phase=lambda name: console.print(f"[dim]{name}[/]"), microscope=microscope)
+                         on_phase=lambda name: console.print(f"[dim]{name}[/]"))
     console.print(
         f"done: {report['epochs']} epochs, {report['stop_reason']}; best epoch {report['best_epoch']}; "
         f"fit {report['fit_seconds']:.1f} s; outputs in {out}"

@@ -82,6 +82,25 @@ def simulate(
     pixel_size: Optional[float] = typer.Option(
         None, help="Voxel size of the input volume in Angstrom (overrides the header; default header, else 10)."
     ),
+    ctf: bool = typer.Option(
+        False, "--ctf", help="Apply the CTF (defocus varying across each tilted image and through the specimen's "
+        "depth); writes the true per-tilt defocus as tilt_series.defocus (IMOD)."
+    ),
+    defocus: float = typer.Option(3.0, help="With --ctf: nominal defocus, micrometres of underfocus."),
+    defocus_spread: float = typer.Option(
+        0.2, help="With --ctf: each tilt's defocus is the nominal one plus a uniform draw within +-this, micrometres."
+    ),
+    voltage: float = typer.Option(300.0, help="With --ctf/--exposure: acceleration voltage, kV."),
+    cs: float = typer.Option(2.7, help="With --ctf: spherical aberration, mm."),
+    amplitude_contrast: float = typer.Option(0.07, help="With --ctf: amplitude contrast."),
+    defocus_hand: int = typer.Option(
+        1, help="With --ctf: 1 or -1, which side of a tilted image is further underfocus (docs/CONVENTIONS.md)."
+    ),
+    exposure: float = typer.Option(
+        0.0, help="Radiation damage: total exposure in e/A^2, shared equally by the tilts, taken in a "
+        "dose-symmetric order (each tilt's signal fades as Grant & Grigorieff's critical exposure says); writes "
+        "the exposure before each tilt as tilt_series_pre_exposure.txt. 0 = none."
+    ),
     force: bool = typer.Option(False, "--force", help="Replace the contents of a non-empty output folder."),
 ) -> None:
     """Simulate a deformed, noisy tilt series of VOLUME with known truth.
@@ -96,10 +115,12 @@ def simulate(
     truth/volume.mrc (the projected volume); truth/deformations.json;
     truth/clean_deformed.mrc; truth/clean_undeformed.mrc;
     truth/noisy_undeformed.mrc (an independent noise draw, same sigma);
-    simulation.json (settings, seed, noise sigma, SNRs, timings).
+    simulation.json (settings, seed, noise sigma, SNRs, timings);
+    with --ctf tilt_series.defocus, with --exposure tilt_series_pre_exposure.txt.
     """
-    from ..io import write_deformations, write_json, write_mrc, write_tlt
-    from ..simulate import PROFILES, bin_volume, simulate_tilt_series
+    from ..ctf import Microscope
+    from ..io import write_deformations, write_imod_defocus, write_json, write_mrc, write_pre_exposure, write_tlt
+    from ..simulate import PROFILES, Optics, bin_volume, simulate_tilt_series
 
     started = time.perf_counter()
     if profile not in PROFILES:
@@ -112,10 +133,16 @@ def simulate(
         raise IcetideError(f"--bin must be a positive integer, got {bin_factor}")
     if pixel_size is not None and not (math.isfinite(pixel_size) and pixel_size > 0):
         raise IcetideError(f"--pixel-size must be positive, got {pixel_size:g}")
+    if dose is not None and ctf:
+        raise IcetideError("--dose (counting noise) cannot be combined with --ctf: CTF images are contrast, not counts")
     angles = tilt_range(tilt_min, tilt_max, tilt_step)
     check_output_dir(out, force)
     data, input_shape, header_A = _load_volume(volume, bin_factor)
     voxel_A, voxel_source = _voxel_size(pixel_size, header_A)
+    optics = None
+    if ctf or exposure != 0:
+        optics = Optics(voxel_A * bin_factor, ctf, defocus, defocus_spread, None,
+                        Microscope(voltage, cs, amplitude_contrast), defocus_hand, exposure)
     timings = {"read": time.perf_counter() - started}
 
     start = time.perf_counter()
@@ -126,7 +153,8 @@ def simulate(
     console.print(
         f"simulating {n} tilts ({angles[0]:g} to {angles[-1]:g} deg) of a {truth.shape} volume, "
         f"profile {profile}, " + (f"SNR {snr_db:g} dB" if dose is None else f"Poisson noise, {dose:g} counts/px")
-        + f", seed {seed}"
+        + (f", CTF at {defocus:g} +- {defocus_spread:g} um" if ctf else "")
+        + (f", {exposure:g} e/A^2 of radiation damage" if exposure else "") + f", seed {seed}"
     )
     with output_dir(out, force) as folder:
         with Progress(
@@ -138,12 +166,17 @@ def simulate(
             def on_tilt(stage: str, i: int) -> None:
                 progress.update(task, completed=i + 1 + (n if stage == "undeformed" else 0), stage=stage)
 
-            sim = simulate_tilt_series(truth, angles, profile, snr_db, seed, on_tilt=on_tilt, dose_per_px=dose)
+            sim = simulate_tilt_series(truth, angles, profile, snr_db, seed, on_tilt=on_tilt, dose_per_px=dose,
+                                       optics=optics)
         timings.update(sim.timings_s)
 
         start = time.perf_counter()
         write_mrc(folder / "tilt_series.mrc", sim.noisy, pixel_A, stack=True)
         write_tlt(folder / "tilt_series.tlt", angles)
+        if sim.defocus_A is not None:
+            write_imod_defocus(folder / "tilt_series.defocus", angles, sim.defocus_A)
+        if sim.pre_exposure_e_per_A2 is not None:
+            write_pre_exposure(folder / "tilt_series_pre_exposure.txt", sim.pre_exposure_e_per_A2)
         (folder / "truth").mkdir()
         write_mrc(folder / "truth" / "volume.mrc", truth, pixel_A)
         write_deformations(folder / "truth" / "deformations.json", sim.deformations)
@@ -179,6 +212,13 @@ def simulate(
             "noise_sigma": sim.sigma,
             "noise": "gaussian" if dose is None else f"poisson, mean {dose:g} counts per pixel (series in counts)",
             "samples_per_voxel": sim.samples_per_voxel,
+            "optics": None if optics is None else {
+                **asdict(optics),
+                "defocus_A": sim.defocus_A,
+                "pre_exposure_e_per_A2": sim.pre_exposure_e_per_A2,
+                "ctf_convention": "sin(chi + asin(amplitude_contrast)), density bright; defocus positive = "
+                "underfocus, on the tilt axis (docs/CONVENTIONS.md)",
+            },
             "projection": "line integrals of the trilinear interpolant (zero outside the box) along the rays of "
             "the deformed detector coordinates, midpoint rule inside the slab",
             "timings_s": timings,

@@ -32,8 +32,8 @@ from ..evaluation import evaluate_volumes
 from ..io import read_deformations, read_mrc, read_volume, write_deformations, write_mrc, write_tlt
 from ..metrics import FSC_TAPER_VOX
 from ..recon import fbp, sirt
-from ..reconstruct import reconstruct
-from ..simulate import SimulatedTiltSeries, bin_volume, simulate_tilt_series
+from ..reconstruct import correct_optics, reconstruct
+from ..simulate import Optics, SimulatedTiltSeries, bin_volume, simulate_tilt_series
 
 __all__ = [
     "Acquisition", "FSC_TAPER_VOX", "METHODS", "load_phantom", "reconstruction_config", "run_case", "simulate_case"
@@ -47,7 +47,9 @@ SIRT_ITERATIONS = 30
 class Acquisition:
     """A simulated acquisition: tilts ``tilt_min_deg:tilt_step_deg:tilt_max_deg`` (degrees, inclusive),
     SNR (dB, DESIGN.md definition), deformation profile and the seed of deformations and noise; with
-    ``dose_per_px``, counting (Poisson) noise at that mean count per pixel instead of the SNR's Gaussian noise."""
+    ``dose_per_px``, counting (Poisson) noise at that mean count per pixel instead of the SNR's Gaussian noise;
+    with ``defocus_um``, the CTF at that nominal defocus (:class:`icetide.simulate.Optics` defaults otherwise);
+    with ``exposure_e_per_A2`` > 0, radiation damage from that total exposure."""
 
     tilt_min_deg: float = -60.0
     tilt_max_deg: float = 60.0
@@ -56,6 +58,15 @@ class Acquisition:
     profile: str = "paper"
     seed: int = 0
     dose_per_px: float | None = None
+    defocus_um: float | None = None
+    exposure_e_per_A2: float = 0.0
+
+    def optics(self, pixel_size_A: float) -> Optics | None:
+        """The simulation's CTF and damage at ``pixel_size_A``, or None when it has neither."""
+        if self.defocus_um is None and self.exposure_e_per_A2 == 0:
+            return None
+        ctf = self.defocus_um is not None
+        return Optics(pixel_size_A, ctf, self.defocus_um if ctf else 3.0, total_exposure_e_per_A2=self.exposure_e_per_A2)
 
     def tilt_angles_deg(self) -> np.ndarray:
         n = int(round((self.tilt_max_deg - self.tilt_min_deg) / self.tilt_step_deg)) + 1
@@ -97,7 +108,7 @@ def simulate_case(
         noise = f"{a.snr_db:g} dB" if a.dose_per_px is None else f"Poisson noise at {a.dose_per_px:g} counts/px"
         on_phase(f"simulating {len(angles)} tilts, {a.profile} deformations, {noise}, seed {a.seed}")
     sim = simulate_tilt_series(truth, angles, profile=a.profile, snr_db=a.snr_db, seed=a.seed,
-                               dose_per_px=a.dose_per_px)
+                               dose_per_px=a.dose_per_px, optics=a.optics(voxel_size_A))
     out_dir = Path(out_dir)
     (out_dir / "truth").mkdir(exist_ok=True)
     write_mrc(out_dir / "truth" / "volume.mrc", truth, voxel_size_A)
@@ -139,7 +150,8 @@ def run_case(
 
     budget = "" if config.fit.max_minutes is None else f" (at most {config.fit.max_minutes:g} min of fitting)"
     phase(f"reconstructing with icetide{budget}")
-    series = TiltSeries(sim.noisy, angles, voxel_size_A)
+    series = TiltSeries(sim.noisy, angles, voxel_size_A, defocus_A=sim.defocus_A,
+                        pre_exposure_e_per_A2=sim.pre_exposure_e_per_A2)
     rec_dir = out_dir / "icetide"
     rec_dir.mkdir(exist_ok=True)
     t0 = time.monotonic()
@@ -148,12 +160,17 @@ def run_case(
 
     phase("baselines: FBP of the raw series, FBP and SIRT of the aligned and of the undeformed series")
     volumes = {"icetide": read_mrc(rec_dir / "tomogram.mrc")[0], "fbp_aligned": read_mrc(rec_dir / "tomogram_fbp.mrc")[0]}
-    aligned = torch.tensor(read_mrc(rec_dir / "aligned.mrc")[0])
+    aligned = torch.tensor(read_mrc(rec_dir / "aligned.mrc")[0])  # already CTF/exposure-corrected
+    # The raw and oracle series get the same correction as aligned.mrc, so that only the alignment differs.
+    raw = torch.from_numpy(correct_optics(series, config, for_fit=False)[0].images)
+    oracle = TiltSeries(sim.noisy_undeformed, angles, voxel_size_A, defocus_A=sim.defocus_A,
+                        pre_exposure_e_per_A2=sim.pre_exposure_e_per_A2)
+    undeformed = torch.from_numpy(correct_optics(oracle, config, for_fit=False)[0].images)
     baselines = {
         "sirt_aligned": lambda: sirt(aligned, angles, nz, SIRT_ITERATIONS),
-        "fbp_raw": lambda: fbp(torch.from_numpy(sim.noisy), angles, nz),
-        "fbp_oracle": lambda: fbp(torch.from_numpy(sim.noisy_undeformed), angles, nz),
-        "sirt_oracle": lambda: sirt(torch.from_numpy(sim.noisy_undeformed), angles, nz, SIRT_ITERATIONS),
+        "fbp_raw": lambda: fbp(raw, angles, nz),
+        "fbp_oracle": lambda: fbp(undeformed, angles, nz),
+        "sirt_oracle": lambda: sirt(undeformed, angles, nz, SIRT_ITERATIONS),
     }
     for name, make in baselines.items():
         t0 = time.monotonic()

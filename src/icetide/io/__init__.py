@@ -1,6 +1,7 @@
 """File formats. Nothing outside this package reads or writes a file format."""
 
 from .aretomo import AlnFile, read_aln
+from .ctf_files import DefocusTable, read_defocus, read_pre_exposure, write_imod_defocus, write_pre_exposure
 from .deformations import read_deformations, write_deformations
 from .imod import read_tlt, read_xf, write_tlt, write_xf
 from .mdoc import read_mdoc
@@ -26,6 +27,11 @@ __all__ = [
     "AlnFile",
     "read_aln",
     "read_mdoc",
+    "DefocusTable",
+    "read_defocus",
+    "write_imod_defocus",
+    "read_pre_exposure",
+    "write_pre_exposure",
     "RelionTomogram",
     "read_relion_tilt_series_star",
     "write_relion_tilt_series_star",

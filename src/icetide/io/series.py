@@ -10,6 +10,7 @@ import numpy as np
 
 from ..data import TiltSeries, replace_nonfinite
 from ..errors import IcetideError
+from .ctf_files import read_defocus, read_pre_exposure
 from .imod import read_tlt
 from .mdoc import read_mdoc
 from .mrc import read_mrc
@@ -42,6 +43,8 @@ def load_series(
     exclude: Optional[str],
     invert: bool,
     fix_nonfinite: bool = False,
+    defocus: Optional[Path] = None,
+    pre_exposure: Optional[Path] = None,
 ) -> tuple[TiltSeries, np.ndarray, np.ndarray]:
     """The tilt series to fit, the stack indices it keeps and the tilt angles of every view of the stack.
 
@@ -49,6 +52,8 @@ def load_series(
     angle when they are not given otherwise. Excluded views are dropped before validation, so a blank view can
     be excluded; ``invert`` flips the contrast (dark density on a light background, as in raw cryo-EM images);
     ``fix_nonfinite`` replaces NaN/Inf pixels by their image's median (with a ``UserWarning``) instead of refusing them.
+    ``defocus`` (CTFFIND4, IMOD .defocus, RELION STAR or .mdoc) and ``pre_exposure`` (.mdoc, RELION STAR or one
+    number per line) describe every view of the stack, like the angles (:mod:`icetide.io.ctf_files`).
     """
     if (angles is None) == (mdoc is None):
         raise IcetideError("give the tilt angles with exactly one of --angles (.tlt) or --mdoc (SerialEM)")
@@ -66,6 +71,12 @@ def load_series(
         raise IcetideError(f"{len(all_angles)} tilt angles for {images.shape[0]} images")
     n_tilts = images.shape[0] if images.ndim == 3 else 1
     keep = np.setdiff1d(np.arange(n_tilts), parse_exclude(exclude, n_tilts))
+    defocus_A = dose = None
+    if defocus is not None:
+        table = read_defocus(defocus, n_tilts)
+        defocus_A = np.stack([table.defocus_u_A, table.defocus_v_A, table.astigmatism_angle_deg], axis=1)[keep]
+    if pre_exposure is not None:
+        dose = read_pre_exposure(pre_exposure, n_tilts)[keep]
     if images.ndim == 3:
         images, tilt_angles = images[keep], all_angles[keep]
     if invert:
@@ -75,5 +86,5 @@ def load_series(
         if n_bad:
             warnings.warn(f"replaced {n_bad} NaN/Inf pixel(s) by their image's median", stacklevel=2)
     series = TiltSeries(images, tilt_angles, pixel_size_A if pixel_size_A is not None else header_px,
-                        tilt_axis_angle_deg or 0.0)
+                        tilt_axis_angle_deg or 0.0, defocus_A, dose)
     return series, keep, all_angles

@@ -10,6 +10,7 @@ from .acquire import (
     random_deformations,
     simulate_tilt_series,
 )
+from .optics import Optics
 from .phantom import bin_volume, crowded_phantom
 
 __all__ = [
@@ -23,4 +24,5 @@ __all__ = [
     "measure_snr_db",
     "SimulatedTiltSeries",
     "simulate_tilt_series",
+    "Optics",
 ]

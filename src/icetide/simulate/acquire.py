@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from ..deform import Deformations, deform_coords, local_displacement
 from ..errors import IcetideError
 from ..geometry import deg2rad, detector_grid, ray_points, slab_ray_interval
+from .optics import Optics, draw_defocus_A, optics_image_formation, optics_layers, optics_pre_exposure
 
 __all__ = [
     "DeformationProfile",
@@ -154,9 +155,11 @@ def _project_tilt(
     theta_rad: torch.Tensor,
     samples_per_voxel: float,
     max_elements: int,
+    n_slabs: int = 1,
 ) -> torch.Tensor:
     """Line integrals for one tilt. ``padded``: ``(nz + 2, ny, nx)`` (a zero slice above and below);
-    ``coords``: ``(H, W, 2)`` ideal coordinates ``(u', v')``. Returns ``(H, W)``.
+    ``coords``: ``(H, W, 2)`` ideal coordinates ``(u', v')``. Returns ``(n_slabs, H, W)``: the integrals over
+    ``n_slabs`` equal layers of the slab, bottom (``-z``) first, which sum to the whole line integral.
 
     Every ray of a tilt crosses the slab between the same depths, so with equal fractions of each ray's
     slab interval, sample ``s`` of every ray lies on the same plane ``z_s``. The trilinear sample is then the
@@ -176,7 +179,8 @@ def _project_tilt(
     gy = entry[..., 1] / ((ny - 1) / 2)
     # Slice coordinate of z_s in the padded stack: z + thickness/2 (slice 1 is the first voxel slice).
     z_index = (torch.arange(k, device=padded.device, dtype=padded.dtype) + 0.5) * (thickness / k)
-    total = torch.zeros(u.shape, device=padded.device, dtype=padded.dtype)
+    layer = (z_index * (n_slabs / thickness)).long().clamp_(max=n_slabs - 1)
+    total = torch.zeros(n_slabs, *u.shape, device=padded.device, dtype=padded.dtype)
     chunk = _plane_chunk(u.numel(), max_elements)
     for s0 in range(0, k, chunk):
         s = torch.arange(s0, min(k, s0 + chunk), device=padded.device)
@@ -188,7 +192,7 @@ def _project_tilt(
         grid[..., 0] = gx0 + s.to(padded.dtype)[:, None, None] * gx_step
         grid[..., 1] = gy
         samples = F.grid_sample(planes[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-        total += samples[:, 0].sum(0)
+        total.index_add_(0, layer[s], samples[:, 0])
     return total * dt
 
 
@@ -200,13 +204,17 @@ def project_deformed(
     samples_per_voxel: float = 2.0,
     max_elements: int = 1 << 23,
     on_tilt: Callable[[int], None] | None = None,
+    n_slabs: int = 1,
+    image_formation: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Tilt series ``(M, ny, nx)`` of ``volume (nz, ny, nx)`` seen through ``deformations`` (None: ideal).
 
     Ray integration at the deformed detector coordinates (see the module docstring), on the volume's
     device (numpy input: CPU), float32. ``detector_shape`` defaults to the deformations' detector, else
     ``(ny, nx)`` of the volume. ``max_elements`` bounds the samples held at once (memory). ``on_tilt(i)``
-    is called after tilt ``i`` is done.
+    is called after tilt ``i`` is done. ``image_formation(i, layers)`` turns tilt ``i``'s projections of
+    ``n_slabs`` equal layers of the slab (``(n_slabs, ny, nx)``, bottom first) into its image (e.g. a CTF at
+    each layer's own defocus); default: their sum, the line integral.
     """
     vol = _as_tensor(volume)
     if vol.dim() != 3 or min(vol.shape) < 2:
@@ -244,7 +252,8 @@ def project_deformed(
                 detector_shape,
                 deformations.local_interpolation,
             )[0]
-        out[m] = _project_tilt(padded, coords, theta[m], samples_per_voxel, max_elements)
+        layers = _project_tilt(padded, coords, theta[m], samples_per_voxel, max_elements, n_slabs)
+        out[m] = layers.sum(0) if image_formation is None else image_formation(m, layers)
         if on_tilt is not None:
             on_tilt(m)
     return out
@@ -308,7 +317,9 @@ class SimulatedTiltSeries:
     ``noisy``: the data (deformed + noise); ``clean``: deformed, noise-free; ``clean_undeformed``: ideal
     projections; ``noisy_undeformed``: ideal projections + an independent noise draw at the same ``sigma``.
     ``snr_db``: the requested SNR (defines ``sigma``); ``snr_db_measured`` and ``snr_zero_mean_db``: of this
-    noise draw, as defined and with the clean series' mean removed. ``timings_s``: seconds per stage.
+    noise draw, as defined and with the clean series' mean removed. ``timings_s``: seconds per stage. With
+    ``optics``: every series went through its CTF and radiation damage; ``defocus_A`` ``(M,)`` (CTF) and
+    ``pre_exposure_e_per_A2`` ``(M,)`` (damage) are the truth of each tilt.
     """
 
     noisy: np.ndarray
@@ -325,6 +336,9 @@ class SimulatedTiltSeries:
     profile: str
     samples_per_voxel: float
     timings_s: dict = field(default_factory=dict)
+    optics: Optics | None = None
+    defocus_A: np.ndarray | None = None
+    pre_exposure_e_per_A2: np.ndarray | None = None
 
 
 def simulate_tilt_series(
@@ -338,6 +352,7 @@ def simulate_tilt_series(
     samples_per_voxel: float = 2.0,
     on_tilt: Callable[[str, int], None] | None = None,
     dose_per_px: float | None = None,
+    optics: Optics | None = None,
 ) -> SimulatedTiltSeries:
     """Simulate a tilt series of ``volume (nz, ny, nx)`` with known truth (DESIGN.md "Simulation protocol").
 
@@ -347,7 +362,9 @@ def simulate_tilt_series(
     (``stage`` is ``"deformed"`` or ``"undeformed"``). With ``dose_per_px`` the noise is counting noise
     instead (``snr_db`` is then ignored): every series is in counts, the projections scaled so that the
     deformed series' mean is ``dose_per_px`` counts per pixel, and the noisy series are Poisson draws of them
-    (:func:`poisson_counts`); ``sigma`` is then the square root of that mean.
+    (:func:`poisson_counts`); ``sigma`` is then the square root of that mean. ``optics``: the CTF and
+    radiation damage of :mod:`icetide.simulate.optics`, applied to the clean series before the noise (not with
+    ``dose_per_px``: a CTF makes the images signed contrast, not counts).
     """
     rng = np.random.default_rng(seed)
     angles = np.asarray(tilt_angles_deg, dtype=np.float64).reshape(-1)
@@ -362,15 +379,27 @@ def simulate_tilt_series(
     else:
         profile = str(deformations.extra.get("profile", "given"))
     timings["deformations"] = time.perf_counter() - start
+    defocus = pre_exposure = formation = None
+    n_layers = 1
+    if optics is not None:
+        if dose_per_px is not None:
+            raise IcetideError("counting noise (dose_per_px) cannot be combined with a CTF: the images are contrast")
+        defocus = draw_defocus_A(optics, len(angles), seed) if optics.ctf else None
+        pre_exposure = optics_pre_exposure(optics, angles)
+        thickness = vol.shape[0] + 1.0  # the trilinear interpolant's support, as in _project_tilt
+        n_layers = optics_layers(optics, thickness, float(np.abs(angles).max()))
+        formation = optics_image_formation(optics, angles, defocus, pre_exposure, thickness)
 
     def progress(stage: str) -> Callable[[int], None] | None:
         return None if on_tilt is None else (lambda i: on_tilt(stage, i))
 
     start = time.perf_counter()
-    clean = project_deformed(vol, angles, deformations, shape, samples_per_voxel, on_tilt=progress("deformed"))
+    clean = project_deformed(vol, angles, deformations, shape, samples_per_voxel, on_tilt=progress("deformed"),
+                             n_slabs=n_layers, image_formation=formation)
     timings["project_deformed"] = time.perf_counter() - start
     start = time.perf_counter()
-    ideal = project_deformed(vol, angles, None, shape, samples_per_voxel, on_tilt=progress("undeformed"))
+    ideal = project_deformed(vol, angles, None, shape, samples_per_voxel, on_tilt=progress("undeformed"),
+                             n_slabs=n_layers, image_formation=formation)
     timings["project_undeformed"] = time.perf_counter() - start
     start = time.perf_counter()
     clean_np = clean.cpu().numpy()
@@ -400,4 +429,7 @@ def simulate_tilt_series(
         profile=profile,
         samples_per_voxel=float(samples_per_voxel),
         timings_s=timings,
+        optics=optics,
+        defocus_A=defocus,
+        pre_exposure_e_per_A2=pre_exposure,
     )
