@@ -173,3 +173,33 @@ def test_simulated_ctf_keeps_the_deformations_and_scales_the_mean_by_the_amplitu
         simulate_tilt_series(vol, angles, seed=3, optics=optics, dose_per_px=5.0)
     with pytest.raises(IcetideError, match="defocus hand"):
         Optics(pixel_size_A=4.0, defocus_hand=0)
+
+
+def test_correct_optics_applies_only_what_is_known_and_asked_for():
+    from icetide import TiltSeries
+    from icetide.config import ReconstructConfig
+    from icetide.reconstruct import correct_optics
+
+    images = np.random.default_rng(0).standard_normal((3, 16, 16)).astype(np.float32)
+    angles = np.array([-30.0, 0.0, 30.0])
+    config = ReconstructConfig()
+    plain = TiltSeries(images, angles, 4.0)
+    assert correct_optics(plain, config) == (plain, {"correction": "none", "exposure_weighting": False})
+    with_defocus = TiltSeries(images, angles, 4.0, defocus_A=np.full(3, 20000.0), pre_exposure_e_per_A2=[0, 3, 6])
+    flipped, info = correct_optics(with_defocus, config)
+    assert info["correction"] == "phaseflip" and not info["exposure_weighting"]
+    np.testing.assert_allclose(
+        flipped.images, phase_flip_series(torch.from_numpy(images), angles, 4.0, np.full(3, 20000.0)).numpy()
+    )
+    config.ctf.correction = "model"
+    assert correct_optics(with_defocus, config)[0] is with_defocus  # the fit applies the CTF itself
+    np.testing.assert_allclose(correct_optics(with_defocus, config, for_fit=False)[0].images, flipped.images)
+    config.ctf.correction = "none"
+    config.ctf.exposure_weighting = True
+    weighted, info = correct_optics(with_defocus, config)
+    assert info["correction"] == "none" and info["exposure_weighting"]
+    np.testing.assert_allclose(weighted.images, exposure_weight_series(torch.from_numpy(images), 4.0, [0, 3, 6]).numpy())
+    with pytest.raises(IcetideError, match="needs the pixel size"):
+        correct_optics(TiltSeries(images, angles, defocus_A=np.full(3, 2e4), pre_exposure_e_per_A2=[0, 3, 6]), config)
+    with pytest.raises(IcetideError, match="defocus values must be finite underfocus"):
+        TiltSeries(images, angles, 4.0, defocus_A=[2e4, -1.0, 2e4])

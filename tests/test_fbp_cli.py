@@ -151,3 +151,32 @@ def test_mismatched_deformations_and_angles_are_refused(tmp_path, clean):
     result = _run(mrc, "-a", tlt, "-o", tmp_path / "v.mrc", "--deformations", path, "--device", "cpu")
     assert result.exit_code == 2 and "tilt angles differ" in result.output
     assert not (tmp_path / "v.mrc").exists()
+
+
+def test_defocus_and_pre_exposure_correct_the_images_before_fbp(tmp_path, clean):
+    from icetide.ctf import Microscope, exposure_weight_series, phase_flip_series
+    from icetide.io import write_imod_defocus, write_pre_exposure
+
+    stack, tlt, series = clean
+    defocus = np.linspace(8000.0, 12000.0, len(ANGLES))
+    dose = 2.0 * np.arange(len(ANGLES))
+    write_imod_defocus(tmp_path / "ts.defocus", ANGLES, defocus)
+    write_pre_exposure(tmp_path / "ts.dose", dose)
+    out = tmp_path / "v.mrc"
+    result = runner.invoke(app, ["fbp", str(stack), "-a", str(tlt), "-o", str(out), "--thickness", "10",
+                                 "--defocus", str(tmp_path / "ts.defocus"), "--pre-exposure", str(tmp_path / "ts.dose"),
+                                 "--amplitude-contrast", "0.1"])
+    assert result.exit_code == 0, result.output
+    corrected = exposure_weight_series(
+        phase_flip_series(torch.from_numpy(series), ANGLES, 6.5, defocus, Microscope(amplitude_contrast=0.1)), 6.5, dose
+    )
+    expected = fbp_volume(corrected, ANGLES, 10).numpy()
+    np.testing.assert_allclose(read_mrc(out)[0], expected, atol=1e-4 * np.abs(expected).max())
+
+
+def test_the_defocus_gradient_follows_the_tilt_axis_of_a_starting_alignment():
+    from icetide.ctf import tilt_axis_on_images_deg
+
+    assert tilt_axis_on_images_deg(12.0) == 12.0
+    # An .xf of a series whose axis is at 85 degrees holds rotations of about -85 degrees.
+    assert tilt_axis_on_images_deg(0.0, np.array([-85.2, -84.9, -85.0, -85.1, -90.0])) == pytest.approx(85.1)

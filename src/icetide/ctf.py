@@ -48,6 +48,7 @@ __all__ = [
     "phase_flip_series",
     "SeriesCtf",
     "exposure_weight_series",
+    "tilt_axis_on_images_deg",
     "dose_symmetric_order",
     "pre_exposure_from_order",
 ]
@@ -289,6 +290,15 @@ def exposure_weight_series(
         raise IcetideError(f"pre-exposure for {n.shape[0]} views, the series has {images.shape[0]}")
     weights = exposure_attenuation(shape, pixel_size_A, n, voltage_kV, images.device)
     return torch.fft.irfft2(torch.fft.rfft2(images.to(torch.float64)) * weights, s=shape).to(images.dtype)
+
+
+def tilt_axis_on_images_deg(tilt_axis_angle_deg: float, rotations_deg=None) -> float:
+    """The tilt axis' direction on the raw images (degrees counter-clockwise from Y), which orients the defocus
+    gradient: ``tilt_axis_angle_deg``, or, when a starting alignment holds the axis in its in-plane rotations
+    (``rotations_deg``, ``(M,)``, ``alpha = -psi`` plus small per-tilt terms), minus their median."""
+    if rotations_deg is None:
+        return float(tilt_axis_angle_deg)
+    return -float(np.median(np.asarray(rotations_deg, dtype=np.float64)))
 
 
 def dose_symmetric_order(tilt_angles_deg) -> np.ndarray:

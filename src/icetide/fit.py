@@ -177,7 +177,10 @@ class Fitter:
         series: TiltSeries,
         config: ReconstructConfig,
         init: Deformations | None = None,
+        ctf_tilt_axis_deg: float | None = None,
     ):
+        """``ctf_tilt_axis_deg``: the tilt axis on the images that orients the forward model's defocus gradient
+        (``ctf.correction: model``); default the series' (:func:`icetide.ctf.tilt_axis_on_images_deg`)."""
         self.config = config
         fit = config.fit
         self.device = resolve_device(fit.device)
@@ -274,7 +277,7 @@ class Fitter:
         self.base_lrs = [g["lr"] for g in self.opt_volume.param_groups] + (
             [g["lr"] for g in self.opt_deform.param_groups] if self.opt_deform else []
         )
-        self.ctf = self._forward_ctf(series)
+        self.ctf = self._forward_ctf(series, ctf_tilt_axis_deg)
         u, v = detector_grid(ny, nx, device=self.device)
         self.u, self.v = u.reshape(1, -1), v.reshape(1, -1)  # (1, P) every pixel of a tilt
         self.epoch = 0
@@ -304,7 +307,7 @@ class Fitter:
             raise IcetideError(f"fit.kernel: {exc}") from None
         return volume
 
-    def _forward_ctf(self, series: TiltSeries) -> SeriesCtf | None:
+    def _forward_ctf(self, series: TiltSeries, tilt_axis_deg: float | None) -> SeriesCtf | None:
         """The CTF of the forward model (``ctf.correction: model`` with a known defocus), else None. It filters
         whole predicted images, so it needs the lattice renderer with every row in one band, in one process."""
         settings = self.config.ctf
@@ -317,8 +320,9 @@ class Fitter:
                 "the CTF forward model filters whole images: it needs the lattice renderer, one process and every "
                 f"row in one band (here {self.lattice_rows} of {self.detector_shape[0]} rows fit); use phaseflip"
             )
+        axis = series.tilt_axis_angle_deg if tilt_axis_deg is None else tilt_axis_deg
         return SeriesCtf(series.tilt_angles_deg, series.pixel_size_A, series.defocus_A, settings.microscope(),
-                         series.tilt_axis_angle_deg, settings.defocus_hand, math.radians(settings.phase_tolerance_deg))
+                         axis, settings.defocus_hand, math.radians(settings.phase_tolerance_deg))
 
     @property
     def volumes(self) -> list[ImplicitVolume]:

@@ -21,7 +21,7 @@ import torch
 
 from .alignment import deformations_to_xf
 from .config import ReconstructConfig, save_config
-from .ctf import exposure_weight_series, phase_flip_series
+from .ctf import exposure_weight_series, phase_flip_series, tilt_axis_on_images_deg
 from .data import TiltSeries
 from .deform import Deformations
 from .errors import IcetideError
@@ -38,11 +38,15 @@ from .volume import ImplicitVolume
 __all__ = ["correct_optics", "reconstruct", "sample_tomogram", "write_half_maps"]
 
 
-def correct_optics(series: TiltSeries, config: ReconstructConfig, for_fit: bool = True) -> tuple[TiltSeries, dict]:
+def correct_optics(
+    series: TiltSeries, config: ReconstructConfig, for_fit: bool = True, tilt_axis_angle_deg: float | None = None
+) -> tuple[TiltSeries, dict]:
     """The series the fit sees (``for_fit``) or the one the outputs (``aligned.mrc``, FBP) are made of:
     phase-flipped when its defocus is known and ``config.ctf.correction`` is phaseflip (for the outputs also
     when it is model: the fit then sees the raw images and applies the CTF itself), exposure-weighted when its
-    pre-exposure is known and ``config.ctf.exposure_weighting`` is on (:mod:`icetide.ctf`). Returns
+    pre-exposure is known and ``config.ctf.exposure_weighting`` is on (:mod:`icetide.ctf`). The defocus
+    gradient follows ``tilt_axis_angle_deg`` (default: the series'; see
+    :func:`icetide.ctf.tilt_axis_on_images_deg` when a starting alignment holds the axis). Returns
     ``(series, report entry)``; the series is the input when nothing applies."""
     settings = config.ctf
     info: dict = {"correction": "none", "exposure_weighting": False}
@@ -62,11 +66,12 @@ def correct_optics(series: TiltSeries, config: ReconstructConfig, for_fit: bool 
         raise IcetideError("CTF or exposure correction needs the pixel size (--pixel-size or the MRC header)")
     if not (flip or weight):
         return series, info
-    images = torch.from_numpy(series.images)
+    images = torch.tensor(series.images)  # a copy: the input may be a read-only memory map
     if flip:
+        axis = series.tilt_axis_angle_deg if tilt_axis_angle_deg is None else tilt_axis_angle_deg
         images = phase_flip_series(
             images, series.tilt_angles_deg, series.pixel_size_A, series.defocus_A, settings.microscope(),
-            series.tilt_axis_angle_deg, settings.defocus_hand, math.radians(settings.phase_tolerance_deg),
+            axis, settings.defocus_hand, math.radians(settings.phase_tolerance_deg),
         )
         info["correction"] = "model" if settings.correction == "model" else "phaseflip"
     if weight:
@@ -169,13 +174,14 @@ def reconstruct(
     if series.defocus_A is not None or series.pre_exposure_e_per_A2 is not None:
         phase("correcting the CTF and exposure")
     raw = series
-    series, optics = correct_optics(raw, config)
+    axis = tilt_axis_on_images_deg(series.tilt_axis_angle_deg, None if init is None else init.angles_deg)
+    series, optics = correct_optics(raw, config, tilt_axis_angle_deg=axis)
     timings["optics_s"] = time.monotonic() - t0
     t0 = time.monotonic()
     prealigned = init is None and not resume and config.deform.prealign and config.deform.shifts
     if prealigned:
         init = coarse_start(series, config)
-    fitter = Fitter(series, config, init)
+    fitter = Fitter(series, config, init, ctf_tilt_axis_deg=axis)
     ckpt = out_dir / "checkpoint.pt"
     if resume:
         fitter.load_checkpoint(ckpt)
@@ -219,7 +225,7 @@ def reconstruct(
             optics_settings.spherical_aberration_mm, optics_settings.amplitude_contrast, voxel, voxel, (nx, ny, nz),
         )
         write_relion_tomograms_star(out_dir / "tomograms.star", [entry])
-    shown = correct_optics(raw, config, for_fit=False)[0] if config.ctf.correction == "model" else series
+    shown = correct_optics(raw, config, False, axis)[0] if config.ctf.correction == "model" else series
     aligned = align_series(torch.tensor(shown.images), d)
     write_mrc(out_dir / "aligned.mrc", aligned.numpy(), voxel, stack=True)
     thickness = tomogram.shape[0]

@@ -76,6 +76,26 @@ def load_deformations(
     return d
 
 
+def _corrected(
+    series: TiltSeries, defocus: Optional[Path], pre_exposure: Optional[Path], defocus_hand: int,
+    voltage: float, cs: float, amplitude_contrast: float, tilt_axis_angle_deg: float,
+) -> TiltSeries:
+    """``series`` phase-flipped (``defocus``, the defocus gradient across ``tilt_axis_angle_deg``) and
+    exposure-weighted (``pre_exposure``) as reconstruct does."""
+    from ..config import parse_config
+    from ..io import read_defocus, read_pre_exposure
+    from ..reconstruct import correct_optics
+
+    config = parse_config({"ctf": {
+        "voltage_kV": voltage, "spherical_aberration_mm": cs, "amplitude_contrast": amplitude_contrast,
+        "defocus_hand": defocus_hand, "exposure_weighting": pre_exposure is not None,
+    }}, "options")
+    table = None if defocus is None else read_defocus(defocus, series.n_tilts).rows()
+    dose = None if pre_exposure is None else read_pre_exposure(pre_exposure, series.n_tilts)
+    with_optics = TiltSeries(series.images, series.tilt_angles_deg, series.pixel_size_A, 0.0, table, dose)
+    return correct_optics(with_optics, config, tilt_axis_angle_deg=tilt_axis_angle_deg)[0]
+
+
 def _sirt_progress(total: int) -> tuple[Progress, Callable[[int, int], None]]:
     """A rich progress bar for SIRT; returns ``(progress, on_iteration)``."""
     progress = Progress(
@@ -118,6 +138,18 @@ def fbp(
         "Y axis; the images are rotated to a vertical axis first. Default 0.",
     ),
     pixel_size: Optional[float] = typer.Option(None, help="Pixel size in Angstrom (overrides the MRC header)."),
+    defocus: Optional[Path] = typer.Option(
+        None, help="Phase-flip first with this per-view defocus (CTFFIND4 .txt, IMOD .defocus, RELION-5 .star or "
+        "SerialEM .mdoc), as reconstruct does; needs the pixel size."
+    ),
+    defocus_hand: int = typer.Option(1, help="With --defocus: 1 or -1 (docs/CONVENTIONS.md)."),
+    pre_exposure: Optional[Path] = typer.Option(
+        None, help="Exposure-weight first with this exposure before each view (.mdoc, RELION-5 .star or one "
+        "number per line, e/A^2)."
+    ),
+    voltage: float = typer.Option(300.0, help="With --defocus/--pre-exposure: acceleration voltage, kV."),
+    cs: float = typer.Option(2.7, help="With --defocus: spherical aberration, mm."),
+    amplitude_contrast: float = typer.Option(0.07, help="With --defocus: amplitude contrast."),
     positivity: bool = typer.Option(False, "--positivity", help="SIRT: clamp negative densities to 0 each iteration."),
     device: str = typer.Option("auto", help="auto (CUDA if available), cpu, cuda or cuda:N."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
@@ -127,8 +159,10 @@ def fbp(
     Reads TILT_SERIES (MRC stack) and --angles; optionally undoes per-tilt deformations first (--deformations
     --xf or --aln; the aligned images are what gets reconstructed). Writes one MRC volume (thickness, ny, nx) in
     the icetide frame (DESIGN.md) with voxel size = pixel size. FBP weighs each tilt by its angular interval,
-    so a full 180-degree range gives the projected density's units.
+    so a full 180-degree range gives the projected density's units. With --defocus and --pre-exposure the
+    images are phase-flipped and exposure-weighted first, before the alignment is undone.
     """
+    from ..ctf import tilt_axis_on_images_deg
     from ..fit import default_thickness, resolve_device
     from ..io import write_mrc
     from ..recon import align_series, fbp_deformed, sirt
@@ -141,6 +175,9 @@ def fbp(
     if not 1 <= thick <= 4 * max(series.shape):
         raise IcetideError(f"--thickness must be between 1 and {4 * max(series.shape)} voxels, got {thick}")
     d = load_deformations(series, deformations, xf, aln, tilt_axis_angle)
+    if defocus is not None or pre_exposure is not None:
+        axis = tilt_axis_on_images_deg(0.0, None if d is None else d.angles_deg)
+        series = _corrected(series, defocus, pre_exposure, defocus_hand, voltage, cs, amplitude_contrast, axis)
 
     t0 = time.monotonic()
     images = torch.tensor(series.images, device=dev)

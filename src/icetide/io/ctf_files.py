@@ -116,6 +116,11 @@ class DefocusTable:
         """``(M,)`` Angstrom, ``(u + v) / 2``."""
         return 0.5 * (self.defocus_u_A + self.defocus_v_A)
 
+    def rows(self) -> np.ndarray:
+        """``(M, 3)`` rows ``(defocus_u_A, defocus_v_A, astigmatism_angle_deg)``, as :class:`icetide.data.TiltSeries`
+        holds them."""
+        return np.stack([self.defocus_u_A, self.defocus_v_A, self.astigmatism_angle_deg], axis=1)
+
 
 # ----------------------------------------------------------------------------------------------- helpers
 

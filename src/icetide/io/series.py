@@ -73,8 +73,7 @@ def load_series(
     keep = np.setdiff1d(np.arange(n_tilts), parse_exclude(exclude, n_tilts))
     defocus_A = dose = None
     if defocus is not None:
-        table = read_defocus(defocus, n_tilts)
-        defocus_A = np.stack([table.defocus_u_A, table.defocus_v_A, table.astigmatism_angle_deg], axis=1)[keep]
+        defocus_A = read_defocus(defocus, n_tilts).rows()[keep]
     if pre_exposure is not None:
         dose = read_pre_exposure(pre_exposure, n_tilts)[keep]
     if images.ndim == 3:
