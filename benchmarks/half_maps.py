@@ -1,9 +1,11 @@
 """Half-set resolution (``fit.half_maps``) against the resolution measured with the truth, on a simulation.
 
-Usage: ``python benchmarks/half_maps.py [--splits none,tilts,pixels] [--blobs] [--plot PNG] [--seed 0]``
+Usage: ``python benchmarks/half_maps.py [--splits none,tilts,pixels,series] [--blobs] [--plot PNG] [--seed 0]``
 
 The problem of ``benchmarks/quality.py`` (128 x 128 x 48 phantom of real protein maps, 41 tilts, paper profile,
-10 dB) is reconstructed by :func:`icetide.reconstruct.reconstruct` with default settings and each half-map split.
+10 dB; simulated as two frame halves, each with sqrt(2) times the noise, whose mean is the data) is
+reconstructed by :func:`icetide.reconstruct.reconstruct` with default settings and each half-map split (``series``:
+the two frame halves as the two half series).
 For a split, the FSC between the half tomograms (``half_fsc``, what a user without ground truth gets) is turned
 into the FSC that the full tomogram should have against a perfect reference, ``sqrt(2 FSC / (1 + FSC))``
 (Rosenthal & Henderson 2003; its 0.5 crossing is the half-map FSC's 0.143 crossing), and compared with the FSC
@@ -43,7 +45,7 @@ def predicted_reference_fsc(half_fsc: np.ndarray) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--splits", default="none,tilts,pixels")
+    parser.add_argument("--splits", default="none,tilts,pixels,series")
     parser.add_argument("--blobs", action="store_true", help="Gaussian-blob proteins (no shared data needed)")
     parser.add_argument("--plot", type=Path, default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -54,10 +56,13 @@ def main() -> None:
     shape = (48, 128, 128)
     acquisition = Acquisition(seed=args.seed)
     truth = crowded_phantom(shape, seed=args.seed, proteins_dir=None if args.blobs else PROTEINS)
-    sim = simulate_tilt_series(truth, acquisition.tilt_angles_deg(), snr_db=acquisition.snr_db, seed=args.seed)
+    sim = simulate_tilt_series(truth, acquisition.tilt_angles_deg(), snr_db=acquisition.snr_db, seed=args.seed,
+                               frame_halves=True)
     series = TiltSeries(sim.noisy, sim.tilt_angles_deg, 10.0)
     results, curves = {}, {}
     for split in args.splits.split(","):
+        if split == "series":  # the two frame halves, whose mean is the data of the other splits
+            series = TiltSeries(sim.noisy_halves[0], sim.tilt_angles_deg, 10.0, half_images=sim.noisy_halves[1])
         with tempfile.TemporaryDirectory() as folder:
             report = reconstruct(series, reconstruction_config(shape[0], 10.0, seed=args.seed, half_maps=split),
                                  Path(folder))

@@ -435,3 +435,33 @@ def test_ctf_forward_model_filters_each_whole_predicted_image_and_learns_through
     config.fit.renderer = "rays"
     with pytest.raises(IcetideError, match="CTF forward model filters whole images"):
         Fitter(with_ctf, config)
+
+
+@pytest.mark.parametrize("renderer", ["lattice", "rays"])
+def test_two_half_series_each_volume_learns_from_its_own_series_only(shifted_series, renderer):
+    series, _ = shifted_series
+    rng = np.random.default_rng(4)
+    halves = TiltSeries(series.images + rng.normal(0, 0.1, series.images.shape), ANGLES,
+                        half_images=series.images - rng.normal(0, 0.1, series.images.shape))
+    fitter = Fitter(halves, _config(epochs=1, half_maps="series", renderer=renderer, rays_per_tilt=200))
+    assert fitter.half_mask is None and fitter.half_volume is not None
+    tilts, state = torch.arange(len(ANGLES)), fitter.sampler.get_state()
+
+    def gradients():
+        fitter.sampler.set_state(state)
+        loss, count = fitter._step_gradients(tilts)
+        return loss, [[p.grad.clone() for p in v.parameters()] for v in fitter.volumes], fitter.shifts.grad.clone()
+
+    loss, before, shift_grad = gradients()
+    assert float(loss) > 0 and shift_grad.abs().sum() > 0  # the shared deformations learn from both series
+    with torch.no_grad():  # change only the second series
+        fitter.half_images += 1.0
+    _, after, _ = gradients()
+    for a, b in zip(before[0], after[0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)  # the first volume does not see it
+    assert any(not torch.allclose(a, b) for a, b in zip(before[1], after[1]))  # the second does
+    assert np.isfinite(fitter.validation_loss())
+    with pytest.raises(IcetideError, match="needs the second half series"):
+        Fitter(series, _config(epochs=1, half_maps="series"))
+    with pytest.raises(IcetideError, match="a second half series needs"):
+        Fitter(halves, _config(epochs=1))

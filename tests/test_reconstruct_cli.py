@@ -69,7 +69,9 @@ def test_reconstruct_writes_every_output(series_files, tmp_path):
         (["--angles", "ts.tlt", "--renderer", "cones"], "--renderer"),
         (["--angles", "ts.tlt", "--device", "cuda:7"], "CUDA"),
         (["--angles", "ts.tlt", "--config", "ts.tlt"], "ts.tlt"),
-        (["--angles", "ts.tlt", "--half-maps", "frames"], "--half-maps must be tilts or pixels"),
+        (["--angles", "ts.tlt", "--half-maps", "frames"], "--half-maps must be tilts, pixels or series"),
+        (["--angles", "ts.tlt", "--half-maps", "series"], "needs the second half series"),
+        (["--angles", "ts.tlt", "--half-maps", "tilts", "--half-series", "ts.mrc"], "excludes --half-maps tilts"),
         (["--angles", "ts.tlt", "--loss", "huber"], "--loss must be l1, l2 or poisson"),
         (["--angles", "ts.tlt", "--ctf-correction", "wiener"], "--ctf-correction must be phaseflip or none"),
         (["--angles", "ts.tlt", "--ctf-correction", "none"], "needs the per-view defocus"),
@@ -82,7 +84,7 @@ def test_reconstruct_writes_every_output(series_files, tmp_path):
 )
 def test_reconstruct_bad_input_is_one_line_and_writes_nothing(series_files, tmp_path, args, message):
     out = tmp_path / "rec"
-    args = [series_files / a if a.endswith((".tlt", ".yaml", ".defocus", ".dose")) else a for a in args]
+    args = [series_files / a if a.endswith((".tlt", ".yaml", ".defocus", ".dose", ".mrc")) else a for a in args]
     result = _run("reconstruct", series_files / "ts.mrc", *args, "-o", out, "--epochs", 1)
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
@@ -301,10 +303,45 @@ def test_defocus_and_pre_exposure_correct_the_series_before_the_fit(series_files
     assert "0.1" in (out / "config.yaml").read_text().split("amplitude_contrast:")[1].splitlines()[0]
     # The fit saw the corrected images: the first epoch leaves the deformations near zero, so aligned.mrc is
     # close to the phase-flipped, exposure-weighted input and far from the raw one.
-    corrected = exposure_weight_series(
-        phase_flip_series(torch.from_numpy(images[keep]), ANGLES[keep], 8.0, defocus[keep], Microscope(amplitude_contrast=0.1)),
-        8.0, dose[keep],
-    ).numpy()
+    scope = Microscope(amplitude_contrast=0.1)
+    flipped = phase_flip_series(torch.from_numpy(images[keep]), ANGLES[keep], 8.0, defocus[keep], scope)
+    corrected = exposure_weight_series(flipped, 8.0, dose[keep]).numpy()
+    aligned = read_mrc(out / "aligned.mrc")[0].ravel()
+    assert np.corrcoef(aligned, corrected.ravel())[0, 1] > 0.9
+    assert np.corrcoef(aligned, corrected.ravel())[0, 1] > np.corrcoef(aligned, images[keep].ravel())[0, 1]
+
+
+def test_two_half_series_from_frame_sums(tmp_path):
+    from icetide.recon import align_series
+    from icetide.simulate import simulate_tilt_series
+
+    f = tmp_path
+    sim = simulate_tilt_series(crowded_phantom(SHAPE, seed=2), ANGLES, snr_db=15, seed=1, samples_per_voxel=1.0,
+                               frame_halves=True)
+    np.testing.assert_allclose(sim.noisy_halves.mean(axis=0), sim.noisy, atol=1e-5)
+    write_mrc(f / "odd.mrc", sim.noisy_halves[0], 8.0, stack=True)
+    write_mrc(f / "even.mrc", sim.noisy_halves[1], 8.0, stack=True)
+    write_tlt(f / "odd.tlt", ANGLES)
+    (f / "tiny.yaml").write_text(TINY_VOLUME_YAML + "fit: {tilts_per_step: 4}\n")
+    out = f / "rec"
+    result = _run("reconstruct", f / "odd.mrc", "--angles", f / "odd.tlt", "-o", out, "--thickness", 12,
+                  "--epochs", 2, "--config", f / "tiny.yaml", "--half-series", f / "even.mrc", "--exclude", "2")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["half_maps"]["split"] == "series"
+    first, second = read_mrc(out / "tomogram_half1.mrc")[0], read_mrc(out / "tomogram_half2.mrc")[0]
+    np.testing.assert_allclose(read_mrc(out / "tomogram.mrc")[0], (first + second) / 2, atol=1e-5)
     aligned = read_mrc(out / "aligned.mrc")[0]
-    assert np.corrcoef(aligned.ravel(), corrected.ravel())[0, 1] > 0.9
-    assert np.corrcoef(aligned.ravel(), corrected.ravel())[0, 1] > np.corrcoef(aligned.ravel(), images[keep].ravel())[0, 1]
+    keep = [0, 1, 3, 4, 5, 6]
+    assert aligned.shape == (6, *SHAPE[1:])
+    mean = torch.from_numpy(sim.noisy_halves[:, keep].mean(axis=0))
+    expected = align_series(mean, read_deformations(out / "deformations.json")).numpy()  # of the halves' mean
+    np.testing.assert_allclose(aligned, expected, atol=1e-4 * float(np.abs(expected).max()))
+    bad = _run("reconstruct", f / "odd.mrc", "--angles", f / "odd.tlt", "-o", f / "bad", "--half-series",
+               f / "odd.tlt")
+    assert bad.exit_code == 2 and "Traceback" not in bad.output
+    write_mrc(f / "small.mrc", sim.noisy_halves[1][:3], 8.0, stack=True)
+    bad = _run("reconstruct", f / "odd.mrc", "--angles", f / "odd.tlt", "-o", f / "bad", "--half-series",
+               f / "small.mrc")
+    assert bad.exit_code == 2 and "small.mrc: shape (3, 24, 32), the tilt series has (7, 24, 32)" in bad.output
+    assert not (f / "bad").exists()

@@ -109,6 +109,7 @@ def test_simulate_refuses_a_non_empty_folder_unless_forced(tmp_path, volume_path
         ("volume", ["--ctf", "--defocus-hand", "0"]),
         ("volume", ["--ctf", "--defocus", "-1"]),
         ("volume", ["--exposure", "-5"]),
+        ("volume", ["--frame-halves", "--dose", "2"]),
         ("zeros", []),
     ],
 )
@@ -148,3 +149,15 @@ def test_simulate_ctf_and_exposure_write_the_true_defocus_and_pre_exposure(tmp_p
     np.testing.assert_allclose(sorted(optics["pre_exposure_e_per_A2"]), 10 * np.arange(7))
     clean = read_mrc(out / "truth" / "clean_undeformed.mrc")[0]
     assert clean.min() < 0  # a CTF image is contrast: the first lobe's ringing goes negative
+
+
+def test_frame_halves_are_two_noisier_series_whose_mean_is_the_data(tmp_path, volume_path):
+    out = tmp_path / "sim"
+    result = _run(volume_path, "-o", out, "--tilt-step", 20, "--frame-halves", "--snr-db", 6)
+    assert result.exit_code == 0, result.output
+    odd, even = read_mrc(out / "tilt_series_odd.mrc")[0], read_mrc(out / "tilt_series_even.mrc")[0]
+    noisy, clean = read_mrc(out / "tilt_series.mrc")[0], read_mrc(out / "truth" / "clean_deformed.mrc")[0]
+    np.testing.assert_allclose((odd + even) / 2, noisy, atol=1e-5)
+    sigma = json.loads((out / "simulation.json").read_text())["noise_sigma"]
+    assert np.std(odd - clean) == pytest.approx(np.sqrt(2) * sigma, rel=0.05)
+    assert abs(np.corrcoef((odd - clean).ravel(), (even - clean).ravel())[0, 1]) < 0.05  # independent noise

@@ -138,10 +138,11 @@ class FitSettings(_Strict):
     checkpoint_minutes: float = Field(5.0, gt=0)
     seed: int = 0
     device: str = "auto"
-    half_maps: Literal["none", "tilts", "pixels"] = Field(
+    half_maps: Literal["none", "tilts", "pixels", "series"] = Field(
         "none", description="fit two volumes on disjoint halves of the data, the deformations on all of it: "
-        "tilts (alternate tilts in angle order) or pixels (a random half of every image); the half tomograms give "
-        "a resolution estimate without ground truth (FSC 0.143), the tomogram is their mean",
+        "tilts (alternate tilts in angle order), pixels (a random half of every image) or series (two half series "
+        "of the same acquisition, e.g. odd and even frame sums; reconstruct --half-series); the half tomograms "
+        "give a resolution estimate without ground truth (FSC 0.143), the tomogram is their mean",
     )
     kernel: Literal["auto", "triton", "torch"] = Field(
         "auto", description="hash encoding: the fused Triton kernels on CUDA (auto: when Triton is installed, "

@@ -21,7 +21,9 @@ class TiltSeries:
     direction on the images, counter-clockwise from the image Y axis (0 when the axis is vertical);
     ``defocus_A``: per-tilt defocus on the tilt axis, ``(n_tilts, 3)`` rows ``(defocus_u, defocus_v,
     astigmatism_angle_deg)`` in Angstrom (positive = underfocus; a ``(n_tilts,)`` array means no astigmatism),
-    or ``None``; ``pre_exposure_e_per_A2``: ``(n_tilts,)`` exposure accumulated before each tilt, or ``None``.
+    or ``None``; ``pre_exposure_e_per_A2``: ``(n_tilts,)`` exposure accumulated before each tilt, or ``None``;
+    ``half_images``: with two half series (odd and even frame sums of the same acquisition), the second one,
+    ``images`` the first, both normalised to the full exposure (their mean is the whole series), or ``None``.
     Construction validates everything and raises :class:`IcetideError` with a one-line message.
     """
 
@@ -31,6 +33,7 @@ class TiltSeries:
     tilt_axis_angle_deg: float = 0.0
     defocus_A: np.ndarray | None = None
     pre_exposure_e_per_A2: np.ndarray | None = None
+    half_images: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         images = np.asarray(self.images)
@@ -58,6 +61,13 @@ class TiltSeries:
                 raise IcetideError(f"pixel size must be positive, got {self.pixel_size_A}")
         self.tilt_axis_angle_deg = float(self.tilt_axis_angle_deg)
         self._check_optics(images.shape[0])
+        if self.half_images is not None:
+            half = np.asarray(self.half_images, dtype=np.float32)
+            if half.shape != images.shape:
+                raise IcetideError(f"the second half series has shape {half.shape}, the first {images.shape}")
+            if not np.all(np.isfinite(half)):
+                raise IcetideError("non-finite pixels (NaN/Inf) in the second half series")
+            self.half_images = half
         bad = ~np.isfinite(self.images).reshape(images.shape[0], -1).all(axis=1)
         if bad.any():
             raise IcetideError(
@@ -85,6 +95,10 @@ class TiltSeries:
             if not np.all(np.isfinite(dose)) or np.any(dose < 0):
                 raise IcetideError("pre-exposure values must be finite and non-negative (e/A^2)")
             self.pre_exposure_e_per_A2 = dose
+
+    def whole(self) -> np.ndarray:
+        """The whole series: ``images``, or with two half series their mean ``(n_tilts, ny, nx)``."""
+        return self.images if self.half_images is None else 0.5 * (self.images + self.half_images)
 
     @property
     def n_tilts(self) -> int:

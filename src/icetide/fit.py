@@ -207,6 +207,12 @@ class Fitter:
         # field then predicts projections / thickness of order one.
         self.data_scale = robust_spread(images)
         self.images = (images / self.data_scale).to(self.device)
+        if (fit.half_maps == "series") != (series.half_images is not None):
+            raise IcetideError("fit.half_maps: series needs the second half series (reconstruct --half-series), "
+                               "and a second half series needs fit.half_maps: series")
+        self.half_images = None if series.half_images is None else (
+            torch.tensor(series.half_images, dtype=torch.float32) / self.data_scale
+        ).to(self.device)
         self.density_scale = self.data_scale  # tomogram = field * data_scale (renderers divide by thickness)
         held = torch.rand(series.images.shape, generator=self.generator) < fit.validation_fraction
         self.validation_mask = held.to(self.device)
@@ -395,9 +401,12 @@ class Fitter:
         return self._of_own_half(values, tilts, pick), valid, pick
 
     def _of_own_half(self, values: torch.Tensor, tilts: torch.Tensor, pick) -> torch.Tensor:
-        """``values (V, B, P)`` -> ``(B, P)``: each pixel's value from its half's volume (the only one if V = 1)."""
+        """``values (V, B, P)`` -> ``(B, P)``: each pixel's value from its half's volume (the only one if V = 1);
+        with two half series every pixel has a value in each, and ``values`` is returned as it is."""
         if len(values) == 1:
             return values[0]
+        if self.half_mask is None:
+            return values
         return torch.where(self._pixels(self.half_mask, tilts, pick), values[1], values[0])
 
     @staticmethod
@@ -441,13 +450,17 @@ class Fitter:
         return values, valid
 
     def _pixel_loss(self, values: torch.Tensor, obs: torch.Tensor, tilts: torch.Tensor) -> torch.Tensor:
-        """Per-pixel data term ``(B, P)`` (``fit.loss``) times each tilt's loss weight."""
-        return pixel_loss(values, obs, self.config.fit.loss) * self.tilt_weights[tilts, None]
+        """Per-pixel data term ``(B, P)`` (``fit.loss``) times each tilt's loss weight; with two half series
+        (``values`` and ``obs`` ``(2, B, P)``), the mean of the two halves' terms."""
+        loss = pixel_loss(values, obs, self.config.fit.loss) * self.tilt_weights[tilts, None]
+        return loss.mean(0) if loss.dim() == 3 else loss
 
     def _observed(self, tilts: torch.Tensor, pick: torch.Tensor | slice | None, held_out: bool):
         """Observed values and training (or ``held_out``) mask ``(B, P)`` of the pixels ``pick`` (see
         :meth:`_predict`)."""
         obs, mask = self._pixels(self.images, tilts, pick), self._pixels(self.validation_mask, tilts, pick)
+        if self.half_images is not None:
+            obs = torch.stack([obs, self._pixels(self.half_images, tilts, pick)])
         return obs, (mask if held_out else ~mask)
 
     # ----------------------------------------------------------------- training
@@ -968,8 +981,8 @@ def _half_mask(
 ) -> torch.Tensor | None:
     """Which pixels ``(M, ny, nx)`` the second half volume explains, on the device of ``angle_order`` (the tilts
     sorted by angle): every other tilt in angle order (``tilts``), a random half of the pixels (``pixels``), or
-    None (``none``)."""
-    if split == "none":
+    None (``none``; ``series``, where each volume explains every pixel of its own half series)."""
+    if split in ("none", "series"):
         return None
     if split == "tilts":
         mask = torch.zeros(shape, dtype=torch.bool, device=angle_order.device)

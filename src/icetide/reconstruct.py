@@ -66,21 +66,27 @@ def correct_optics(
         raise IcetideError("CTF or exposure correction needs the pixel size (--pixel-size or the MRC header)")
     if not (flip or weight):
         return series, info
-    images = torch.tensor(series.images)  # a copy: the input may be a read-only memory map
+    axis = series.tilt_axis_angle_deg if tilt_axis_angle_deg is None else tilt_axis_angle_deg
+
+    def corrected(stack: np.ndarray) -> np.ndarray:
+        images = torch.tensor(stack)  # a copy: the input may be a read-only memory map
+        if flip:
+            images = phase_flip_series(
+                images, series.tilt_angles_deg, series.pixel_size_A, series.defocus_A, settings.microscope(),
+                axis, settings.defocus_hand, math.radians(settings.phase_tolerance_deg),
+            )
+        if weight:
+            images = exposure_weight_series(images, series.pixel_size_A, series.pre_exposure_e_per_A2,
+                                            settings.voltage_kV)
+        return images.numpy()
+
     if flip:
-        axis = series.tilt_axis_angle_deg if tilt_axis_angle_deg is None else tilt_axis_angle_deg
-        images = phase_flip_series(
-            images, series.tilt_angles_deg, series.pixel_size_A, series.defocus_A, settings.microscope(),
-            axis, settings.defocus_hand, math.radians(settings.phase_tolerance_deg),
-        )
         info["correction"] = "model" if settings.correction == "model" else "phaseflip"
-    if weight:
-        images = exposure_weight_series(images, series.pixel_size_A, series.pre_exposure_e_per_A2,
-                                        settings.voltage_kV)
-        info["exposure_weighting"] = True
-    corrected = TiltSeries(images.numpy(), series.tilt_angles_deg, series.pixel_size_A, series.tilt_axis_angle_deg,
-                           series.defocus_A, series.pre_exposure_e_per_A2)
-    return corrected, info
+    info["exposure_weighting"] = weight
+    halves = None if series.half_images is None else corrected(series.half_images)
+    out = TiltSeries(corrected(series.images), series.tilt_angles_deg, series.pixel_size_A,
+                     series.tilt_axis_angle_deg, series.defocus_A, series.pre_exposure_e_per_A2, halves)
+    return out, info
 
 
 @torch.no_grad()
@@ -138,7 +144,7 @@ def coarse_start(series: TiltSeries, config: ReconstructConfig) -> Deformations:
     d = Deformations.identity(
         series.tilt_angles_deg, series.shape, config.deform.local_grid, config.deform.local_interpolation
     )
-    images = torch.tensor(series.images)
+    images = torch.tensor(series.whole())
     if series.tilt_axis_angle_deg != 0:
         turn = Deformations.identity(series.tilt_angles_deg, series.shape)
         turn.angles_deg = np.full(series.n_tilts, -series.tilt_axis_angle_deg)
@@ -226,7 +232,7 @@ def reconstruct(
         )
         write_relion_tomograms_star(out_dir / "tomograms.star", [entry])
     shown = correct_optics(raw, config, False, axis)[0] if config.ctf.correction == "model" else series
-    aligned = align_series(torch.tensor(shown.images), d)
+    aligned = align_series(torch.tensor(shown.whole()), d)
     write_mrc(out_dir / "aligned.mrc", aligned.numpy(), voxel, stack=True)
     thickness = tomogram.shape[0]
     write_mrc(out_dir / "tomogram_fbp.mrc", fbp(aligned, d.tilt_angles_deg, thickness).numpy(), voxel)

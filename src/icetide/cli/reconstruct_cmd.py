@@ -128,10 +128,15 @@ def reconstruct(
     ),
     device: Optional[str] = typer.Option(None, help="auto (default: CUDA if available), cpu, cuda or cuda:N."),
     half_maps: Optional[str] = typer.Option(
-        None, "--half-maps", help="tilts or pixels: fit two volumes on disjoint halves of the data (alternate "
-        "tilts, or a random half of every image) with the deformations from all of it; writes "
-        "tomogram_half1/2.mrc and fsc_halves.png, the resolution at FSC 0.143 in report.json (tomogram.mrc is "
-        "their mean). About twice the fitting time."
+        None, "--half-maps", help="tilts, pixels or series: fit two volumes on disjoint halves of the data "
+        "(alternate tilts, a random half of every image, or the two half series of --half-series) with the "
+        "deformations from all of it; writes tomogram_half1/2.mrc and fsc_halves.png, the resolution at FSC 0.143 "
+        "in report.json (tomogram.mrc is their mean). About twice the fitting time."
+    ),
+    half_series: Optional[Path] = typer.Option(
+        None, "--half-series", help="A second half series of the same acquisition (e.g. TILT_SERIES from the odd "
+        "frames, this one from the even frames, both averaged to the full exposure); implies --half-maps series. "
+        "aligned.mrc and the FBP are of their mean."
     ),
     loss: Optional[str] = typer.Option(
         None, help="Data term: l1 (default, the paper's), l2, or poisson for counting data of very low dose "
@@ -195,8 +200,14 @@ def reconstruct(
         raise IcetideError(f"--renderer must be lattice or rays, got {renderer!r}")
     if loss is not None and loss not in ("l1", "l2", "poisson"):
         raise IcetideError(f"--loss must be l1, l2 or poisson, got {loss!r}")
-    if half_maps is not None and half_maps not in ("tilts", "pixels"):
-        raise IcetideError(f"--half-maps must be tilts or pixels, got {half_maps!r}")
+    if half_maps is not None and half_maps not in ("tilts", "pixels", "series"):
+        raise IcetideError(f"--half-maps must be tilts, pixels or series, got {half_maps!r}")
+    if half_series is not None and half_maps not in (None, "series"):
+        raise IcetideError(f"--half-series splits the data into its two series: it excludes --half-maps {half_maps}")
+    if half_maps == "series" and half_series is None:
+        raise IcetideError("--half-maps series needs the second half series (--half-series)")
+    if half_series is not None:
+        half_maps = "series"
     if specimen is not None and specimen not in ("box", "slab"):
         raise IcetideError(f"--specimen must be box or slab, got {specimen!r}")
     if ctf_correction is not None and ctf_correction not in ("phaseflip", "none"):
@@ -252,7 +263,7 @@ def reconstruct(
         warnings.simplefilter("always")
         series, keep, all_angles = load_series(
             tilt_series, angles, mdoc, cfg.pixel_size_A, cfg.tilt_axis_angle_deg or None,
-            exclude, invert, fix_nonfinite, defocus, pre_exposure,
+            exclude, invert, fix_nonfinite, defocus, pre_exposure, half_series,
         )
     for warning in caught:
         console.print(f"[yellow]warning:[/] {warning.message}", highlight=False)

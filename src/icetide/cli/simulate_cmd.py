@@ -101,6 +101,11 @@ def simulate(
         "dose-symmetric order (each tilt's signal fades as Grant & Grigorieff's critical exposure says); writes "
         "the exposure before each tilt as tilt_series_pre_exposure.txt. 0 = none."
     ),
+    frame_halves: bool = typer.Option(
+        False, "--frame-halves", help="Also write two half series with independent noise, as odd and even frame "
+        "sums would be (tilt_series_odd.mrc, tilt_series_even.mrc; each normalised to the full exposure, "
+        "tilt_series.mrc is their mean): for reconstruct --half-series. Gaussian noise only."
+    ),
     force: bool = typer.Option(False, "--force", help="Replace the contents of a non-empty output folder."),
 ) -> None:
     """Simulate a deformed, noisy tilt series of VOLUME with known truth.
@@ -116,7 +121,8 @@ def simulate(
     truth/clean_deformed.mrc; truth/clean_undeformed.mrc;
     truth/noisy_undeformed.mrc (an independent noise draw, same sigma);
     simulation.json (settings, seed, noise sigma, SNRs, timings);
-    with --ctf tilt_series.defocus, with --exposure tilt_series_pre_exposure.txt.
+    with --ctf tilt_series.defocus, with --exposure tilt_series_pre_exposure.txt,
+    with --frame-halves tilt_series_odd.mrc and tilt_series_even.mrc.
     """
     from ..ctf import Microscope
     from ..io import write_deformations, write_imod_defocus, write_json, write_mrc, write_pre_exposure, write_tlt
@@ -135,6 +141,8 @@ def simulate(
         raise IcetideError(f"--pixel-size must be positive, got {pixel_size:g}")
     if dose is not None and ctf:
         raise IcetideError("--dose (counting noise) cannot be combined with --ctf: CTF images are contrast, not counts")
+    if dose is not None and frame_halves:
+        raise IcetideError("--frame-halves simulates Gaussian noise: it cannot be combined with --dose")
     angles = tilt_range(tilt_min, tilt_max, tilt_step)
     check_output_dir(out, force)
     data, input_shape, header_A = _load_volume(volume, bin_factor)
@@ -167,12 +175,15 @@ def simulate(
                 progress.update(task, completed=i + 1 + (n if stage == "undeformed" else 0), stage=stage)
 
             sim = simulate_tilt_series(truth, angles, profile, snr_db, seed, on_tilt=on_tilt, dose_per_px=dose,
-                                       optics=optics)
+                                       optics=optics, frame_halves=frame_halves)
         timings.update(sim.timings_s)
 
         start = time.perf_counter()
         write_mrc(folder / "tilt_series.mrc", sim.noisy, pixel_A, stack=True)
         write_tlt(folder / "tilt_series.tlt", angles)
+        if sim.noisy_halves is not None:
+            write_mrc(folder / "tilt_series_odd.mrc", sim.noisy_halves[0], pixel_A, stack=True)
+            write_mrc(folder / "tilt_series_even.mrc", sim.noisy_halves[1], pixel_A, stack=True)
         if sim.defocus_A is not None:
             write_imod_defocus(folder / "tilt_series.defocus", angles, sim.defocus_A)
         if sim.pre_exposure_e_per_A2 is not None:
@@ -211,6 +222,7 @@ def simulate(
             "snr_zero_mean_db": sim.snr_zero_mean_db,
             "noise_sigma": sim.sigma,
             "noise": "gaussian" if dose is None else f"poisson, mean {dose:g} counts per pixel (series in counts)",
+            "frame_halves": frame_halves,
             "samples_per_voxel": sim.samples_per_voxel,
             "optics": None if optics is None else {
                 **asdict(optics),

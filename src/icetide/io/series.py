@@ -45,6 +45,7 @@ def load_series(
     fix_nonfinite: bool = False,
     defocus: Optional[Path] = None,
     pre_exposure: Optional[Path] = None,
+    half_series: Optional[Path] = None,
 ) -> tuple[TiltSeries, np.ndarray, np.ndarray]:
     """The tilt series to fit, the stack indices it keeps and the tilt angles of every view of the stack.
 
@@ -54,6 +55,8 @@ def load_series(
     ``fix_nonfinite`` replaces NaN/Inf pixels by their image's median (with a ``UserWarning``) instead of refusing them.
     ``defocus`` (CTFFIND4, IMOD .defocus, RELION STAR or .mdoc) and ``pre_exposure`` (.mdoc, RELION STAR or one
     number per line) describe every view of the stack, like the angles (:mod:`icetide.io.ctf_files`).
+    ``half_series``: the second of two half series (e.g. the even frame sums; ``stack`` the odd ones), the same
+    views in the same order, treated alike.
     """
     if (angles is None) == (mdoc is None):
         raise IcetideError("give the tilt angles with exactly one of --angles (.tlt) or --mdoc (SerialEM)")
@@ -76,14 +79,24 @@ def load_series(
         defocus_A = read_defocus(defocus, n_tilts).rows()[keep]
     if pre_exposure is not None:
         dose = read_pre_exposure(pre_exposure, n_tilts)[keep]
+    second = None
+    if half_series is not None:
+        second = read_mrc(half_series)[0]
+        if second.shape != images.shape:
+            raise IcetideError(f"{half_series}: shape {second.shape}, the tilt series has {images.shape}")
     if images.ndim == 3:
         images, tilt_angles = images[keep], all_angles[keep]
+        second = None if second is None else second[keep]
     if invert:
         images = -images
+        second = None if second is None else -second
     if fix_nonfinite and images.ndim == 3:
         images, n_bad = replace_nonfinite(images)
+        if second is not None:
+            second, n_second = replace_nonfinite(second)
+            n_bad += n_second
         if n_bad:
             warnings.warn(f"replaced {n_bad} NaN/Inf pixel(s) by their image's median", stacklevel=2)
     series = TiltSeries(images, tilt_angles, pixel_size_A if pixel_size_A is not None else header_px,
-                        tilt_axis_angle_deg or 0.0, defocus_A, dose)
+                        tilt_axis_angle_deg or 0.0, defocus_A, dose, second)
     return series, keep, all_angles

@@ -319,7 +319,9 @@ class SimulatedTiltSeries:
     ``snr_db``: the requested SNR (defines ``sigma``); ``snr_db_measured`` and ``snr_zero_mean_db``: of this
     noise draw, as defined and with the clean series' mean removed. ``timings_s``: seconds per stage. With
     ``optics``: every series went through its CTF and radiation damage; ``defocus_A`` ``(M,)`` (CTF) and
-    ``pre_exposure_e_per_A2`` ``(M,)`` (damage) are the truth of each tilt.
+    ``pre_exposure_e_per_A2`` ``(M,)`` (damage) are the truth of each tilt. ``noisy_halves``: with frame
+    halves, ``(2, M, ny, nx)``, two half series (odd and even frame sums, each normalised to the full exposure:
+    the clean series plus noise of ``sqrt(2) sigma``) whose mean is ``noisy``.
     """
 
     noisy: np.ndarray
@@ -339,6 +341,7 @@ class SimulatedTiltSeries:
     optics: Optics | None = None
     defocus_A: np.ndarray | None = None
     pre_exposure_e_per_A2: np.ndarray | None = None
+    noisy_halves: np.ndarray | None = None
 
 
 def simulate_tilt_series(
@@ -353,6 +356,7 @@ def simulate_tilt_series(
     on_tilt: Callable[[str, int], None] | None = None,
     dose_per_px: float | None = None,
     optics: Optics | None = None,
+    frame_halves: bool = False,
 ) -> SimulatedTiltSeries:
     """Simulate a tilt series of ``volume (nz, ny, nx)`` with known truth (DESIGN.md "Simulation protocol").
 
@@ -364,7 +368,8 @@ def simulate_tilt_series(
     deformed series' mean is ``dose_per_px`` counts per pixel, and the noisy series are Poisson draws of them
     (:func:`poisson_counts`); ``sigma`` is then the square root of that mean. ``optics``: the CTF and
     radiation damage of :mod:`icetide.simulate.optics`, applied to the clean series before the noise (not with
-    ``dose_per_px``: a CTF makes the images signed contrast, not counts).
+    ``dose_per_px``: a CTF makes the images signed contrast, not counts). ``frame_halves``: also two half series
+    (``noisy_halves``; Gaussian noise only), the data being their mean.
     """
     rng = np.random.default_rng(seed)
     angles = np.asarray(tilt_angles_deg, dtype=np.float64).reshape(-1)
@@ -404,9 +409,17 @@ def simulate_tilt_series(
     start = time.perf_counter()
     clean_np = clean.cpu().numpy()
     ideal_np = ideal.cpu().numpy()
+    halves = None
+    if frame_halves and dose_per_px is not None:
+        raise IcetideError("frame halves are simulated with Gaussian noise only, not with dose_per_px")
     if dose_per_px is None:
         noisy, sigma = add_noise(clean_np, snr_db, rng)
         noisy_ideal = ideal_np + rng.standard_normal(ideal_np.shape, dtype=np.float32) * np.float32(sigma)
+        if frame_halves:
+            # Two independent draws at sqrt(2) sigma whose mean has noise sigma: the data is that mean.
+            halves = clean_np + rng.standard_normal((2, *clean_np.shape), dtype=np.float32) * np.float32(
+                math.sqrt(2) * sigma)
+            noisy = halves.mean(axis=0)
     else:
         counts_per_unit = poisson_scale(clean_np, dose_per_px)
         clean_np, ideal_np = clean_np * counts_per_unit, ideal_np * counts_per_unit
@@ -432,4 +445,5 @@ def simulate_tilt_series(
         optics=optics,
         defocus_A=defocus,
         pre_exposure_e_per_A2=pre_exposure,
+        noisy_halves=halves,
     )
