@@ -3,16 +3,17 @@
 Usage::
 
     python benchmarks/needle.py prepare DIR        # DIR/ts.mrc (vacuum level removed), DIR/ts.tlt
-    icetide reconstruct DIR/ts.mrc --angles DIR/ts.tlt --tilt-axis-angle 90 --thickness 96 -o DIR/rec \
-        --max-minutes 6 --config DIR/fit.yaml
+    icetide reconstruct DIR/ts.mrc --angles DIR/ts.tlt --tilt-axis-angle 90 --tilt-axis-search 6 \
+        --thickness 96 -o DIR/rec --max-minutes 6 --config DIR/fit.yaml
     python benchmarks/needle.py compare DIR        # prints JSON, writes DIR/needle_slices.png
 
 ``prepare`` subtracts each image's vacuum level (its 20th percentile: vacuum fills most of the field) because
 icetide's forward model has zero density outside the specimen, and writes a config with one Adam step over
 all 77 tilts and the tilt-axis refinement (``deform.axis_offset``) switched on. ``compare`` reads etspy's
 alignment from ``HAADF_Aligned.hspy`` (needs h5py): per-tilt shifts
-``s`` (row, column order) with ``aligned = rotate(shift(raw, s), -tiltaxis)``, so the raw-frame shift of
-icetide's model is ``t = -(s_x, s_y)`` and ``tau = R(alpha) t``. It reports the RMS of icetide's shifts minus
+``s`` (row, column order) with ``aligned = rotate(shift(raw, s), tiltaxis)`` (etspy's ``trans_stack``), so the
+raw axis is at ``psi = 90 - tiltaxis`` degrees from the image y axis in icetide's convention, the raw-frame shift
+of icetide's model is ``t = -(s_x, s_y)`` and ``tau = R(alpha) t`` with ``alpha = -psi``. It reports the RMS of icetide's shifts minus
 the reference after removing the best-fitting 3-D translation (the gauge), the estimated tilt-axis direction,
 and writes central slices of icetide's tomogram, FBP of the raw series and FBP of the series aligned with the
 reference shifts and axis. Exits 3 when the data are absent.
@@ -74,17 +75,21 @@ def compare(folder: Path) -> None:
         meta = f["Experiments/__unnamed__/metadata/Tomography"]
         ref_shifts_yx = meta["_sig_shifts/data"][:]
         ref_axis_deg = float(meta.attrs["tiltaxis"])
-    alpha = np.deg2rad(est.angles_deg)
+    # etspy's tiltaxis is the rotation its trans_stack (skimage, [[cos, -sin], [sin, cos]] on (column, row))
+    # applies to make the axis horizontal: the raw axis lies at -tiltaxis from the image x axis, counter-clockwise
+    # in icetide's frame, i.e. psi = 90 - tiltaxis from the image y axis (checked on a drawn line).
+    ref_psi_deg = 90.0 - ref_axis_deg
+    alpha_ref = np.full(len(est.angles_deg), -np.deg2rad(ref_psi_deg))
     t_ref = -ref_shifts_yx[:, ::-1]
-    tau_ref = np.einsum("mij,mj->mi", _rotation(alpha), t_ref)
+    tau_ref = np.einsum("mij,mj->mi", _rotation(alpha_ref), t_ref)
     residual, translation = remove_gauge(est.shifts_px - tau_ref, est.tilt_angles_deg)
     error = np.linalg.norm(residual, axis=1)
     ref_spread, _ = remove_gauge(tau_ref, est.tilt_angles_deg)
 
     images, angles = read_mrc(folder / "ts.mrc")[0], est.tilt_angles_deg
     thickness = read_mrc(rec / "tomogram.mrc")[0].shape[0]
-    reference = Deformations(angles, tau_ref, np.full(len(angles), est.angles_deg.mean()),
-                             np.zeros((len(angles), 2, 2, 2)), est.detector_shape)
+    reference = Deformations(angles, tau_ref, np.rad2deg(alpha_ref), np.zeros((len(angles), 2, 2, 2)),
+                             est.detector_shape)
     turn_only = Deformations(angles, np.zeros((len(angles), 2)), np.full(len(angles), -90.0),
                              np.zeros((len(angles), 2, 2, 2)), est.detector_shape)
     series = torch.tensor(images)
@@ -104,6 +109,10 @@ def compare(folder: Path) -> None:
         "icetide_mean_alpha_deg": mean_alpha,
         "icetide_tilt_axis_from_x_deg": -mean_alpha - 90.0,
         "reference_tiltaxis_deg": ref_axis_deg,
+        "reference_tilt_axis_from_x_deg": ref_psi_deg - 90.0,
+        "tilt_axis_difference_deg": (-mean_alpha - 90.0) - (ref_psi_deg - 90.0),
+        "tilt_axis_search": {k: report["tilt_axis_search"][k] for k in ("start_deg", "estimate_deg", "used")}
+        if "tilt_axis_search" in report else None,
         "fit": {k: report[k] for k in ("epochs", "best_epoch", "stop_reason", "fit_seconds")},
         "tilt_axis_offset_deg": report.get("tilt_axis_offset_deg"),
     }, indent=1))

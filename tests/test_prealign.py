@@ -7,7 +7,7 @@ import torch
 from icetide.deform import Deformations
 from icetide.errors import IcetideError
 from icetide.metrics import apply_translation, cc, deformation_errors, register_translation
-from icetide.prealign import coarse_shifts
+from icetide.prealign import coarse_shifts, estimate_tilt_axis
 from icetide.recon import align_series, fbp
 from icetide.simulate import crowded_phantom, simulate_tilt_series
 
@@ -124,3 +124,37 @@ def test_pure_noise_gives_no_shifts():
     angles = np.arange(-60.0, 61.0, 5.0)
     shifts = coarse_shifts(rng.normal(size=(len(angles), 64, 64)).astype(np.float32), angles)
     np.testing.assert_allclose(shifts, 0, atol=1e-9)
+
+
+def _isolated_object_about(psi_deg: float) -> np.ndarray:
+    """An isolated object, drifting, seen about an axis psi degrees from the image Y axis (alpha = -psi), 20 dB."""
+    volume = np.zeros((16, 64, 64), np.float32)
+    volume[:, 12:-12, 12:-12] = crowded_phantom((16, 40, 40), seed=4)
+    rng = np.random.default_rng(1)
+    m = len(ANGLES)
+    true = Deformations(ANGLES, rng.uniform(-4, 4, (m, 2)), np.full(m, -psi_deg), np.zeros((m, 2, 2, 2)), (64, 64))
+    return simulate_tilt_series(volume, ANGLES, deformations=true, snr_db=20, seed=2, samples_per_voxel=1.0).noisy
+
+
+@pytest.mark.parametrize("psi_deg", [2.6, -1.4])
+def test_tilt_axis_from_the_consistency_of_the_profiles_along_it(psi_deg):
+    noisy = _isolated_object_about(psi_deg)
+    found = estimate_tilt_axis(noisy, ANGLES, start_deg=0.0, search_deg=4.0)
+    assert found["tilt_axis_angle_deg"] == pytest.approx(psi_deg, abs=0.3)
+    assert len(found["candidates_deg"]) == len(found["misfit"]) == 17
+    turned = estimate_tilt_axis(np.rot90(noisy, 1, axes=(1, 2)).copy(), ANGLES, start_deg=90.0, search_deg=4.0)
+    assert turned["tilt_axis_angle_deg"] == pytest.approx(psi_deg + 90.0, abs=0.3)  # a quarter turn of the images
+    with pytest.raises(IcetideError, match="at least 3 tilts"):
+        estimate_tilt_axis(noisy, ANGLES, max_tilt_deg=1.0)
+
+
+def test_search_tilt_axis_moves_the_series_axis_only_to_an_estimate_inside_the_range():
+    from icetide import TiltSeries
+    from icetide.reconstruct import search_tilt_axis
+
+    series = TiltSeries(_isolated_object_about(2.6), ANGLES, tilt_axis_angle_deg=0.5)
+    found, entry = search_tilt_axis(series, 4.0)
+    assert entry["used"] and found.tilt_axis_angle_deg == pytest.approx(2.6, abs=0.3)
+    assert series.tilt_axis_angle_deg == 0.5  # the input is not changed
+    kept, entry = search_tilt_axis(TiltSeries(series.images, ANGLES, tilt_axis_angle_deg=-2.0), 1.0)
+    assert not entry["used"] and kept.tilt_axis_angle_deg == -2.0 and "edge of the search" in entry["note"]

@@ -205,6 +205,18 @@ def test_angles_and_pixel_size_from_mdoc_and_inverted_contrast(series_files, tmp
     assert np.corrcoef(aligned.ravel(), images.ravel())[0, 1] > 0.5  # the contrast was flipped back
 
 
+def test_tilt_axis_search_is_reported(series_files, tmp_path):
+    f = series_files
+    out = tmp_path / "rec"
+    result = _run("reconstruct", f / "ts.mrc", "--angles", f / "ts.tlt", "-o", out, "--epochs", 1, "--thickness", 12,
+                  "--config", f / "tiny.yaml", "--tilt-axis-angle", "1", "--tilt-axis-search", "2")
+    assert result.exit_code == 0, result.output
+    found = json.loads((out / "report.json").read_text())["tilt_axis_search"]
+    assert found["start_deg"] == 1.0 and found["search_deg"] == 2.0 and len(found["misfit"]) == 9
+    assert "tilt axis:" in result.output
+    assert "axis_search_deg: 2.0" in (out / "config.yaml").read_text()
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -212,6 +224,7 @@ def test_angles_and_pixel_size_from_mdoc_and_inverted_contrast(series_files, tmp
         (["--exclude", "a"], "--exclude"),
         (["--exclude", "0,1,2,3,4,5"], "fewer than 2"),
         (["--xf", "ts.tlt", "--aln", "ts.tlt"], "exclude each other"),
+        (["--xf", "ts.tlt", "--tilt-axis-search", "3"], "--tilt-axis-search cannot be combined"),
     ],
 )
 def test_bad_alignment_options(series_files, tmp_path, extra, message):

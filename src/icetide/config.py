@@ -70,6 +70,13 @@ class DeformSettings(_Strict):
         True, description="start the shifts from a coarse cross-correlation alignment (tiltxcorr-like) when no "
         "starting alignment is given",
     )
+    axis_search_deg: float = Field(
+        0.0, ge=0, le=45, description="before the fit, search the tilt axis' direction within +- this many degrees "
+        "of tilt_axis_angle_deg by the consistency of the profiles along it (icetide.prealign.estimate_tilt_axis; "
+        "common lines), and start from the estimate; 0 = off. It needs the specimen inside the field of view "
+        "across the axis (an isolated object, a needle; not a slab filling the view), and is not used with a "
+        "starting alignment",
+    )
     local_grid: tuple[int, int] = (10, 10)
     local_interpolation: Literal["bicubic", "bilinear"] = "bicubic"
     local_border_fixed: bool = Field(

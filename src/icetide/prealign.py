@@ -27,11 +27,13 @@ from .geometry import detector_grid
 from .metrics import _parabola_peak, edge_taper
 from .recon import _as_series, _check_angles
 
-__all__ = ["coarse_shifts"]
+__all__ = ["coarse_shifts", "estimate_tilt_axis"]
 
 # High-pass: an inverted Gaussian whose sigma is this many cycles per image (along the shorter side). It
 # removes thickness and ice gradients, whose broad correlation peaks would otherwise swamp the sharp one.
 LOW_CUT_CYCLES = 2.0
+# Low-pass of the profiles along a candidate tilt axis (pixels) before their consistency is scored.
+PROFILE_SIGMA_PX = 1.5
 # Smallest image side: below it the taper and the high-pass leave too little to correlate.
 MIN_SIDE_PX = 16
 # A correlation peak less than this many standard deviations above the map's median is not trusted and the
@@ -177,3 +179,79 @@ def coarse_shifts(
         shifts[f, 1] = d[1] + shifts[n, 1]
     residual, _ = remove_gauge(shifts, angles)
     return residual
+
+
+def _axis_profiles(series: torch.Tensor, psi_deg: float, margin: float) -> np.ndarray:
+    """Profiles along a tilt axis at ``psi_deg``: the images turned so that the axis is vertical
+    (``alpha = -psi``), summed across it (over columns) in the central part (``margin`` of each side left out,
+    where turning brings in empty corners), each divided by its sum. Returns ``(M, rows)``."""
+    from .deform import Deformations
+    from .recon import align_series
+
+    n_tilts, ny, nx = series.shape
+    turn = Deformations.identity(np.zeros(n_tilts), (ny, nx))
+    turn.angles_deg = np.full(n_tilts, -psi_deg)
+    turned = align_series(series, turn)
+    r, c = int(margin * ny), int(margin * nx)
+    profiles = turned[:, r : ny - r, c : nx - c].sum(dim=2).double().cpu().numpy()
+    return profiles / np.abs(profiles.sum(axis=1, keepdims=True)).clip(min=1e-30)
+
+
+def _profile_misfit(profiles: np.ndarray, iterations: int = 2) -> float:
+    """Residual of ``profiles (M, L)`` from their mean after each is translated onto it (1-D cross-correlation,
+    sub-pixel by a parabola, Fourier shift), relative to the profiles' own variance."""
+    n, length = profiles.shape
+    freq = np.fft.rfftfreq(length)
+    # A Gaussian low-pass (sigma PROFILE_SIGMA_PX): the profiles' finest detail is mostly noise.
+    smooth = np.exp(-2 * (np.pi * PROFILE_SIGMA_PX * freq) ** 2)
+    spectra = np.fft.rfft(profiles - profiles.mean(axis=1, keepdims=True), axis=1) * smooth
+    aligned = np.fft.irfft(spectra, n=length, axis=1)
+    for _ in range(iterations):
+        reference = np.fft.rfft(aligned.mean(axis=0))
+        correlation = np.fft.irfft(spectra * reference.conj(), n=length, axis=1)
+        peaks = np.argmax(correlation, axis=1)
+        middle = length // 2  # the correlation is circular: refine each peak rolled into the middle
+        lag = np.array([
+            p + _parabola_peak(np.roll(corr, middle - p), (middle,), 1.0)[0] for p, corr in zip(peaks, correlation)
+        ])
+        lag = (lag + length / 2) % length - length / 2
+        aligned = np.fft.irfft(spectra * np.exp(2j * np.pi * freq[None, :] * lag[:, None]), n=length, axis=1)
+    residual = aligned - aligned.mean(axis=0)
+    return float((residual**2).sum() / max(float((aligned**2).sum()), 1e-300))
+
+
+def estimate_tilt_axis(
+    images: np.ndarray | torch.Tensor,
+    tilt_angles_deg,
+    start_deg: float = 0.0,
+    search_deg: float = 5.0,
+    step_deg: float = 0.5,
+    max_tilt_deg: float = 60.0,
+    margin: float = 0.1,
+) -> dict:
+    """The tilt axis' direction on the images (degrees counter-clockwise from the image Y axis, DESIGN.md) by
+    the consistency of the profiles along it ("common lines").
+
+    Every projection about an axis has the same profile along the axis, the integral across it
+    (``int P_theta(u, v) du = int int rho(x, v, z) dx dz``), up to a translation along the axis (drift) and a
+    scale (a slab wider than the view); across a wrong axis the profiles smear differently at every tilt. For
+    candidate directions ``start_deg + k step_deg`` within ``+-search_deg``, the tilts within
+    ``+-max_tilt_deg`` are turned so that the candidate is vertical, profiled (:func:`_axis_profiles`),
+    translated onto their mean and scored by the relative residual; the estimate is the vertex of the parabola
+    through the best candidate and its neighbours. Shifts across the axis do not matter; the images need no
+    pre-alignment. Returns ``{"tilt_axis_angle_deg", "candidates_deg", "misfit"}``.
+    """
+    series = _checked_series(images)
+    angles = _check_angles(tilt_angles_deg, series.shape[0])
+    use = np.abs(angles) <= max_tilt_deg
+    if use.sum() < 3:
+        raise IcetideError(f"the tilt-axis search needs at least 3 tilts within +-{max_tilt_deg:g} degrees")
+    if not (search_deg > 0 and step_deg > 0 and 0 <= margin < 0.5):
+        raise IcetideError("the tilt-axis search needs a positive range and step and a margin in [0, 0.5)")
+    subset = series[torch.as_tensor(np.flatnonzero(use), device=series.device)]
+    n_steps = int(math.floor(search_deg / step_deg + 1e-9))
+    candidates = start_deg + step_deg * np.arange(-n_steps, n_steps + 1)
+    misfit = np.array([_profile_misfit(_axis_profiles(subset, float(c), margin)) for c in candidates])
+    best = int(np.argmin(misfit))
+    estimate = float(candidates[best] + _parabola_peak(-misfit, (best,), step_deg)[0])
+    return {"tilt_axis_angle_deg": estimate, "candidates_deg": candidates.tolist(), "misfit": misfit.tolist()}

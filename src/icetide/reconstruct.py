@@ -11,6 +11,7 @@ estimated deformations undone), ``tomogram_fbp.mrc`` (FBP of the aligned series)
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from pathlib import Path
@@ -31,11 +32,11 @@ from .io.imod import write_xf
 from .io.relion import RelionTomogram, write_relion_tilt_series_star, write_relion_tomograms_star
 from .metrics import FSC_TAPER_VOX, edge_taper, fsc
 from .plots import plot_fsc
-from .prealign import coarse_shifts
+from .prealign import coarse_shifts, estimate_tilt_axis
 from .recon import align_series, fbp
 from .volume import ImplicitVolume
 
-__all__ = ["correct_optics", "reconstruct", "sample_tomogram", "write_half_maps"]
+__all__ = ["correct_optics", "reconstruct", "sample_tomogram", "search_tilt_axis", "write_half_maps"]
 
 
 def correct_optics(
@@ -133,6 +134,24 @@ def write_half_maps(
     }
 
 
+def search_tilt_axis(series: TiltSeries, search_deg: float) -> tuple[TiltSeries, dict]:
+    """The series with its tilt-axis angle replaced by :func:`icetide.prealign.estimate_tilt_axis` within
+    ``+-search_deg`` of its own, and the report entry. An estimate in the outer step of the range (the misfit
+    still falling at the edge) is not trusted: the series keeps its angle and the entry says so."""
+    step = min(0.5, search_deg / 4)
+    found = estimate_tilt_axis(series.whole(), series.tilt_angles_deg, series.tilt_axis_angle_deg, search_deg, step)
+    estimate = found["tilt_axis_angle_deg"]
+    trusted = abs(estimate - series.tilt_axis_angle_deg) < search_deg - step
+    entry = {"start_deg": series.tilt_axis_angle_deg, "search_deg": search_deg, "estimate_deg": estimate,
+             "used": trusted, **{k: found[k] for k in ("candidates_deg", "misfit")}}
+    if not trusted:
+        entry["note"] = "the best candidate lies at the edge of the search: the start angle was kept"
+        return series, entry
+    moved = copy.copy(series)
+    moved.tilt_axis_angle_deg = estimate
+    return moved, entry
+
+
 def coarse_start(series: TiltSeries, config: ReconstructConfig) -> Deformations:
     """Starting deformations with shifts from :func:`icetide.prealign.coarse_shifts` and no rotation.
 
@@ -179,6 +198,10 @@ def reconstruct(
         save_config(out_dir / "config.yaml", config)
     if series.defocus_A is not None or series.pre_exposure_e_per_A2 is not None:
         phase("correcting the CTF and exposure")
+    axis_search = None
+    if init is None and config.deform.axis_search_deg > 0:
+        phase("searching the tilt axis")
+        series, axis_search = search_tilt_axis(series, config.deform.axis_search_deg)
     raw = series
     axis = tilt_axis_on_images_deg(series.tilt_axis_angle_deg, None if init is None else init.angles_deg)
     series, optics = correct_optics(raw, config, tilt_axis_angle_deg=axis)
@@ -247,6 +270,8 @@ def reconstruct(
         + ": shifts and in-plane rotations only; the local fields are in deformations.json"
     )
     report["optics"] = optics
+    if axis_search is not None:
+        report["tilt_axis_search"] = axis_search
     if half_maps is not None:
         report["half_maps"] = half_maps
     report["input"] = {

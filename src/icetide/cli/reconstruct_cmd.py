@@ -103,6 +103,11 @@ def reconstruct(
     tilt_axis_angle: Optional[float] = typer.Option(
         None, help="Tilt-axis direction on the images, degrees counter-clockwise from the image Y axis. Default 0."
     ),
+    tilt_axis_search: Optional[float] = typer.Option(
+        None, help="Search the tilt-axis direction within +-this many degrees of --tilt-axis-angle before the fit "
+        "(consistency of the profiles along the axis; the specimen must be inside the field of view across the "
+        "axis). The estimate is in report.json."
+    ),
     exclude: Optional[str] = typer.Option(
         None, help="Views to leave out, 0-based stack indices, e.g. 0,1,76. Outputs hold the remaining views."
     ),
@@ -224,6 +229,8 @@ def reconstruct(
         raise IcetideError("--resume and --force exclude each other")
     check_alignment_options(deformations, xf, aln)
     aligned_start = deformations is not None or xf is not None or aln is not None
+    if tilt_axis_search is not None and aligned_start:
+        raise IcetideError("--tilt-axis-search cannot be combined with --deformations/--xf/--aln (they hold the axis)")
     if tilt_axis_angle is not None and aligned_start:
         raise IcetideError(
             "--tilt-axis-angle cannot be combined with --deformations/--xf/--aln (they hold the rotations)"
@@ -240,6 +247,7 @@ def reconstruct(
             "thickness": thickness,
             "pixel_size_A": pixel_size,
             "tilt_axis_angle_deg": tilt_axis_angle,
+            "deform.axis_search_deg": tilt_axis_search,
             "specimen": specimen,
             "fit.epochs": epochs,
             "fit.max_minutes": max_minutes,
@@ -289,6 +297,10 @@ def reconstruct(
         f"done: {report['epochs']} epochs, {report['stop_reason']}; best epoch {report['best_epoch']}; "
         f"fit {report['fit_seconds']:.1f} s; outputs in {out}"
     )
+    if "tilt_axis_search" in report:
+        found = report["tilt_axis_search"]
+        console.print(f"tilt axis: {found['estimate_deg']:.2f} deg from the image Y axis "
+                      + ("(used)" if found["used"] else "(at the edge of the search: not used)"))
     if "half_maps" in report:
         at = report["half_maps"]["resolution"]["0.143"]
         where = ("beyond Nyquist" if at["nyquist_limited"] else
