@@ -155,6 +155,7 @@ def test_search_tilt_axis_moves_the_series_axis_only_to_an_estimate_inside_the_r
     series = TiltSeries(_isolated_object_about(2.6), ANGLES, tilt_axis_angle_deg=0.5)
     found, entry = search_tilt_axis(series, 4.0)
     assert entry["used"] and found.tilt_axis_angle_deg == pytest.approx(2.6, abs=0.3)
+    assert entry["misfit_contrast"] > 0.5  # a sharp minimum for an isolated object
     assert series.tilt_axis_angle_deg == 0.5  # the input is not changed
     kept, entry = search_tilt_axis(TiltSeries(series.images, ANGLES, tilt_axis_angle_deg=-2.0), 1.0)
     assert not entry["used"] and kept.tilt_axis_angle_deg == -2.0 and "edge of the search" in entry["note"]
