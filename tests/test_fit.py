@@ -377,6 +377,10 @@ def test_robust_spread_ignores_outliers_and_equals_std_without_them():
     hot.view(-1)[::997] = 1e6  # 0.1 % hot pixels
     assert float(hot.std()) > 1000 and robust_spread(hot) == pytest.approx(3.0, rel=0.1)
     assert robust_spread(torch.ones(2, 8, 8)) == 1.0
+    # An object in a mostly empty field: the MAD describes the background, the object must still set the scale.
+    sparse = torch.randn(4, 64, 64, generator=torch.Generator().manual_seed(1)) * 0.01
+    sparse[:, 20:44, 28:36] += 100.0  # 12 % of the pixels
+    assert robust_spread(sparse) == pytest.approx(float(sparse.double().std()), rel=0.02)
 
 
 def test_intensity_offset_is_recovered(shifted_series):
