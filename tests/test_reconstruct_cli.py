@@ -73,7 +73,7 @@ def test_reconstruct_writes_every_output(series_files, tmp_path):
         (["--angles", "ts.tlt", "--half-maps", "series"], "needs the second half series"),
         (["--angles", "ts.tlt", "--half-maps", "tilts", "--half-series", "ts.mrc"], "excludes --half-maps tilts"),
         (["--angles", "ts.tlt", "--loss", "huber"], "--loss must be l1, l2 or poisson"),
-        (["--angles", "ts.tlt", "--ctf-correction", "wiener"], "--ctf-correction must be phaseflip or none"),
+        (["--angles", "ts.tlt", "--ctf-correction", "wiener"], "--ctf-correction must be phaseflip, model or none"),
         (["--angles", "ts.tlt", "--ctf-correction", "none"], "needs the per-view defocus"),
         (["--angles", "ts.tlt", "--defocus", "long.defocus"], "defocus for 8 views, the stack has 7"),
         (["--angles", "ts.tlt", "--defocus", "ts.tlt"], "not a recognised defocus file"),
@@ -358,3 +358,13 @@ def test_two_half_series_from_frame_sums(tmp_path):
                f / "small.mrc")
     assert bad.exit_code == 2 and "small.mrc: shape (3, 24, 32), the tilt series has (7, 24, 32)" in bad.output
     assert not (f / "bad").exists()
+
+
+def test_ctf_correction_model_from_the_command_line(series_files, tmp_path):
+    f = series_files
+    out = tmp_path / "rec"
+    result = _run("reconstruct", f / "ts.mrc", "--angles", f / "ts.tlt", "-o", out, "--epochs", 1, "--thickness", 12,
+                  "--config", f / "tiny.yaml", "--defocus", f / "ts.defocus", "--ctf-correction", "model")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "report.json").read_text())["optics"]["correction"] == "model"
+    assert "correction: model" in (out / "config.yaml").read_text()
