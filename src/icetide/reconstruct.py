@@ -50,13 +50,14 @@ def correct_optics(
     :func:`icetide.ctf.tilt_axis_on_images_deg` when a starting alignment holds the axis). Returns
     ``(series, report entry)``; the series is the input when nothing applies."""
     settings = config.ctf
-    info: dict = {"correction": "none", "exposure_weighting": False}
     flip = series.defocus_A is not None and (
         settings.correction == "phaseflip" or (settings.correction == "model" and not for_fit)
     )
-    if series.defocus_A is not None and settings.correction == "model":
-        info["correction"] = "model"
     weight = series.pre_exposure_e_per_A2 is not None and settings.exposure_weighting
+    info: dict = {
+        "correction": settings.correction if series.defocus_A is not None else "none",
+        "exposure_weighting": weight,
+    }
     if series.defocus_A is not None:
         info["defocus_A"] = series.defocus_A.tolist()
     if series.pre_exposure_e_per_A2 is not None:
@@ -81,9 +82,6 @@ def correct_optics(
                                             settings.voltage_kV)
         return images.numpy()
 
-    if flip:
-        info["correction"] = "model" if settings.correction == "model" else "phaseflip"
-    info["exposure_weighting"] = weight
     halves = None if series.half_images is None else corrected(series.half_images)
     out = TiltSeries(corrected(series.images), series.tilt_angles_deg, series.pixel_size_A,
                      series.tilt_axis_angle_deg, series.defocus_A, series.pre_exposure_e_per_A2, halves)
@@ -202,14 +200,14 @@ def reconstruct(
     writer = distributed_rank()[0] == 0
     if writer:
         save_config(out_dir / "config.yaml", config)
-    if series.defocus_A is not None or series.pre_exposure_e_per_A2 is not None:
-        phase("correcting the CTF and exposure")
     axis_search = None
     if init is None and config.deform.axis_search_deg > 0:
         phase("searching the tilt axis")
         series, axis_search = search_tilt_axis(series, config.deform.axis_search_deg)
     raw = series
     axis = tilt_axis_on_images_deg(series.tilt_axis_angle_deg, None if init is None else init.angles_deg)
+    if series.defocus_A is not None or series.pre_exposure_e_per_A2 is not None:
+        phase("correcting the CTF and exposure")
     series, optics = correct_optics(raw, config, tilt_axis_angle_deg=axis)
     timings["optics_s"] = time.monotonic() - t0
     t0 = time.monotonic()
@@ -254,10 +252,9 @@ def reconstruct(
         name = name.replace(" ", "_")
         write_relion_tilt_series_star(out_dir / "alignment.star", d, voxel, name, images)
         nz, ny, nx = tomogram.shape
-        optics_settings = config.ctf
         entry = RelionTomogram(
-            name, str((out_dir / "alignment.star").resolve()), optics_settings.voltage_kV,
-            optics_settings.spherical_aberration_mm, optics_settings.amplitude_contrast, voxel, voxel, (nx, ny, nz),
+            name, str((out_dir / "alignment.star").resolve()), config.ctf.voltage_kV,
+            config.ctf.spherical_aberration_mm, config.ctf.amplitude_contrast, voxel, voxel, (nx, ny, nz),
         )
         write_relion_tomograms_star(out_dir / "tomograms.star", [entry])
     shown = correct_optics(raw, config, False, axis)[0] if config.ctf.correction == "model" else series
