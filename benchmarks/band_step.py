@@ -41,7 +41,7 @@ def main() -> None:
     fitter = Fitter(series, config)
     fitter.train_epoch()
     restricted = fitter._pixel_rows
-    everything = lambda tilts, rows: slice(0, series.shape[0])  # noqa: E731
+    everything = lambda rows, reach_px: slice(0, series.shape[0])  # noqa: E731
     best = {name: {"epoch_s": float("inf"), "validation_s": float("inf")} for name in ("restricted", "all_rows")}
     for _ in range(args.repeats):
         for name, rows in (("restricted", restricted), ("all_rows", everything)):

@@ -8,7 +8,8 @@ and, at the paper's scale on a GPU, ``python benchmarks/time_to_quality.py --dev
 Default problem: the one of ``benchmarks/quality.py`` (128 x 128 x 48 phantom of real protein maps, 41 tilts,
 paper profile, 10 dB). ``--phantom`` takes a ground-truth MRC instead (unbinned), ``--tilt-step 2`` gives 61
 tilts from -60 to +60 degrees, ``--volume paper`` the paper's encoding and MLP (8 x 4 features, 2**22 rows, base
-8, scale 2, MLP 3 x 64); ``--kernel`` and ``--precision`` are the ``fit`` settings of the same names. The fit
+8, scale 2, MLP 3 x 64); ``--kernel``, ``--precision``, ``--recompute`` and ``--max-memory`` are the ``fit``
+settings ``kernel``, ``precision``, ``recompute_field`` and ``max_memory_gb``. The fit
 uses the default settings without early stopping (``patience`` beyond ``--epochs``; ``--minutes`` caps it) so
 the whole curve is seen; the volume is scored every ``--every`` epochs, or at the epochs of ``--score-epochs``,
 by :func:`icetide.experiments.epochs.cc_along_fit` (the ``icetide experiment epochs`` machinery; scoring time
@@ -54,6 +55,8 @@ def main() -> None:
     parser.add_argument("--volume", choices=["default", "paper"], default="default")
     parser.add_argument("--kernel", choices=["auto", "triton", "torch"], default="auto")
     parser.add_argument("--precision", choices=["fp32", "mixed"], default="fp32")
+    parser.add_argument("--recompute", action="store_true", help="fit.recompute_field")
+    parser.add_argument("--max-memory", type=float, default=None, help="fit.max_memory_gb")
     parser.add_argument("--plot", type=Path, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
@@ -80,7 +83,8 @@ def main() -> None:
     simulation_s = time.perf_counter() - t0
     config = reconstruction_config(truth.shape[0], voxel_A, epochs=args.epochs, seed=args.seed, device=args.device,
                                    patience=args.epochs + 1, max_minutes=args.minutes, kernel=args.kernel,
-                                   precision=args.precision)
+                                   precision=args.precision, recompute_field=args.recompute,
+                                   max_memory_gb=args.max_memory)
     if args.volume == "paper":
         paper = VolumeConfig.paper()
         config.volume = VolumeSettings(**{k: getattr(paper, k) for k in VolumeSettings.model_fields})
@@ -91,7 +95,8 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "time_to_quality", "phantom": source, "volume_shape_zyx": list(truth.shape),
         "n_tilts": len(sim.tilt_angles_deg), "snr_db": acquisition.snr_db, "volume": args.volume,
-        "kernel": args.kernel, "precision": args.precision, "simulation_s": simulation_s, **result,
+        "kernel": args.kernel, "precision": args.precision, "recompute_field": args.recompute,
+        "max_memory_gb": args.max_memory, "simulation_s": simulation_s, **result,
         "peak_memory": used.as_dict(), "machine": machine_info(args.device),
     }, indent=1))
     if args.plot is not None:

@@ -183,6 +183,31 @@ def test_memory_budget_sizes_the_lattice_bands(shifted_series):
     assert report["step_chunks"] == 4 and report["memory_budget_mb"] <= 1.1
 
 
+def test_the_memory_model_stays_above_the_measured_footprints():
+    from icetide.config import VolumeSettings
+    from icetide.fit import field_bytes_per_point
+
+    default = VolumeSettings()
+    paper = VolumeSettings(n_features=4, log2_table_size=22, per_level_scale=2.0, hidden=64, n_hidden_layers=3)
+    # measured: 571 B (default, CPU, with the fixed part), 1355 / 685 B (paper, fp32 / mixed, H200)
+    assert 571 < field_bytes_per_point(default) < 1.3 * 571
+    assert 1355 < field_bytes_per_point(paper) < 1.3 * 1355
+    assert 685 < field_bytes_per_point(paper, mixed_precision=True) < 1.3 * 685
+    assert field_bytes_per_point(paper, recompute=True) == 64
+
+
+def test_the_band_is_planned_for_what_the_memory_holds_besides_the_tables(shifted_series):
+    from icetide.fit import field_bytes_per_point
+
+    series, _ = shifted_series
+    free = Fitter(series, _config(epochs=1))
+    nz, _, nx = free.model_shape_zyx
+    plane = nz * nx * field_bytes_per_point(free.config.volume)
+    fixed = 8 * 4 * free.volume.encoding.table.numel() + 3 * 4 * free.images.numel()
+    fitter = Fitter(series, _config(epochs=1, max_memory_gb=(fixed + 10.5 * plane) / 2**30))
+    assert fitter.lattice_rows == 10
+
+
 def _deterministic_render(fitter: Fitter) -> None:
     render = fitter.renderer.render
     fitter.renderer.render = lambda *a, **k: render(*a, **{**k, "jitter": False})
@@ -246,7 +271,7 @@ def test_an_epoch_covers_every_row_once_in_bands(shifted_series):
     assert Fitter(series, _config(epochs=1))._epoch_bands() == [None]  # all rows fit: one band
 
 
-def test_a_band_step_warps_only_the_rows_that_can_see_the_band(shifted_series, monkeypatch):
+def test_a_band_step_warps_only_the_rows_that_can_see_the_band(shifted_series):
     """Leaving out the pixel rows that cannot reach the band changes neither the loss nor any gradient."""
     series, _ = shifted_series
     fitter = Fitter(series, _config(epochs=1, lattice_rows=8))
@@ -255,19 +280,19 @@ def test_a_band_step_warps_only_the_rows_that_can_see_the_band(shifted_series, m
         fitter.angles += 0.02
         fitter.local += torch.randn_like(fitter.local) * 0.5
     tilts, band = torch.arange(len(series.tilt_angles_deg)), [slice(16, 24)]
-    rows = fitter._pixel_rows(tilts, band[0])
+    reach = fitter._reach_px()
+    rows = fitter._pixel_rows(band[0], reach)
     assert 0 < rows.start and rows.stop < series.shape[0]  # fewer rows than the detector's
 
     state = fitter.sampler.get_state()
 
-    def gradients():
+    def gradients(reach_px):
         fitter.sampler.set_state(state)  # the same renderer jitter both times
-        loss, count = fitter._step_gradients(tilts, band)
-        return float(loss), count, [p.grad.clone() for p in fitter._parameters() if p.grad is not None]
+        loss, count = fitter._step_gradients(tilts, band, reach_px)
+        return float(loss), int(count), [p.grad.clone() for p in fitter._parameters() if p.grad is not None]
 
-    restricted = gradients()
-    monkeypatch.setattr(fitter, "_pixel_rows", lambda tilts, rows: slice(0, series.shape[0]))
-    everything = gradients()
+    restricted = gradients(reach)
+    everything = gradients(math.inf)  # every row of the detector
     assert restricted[1] == everything[1] and restricted[0] == pytest.approx(everything[0], rel=1e-5)
     for a, b in zip(restricted[2], everything[2]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
@@ -349,11 +374,17 @@ def test_poisson_fit_on_counting_data():
 def test_pixel_rows_cover_what_a_large_rotation_can_bring_into_the_band(shifted_series):
     series, _ = shifted_series
     fitter = Fitter(series, _config(epochs=1, lattice_rows=8))
-    tilts, band = torch.arange(len(ANGLES)), slice(16, 24)
-    assert fitter._pixel_rows(tilts, band) != slice(0, series.shape[0])  # small deformations: a narrow window
+    band = slice(16, 24)
+    narrow = fitter._pixel_rows(band, fitter._reach_px())
+    assert narrow != slice(0, series.shape[0])  # small deformations: a narrow window
+    # An epoch's window allows for the steps to come: about twice a learning rate per step and parameter.
+    fitter.epoch = fitter.config.fit.warmup_epochs
+    fitter._set_learning_rates()
+    per_step = math.sqrt(2) * fitter.config.fit.lr_shift_px  # only shifts are fitted here
+    assert fitter._reach_px(steps=3) - fitter._reach_px() == pytest.approx(2 * 3 * per_step)
     with torch.no_grad():
         fitter.angles += math.pi / 2  # a tilt axis along x: any row can see the band
-    assert fitter._pixel_rows(tilts, band) == slice(0, series.shape[0])
+    assert fitter._pixel_rows(band, fitter._reach_px()) == slice(0, series.shape[0])
 
 
 def test_out_of_memory_splits_the_rays_batch_and_gives_up_clearly(shifted_series):
@@ -469,3 +500,29 @@ def test_two_half_series_each_volume_learns_from_its_own_series_only(shifted_ser
         Fitter(series, _config(epochs=1, half_maps="series"))
     with pytest.raises(IcetideError, match="a second half series needs"):
         Fitter(halves, _config(epochs=1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("renderer, precision", [("lattice", "fp32"), ("lattice", "mixed"), ("rays", "fp32")])
+def test_a_training_step_never_waits_for_the_gpu(shifted_series, renderer, precision):
+    """Under CUDA's sync debug mode "error", any host synchronisation in a training step raises."""
+    series, _ = shifted_series
+    fitter = Fitter(series, _config(epochs=2, device="cuda", renderer=renderer, precision=precision,
+                                    lattice_rows=16, warmup_epochs=0, tilts_per_step=16,
+                                    recompute_field=precision == "mixed"))
+    bands = fitter._epoch_bands()[0] if renderer == "lattice" else None
+    tilts = torch.randperm(len(ANGLES))
+    reach = fitter._reach_px(steps=1)
+
+    def step():
+        loss, _ = fitter._step_gradients(tilts, bands, reach)
+        fitter._finite_or_zeroed(loss)
+        fitter.opt_volume.step()
+        fitter.opt_deform.step()
+
+    step()  # first use: kernels compile, the projector's matrices are built (both wait, once)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

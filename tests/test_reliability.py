@@ -90,10 +90,21 @@ def test_a_failed_step_rolls_the_epoch_back(series):
     good = _state(fitter)
     _break_training_calls(fitter, lambda call: call == 1)  # the second step of epoch 2
     fitter.train_epoch()
-    # the first step of epoch 2 was taken, then undone with the failed second one
+    # the first step of epoch 2 was taken, then undone with the failed second one at the epoch's end
     for a, b in zip(good, _state(fitter)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert fitter.rollbacks == [{"epoch": 2, "step": 4, "reason": "non-finite loss", "lr_factor": 0.5}]
+
+
+def test_a_non_finite_step_takes_no_gradient(series):
+    """The step's gradients are zeroed on the device, so the optimiser keeps the parameters finite until the
+    epoch's end rolls the epoch back."""
+    fitter = Fitter(series, _config())
+    _break_training_calls(fitter, lambda call: True, "gradients")
+    loss, _ = fitter._step_gradients(torch.arange(4))
+    assert fitter._finite_or_zeroed(loss).tolist() == [True, False]
+    grads = [p.grad for p in fitter._parameters() if p.grad is not None]
+    assert grads and all((g == 0).all() for g in grads)
 
 
 @pytest.mark.parametrize("kind, reason", [("loss", "non-finite loss"), ("gradients", "non-finite gradients")])
@@ -117,9 +128,10 @@ def test_repeated_failures_end_the_fit_with_the_best_state(series):
     _break_training_calls(fitter, lambda call: call >= 4)  # every step from epoch 3 on
     result = fitter.run()
     report = result.report
-    assert report["stop_reason"] == "numerical failure: non-finite loss at epoch 4, step 7 after 2 rollbacks"
-    assert [r["step"] for r in report["rollbacks"]] == [5, 6] and fitter.lr_factor == 0.25
-    assert report["epochs"] == 3 and report["best_epoch"] in (1, 2)
+    # epochs 3 and 4 are rolled back (their first steps 5 and 7 failed), the failure in epoch 5 ends the fit
+    assert report["stop_reason"] == "numerical failure: non-finite loss at epoch 5, step 9 after 2 rollbacks"
+    assert [r["step"] for r in report["rollbacks"]] == [5, 7] and fitter.lr_factor == 0.25
+    assert report["epochs"] == 4 and report["best_epoch"] in (1, 2)
     assert all(torch.isfinite(p).all() for p in _parameters(fitter))
     assert np.isfinite(result.deformations.shifts_px).all()
 

@@ -159,6 +159,11 @@ class FitSettings(_Strict):
         "fp32", description="on CUDA, mixed: the encoding table read in fp16 and the MLP run in bf16 (autocast), "
         "with fp32 parameters, gradients and densities; ignored on CPU",
     )
+    recompute_field: bool = Field(
+        False, description="lattice renderer: evaluate each band of the field in pieces whose activations the "
+        "backward pass recomputes instead of keeping: the least memory (2.7 GB at the paper's scale on a GPU) for "
+        "about 2.7 times the epoch time there; smaller bands (max_memory_gb) cost less time for the same memory",
+    )
     max_rollbacks: int = Field(
         5,
         ge=0,

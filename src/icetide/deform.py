@@ -185,10 +185,8 @@ def sample_images(
     """
     hi, wi = images.shape[-2:]
     grid = _normalised(coords[..., 0], coords[..., 1], (hi, wi)).to(images.dtype)
-    if fill == "mean":
-        offset = images.mean(dim=(-2, -1), keepdim=True)
-    else:
-        offset = images.new_tensor(float(fill)).expand(images.shape[0], 1, 1)
+    # A number stays a Python scalar: a tensor made from it would be a host-to-device copy that waits.
+    offset = images.mean(dim=(-2, -1), keepdim=True) if fill == "mean" else float(fill)
     out = F.grid_sample((images - offset)[:, None], grid, mode=mode, padding_mode="zeros", align_corners=True)
     return out[:, 0] + offset
 

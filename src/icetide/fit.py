@@ -48,7 +48,8 @@ from .render import make_renderer
 from .volume import ImplicitVolume, VolumeConfig
 
 __all__ = [
-    "FitResult", "Fitter", "resolve_device", "default_thickness", "auto_lattice_rows", "robust_spread", "pixel_loss",
+    "FitResult", "Fitter", "resolve_device", "default_thickness", "auto_lattice_rows", "field_bytes_per_point",
+    "robust_spread", "pixel_loss",
     "distributed_rank",
 ]
 
@@ -73,13 +74,17 @@ def resolve_device(name: str) -> torch.device:
 # Voxels evaluated per lattice step when ``lattice_rows`` is not set: about 4.5 GB of CPU memory for the
 # forward and backward pass of the default volume (3.6 GB measured at 6.3 M voxels, 96 x 256 x 256).
 LATTICE_VOXELS_PER_STEP = 8_000_000
-# Memory per field evaluation in a training step (forward and backward of encoding + MLP, the lattice's
-# projections), from the measurement above with a margin; the rays renderer's points cost about the same.
+# Memory per field evaluation in a training step of the default volume (forward and backward of encoding + MLP,
+# the lattice's projections), from the measurement above with a margin; see field_bytes_per_point.
 BYTES_PER_FIELD_POINT = 600
 # The second half volume's encoding grids are finer by this factor: half volumes on identical grids share the
 # grids' interpolation artefacts, which correlate them at high frequency (half-map FSC 0.25-0.5 near Nyquist
 # where the truth's is 0; below 0.05 with 1.13; docs/RESULTS.md, half maps).
 HALF_GRID_SCALE = 1.13
+# Voxels per piece of a lattice band whose activations are recomputed in the backward pass (fit.recompute_field):
+# about 0.4 GB of activations for the default volume, 0.8 GB for the paper's. Smaller pieces cost more host time
+# (per-piece operations): 2**21 halved the epoch time at the paper's scale on an H200, for 2.2 GB more memory.
+RECOMPUTE_PIECE_VOXELS = 2**19
 # Fraction of the memory available at start-up that a fit plans to use.
 AVAILABLE_FRACTION = 0.7
 
@@ -95,14 +100,30 @@ def memory_budget_bytes(device: torch.device, max_memory_gb: float | None) -> in
     return min(budgets) if budgets else None
 
 
+def field_bytes_per_point(volume, mixed_precision: bool = False, recompute: bool = False) -> int:
+    """Memory a training step holds per field evaluation, bytes, for the volume settings ``volume`` (``L`` levels
+    of ``F`` features, ``N`` hidden layers of ``H``): ``4 (6 L F + H N) + 64`` in fp32, ``12 L F + 2 H N + 64`` in
+    mixed precision (bf16 activations), 64 when the activations are recomputed (``fit.recompute_field``: the
+    densities, their gradients, the projections). 18-23 % above what was measured: 1355 / 685 bytes for the
+    paper's volume on an H200 (the slope of the peak over the band size, docs/BENCHMARKS.md), 571 for the
+    default volume on CPU (3.6 GB at 6.3 M voxels, including the fixed part)."""
+    if recompute:
+        return 64
+    lf, hn = volume.n_levels * volume.n_features, volume.hidden * volume.n_hidden_layers
+    return 12 * lf + 2 * hn + 64 if mixed_precision else 4 * (6 * lf + hn) + 64
+
+
 def auto_lattice_rows(
-    shape_zyx: tuple[int, int, int], budget_voxels: int = LATTICE_VOXELS_PER_STEP, memory_bytes: int | None = None
+    shape_zyx: tuple[int, int, int],
+    budget_voxels: int = LATTICE_VOXELS_PER_STEP,
+    memory_bytes: int | None = None,
+    bytes_per_point: int = BYTES_PER_FIELD_POINT,
 ) -> int:
     """Rows per lattice band so that one step evaluates at most ``budget_voxels`` (all rows when they fit),
-    and fewer when ``memory_bytes`` would not hold them (at least 4 rows)."""
+    and fewer when ``memory_bytes`` would not hold them at ``bytes_per_point`` each (at least 4 rows)."""
     nz, ny, nx = shape_zyx
     if memory_bytes is not None:
-        budget_voxels = min(budget_voxels, memory_bytes // BYTES_PER_FIELD_POINT)
+        budget_voxels = min(budget_voxels, memory_bytes // bytes_per_point)
     return int(min(ny, max(4, budget_voxels // (nz * nx))))
 
 
@@ -206,7 +227,10 @@ class Fitter:
             if config.specimen == "slab" else 0
         self.model_shape_zyx = (thickness, ny, nx + 2 * pad)  # where the density is modelled
         self.tilt_angles_deg = series.tilt_angles_deg
-        self.theta = deg2rad(series.tilt_angles_deg).to(self.device)
+        # Tilt indices of a step live on the host (``_on_device`` copies them without waiting); so do the angles
+        # the projector looks its matrices up by: no training step waits for the GPU.
+        self.theta_host = deg2rad(series.tilt_angles_deg)
+        self.theta = self.theta_host.to(self.device)
         self.angle_order = torch.as_tensor(np.argsort(series.tilt_angles_deg, kind="stable"), device=self.device)
         m = series.n_tilts
 
@@ -257,14 +281,26 @@ class Fitter:
             self.local.register_hook(lambda grad: grad * interior)
 
         self.memory_budget = memory_budget_bytes(self.device, fit.max_memory_gb)
-        per_volume = None if self.memory_budget is None else self.memory_budget // len(self.volumes)
-        self.lattice_rows = fit.lattice_rows or auto_lattice_rows(self.model_shape_zyx, memory_bytes=per_volume)
-        self.renderer = make_renderer(fit.renderer, self.model_shape_zyx, self.lattice_rows, fit.samples_per_voxel, nx)
+        mixed = fit.precision == "mixed" and self.device.type == "cuda"
+        recompute = fit.recompute_field and fit.renderer == "lattice"
+        point_bytes = field_bytes_per_point(config.volume, mixed, recompute)
+        # What a step needs besides its field evaluations: per volume, its table 8 times (parameters, gradients,
+        # Adam's two moments, a step's gradient buffers, half-precision copies) and, when recomputing, one
+        # piece's activations; the series 3 times (images, masks, warped copies).
+        fixed = sum(8 * 4 * v.encoding.table.numel() for v in self.volumes) + 3 * 4 * self.images.numel()
+        if recompute:
+            fixed += len(self.volumes) * RECOMPUTE_PIECE_VOXELS * field_bytes_per_point(config.volume, mixed)
+        step_budget = None if self.memory_budget is None else max(0, self.memory_budget - fixed)
+        per_volume = None if step_budget is None else step_budget // len(self.volumes)
+        self.lattice_rows = fit.lattice_rows or auto_lattice_rows(self.model_shape_zyx, memory_bytes=per_volume,
+                                                                  bytes_per_point=point_bytes)
+        self.renderer = make_renderer(fit.renderer, self.model_shape_zyx, self.lattice_rows, fit.samples_per_voxel, nx,
+                                      RECOMPUTE_PIECE_VOXELS if recompute else None)
         # Tilts of a step are rendered in this many groups, gradients accumulated (same step, less memory).
         self.step_chunks = 1
-        if fit.renderer == "rays" and self.memory_budget is not None:
-            points = self._evaluations_per_step() * BYTES_PER_FIELD_POINT
-            self.step_chunks = int(min(fit.tilts_per_step, max(1, math.ceil(points / self.memory_budget))))
+        if fit.renderer == "rays" and step_budget is not None:
+            points = self._evaluations_per_step() * point_bytes
+            self.step_chunks = int(min(fit.tilts_per_step, max(1, math.ceil(points / max(step_budget, 1)))))
         self.memory_events: list[dict] = []
         if self.world > 1:
             # Data parallel: the lattice renderer splits the rows (each rank renders its band of every tilt; a
@@ -350,6 +386,7 @@ class Fitter:
         if pixel_rows is not None:
             ny, nx = self.detector_shape
             u, v = (t.view(ny, nx)[pixel_rows].reshape(1, -1) for t in (u, v))
+        tilts = self._on_device(tilts)
         local = self.local[tilts] if self.config.deform.local else None
         c = deform_coords(
             u, v, self.shifts[tilts], self.angles[tilts] + self.axis_offset, local, self.detector_shape,
@@ -357,26 +394,46 @@ class Fitter:
         )
         return c[:, 0]
 
+    def _on_device(self, tilts: torch.Tensor) -> torch.Tensor:
+        """Host tilt indices as an index tensor on the fit's device, copied without waiting for the device."""
+        return tilts.to(self.device, non_blocking=True)
+
     @torch.no_grad()
-    def _pixel_rows(self, tilts: torch.Tensor, rows: slice) -> slice:
-        """The detector rows whose pixels can see the lattice band ``rows``: the band widened by a bound on
-        how far the current deformations of ``tilts`` move a pixel, ``|x' - x| <= |tau| + 2 |sin(alpha / 2)|
-        (r + Phi) + Phi`` (``r`` the detector's half-diagonal, ``Phi`` = 1.6 sqrt(2) max|phi| bounding the
-        bicubic field with its overshoot), plus 2 rows for the renderer's sub-voxel jitter and rounding. The
-        other pixels fall outside the band and would not be scored; leaving them out saves their warping."""
+    def _reach_px(self, steps: int = 0) -> float:
+        """A bound on how far the deformations move a pixel, now and after ``steps`` more optimiser steps
+        (pixels): ``|x' - x| <= |tau| + 2 |sin(alpha / 2)| (r + Phi) + Phi`` over every tilt (``r`` the detector's
+        half-diagonal, ``Phi`` = 1.6 sqrt(2) max|phi| bounding the bicubic field with its overshoot), plus for
+        each step twice what an Adam step of the current learning rates moves (about one learning rate per
+        parameter; twice for the steps that overshoot it). One host synchronisation; a training epoch takes it
+        once, for all its steps (see :meth:`_pixel_rows`)."""
         ny, nx = self.detector_shape
-        reach = self.shifts[tilts].norm(dim=-1)
+        radius = math.hypot(ny, nx) / 2
+        reach = self.shifts.norm(dim=-1)
         phi = torch.zeros_like(reach)
         if self.config.deform.local:
-            phi = 1.6 * math.sqrt(2) * self.local[tilts].abs().amax(dim=(1, 2, 3))
-        radius = math.hypot(ny, nx) / 2
-        turn = 2 * torch.sin((self.angles[tilts] + self.axis_offset).abs().clamp(max=math.pi) / 2)
-        bound = float((reach + turn * (radius + phi) + phi).max()) + 2
+            phi = 1.6 * math.sqrt(2) * self.local.abs().amax(dim=(1, 2, 3))
+        turn = 2 * torch.sin((self.angles + self.axis_offset).abs().clamp(max=math.pi) / 2)
+        bound, phi_max = torch.stack([(reach + turn * (radius + phi) + phi).max(), phi.max()]).tolist()
+        if steps and self.opt_deform is not None and self.epoch >= self.config.fit.warmup_epochs:
+            lr = {g["name"]: g["lr"] for g in self.opt_deform.param_groups}
+            per_step = (math.sqrt(2) * lr.get("shift", 0.0)
+                        + (lr.get("rotation", 0.0) + lr.get("axis", 0.0)) * (radius + phi_max)
+                        + 3 * 1.6 * math.sqrt(2) * lr.get("local", 0.0))
+            bound += 2 * steps * per_step
+        return bound
+
+    def _pixel_rows(self, rows: slice, reach_px: float) -> slice:
+        """The detector rows whose pixels can see the lattice band ``rows`` when no pixel moves further than
+        ``reach_px`` (:meth:`_reach_px`), plus 2 rows for the renderer's sub-voxel jitter and rounding. The other
+        pixels fall outside the band and would not be scored; leaving them out saves their warping."""
+        ny = self.detector_shape[0]
+        bound = min(reach_px + 2, ny)
         return slice(max(0, math.floor(rows.start - bound)), min(ny, math.ceil(rows.stop + bound)))
 
     def _penalty(self, tilts: torch.Tensor) -> torch.Tensor:
         """Paper eq. 7 over ``tilts`` plus, when weighted, the random-walk prior over every tilt."""
         dc = self.config.deform
+        tilts = self._on_device(tilts)
         penalty = deformation_penalty(
             self.shifts[tilts] - self.start["shifts_px"][tilts],
             self.angles[tilts] - self.start["angles_rad"][tilts],
@@ -389,12 +446,13 @@ class Fitter:
             penalty = penalty + dc.penalty_smooth * smoothness_penalty(self.shifts[self.angle_order])
         return penalty
 
-    def _predict(self, tilts: torch.Tensor, jitter: bool, rows: slice | None = None):
-        """``(values, valid, pick)`` for the pixels ``pick`` of ``tilts``: random pixel indices (rays), the
-        detector rows that can see the band ``rows`` (lattice, see :meth:`_pixel_rows`), or None (every pixel).
-        With half maps each pixel's value comes from the volume of its half."""
+    def _predict(self, tilts: torch.Tensor, jitter: bool, rows: slice | None = None, reach_px: float = math.inf):
+        """``(values, valid, pick)`` for the pixels ``pick`` of ``tilts`` (host indices): random pixel indices
+        (rays), the detector rows that can see the band ``rows`` when no pixel moves further than ``reach_px``
+        (lattice, see :meth:`_pixel_rows`), or None (every pixel). With half maps each pixel's value comes from
+        the volume of its half."""
         if rows is not None:
-            pick = self._pixel_rows(tilts, rows)
+            pick = self._pixel_rows(rows, reach_px)
             whole = pick.start == 0 and pick.stop == self.detector_shape[0]
             values, valid = self._render(self._coords(tilts, pick), tilts, jitter, rows, whole)
         else:
@@ -403,7 +461,7 @@ class Fitter:
             if self.config.fit.renderer == "rays" and jitter:
                 n = min(self.config.fit.rays_per_tilt, coords.shape[1])
                 pick = torch.stack([torch.randperm(coords.shape[1], generator=self.sampler)[:n] for _ in tilts])
-                pick = pick.to(self.device)
+                pick = pick.to(self.device, non_blocking=True)
                 coords = torch.gather(coords, 1, pick[..., None].expand(-1, -1, 2))
             values, valid = self._render(coords, tilts, jitter, whole=pick is None)
         return self._of_own_half(values, tilts, pick), valid, pick
@@ -417,10 +475,9 @@ class Fitter:
             return values
         return torch.where(self._pixels(self.half_mask, tilts, pick), values[1], values[0])
 
-    @staticmethod
-    def _pixels(per_pixel: torch.Tensor, tilts: torch.Tensor, pick) -> torch.Tensor:
+    def _pixels(self, per_pixel: torch.Tensor, tilts: torch.Tensor, pick) -> torch.Tensor:
         """``per_pixel (M, ny, nx)`` at the pixels ``pick`` of ``tilts`` (see :meth:`_predict`): ``(B, P)``."""
-        chosen = per_pixel[tilts]
+        chosen = per_pixel[self._on_device(tilts)]
         if isinstance(pick, slice):
             chosen = chosen[:, pick]
         chosen = chosen.reshape(len(tilts), -1)
@@ -438,7 +495,7 @@ class Fitter:
         forward model's CTF, if any, applies)."""
         extra = {} if rows is None else {"rows": rows}  # the lattice renderer's band; a random one by default
         rendered = [
-            self.renderer.render(volume, coords, self.theta[tilts], self.sampler, jitter=jitter, **extra)
+            self.renderer.render(volume, coords, self.theta_host[tilts], self.sampler, jitter=jitter, **extra)
             for volume in self.volumes
         ]
         values = torch.stack([v for v, _ in rendered])
@@ -452,7 +509,7 @@ class Fitter:
                 for per_volume in values
             ])
         if self.config.deform.gain:
-            values = values * self.gains()[tilts, None]
+            values = values * self.gains()[self._on_device(tilts), None]
         if self.config.deform.offset:
             values = values + self.offset
         return values, valid
@@ -460,7 +517,7 @@ class Fitter:
     def _pixel_loss(self, values: torch.Tensor, obs: torch.Tensor, tilts: torch.Tensor) -> torch.Tensor:
         """Per-pixel data term ``(B, P)`` (``fit.loss``) times each tilt's loss weight; with two half series
         (``values`` and ``obs`` ``(2, B, P)``), the mean of the two halves' terms."""
-        loss = pixel_loss(values, obs, self.config.fit.loss) * self.tilt_weights[tilts, None]
+        loss = pixel_loss(values, obs, self.config.fit.loss) * self.tilt_weights[self._on_device(tilts), None]
         return loss.mean(0) if loss.dim() == 3 else loss
 
     def _observed(self, tilts: torch.Tensor, pick: torch.Tensor | slice | None, held_out: bool):
@@ -482,9 +539,11 @@ class Fitter:
 
     def train_epoch(self) -> float:
         """One pass over every pixel of every tilt: the tilts in random order, and with the lattice renderer
-        each band of rows of :meth:`_epoch_bands` in turn; returns the mean training loss of the steps taken.
+        each band of rows of :meth:`_epoch_bands` in turn; returns the mean training loss of the finite steps.
 
-        A non-finite step is rolled back (see ``_roll_back``); NaN when every step of the epoch was.
+        The steps never wait for the device (on CUDA: no host synchronisation); the epoch checks once, at its
+        end, whether every step was finite. A non-finite step takes no gradient (it is zeroed on the device),
+        and the epoch that had one is rolled back (see ``_roll_back``); NaN when every step of the epoch was.
         """
         fit = self.config.fit
         if self.last_good is None:
@@ -492,24 +551,29 @@ class Fitter:
         self._set_learning_rates()
         self._set_level_weights(self.epoch)
         release = self.epoch >= fit.warmup_epochs and self.opt_deform is not None
-        order = torch.randperm(len(self.theta), generator=self.generator).to(self.device)
-        losses = []
-        for bands in self._epoch_bands():
-            for tilts in order.split(fit.tilts_per_step):
-                data_loss, n_used = self._step_gradients(tilts, bands)
-                reason = self._non_finite(data_loss)
-                self.step += 1
-                if reason is not None:
-                    self._roll_back(reason)
-                    continue
-                self.opt_volume.step()
-                if release:
-                    self.opt_deform.step()
-                losses.append(float(data_loss))
-                self.samples += n_used
+        order = torch.randperm(len(self.theta), generator=self.generator)
+        steps = [(tilts, bands) for bands in self._epoch_bands() for tilts in order.split(fit.tilts_per_step)]
+        reach = self._reach_px(len(steps)) if steps[0][1] is not None else math.inf
+        records = []
+        for tilts, bands in steps:
+            data_loss, n_used = self._step_gradients(tilts, bands, reach)
+            finite = self._finite_or_zeroed(data_loss)
+            self.step += 1
+            self.opt_volume.step()
+            if release:
+                self.opt_deform.step()
+            records.append(torch.stack([data_loss.detach().double(), n_used.double(), *finite.double()]))
+        losses, used, loss_ok, grads_ok = torch.stack(records).cpu().unbind(1)  # the epoch's one synchronisation
+        good = (loss_ok > 0) & (grads_ok > 0)
+        if not bool(good.all()):
+            first = int(torch.nonzero(~good)[0, 0])
+            self._roll_back("non-finite loss" if not loss_ok[first] else "non-finite gradients",
+                            self.step - len(steps) + first + 1)
+        else:
+            self.samples += int(used.sum())
         self.epoch += 1
         self._keep_good()
-        return float(np.mean(losses)) if losses else math.nan
+        return float(losses[good].mean()) if bool(good.any()) else math.nan
 
     def _set_level_weights(self, epoch: int) -> None:
         """Weights of the encoding's levels during ``epoch`` (0-based) under ``fit.coarse_to_fine_epochs``:
@@ -543,13 +607,15 @@ class Fitter:
         steps.append([band for band in (slice(0, edges[0]), slice(edges[-1], ny)) if band.stop > band.start])
         return [steps[i] for i in torch.randperm(len(steps), generator=self.generator).tolist()]
 
-    def _step_gradients(self, tilts: torch.Tensor, bands: list[slice] | None = None) -> tuple[torch.Tensor, int]:
-        """Gradients of (mean data term over the used pixels + penalty) for ``tilts`` (lattice: in the rows
-        ``bands``; None: every row, or this rank's band); returns the data loss and the number of pixels used.
-        Runs in ``step_chunks`` groups of tilts and in bands of at most ``lattice_rows`` rows (the same gradients
-        as one group, summed then divided by the pixel count); on running out of memory it shrinks the work and
-        retries."""
-        return self._retrying_on_out_of_memory(self._accumulate_gradients, tilts, bands)
+    def _step_gradients(
+        self, tilts: torch.Tensor, bands: list[slice] | None = None, reach_px: float = math.inf
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradients of (mean data term over the used pixels + penalty) for ``tilts`` (host indices; lattice: in
+        the rows ``bands``, warping the pixels within ``reach_px`` of them; None: every row, or this rank's band);
+        returns the data loss and the number of pixels used, as device tensors. Runs in ``step_chunks`` groups
+        of tilts and in bands of at most ``lattice_rows`` rows (the same gradients as one group, summed then
+        divided by the pixel count); on running out of memory it shrinks the work and retries."""
+        return self._retrying_on_out_of_memory(self._accumulate_gradients, tilts, bands, reach_px)
 
     def _row_pieces(self, bands: list[slice] | None) -> list[slice | None]:
         """``bands`` (lattice; None: every row) cut into pieces of at most ``lattice_rows`` rows; ``[None]``
@@ -560,7 +626,9 @@ class Fitter:
         return [slice(r, min(r + size, band.stop))
                 for band in (bands or [slice(0, self.detector_shape[0])]) for r in range(band.start, band.stop, size)]
 
-    def _accumulate_gradients(self, tilts: torch.Tensor, bands: list[slice] | None) -> tuple[torch.Tensor, int]:
+    def _accumulate_gradients(
+        self, tilts: torch.Tensor, bands: list[slice] | None, reach_px: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         self._zero_grads()
         total = torch.zeros((), device=self.device)
         count = torch.zeros((), device=self.device, dtype=torch.long)
@@ -570,10 +638,11 @@ class Fitter:
             for chunk in mine.tensor_split(max(1, min(self.step_chunks, len(mine)))):
                 if len(chunk) == 0:
                     continue
-                values, valid, pick = self._predict(chunk, jitter=True, rows=rows)
+                values, valid, pick = self._predict(chunk, jitter=True, rows=rows, reach_px=reach_px)
                 obs, train = self._observed(chunk, pick, held_out=False)
                 use = valid & train
-                loss_sum = self._pixel_loss(values, obs, chunk)[use].sum()
+                # where() rather than boolean indexing, whose result size the host would have to wait for
+                loss_sum = torch.where(use, self._pixel_loss(values, obs, chunk), 0.0).sum()
                 loss_sum.backward()
                 total += loss_sum.detach()
                 count += use.sum()
@@ -586,7 +655,7 @@ class Fitter:
         penalty = self._penalty(tilts)
         if penalty.requires_grad:  # not when no deformation is estimated
             penalty.backward()
-        return total / n, int(count)
+        return total / n, count
 
     def _retrying_on_out_of_memory(self, work: Callable, *args):
         """``work(*args)``, run again after :meth:`_shrink_work` each time it runs out of memory."""
@@ -646,17 +715,20 @@ class Fitter:
         self.memory_events.append({"epoch": self.epoch + 1, "step": self.step + 1, "lattice_rows": self.lattice_rows,
                                    "step_chunks": self.step_chunks})
 
-    def _non_finite(self, loss: torch.Tensor) -> str | None:
-        """Why the step just back-propagated must not be taken, or ``None`` when loss and gradients are finite.
+    def _finite_or_zeroed(self, loss: torch.Tensor) -> torch.Tensor:
+        """``(loss finite, gradients finite)`` of the step just back-propagated, as device booleans; when either
+        is not, every gradient is zeroed on the device (no host synchronisation), so the optimiser steps that
+        follow keep the parameters finite until the epoch's end rolls the epoch back.
 
         Only non-finite values count: Adam moves each parameter by about its learning rate whatever the
         gradient's size, so a large finite gradient norm is no sign of divergence.
         """
-        norm = torch.nn.utils.get_total_norm([p.grad for p in self._parameters() if p.grad is not None])
-        loss_ok, norm_ok = torch.stack([torch.isfinite(loss.detach()), torch.isfinite(norm)]).tolist()
-        if not loss_ok:
-            return "non-finite loss"
-        return None if norm_ok else "non-finite gradients"
+        grads = [p.grad for p in self._parameters() if p.grad is not None]
+        finite = torch.stack([torch.isfinite(loss.detach()), torch.isfinite(torch.nn.utils.get_total_norm(grads))])
+        bad = ~finite.all()
+        for g in grads:
+            g.masked_fill_(bad, 0.0)
+        return finite
 
     def _parameters(self) -> list[torch.Tensor]:
         return [p for v in self.volumes for p in v.parameters()] + [
@@ -674,8 +746,9 @@ class Fitter:
             "samples": self.samples,
         }
 
-    def _roll_back(self, reason: str) -> None:
-        """Undo the failed step: back to the last good state with every learning rate halved.
+    def _roll_back(self, reason: str, step: int) -> None:
+        """Undo the epoch whose step ``step`` failed: back to the last good state (the epoch's start) with every
+        learning rate halved.
 
         Raises ``_NumericalFailure`` instead once ``max_rollbacks`` rollbacks have been spent.
         """
@@ -684,11 +757,11 @@ class Fitter:
         self.opt_volume.load_state_dict(copy.deepcopy(self.last_good["opt_volume"]))
         if self.opt_deform is not None:
             self.opt_deform.load_state_dict(copy.deepcopy(self.last_good["opt_deform"]))
-        where = f"{reason} at epoch {self.epoch + 1}, step {self.step}"
+        where = f"{reason} at epoch {self.epoch + 1}, step {step}"
         if len(self.rollbacks) >= self.config.fit.max_rollbacks:
             raise _NumericalFailure(f"{where} after {len(self.rollbacks)} rollbacks")
         self.lr_factor *= 0.5
-        event = {"epoch": self.epoch + 1, "step": self.step, "reason": reason, "lr_factor": self.lr_factor}
+        event = {"epoch": self.epoch + 1, "step": step, "reason": reason, "lr_factor": self.lr_factor}
         self.rollbacks.append(event)
         self._set_learning_rates()
 
@@ -702,7 +775,8 @@ class Fitter:
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         count = torch.zeros((), dtype=torch.float64, device=self.device)
         group = max(1, self.config.fit.tilts_per_step // self.step_chunks)
-        for tilts in torch.arange(len(self.theta), device=self.device).split(group):
+        reach = self._reach_px()
+        for tilts in torch.arange(len(self.theta)).split(group):
             mine, rows = self._share(tilts)
             if len(mine) == 0:
                 continue
@@ -711,11 +785,11 @@ class Fitter:
             else:
                 # Every band of rows in turn, so that the held-out pixels of the whole detector are scored.
                 pieces = self._row_pieces([rows] if rows is not None else None)
-                predictions = [self._predict(mine, jitter=False, rows=band) for band in pieces]
+                predictions = [self._predict(mine, jitter=False, rows=band, reach_px=reach) for band in pieces]
             for values, valid, pick in predictions:
                 obs, held = self._observed(mine, pick, held_out=True)
                 use = valid & held
-                total += self._pixel_loss(values, obs, mine)[use].sum().double()
+                total += torch.where(use, self._pixel_loss(values, obs, mine), 0.0).sum().double()
                 count += use.sum()
         if self.world > 1:
             import torch.distributed as dist
@@ -726,7 +800,7 @@ class Fitter:
         return float(total) / max(float(count), 1.0)
 
     def _predict_heldout_rays(self, tilts: torch.Tensor):
-        mask = self.validation_mask[tilts].reshape(len(tilts), -1)
+        mask = self.validation_mask[self._on_device(tilts)].reshape(len(tilts), -1)
         n = int(mask.sum(1).min())
         pick = torch.stack([torch.nonzero(row)[:n, 0] for row in mask])
         coords = torch.gather(self._coords(tilts), 1, pick[..., None].expand(-1, -1, 2))

@@ -109,8 +109,8 @@ def box_to_unit(xyz: torch.Tensor, shape_zyx: tuple[int, int, int]) -> torch.Ten
     Returns ``(..., 3)`` in ``(x, y, z)`` order; each axis is scaled by its own length (tight mapping).
     """
     nz, ny, nx = shape_zyx
-    half = xyz.new_tensor([nx / 2, ny / 2, nz / 2])
-    return xyz / (2 * half) + 0.5
+    # Per-axis Python scalars: a tensor of the sizes would be a host-to-device copy that waits for a GPU.
+    return torch.stack([xyz[..., 0] / nx, xyz[..., 1] / ny, xyz[..., 2] / nz], -1) + 0.5
 
 
 def deg2rad(a) -> torch.Tensor:

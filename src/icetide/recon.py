@@ -159,17 +159,21 @@ class _SystemMatrix:
         return out
 
 
-def _angles(tilt_angles_rad, device) -> torch.Tensor:
-    return torch.as_tensor(tilt_angles_rad, dtype=torch.float64, device=device).detach().reshape(-1)
+def _angles(tilt_angles_rad) -> torch.Tensor:
+    """Tilt angles as a float64 host tensor (angles on a GPU are copied back, which waits for it)."""
+    return torch.as_tensor(tilt_angles_rad).detach().to("cpu", torch.float64).reshape(-1)
 
 
 _MATRIX_CACHE: OrderedDict[tuple, _SystemMatrix] = OrderedDict()
 
 
-def _system_matrix(theta: torch.Tensor, nz: int, nx: int, n_u: int, dtype: torch.dtype) -> _SystemMatrix:
-    """The (cached) projector of tilts ``theta`` (float64, sorted by the callers) for an ``nz x nx`` slice."""
-    key = (theta.cpu().numpy().tobytes(), nz, nx, n_u, dtype, theta.device)
-    matrix = _MATRIX_CACHE.pop(key, None) or _SystemMatrix(theta, nz, nx, n_u, dtype)
+def _system_matrix(
+    theta: torch.Tensor, nz: int, nx: int, n_u: int, dtype: torch.dtype, device: torch.device
+) -> _SystemMatrix:
+    """The (cached) projector on ``device`` of tilts ``theta`` (float64 on the host, sorted by the callers)
+    for an ``nz x nx`` slice; found in the cache without touching the device."""
+    key = (theta.numpy().tobytes(), nz, nx, n_u, dtype, device)
+    matrix = _MATRIX_CACHE.pop(key, None) or _SystemMatrix(theta.to(device), nz, nx, n_u, dtype)
     _MATRIX_CACHE[key] = matrix
     while len(_MATRIX_CACHE) > MATRIX_CACHE_SIZE:
         _MATRIX_CACHE.popitem(last=False)
@@ -177,9 +181,9 @@ def _system_matrix(theta: torch.Tensor, nz: int, nx: int, n_u: int, dtype: torch
 
 
 def _sorted_order(theta: torch.Tensor) -> torch.Tensor | None:
-    """The permutation that sorts ``theta``, or None when it is sorted already."""
+    """The permutation that sorts host angles ``theta``, or None when they are sorted already."""
     order = torch.argsort(theta)
-    return None if bool((order == torch.arange(len(theta), device=theta.device)).all()) else order
+    return None if bool((order == torch.arange(len(theta))).all()) else order
 
 
 def _volume_to_columns(volume: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -245,11 +249,14 @@ def project(volume: torch.Tensor, tilt_angles_rad, n_u: int | None = None) -> to
         raise ValueError(f"volume must have shape (nz, ny, nx), got {tuple(volume.shape)}")
     nz, _, nx = volume.shape
     n_u = nx if n_u is None else int(n_u)
-    theta = _angles(tilt_angles_rad, volume.device)
+    theta = _angles(tilt_angles_rad)
     order = _sorted_order(theta)
     in_order = theta if order is None else theta[order]
-    projections = _Project.apply(volume, _system_matrix(in_order, nz, nx, n_u, _work_dtype(volume.dtype)))
-    return projections if order is None else projections[torch.argsort(order)]
+    matrix = _system_matrix(in_order, nz, nx, n_u, _work_dtype(volume.dtype), volume.device)
+    projections = _Project.apply(volume, matrix)
+    if order is None:
+        return projections
+    return projections[torch.argsort(order).to(volume.device, non_blocking=True)]
 
 
 def backproject(projections: torch.Tensor, tilt_angles_rad, nz: int, nx: int) -> torch.Tensor:
@@ -259,13 +266,14 @@ def backproject(projections: torch.Tensor, tilt_angles_rad, nz: int, nx: int) ->
     """
     if projections.dim() != 3:
         raise ValueError(f"projections must have shape (B, ny, n_u), got {tuple(projections.shape)}")
-    theta = _angles(tilt_angles_rad, projections.device)
+    theta = _angles(tilt_angles_rad)
     if theta.shape[0] != projections.shape[0]:
         raise ValueError(f"{theta.shape[0]} tilt angles for {projections.shape[0]} projections")
     order = _sorted_order(theta)
     if order is not None:
-        theta, projections = theta[order], projections[order]
-    matrix = _system_matrix(theta, int(nz), int(nx), projections.shape[2], _work_dtype(projections.dtype))
+        theta, projections = theta[order], projections[order.to(projections.device, non_blocking=True)]
+    matrix = _system_matrix(theta, int(nz), int(nx), projections.shape[2], _work_dtype(projections.dtype),
+                            projections.device)
     return _Backproject.apply(projections, matrix)
 
 
@@ -370,7 +378,7 @@ def fbp(projections, tilt_angles_deg, thickness: int, filter: str = "ramp") -> t
     for start in range(0, series.shape[0], FILTER_CHUNK_TILTS):
         chunk = slice(start, start + FILTER_CHUNK_TILTS)
         filtered[chunk] = ramp_filter(series[chunk], filter) * weights[chunk, None, None]
-    theta = _angles(np.deg2rad(angles), series.device)
+    theta = _angles(np.deg2rad(angles)).to(series.device)
     return _apply_backproject(_SystemMatrix(theta, thickness, series.shape[2], series.shape[2], torch.float32), filtered)
 
 
@@ -399,7 +407,7 @@ def sirt(
     if iterations < 1:
         raise IcetideError(f"iterations must be at least 1, got {iterations}")
     n_tilts, ny, nx = series.shape
-    theta = _angles(np.deg2rad(angles), series.device)
+    theta = _angles(np.deg2rad(angles)).to(series.device)
     matrix = _SystemMatrix(theta, thickness, nx, nx, torch.float32)  # built once for all iterations
     # A acts identically on every y row, so its sums need one row only.
     inv_rows = _inverse(_apply_project(matrix, series.new_ones(thickness, 1, nx)))

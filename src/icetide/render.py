@@ -29,6 +29,11 @@ from .recon import project
 __all__ = ["LatticeRenderer", "RaysRenderer", "make_renderer"]
 
 
+def _on(tilt_angles_rad, like: torch.Tensor) -> torch.Tensor:
+    """Angles as a tensor of ``like``'s dtype on its device (host angles copied without waiting)."""
+    return torch.as_tensor(tilt_angles_rad).to(like.device, like.dtype, non_blocking=True)
+
+
 def _inside(coords: torch.Tensor, n_rows: int, nx: int, margin: float = 0.5) -> torch.Tensor:
     """Whether centred coordinates ``(..., 2)`` lie inside an ``n_rows x nx`` image (minus ``margin``)."""
     u, v = coords[..., 0], coords[..., 1]
@@ -39,9 +44,15 @@ class LatticeRenderer:
     """Lattice evaluation + explicit projection + 2-D resampling at the deformed coordinates."""
 
     def __init__(
-        self, volume_shape_zyx: tuple[int, int, int], band_rows: int | None = None, detector_nx: int | None = None
+        self,
+        volume_shape_zyx: tuple[int, int, int],
+        band_rows: int | None = None,
+        detector_nx: int | None = None,
+        recompute_voxels: int | None = None,
     ):
         self.shape = volume_shape_zyx
+        # Pieces of the band whose activations the backward pass recomputes (ImplicitVolume.lattice); None: keep.
+        self.recompute_voxels = recompute_voxels
         nz, ny, nx = volume_shape_zyx
         self.band_rows = ny if band_rows is None else min(band_rows, ny)
         # A volume wider than the detector (a laterally unbounded slab) projects onto the central columns.
@@ -64,19 +75,23 @@ class LatticeRenderer:
         rows: slice | None = None,
         jitter: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``coords (B, P, 2)`` ideal-projection coordinates, ``tilt_angles_rad (B,)`` -> ``(B, P)`` values, mask."""
+        """``coords (B, P, 2)`` ideal-projection coordinates, ``tilt_angles_rad (B,)`` -> ``(B, P)`` values, mask.
+
+        Angles given on the host (a CPU tensor) keep the call free of host synchronisations on CUDA."""
         nz, ny, nx = self.shape
         rows = self.band(generator) if rows is None else rows
         if jitter:
-            offset = torch.rand(3, generator=generator).to(coords.device) - 0.5
+            offset = torch.rand(3, generator=generator).to(coords.device, non_blocking=True) - 0.5
         else:
             offset = torch.zeros(3, device=coords.device)
-        lattice = field.lattice(offset, rows=rows)  # (nz, n_rows, nx), the field at voxel centres + offset
+        recompute = {} if self.recompute_voxels is None else {"recompute_voxels": self.recompute_voxels}
+        lattice = field.lattice(offset, rows=rows, **recompute)  # (nz, n_rows, nx), the field at centres + offset
         proj = project(lattice, tilt_angles_rad, self.detector_nx)  # (B, n_rows, detector_nx)
         n_rows = rows.stop - rows.start
         # The lattice holds f(p + offset): its projection at w is P[f](w + projected offset). Move the
         # coordinates into the band's own centred frame as well.
-        c, s = torch.cos(tilt_angles_rad), torch.sin(tilt_angles_rad)
+        theta = _on(tilt_angles_rad, coords)
+        c, s = torch.cos(theta), torch.sin(theta)
         band_centre_v = (rows.start + rows.stop - 1) / 2 - (ny - 1) / 2
         du = offset[0] * c + offset[2] * s
         dv = offset[1] + band_centre_v
@@ -96,7 +111,7 @@ class RaysRenderer:
     def n_samples(self, tilt_angles_rad: torch.Tensor) -> int:
         """Samples per ray: enough for the longest path through the slab at this batch's largest tilt."""
         nz = self.shape[0]
-        longest = nz / float(torch.cos(tilt_angles_rad.abs().max()))
+        longest = nz / float(torch.cos(torch.as_tensor(tilt_angles_rad).abs().max()))
         return max(2, math.ceil(longest * self.samples_per_voxel))
 
     def render(
@@ -107,34 +122,38 @@ class RaysRenderer:
         generator: torch.Generator | None = None,
         jitter: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``coords (B, P, 2)``, ``tilt_angles_rad (B,)`` -> line integrals / thickness ``(B, P)``, mask."""
+        """``coords (B, P, 2)``, ``tilt_angles_rad (B,)`` -> line integrals / thickness ``(B, P)``, mask.
+
+        Angles given on the host (a CPU tensor) keep the call free of host synchronisations on CUDA."""
         nz, ny, nx = self.shape
         b, p, _ = coords.shape
         k = self.n_samples(tilt_angles_rad)
-        theta = tilt_angles_rad[:, None, None]
+        theta = _on(tilt_angles_rad, coords)[:, None, None]
         u, v = coords[..., 0, None], coords[..., 1, None]  # (B, P, 1)
         t0, t1 = slab_ray_interval(u, theta, float(nz))
         if jitter:
-            frac = torch.rand(b, p, k, generator=generator).to(coords.device)
+            frac = torch.rand(b, p, k, generator=generator).to(coords.device, non_blocking=True)
         else:
             frac = torch.full((b, p, k), 0.5, device=coords.device)
         steps = (torch.arange(k, device=coords.device) + frac) / k  # stratified in [0, 1)
         dt = (t1 - t0) / k  # (B, P, 1)
         points = ray_points(u, v, theta, t0 + steps * (t1 - t0))  # (B, P, K, 3)
         # Density is zero outside the box (which is wider than the detector for a laterally unbounded slab).
-        half = points.new_tensor([nx / 2, ny / 2, nz / 2])
-        inside = (points.abs() <= half).all(-1)
+        x, y, z = points.abs().unbind(-1)
+        inside = (x <= nx / 2) & (y <= ny / 2) & (z <= nz / 2)
         density = field(points.reshape(-1, 3)).reshape(b, p, k) * inside
         values = (density * dt).sum(-1) / nz
         valid = (v[..., 0].abs() <= (ny - 1) / 2) & (u[..., 0].abs() <= (nx - 1) / 2)
         return values, valid
 
 
-def make_renderer(name: str, volume_shape_zyx, band_rows=None, samples_per_voxel=1.0, detector_nx=None):
+def make_renderer(
+    name: str, volume_shape_zyx, band_rows=None, samples_per_voxel=1.0, detector_nx=None, recompute_voxels=None
+):
     """The renderer called ``name`` (``"lattice"`` or ``"rays"``); ``detector_nx``: detector width when the
-    volume is wider (default: the volume's)."""
+    volume is wider (default: the volume's); ``recompute_voxels``: see :class:`LatticeRenderer`."""
     if name == "lattice":
-        return LatticeRenderer(volume_shape_zyx, band_rows, detector_nx)
+        return LatticeRenderer(volume_shape_zyx, band_rows, detector_nx, recompute_voxels)
     if name == "rays":
         return RaysRenderer(volume_shape_zyx, samples_per_voxel)
     raise ValueError(f"unknown renderer {name!r}")

@@ -8,12 +8,17 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..geometry import box_to_unit
 from .encoding import HashEncoding, Kernel
 from .mlp import MLP
 
-__all__ = ["VolumeConfig", "ImplicitVolume"]
+__all__ = ["VolumeConfig", "ImplicitVolume", "EVALUATION_PIECE_VOXELS"]
+
+# Voxels per piece when a lattice band is evaluated without gradients (validation, sampling): bounds the
+# transient activations (about 0.4 GB for the paper's volume in fp32).
+EVALUATION_PIECE_VOXELS = 2**20
 
 
 @dataclass(frozen=True)
@@ -88,7 +93,8 @@ class ImplicitVolume(nn.Module):
     def _density(self, features: torch.Tensor) -> torch.Tensor:
         """The MLP's output ``(...)`` float32 for encoded ``features`` ``(..., L * F)``."""
         if self.level_weights is not None:
-            features = features * self.level_weights.repeat_interleave(self.encoding.n_features)
+            n_features = self.encoding.n_features
+            features = features * self.level_weights[:, None].expand(-1, n_features).reshape(-1)
         if self.mixed_precision and features.is_cuda:
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 out = self.mlp(features)
@@ -108,12 +114,36 @@ class ImplicitVolume(nn.Module):
         unit = box_to_unit(xyz_vox, self.box_shape_zyx)
         return self._density(self.encoding(unit))
 
-    def lattice(self, offset_vox: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+    def lattice(
+        self, offset_vox: torch.Tensor, rows: slice | None = None, recompute_voxels: int | None = None
+    ) -> torch.Tensor:
         """Density at every voxel centre + ``offset_vox`` (``(3,)``, ``(x, y, z)``, voxels) of the box.
 
         ``rows``: a band ``start:stop`` of y indices (all rows if None). Returns ``(nz, n_rows, nx)``;
         differentiable with respect to the parameters (and the offset).
+
+        ``recompute_voxels``: evaluate the band in pieces of whole rows of about this many voxels (at least one
+        ``nz x nx`` plane) whose encodings and MLP activations are not kept for the backward pass but recomputed
+        there, one piece at a time (activation checkpointing): the band then holds 4 bytes per voxel instead
+        of the activations' ``~4 (2 L F + 2 hidden x layers)``, for one more forward pass. Same values and
+        gradients. Without gradients the band is always evaluated in pieces (of ``recompute_voxels``, default
+        ``EVALUATION_PIECE_VOXELS``), which bounds the memory of the transient activations at no cost.
         """
+        nz, ny, nx = self.box_shape_zyx
+        start, stop, _ = (rows or slice(None)).indices(ny)
+        grad = torch.is_grad_enabled()
+        if grad and recompute_voxels is None:
+            return self._lattice_band(offset_vox, slice(start, stop))
+        rows_per_piece = max(1, (recompute_voxels or EVALUATION_PIECE_VOXELS) // (nz * nx))
+        bands = [slice(r, min(r + rows_per_piece, stop)) for r in range(start, stop, rows_per_piece)]
+        if grad:  # nothing random inside; saving the RNG state could wait on a GPU
+            pieces = [checkpoint(self._lattice_band, offset_vox, band, use_reentrant=False, preserve_rng_state=False)
+                      for band in bands]
+        else:
+            pieces = [self._lattice_band(offset_vox, band) for band in bands]
+        return torch.cat(pieces, 1) if len(pieces) > 1 else pieces[0]
+
+    def _lattice_band(self, offset_vox: torch.Tensor, rows: slice) -> torch.Tensor:
         features = self.encoding.forward_lattice(self.box_shape_zyx, offset_vox, rows)
         return self._density(features)
 
@@ -121,7 +151,7 @@ class ImplicitVolume(nn.Module):
     def sample_grid(
         self,
         shape_zyx: tuple[int, int, int] | None = None,
-        chunk_voxels: int = 2**20,
+        chunk_voxels: int = EVALUATION_PIECE_VOXELS,
         device: torch.device | str | None = None,
     ) -> torch.Tensor:
         """The density at the voxel centres of a grid of shape ``shape_zyx`` spanning the box (default: the box).
