@@ -167,8 +167,8 @@ class FitSettings(_Strict):
     max_rollbacks: int = Field(
         5,
         ge=0,
-        description="non-finite steps the fit recovers from (back to the last good epoch, every learning rate "
-        "halved); the next one ends it",
+        description="epochs with a non-finite step the fit recovers from (the epoch rolled back, every learning "
+        "rate halved); the next one ends it",
     )
 
 
