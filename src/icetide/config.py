@@ -106,7 +106,7 @@ class FitSettings(_Strict):
         "on CPU), fewer for larger volumes",
     )
     max_memory_gb: Optional[float] = Field(
-        None, gt=0, description="memory a training step may plan for (CPU RAM or GPU memory), GB; None = 70% of "
+        None, gt=0, description="memory a fit may plan for (CPU RAM or GPU memory), GiB (2**30 bytes); None = 70% of "
         "what is available at the start. Lattice bands and ray batches are sized to fit; an out-of-memory error "
         "still shrinks them and retries the step",
     )

@@ -123,7 +123,7 @@ def reconstruct(
     ),
     max_minutes: Optional[float] = typer.Option(None, help="Stop after this many minutes of fitting."),
     max_memory: Optional[float] = typer.Option(
-        None, "--max-memory", help="GB a training step may plan for (CPU RAM or GPU memory); default 70% of "
+        None, "--max-memory", help="GiB (2**30 bytes) a fit may plan for (CPU RAM or GPU memory); default 70% of "
         "what is available. Out-of-memory errors shrink the batch and retry."
     ),
     renderer: Optional[str] = typer.Option(None, help="Forward model: lattice (default, fast) or rays (the paper's)."),

@@ -124,9 +124,9 @@ class ImplicitVolume(nn.Module):
 
         ``recompute_voxels``: evaluate the band in pieces of whole rows of about this many voxels (at least one
         ``nz x nx`` plane) whose encodings and MLP activations are not kept for the backward pass but recomputed
-        there, one piece at a time (activation checkpointing): the band then holds 4 bytes per voxel instead
-        of the activations' ``~4 (2 L F + 2 hidden x layers)``, for one more forward pass. Same values and
-        gradients. Without gradients the band is always evaluated in pieces (of ``recompute_voxels``, default
+        there, one piece at a time (activation checkpointing): the band then keeps its densities (4 bytes per
+        voxel) instead of its activations (about ``4 (6 L F + hidden x layers)`` bytes, see
+        :func:`icetide.fit.field_bytes_per_point`), for one more forward pass. Same values and gradients. Without gradients the band is always evaluated in pieces (of ``recompute_voxels``, default
         ``EVALUATION_PIECE_VOXELS``), which bounds the memory of the transient activations at no cost.
         """
         nz, ny, nx = self.box_shape_zyx
