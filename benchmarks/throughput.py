@@ -6,11 +6,13 @@ Prints one JSON object. A *sample* is one point through encoding + MLP, forward 
 step of the rays renderer: loss = mean squared density, gradients for every parameter). ``samples_per_s`` /
 ``baseline_samples_per_s`` / ``ratio`` are the default configuration (:class:`icetide.volume.VolumeConfig`)
 with :class:`HashEncoding` as a fit uses it (``kernel`` says which: the Triton kernels on CUDA when Triton
-imports, else the PyTorch path) / :class:`ReferenceHashEncoding` (the straightforward PyTorch hash grid; same
-parameters, same points, same run); ``torch_path_*`` is the PyTorch path of :class:`HashEncoding` and, on
-CUDA, ``mixed_*`` the Triton kernels with fp16 table reads and the MLP in bf16 (``fit.precision: mixed``).
+imports, the Numba kernels on CPU, else the PyTorch path) / :class:`ReferenceHashEncoding` (the
+straightforward PyTorch hash grid; same parameters, same points, same run); ``torch_path_*`` is the PyTorch
+path of :class:`HashEncoding` and, on CUDA, ``mixed_*`` the Triton kernels with fp16 table reads and the MLP
+in bf16 (``fit.precision: mixed``).
 ``paper`` holds the same for the paper's configuration; ``*_position_grad`` also differentiates the positions
-(as when deformations are fitted). ``lattice_voxels_per_s`` is :meth:`ImplicitVolume.lattice` on the box
+(as when deformations are fitted); ``encoding_*`` times the encoding alone (no MLP) of the fast and reference
+variants. ``lattice_voxels_per_s`` is :meth:`ImplicitVolume.lattice` on the box
 (a band of ``--lattice-rows`` rows), forward and backward; ``sample_grid_voxels_per_s`` is
 :meth:`ImplicitVolume.sample_grid` of the whole box (no gradients). Each timing is the best of ``--repeats``
 runs after one warm-up, all variants interleaved so that other load on the machine hits them alike.
@@ -31,6 +33,7 @@ from typing import Callable
 
 import torch
 
+from icetide.geometry import box_to_unit
 from icetide.memory import PeakMemory
 from icetide.volume import ImplicitVolume, ReferenceHashEncoding, VolumeConfig
 from timing import best_times
@@ -54,21 +57,24 @@ def reference_of(volume: ImplicitVolume) -> ImplicitVolume:
 def variants(volume: ImplicitVolume) -> dict[str, ImplicitVolume]:
     """The volume as a fit runs it (``fast``), its PyTorch path, the reference and, on CUDA, mixed precision."""
     out = {"fast": volume, "reference": reference_of(volume)}
-    if volume.encoding.uses_kernel(volume.encoding.table.device):
+    if volume.encoding.kernel_for(volume.encoding.table.device) != "torch":
         out["torch_path"] = copy.deepcopy(volume).set_execution("torch")
     if volume.encoding.table.is_cuda:
         out["mixed"] = copy.deepcopy(volume).set_execution("auto", mixed_precision=True)
     return out
 
 
-def training_step(volume: ImplicitVolume, points: torch.Tensor) -> Callable[[], None]:
-    """Forward + backward of ``mean(volume(points)^2)``, gradients cleared first."""
+def training_step(volume: ImplicitVolume, points: torch.Tensor, encoding_only: bool = False) -> Callable[[], None]:
+    """Forward + backward of ``mean(volume(points)^2)`` (``encoding_only``: of the mean squared encoding of the
+    points' unit coordinates, no MLP), gradients cleared first."""
+    box_zyx = volume.box_shape_zyx
 
     def step() -> None:
         volume.zero_grad(set_to_none=True)
         if points.grad is not None:
             points.grad = None
-        volume(points).square().mean().backward()
+        out = volume.encoding(box_to_unit(points, box_zyx)) if encoding_only else volume(points)
+        out.square().mean().backward()
 
     return step
 
@@ -89,11 +95,13 @@ def point_throughput(cfg: VolumeConfig, box_zyx, n: int, repeats: int, device: t
     for name, volume in volumes.items():
         steps[name] = training_step(volume, points)
         steps[f"{name}_position_grad"] = training_step(volume, moving)
+    for name in ("fast", "reference"):
+        steps[f"{name}_encoding"] = training_step(volumes[name], points, encoding_only=True)
     t = best_times(steps, repeats, device)
     with torch.no_grad():
         t_forward = best_times({"fast": lambda: volumes["fast"](points)}, repeats, device)["fast"]
     out = {
-        "kernel": "triton" if volumes["fast"].encoding.uses_kernel(device) else "torch",
+        "kernel": volumes["fast"].encoding.kernel_for(device),
         "samples_per_s": n / t["fast"],
         "baseline_samples_per_s": n / t["reference"],
         "ratio": t["reference"] / t["fast"],
@@ -101,6 +109,9 @@ def point_throughput(cfg: VolumeConfig, box_zyx, n: int, repeats: int, device: t
         "baseline_samples_per_s_position_grad": n / t["reference_position_grad"],
         "ratio_position_grad": t["reference_position_grad"] / t["fast_position_grad"],
         "forward_only_samples_per_s": n / t_forward,
+        "encoding_samples_per_s": n / t["fast_encoding"],
+        "baseline_encoding_samples_per_s": n / t["reference_encoding"],
+        "encoding_ratio": t["reference_encoding"] / t["fast_encoding"],
     }
     for name in volumes.keys() - {"fast", "reference"}:
         out[f"{name}_samples_per_s"] = n / t[name]

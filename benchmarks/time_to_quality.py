@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--phantom", type=Path, default=None, help="ground-truth MRC volume (unbinned)")
     parser.add_argument("--tilt-step", type=float, default=3.0, help="degrees between tilts, -60..+60")
     parser.add_argument("--volume", choices=["default", "paper"], default="default")
-    parser.add_argument("--kernel", choices=["auto", "triton", "torch"], default="auto")
+    parser.add_argument("--kernel", choices=["auto", "triton", "numba", "torch"], default="auto")
     parser.add_argument("--precision", choices=["fp32", "mixed"], default="fp32")
     parser.add_argument("--recompute", action="store_true", help="fit.recompute_field")
     parser.add_argument("--max-memory", type=float, default=None, help="fit.max_memory_gb")

@@ -38,7 +38,7 @@ def max_errors(device: str, n_features: int, interpolation: str, table_dtype: st
     fast.table.data.uniform_(-1, 1)
     slow = HashEncoding(**args, kernel="torch").to(device)
     slow.load_state_dict(fast.state_dict())
-    assert fast.uses_kernel(fast.table.device) and not slow.uses_kernel(slow.table.device)
+    assert fast.kernel_for(fast.table.device) == "triton" and slow.kernel_for(slow.table.device) == "torch"
     x = (torch.rand(n_points, 3, device=device) * 1.2 - 0.1).requires_grad_()
     x_slow = x.detach().clone().requires_grad_()
     grad = torch.randn(n_points, fast.output_dim, device=device)
@@ -108,15 +108,15 @@ def test_kernels_compile_for_hopper_without_a_gpu(smooth, need_table, need_unit)
 
 def test_kernel_choice_on_cpu():
     enc = HashEncoding(**SMALL)
-    assert not enc.uses_kernel(torch.device("cpu")) or os.environ.get("TRITON_INTERPRET") == "1"
-    assert not ReferenceHashEncoding(**SMALL).uses_kernel(torch.device("cuda"))
+    assert enc.kernel_for(torch.device("cpu")) != "triton" or os.environ.get("TRITON_INTERPRET") == "1"
+    assert ReferenceHashEncoding(**SMALL).kernel_for(torch.device("cuda")) == "torch"
     with pytest.raises(ValueError, match="kernel must be"):
         HashEncoding(**SMALL, kernel="fused")
     if not kernel_available(torch.device("cpu")):
         with pytest.raises(RuntimeError, match="cannot run here"):
             HashEncoding(**SMALL, kernel="triton")(torch.rand(4, 3))
     if triton is not None:  # three features are not a power of two: auto falls back to PyTorch
-        assert not HashEncoding(**{**SMALL, "n_features": 3}).uses_kernel(torch.device("cuda"))
+        assert HashEncoding(**{**SMALL, "n_features": 3}).kernel_for(torch.device("cuda")) == "torch"
 
 
 def test_fit_asking_for_the_kernel_on_cpu_is_a_clear_error():

@@ -8,6 +8,7 @@ import torch
 from torch.func import functional_call
 
 from icetide.geometry import box_to_unit, centered_coords
+from icetide.volume import cpu_encoding
 from icetide.volume import (
     HASH_PRIMES,
     MLP,
@@ -18,6 +19,11 @@ from icetide.volume import (
     level_layout,
 )
 
+# The CPU evaluations of points: the fused Numba kernels (a fit's choice) and the PyTorch path.
+CPU_KERNELS = [
+    pytest.param("numba", marks=pytest.mark.skipif(cpu_encoding.numba is None, reason="Numba is not installed")),
+    "torch",
+]
 BOX = (5, 12, 9)  # (nz, ny, nx): anisotropic, mixes dense and hashed levels below
 SMALL = dict(n_levels=5, log2_table_size=8, base_resolution=3.0, per_level_scale=1.7, box_shape_zyx=BOX)
 
@@ -104,10 +110,12 @@ def test_hashed_level_uses_the_xor_of_primes_hash():
     assert rows.tolist() == expected
 
 
+@pytest.mark.parametrize("kernel", CPU_KERNELS)
 @pytest.mark.parametrize("interpolation", ["linear", "smoothstep"])
 @pytest.mark.parametrize("n_features", [1, 2, 4])
-def test_fast_equals_reference_values_and_gradients(interpolation, n_features):
-    fast = _encoding(n_features=n_features, interpolation=interpolation, chunk_points=37)
+def test_fast_equals_reference_values_and_gradients(interpolation, n_features, kernel):
+    fast = _encoding(n_features=n_features, interpolation=interpolation, chunk_points=37, kernel=kernel)
+    assert fast.kernel_for(fast.table.device) == kernel
     ref = _encoding(ReferenceHashEncoding, n_features=n_features, interpolation=interpolation)
     ref.load_state_dict(fast.state_dict())
     torch.manual_seed(2)
@@ -123,9 +131,10 @@ def test_fast_equals_reference_values_and_gradients(interpolation, n_features):
     assert outside.any() and (gx_fast[outside] == 0).all()
 
 
+@pytest.mark.parametrize("kernel", CPU_KERNELS)
 @pytest.mark.parametrize("interpolation", ["linear", "smoothstep"])
-def test_gradcheck_positions_and_table(interpolation):
-    enc = _encoding(n_levels=3, n_features=2, interpolation=interpolation)
+def test_gradcheck_positions_and_table(interpolation, kernel):
+    enc = _encoding(n_levels=3, n_features=2, interpolation=interpolation, kernel=kernel)
     torch.manual_seed(3)
     x = torch.rand(12, 3, dtype=torch.float64).requires_grad_()
     table = enc.table.detach().clone().requires_grad_()
@@ -148,8 +157,9 @@ def test_smoothstep_weights():
     assert grad.abs().max() < 1e-9
 
 
-def test_forward_lattice_equals_forward_on_the_lattice_points():
-    enc = _encoding(interpolation="smoothstep")
+@pytest.mark.parametrize("kernel", CPU_KERNELS)
+def test_forward_lattice_equals_forward_on_the_lattice_points(kernel):
+    enc = _encoding(interpolation="smoothstep", kernel=kernel)
     assert 0 < enc.n_dense < enc.n_levels
     nz, ny, nx = BOX
     offset = torch.tensor([0.3, -0.45, 0.2], dtype=torch.float64)

@@ -151,9 +151,10 @@ class FitSettings(_Strict):
         "of the same acquisition, e.g. odd and even frame sums; reconstruct --half-series); the half tomograms "
         "give a resolution estimate without ground truth (FSC 0.143), the tomogram is their mean",
     )
-    kernel: Literal["auto", "triton", "torch"] = Field(
-        "auto", description="hash encoding: the fused Triton kernels on CUDA (auto: when Triton is installed, "
-        "as with CUDA builds of PyTorch), or the PyTorch path (torch); on CPU always the PyTorch path",
+    kernel: Literal["auto", "triton", "numba", "torch"] = Field(
+        "auto", description="hash encoding: fused kernels, Triton on CUDA (auto: when Triton is installed, as "
+        "with CUDA builds of PyTorch) and Numba on the CPU (auto: when Numba imports), or the PyTorch path "
+        "(torch)",
     )
     precision: Literal["fp32", "mixed"] = Field(
         "fp32", description="on CUDA, mixed: the encoding table read in fp16 and the MLP run in bf16 (autocast), "

@@ -1013,7 +1013,7 @@ class Fitter:
             "field_evaluations_per_step": self._evaluations_per_step(),
             "curves": self.curves,
             "device": str(self.device),
-            "encoding_kernel": "triton" if self.volume.encoding.uses_kernel(self.device) else "torch",
+            "encoding_kernel": self.volume.encoding.kernel_for(self.device),
             "mixed_precision": self.volume.mixed_precision,
             "data_scale": self.data_scale,
             "volume_shape_zyx": list(self.shape_zyx),

@@ -1,4 +1,5 @@
-"""The implicit volume: multiresolution hash encoding (pure PyTorch), a small MLP, and the field built on them."""
+"""The implicit volume: multiresolution hash encoding (fused Triton or Numba kernels, or PyTorch), a small MLP,
+and the field built on them."""
 
 from .encoding import HASH_PRIMES, HashEncoding, Level, ReferenceHashEncoding, level_layout
 from .field import ImplicitVolume, VolumeConfig

@@ -1,4 +1,4 @@
-"""Multiresolution hash encoding (Instant-NGP, Mueller et al. 2022) in pure PyTorch, fitted to a box.
+"""Multiresolution hash encoding (Instant-NGP, Mueller et al. 2022), fitted to a box.
 
 Layout. Level ``l`` has the base resolution ``R_l = base_resolution * per_level_scale**l`` along the box's
 longest axis and, with the *tight mapping*, ``R_l * n_a / max(n)`` along axis ``a`` (``n`` the box shape), so
@@ -16,7 +16,10 @@ box faces outwards (and has zero gradient with respect to positions there).
 All levels share one flat parameter ``table`` of shape ``(sum of level rows, F)``, initialised uniformly in
 ``+-1e-4``; :attr:`HashEncoding.levels` gives each level's rows.
 
-Speed (DESIGN.md section 5). :class:`HashEncoding` evaluates points in chunks (8192 on CPU) whose
+Speed (DESIGN.md section 5). Points are evaluated by fused kernels where they can run: Triton on CUDA
+(:mod:`.triton_encoding`), Numba on the CPU (:mod:`.cpu_encoding`); each computes a point's corners, reads
+their features and interpolates without storing anything per corner. Elsewhere (or with ``kernel="torch"``)
+the *PyTorch path* does the same with tensor operations: it evaluates points in chunks (8192 on CPU) whose
 intermediates live in buffers reused from chunk to chunk (a fresh multi-MB CPU tensor costs page faults worth
 more than its arithmetic). Per chunk it builds the 8 corner rows of every cell by broadcasting per-axis
 index terms (int32 arithmetic on CPU), gathers each corner's ``F`` features as one or two integer words,
@@ -43,13 +46,16 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .triton_encoding import LevelConstants, encode_points_triton, kernel_available
+from . import cpu_encoding, triton_encoding
+from .cpu_encoding import CpuLevelConstants, encode_points_cpu
+from .triton_encoding import LevelConstants, encode_points_triton
 
 __all__ = ["HASH_PRIMES", "Level", "level_layout", "HashEncoding", "ReferenceHashEncoding"]
 
 HASH_PRIMES = (1, 2654435761, 805459861)
 Interpolation = Literal["linear", "smoothstep"]
-Kernel = Literal["auto", "triton", "torch"]
+Kernel = Literal["auto", "triton", "numba", "torch"]
+KernelUsed = Literal["triton", "numba", "torch"]
 
 # Points per chunk: on a CPU the intermediates of a chunk stay in cache; on a GPU a chunk fills the device.
 _CHUNK_POINTS = {"cpu": 8192}
@@ -372,11 +378,13 @@ class HashEncoding(nn.Module):
     """Multiresolution hash encoding of points of a box; ``forward``: ``(N, 3)`` -> ``(N, L * F)``.
 
     Inputs are unit coordinates in ``(x, y, z)`` order (``icetide.geometry.box_to_unit`` of voxel coordinates).
-    ``chunk_points`` overrides the number of points processed at once (default: 8192 on CPU, 2**17 elsewhere).
-    ``kernel``: ``"auto"`` evaluates points with the fused Triton kernels (:mod:`.triton_encoding`) on CUDA
-    when Triton imports and ``F`` is a power of two, else with the PyTorch path; ``"torch"`` always uses the
-    PyTorch path; ``"triton"`` requires the kernels. ``table_dtype`` is the precision of the kernels' table
-    reads (float32, float16 or bfloat16; the parameter stays float32). Raises ``ValueError`` on bad sizes.
+    ``chunk_points`` overrides the number of points the PyTorch path processes at once (default: 8192 on CPU,
+    2**17 elsewhere). ``kernel``: ``"auto"`` evaluates points with the fused Triton kernels
+    (:mod:`.triton_encoding`) on CUDA when Triton imports and ``F`` is a power of two, with the fused Numba
+    kernels (:mod:`.cpu_encoding`) on the CPU when Numba imports, else with the PyTorch path; ``"torch"`` always
+    uses the PyTorch path; ``"triton"`` and ``"numba"`` require those kernels. ``table_dtype`` is the precision
+    of the Triton kernels' table reads (float32, float16 or bfloat16; the parameter stays float32). Raises
+    ``ValueError`` on bad sizes.
     """
 
     def __init__(
@@ -442,40 +450,53 @@ class HashEncoding(nn.Module):
         if unit_xyz.ndim != 2 or unit_xyz.shape[1] != 3:
             raise ValueError(f"expected points of shape (N, 3), got {tuple(unit_xyz.shape)}")
         table = self.table if table is None else table
-        if self.uses_kernel(table.device):
+        kernel = self.kernel_for(table.device)
+        smooth = self.interpolation == "smoothstep"
+        if kernel != "torch":
             first, stop = groups[0].first, groups[-1].stop
-            key = (first, stop, table.device)
+            key = (kernel, first, stop, table.device)
             if key not in self._level_constants:
-                self._level_constants[key] = LevelConstants(self.levels[first:stop], HASH_PRIMES, table.device)
-            out = encode_points_triton(unit_xyz.float(), table, self._level_constants[key],
-                                       self.interpolation == "smoothstep", self.table_dtype)
+                levels = self.levels[first:stop]
+                self._level_constants[key] = (
+                    LevelConstants(levels, HASH_PRIMES, table.device) if kernel == "triton"
+                    else CpuLevelConstants(levels, HASH_PRIMES)
+                )
+            if kernel == "numba":
+                return encode_points_cpu(unit_xyz, table, self._level_constants[key], smooth)
+            out = encode_points_triton(unit_xyz.float(), table, self._level_constants[key], smooth, self.table_dtype)
             return out.to(table.dtype)
         x = unit_xyz.to(table.dtype)
         return _PointLookup.apply(x, table, groups, _chunk_points(x.device, self.chunk_points))
 
     def set_kernel(self, kernel: Kernel, table_dtype: torch.dtype = torch.float32) -> None:
-        """Choose how points are evaluated and the precision of the kernels' table reads (see the class
+        """Choose how points are evaluated and the precision of the Triton kernels' table reads (see the class
         docstring); raises ``ValueError`` on an unknown kernel or dtype."""
-        if kernel not in ("auto", "triton", "torch"):
-            raise ValueError(f"kernel must be 'auto', 'triton' or 'torch', not {kernel!r}")
+        if kernel not in ("auto", "triton", "numba", "torch"):
+            raise ValueError(f"kernel must be 'auto', 'triton', 'numba' or 'torch', not {kernel!r}")
         if table_dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"table_dtype must be float32, float16 or bfloat16, not {table_dtype}")
         self.kernel: Kernel = kernel
         self.table_dtype = table_dtype
 
-    def uses_kernel(self, device: torch.device) -> bool:
-        """Whether points on ``device`` are evaluated by the Triton kernels (see ``kernel``); raises
-        ``RuntimeError`` when ``kernel="triton"`` and they cannot run."""
-        power_of_two = self.n_features & (self.n_features - 1) == 0
+    def kernel_for(self, device: torch.device) -> KernelUsed:
+        """What evaluates points on ``device``: ``"triton"``, ``"numba"`` or ``"torch"`` (the PyTorch path), by
+        ``kernel`` (see the class docstring); raises ``RuntimeError`` when the kernel asked for cannot run."""
         if self.kernel == "torch":
-            return False
-        usable = power_of_two and kernel_available(device)
-        if self.kernel == "triton" and not usable:
+            return "torch"
+        power_of_two = self.n_features & (self.n_features - 1) == 0
+        usable = {
+            "triton": power_of_two and triton_encoding.kernel_available(device),
+            "numba": cpu_encoding.kernel_available(device),
+        }
+        if self.kernel == "auto":
+            return next((k for k, ok in usable.items() if ok), "torch")
+        if not usable[self.kernel]:
+            installed = (triton_encoding.triton if self.kernel == "triton" else cpu_encoding.numba) is not None
             raise RuntimeError(
-                f"the Triton kernels cannot run here (device {device.type}, {self.n_features} features, "
-                f"Triton {'missing' if not kernel_available(device) else 'present'})"
+                f"the {self.kernel.capitalize()} kernels cannot run here (device {device.type}, "
+                f"{self.n_features} features, {self.kernel.capitalize()} {'present' if installed else 'missing'})"
             )
-        return usable
+        return self.kernel
 
     # -- the lattice path ------------------------------------------------------------------------------------
 
@@ -605,7 +626,7 @@ class ReferenceHashEncoding(HashEncoding):
     """The straightforward encoding: ``(N, 8, 3)`` corner indices per level, autograd for every gradient.
 
     Same layout and parameters as :class:`HashEncoding` (a state dict moves between them); the baseline of
-    the tests and of ``benchmarks/throughput.py``. Never uses the Triton kernels.
+    the tests and of ``benchmarks/throughput.py``. Never uses the fused kernels.
     """
 
     def __init__(self, **kwargs):

@@ -83,10 +83,10 @@ class ImplicitVolume(nn.Module):
         self.level_weights: torch.Tensor | None = None
 
     def set_execution(self, kernel: Kernel = "auto", mixed_precision: bool = False) -> "ImplicitVolume":
-        """Choose the encoding's kernel (``auto``, ``triton`` or ``torch``, see :class:`HashEncoding`) and mixed
-        precision (CUDA only: fp16 table reads, bf16 MLP). Returns ``self``."""
+        """Choose the encoding's kernel (``auto``, ``triton``, ``numba`` or ``torch``, see :class:`HashEncoding`) and
+        mixed precision (CUDA only: fp16 table reads, bf16 MLP). Returns ``self``."""
         self.encoding.set_kernel(kernel, torch.float16 if mixed_precision else torch.float32)
-        self.encoding.uses_kernel(self.encoding.table.device)  # raises if "triton" cannot run there
+        self.encoding.kernel_for(self.encoding.table.device)  # raises if the kernel asked for cannot run there
         self.mixed_precision = mixed_precision
         return self
 
@@ -126,7 +126,8 @@ class ImplicitVolume(nn.Module):
         ``nz x nx`` plane) whose encodings and MLP activations are not kept for the backward pass but recomputed
         there, one piece at a time (activation checkpointing): the band then keeps its densities (4 bytes per
         voxel) instead of its activations (about ``4 (6 L F + hidden x layers)`` bytes, see
-        :func:`icetide.fit.field_bytes_per_point`), for one more forward pass. Same values and gradients. Without gradients the band is always evaluated in pieces (of ``recompute_voxels``, default
+        :func:`icetide.fit.field_bytes_per_point`), for one more forward pass. Same values and gradients.
+        Without gradients the band is always evaluated in pieces (of ``recompute_voxels``, default
         ``EVALUATION_PIECE_VOXELS``), which bounds the memory of the transient activations at no cost.
         """
         nz, ny, nx = self.box_shape_zyx
