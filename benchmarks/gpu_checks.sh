@@ -3,7 +3,7 @@
 # Usage: bash benchmarks/gpu_checks.sh PHANTOM_512_MRC OUT_DIR [DEADLINE_S] [FIT_MINUTES]
 # Stages, each under its own timeout so that one failing stage does not stop the others: the CUDA tests (Triton
 # kernels against the PyTorch path, activation recomputation, no host synchronisation in a training step);
-# benchmarks/host_syncs.py (synchronisations per epoch: one band, bands, rays); benchmarks/band_memory.py (epoch
+# benchmarks/local_field.py (separable local fields vs grid_sample, 61 tilts of 512 x 512); benchmarks/host_syncs.py (synchronisations per epoch: one band, bands, rays); benchmarks/band_memory.py (epoch
 # time and peak memory by band size and recomputation, fp32 and mixed); time to quality at the paper's scale
 # (the 512 x 512 x 180 phantom, 61 tilts, 10 dB, paper profile and volume configuration) with --max-memory 3.5
 # (mixed), 4 (mixed, fp32) and without a budget (fp32), each fit capped at FIT_MINUTES (default 0.55) and each
@@ -35,6 +35,8 @@ if [[ ${THROUGHPUT:-0} == 1 ]]; then
   stage throughput
   timeout 150 python3 benchmarks/throughput.py --device cuda > "$out/throughput.json" 2>> "$log"
 fi
+stage local field
+timeout 90 python3 benchmarks/local_field.py --device cuda --size 512 --tilts 61 > "$out/local_field.json" 2>> "$log"
 stage host syncs
 timeout 60 python3 benchmarks/host_syncs.py --size 128 > "$out/syncs_one_band.json" 2>> "$log"
 timeout 60 python3 benchmarks/host_syncs.py --size 256 --lattice-rows 32 > "$out/syncs_bands.json" 2>> "$log"

@@ -9,9 +9,11 @@ from icetide.deform import (
     smoothness_penalty,
     Deformations,
     deform_coords,
+    deform_grid,
     deformation_penalty,
     gauge_shifts,
     local_displacement,
+    local_displacement_grid,
     remove_gauge,
     unwarp_images,
     warp_images,
@@ -52,6 +54,37 @@ def test_local_field_reproduces_control_values_at_control_points():
     for mode in ("bilinear", "bicubic"):
         phi = local_displacement(local, uu, vv, (ny, nx), mode)
         assert torch.allclose(phi.permute(0, 3, 1, 2), local, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("controls", [(5, 5), (4, 7), (2, 3)])
+def test_separable_local_field_equals_grid_sample(mode, controls):
+    """On a grid of points the field is two matrix products per tilt: the values and the gradients of
+    ``grid_sample``, at pixel centres (a band of rows too), points off the pixels and points beyond the
+    detector (border padding, bicubic taps clamped to the edge)."""
+    ny, nx = 13, 20
+    torch.manual_seed(0)
+    local = torch.randn(3, 2, *controls, dtype=torch.float64, requires_grad=True)
+    f64 = dict(dtype=torch.float64)
+    u_sets = [torch.arange(nx, **f64) - (nx - 1) / 2, torch.linspace(-14.3, 12.7, 17, **f64)]
+    v_sets = [(torch.arange(ny, **f64) - (ny - 1) / 2)[3:9], torch.linspace(-8.9, 7.1, 11, **f64)]
+    for u, v in zip(u_sets, v_sets):
+        vv, uu = torch.meshgrid(v, u, indexing="ij")
+        expected = local_displacement(local, uu, vv, (ny, nx), mode)
+        got = local_displacement_grid(local, u, v, (ny, nx), mode)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+        g = torch.randn_like(got)
+        (grad_got,) = torch.autograd.grad(got, local, g)
+        (grad_expected,) = torch.autograd.grad(expected, local, g)
+        torch.testing.assert_close(grad_got, grad_expected, rtol=0, atol=1e-12)
+    shifts, angles = torch.randn(3, 2, dtype=torch.float64), torch.randn(3, dtype=torch.float64) * 0.1
+    vv, uu = torch.meshgrid(v_sets[0], u_sets[0], indexing="ij")
+    torch.testing.assert_close(
+        deform_grid(u_sets[0], v_sets[0], shifts, angles, local, (ny, nx), mode),
+        deform_coords(uu, vv, shifts, angles, local, (ny, nx), mode), rtol=0, atol=1e-12,
+    )
+    with pytest.raises(ValueError, match="interpolation must be"):
+        local_displacement_grid(local, u, v, (ny, nx), "nearest")
 
 
 def test_deform_coords_composition_order():

@@ -38,10 +38,10 @@ from .config import ReconstructConfig
 from .ctf import SeriesCtf
 from .data import TiltSeries
 from .deform import (
-    Deformations, deform_coords, deformation_penalty, local_displacement, remove_gauge, smoothness_penalty,
+    Deformations, deform_grid, deformation_penalty, local_displacement_grid, remove_gauge, smoothness_penalty,
 )
 from .errors import IcetideError
-from .geometry import deg2rad, detector_grid, slab_padding_px
+from .geometry import centered_coords, deg2rad, slab_padding_px
 from .io.util import atomic_path
 from .memory import available_bytes
 from .render import make_renderer
@@ -328,8 +328,8 @@ class Fitter:
             [g["lr"] for g in self.opt_deform.param_groups] if self.opt_deform else []
         )
         self.ctf = self._forward_ctf(series, ctf_tilt_axis_deg)
-        u, v = detector_grid(ny, nx, device=self.device)
-        self.u, self.v = u.reshape(1, -1), v.reshape(1, -1)  # (1, P) every pixel of a tilt
+        # The detector's pixel centres along u (columns) and v (rows).
+        self.u_px, self.v_px = (centered_coords(n, device=self.device) for n in (nx, ny))
         self.epoch = 0
         self.step = 0
         self.samples = 0
@@ -382,17 +382,14 @@ class Fitter:
     def _coords(self, tilts: torch.Tensor, pixel_rows: slice | None = None) -> torch.Tensor:
         """Ideal-projection coordinates of every pixel (or every pixel of the detector rows ``pixel_rows``) of
         the given tilts, ``(B, P, 2)``."""
-        u, v = self.u, self.v
-        if pixel_rows is not None:
-            ny, nx = self.detector_shape
-            u, v = (t.view(ny, nx)[pixel_rows].reshape(1, -1) for t in (u, v))
+        v = self.v_px if pixel_rows is None else self.v_px[pixel_rows]
         tilts = self._on_device(tilts)
         local = self.local[tilts] if self.config.deform.local else None
-        c = deform_coords(
-            u, v, self.shifts[tilts], self.angles[tilts] + self.axis_offset, local, self.detector_shape,
+        c = deform_grid(
+            self.u_px, v, self.shifts[tilts], self.angles[tilts] + self.axis_offset, local, self.detector_shape,
             self.interpolation,
         )
-        return c[:, 0]
+        return c.flatten(1, 2)
 
     def _on_device(self, tilts: torch.Tensor) -> torch.Tensor:
         """Host tilt indices as an index tensor on the fit's device, copied without waiting for the device."""
@@ -829,7 +826,8 @@ class Fitter:
             self.angles.copy_(snap["angles_rad"])
             self.axis_offset.copy_(snap["axis_offset_rad"])
             self.log_gain.copy_(snap["log_gain"])
-            self.offset.copy_(torch.as_tensor(snap.get("offset", 0.0)))  # checkpoints made before offsets existed have none
+            # checkpoints made before offsets existed have none
+            self.offset.copy_(torch.as_tensor(snap.get("offset", 0.0)))
             self.local.copy_(snap["local_px"])
 
     # ----------------------------------------------------------------- checkpoints
@@ -1078,12 +1076,9 @@ def _regrid(local_px: torch.Tensor, grid: tuple[int, int], detector_shape, inter
     if tuple(local_px.shape[-2:]) == tuple(grid):
         return local_px
     ny, nx = detector_shape
-    vv, uu = torch.meshgrid(
-        torch.linspace(-(ny - 1) / 2, (ny - 1) / 2, grid[0], device=local_px.device),
-        torch.linspace(-(nx - 1) / 2, (nx - 1) / 2, grid[1], device=local_px.device),
-        indexing="ij",
-    )
-    return local_displacement(local_px, uu, vv, detector_shape, interpolation).permute(0, 3, 1, 2).contiguous()
+    u = torch.linspace(-(nx - 1) / 2, (nx - 1) / 2, grid[1], device=local_px.device)
+    v = torch.linspace(-(ny - 1) / 2, (ny - 1) / 2, grid[0], device=local_px.device)
+    return local_displacement_grid(local_px, u, v, detector_shape, interpolation).permute(0, 3, 1, 2).contiguous()
 
 
 def _first_difference(a, b, prefix: str = "") -> str:
