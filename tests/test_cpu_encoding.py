@@ -1,6 +1,9 @@
 """The fused Numba kernels of the hash encoding (CPU) against the PyTorch path: the work split over threads,
 unusual inputs, and the kernel choice. Values and gradients on ordinary inputs are in ``test_volume.py``."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -92,3 +95,25 @@ def test_a_fit_asking_for_the_numba_kernel():
     if torch.cuda.is_available():
         with pytest.raises(IcetideError, match="fit.kernel: the Numba kernels cannot run here"):
             Fitter(series, ReconstructConfig(thickness=8, fit={"device": "cuda", "kernel": "numba"}))
+
+
+def test_kernels_still_compile_where_numba_cannot_cache(tmp_path):
+    """Numba refuses ``cache=True`` when it finds no writable directory (a read-only install and home); the
+    kernels are then compiled without a disk cache. Run in a fresh interpreter, Numba patched to refuse."""
+    code = (
+        "import numba\n"
+        "real = numba.njit\n"
+        "def refusing(*args, **kwargs):\n"
+        "    if kwargs.get('cache'):\n"
+        "        raise RuntimeError('cannot cache function: no locator available')\n"
+        "    return real(*args, **kwargs)\n"
+        "numba.njit = refusing\n"
+        "import torch\n"
+        "from icetide.volume import HashEncoding\n"
+        "x = torch.rand(5, 3, requires_grad=True)\n"
+        "HashEncoding(box_shape_zyx=(4, 8, 8), kernel='numba')(x).sum().backward()\n"
+        "print(x.grad.abs().sum().item() > 0)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True"

@@ -16,8 +16,9 @@ table gradient by levels (levels own disjoint rows, so no two threads add into t
 fewer levels than threads, a level is also split by points, the extra blocks adding into scratch copies of
 the level's rows that are summed at the end (at most ``_MAX_LEVEL_SPLITS`` blocks per level).
 
-Compiled on first use and cached on disk by Numba (a few seconds once per install). Selected automatically
-for CPU tensors when Numba imports (:func:`kernel_available`).
+Compiled on first use and cached on disk by Numba (a few seconds once per install; in every new process where
+Numba finds no writable cache directory). Selected automatically for CPU tensors when Numba imports
+(:func:`kernel_available`).
 """
 
 from __future__ import annotations
@@ -70,8 +71,16 @@ class CpuLevelConstants:
         return self.resolution, self.last_cell, self.multiplier, self.mask, self.hashed, self.offset
 
 
+def _jit(kernel):
+    """``kernel`` compiled without the GIL, its machine code cached on disk where Numba finds a writable place
+    (beside this file, else the user's cache directory); without one, compiled anew in each process."""
+    try:
+        return numba.njit(nogil=True, cache=True, error_model="numpy")(kernel)
+    except RuntimeError:  # "cannot cache function ...: no locator available"
+        return numba.njit(nogil=True, error_model="numpy")(kernel)
+
+
 if numba is not None:
-    _jit = numba.njit(nogil=True, cache=True, error_model="numpy")
     _inline = numba.njit(inline="always", error_model="numpy")
 
     @_inline
