@@ -83,6 +83,9 @@ def test_kernel_choice():
     assert HashEncoding(**SMALL, n_features=3, kernel="numba").kernel_for(torch.device("cpu")) == "numba"
     with pytest.raises(RuntimeError, match="the Numba kernels cannot run here"):
         HashEncoding(**SMALL, kernel="numba").kernel_for(torch.device("cuda"))
+    half = HashEncoding(**SMALL).to(torch.bfloat16)  # the kernels read float32 or float64 tables
+    assert half.kernel_for(torch.device("cpu")) in ("torch", "triton")
+    assert half(torch.rand(7, 3)).dtype == torch.bfloat16
 
 
 def test_a_fit_asking_for_the_numba_kernel():

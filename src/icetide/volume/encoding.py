@@ -486,7 +486,7 @@ class HashEncoding(nn.Module):
         power_of_two = self.n_features & (self.n_features - 1) == 0
         usable = {
             "triton": power_of_two and triton_encoding.kernel_available(device),
-            "numba": cpu_encoding.kernel_available(device),
+            "numba": cpu_encoding.kernel_available(device) and self.table.dtype in (torch.float32, torch.float64),
         }
         if self.kernel == "auto":
             return next((k for k, ok in usable.items() if ok), "torch")
@@ -494,7 +494,8 @@ class HashEncoding(nn.Module):
             installed = (triton_encoding.triton if self.kernel == "triton" else cpu_encoding.numba) is not None
             raise RuntimeError(
                 f"the {self.kernel.capitalize()} kernels cannot run here (device {device.type}, "
-                f"{self.n_features} features, {self.kernel.capitalize()} {'present' if installed else 'missing'})"
+                f"{self.n_features} features, {str(self.table.dtype).removeprefix('torch.')} table, "
+                f"{self.kernel.capitalize()} {'present' if installed else 'missing'})"
             )
         return self.kernel
 
