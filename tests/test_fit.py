@@ -142,14 +142,15 @@ def test_per_tilt_gains_are_recovered():
     sim = simulate_tilt_series(crowded_phantom(SHAPE, seed=3), ANGLES, snr_db=30.0, deformations=truth, seed=0,
                                samples_per_voxel=1.0)
     gains = np.random.default_rng(4).uniform(0.8, 1.2, m)
-    config = _config(epochs=40, patience=40, warmup_epochs=2, lr_gain=0.02)
+    # Decaying learning rates let the gains settle (at a constant rate they wander by 0.03-0.1 from epoch to epoch).
+    config = _config(epochs=40, patience=40, warmup_epochs=2, lr_gain=0.02, lr_decay_every=15)
     config.deform.shifts = False
     config.deform.rotations = False
     config.deform.gain = True
     result = Fitter(TiltSeries(sim.noisy * gains[:, None, None].astype(np.float32), ANGLES), config).run()
     expected = gains / np.exp(np.log(gains).mean())
     found = np.asarray(result.report["tilt_gains"])
-    assert np.abs(found - expected).max() < 0.07  # 0.046 measured (the 0-degree tilt), others < 0.03
+    assert np.abs(found - expected).max() < 0.04  # 0.018 measured (0.014 with a separate validation pass)
     assert np.corrcoef(found, expected)[0, 1] > 0.97
 
 
@@ -526,3 +527,34 @@ def test_a_training_step_never_waits_for_the_gpu(shifted_series, renderer, preci
         step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("renderer, mode, passes", [("lattice", "steps", 0), ("lattice", "pass", 6),
+                                                    ("rays", "steps", 6)])
+def test_validation_scores_the_held_out_pixels_in_the_steps_or_by_a_pass(shifted_series, renderer, mode, passes,
+                                                                         monkeypatch):
+    """fit.validation: steps scores the held-out pixels from the training steps' own predictions (lattice),
+    with no extra pass; pass (and the rays renderer, whose steps render few of them) runs one per epoch."""
+    series, _ = shifted_series
+    config = _config(epochs=6, patience=10, renderer=renderer, validation=mode, rays_per_tilt=400)
+    fitter = Fitter(series, config)
+    calls = []
+    separate = fitter.validation_loss
+    monkeypatch.setattr(fitter, "validation_loss", lambda: calls.append(1) or separate())
+    result = fitter.run()
+    assert len(calls) == passes
+    vals = result.report["curves"]["val_loss"]
+    assert len(vals) == 6 and all(math.isfinite(v) for v in vals)
+    assert vals[-1] < vals[0]
+
+
+def test_the_held_out_loss_of_the_steps_tracks_a_separate_pass(shifted_series):
+    """The two estimates differ by the steps' sub-voxel jitter and by coming before each step's update."""
+    series, _ = shifted_series
+    fitter = Fitter(series, _config(epochs=12))
+    for _ in range(12):
+        fitter.train_epoch()
+    in_steps = fitter._epoch_validation_loss(rolled_back=False)
+    by_pass = fitter.validation_loss()
+    assert in_steps == pytest.approx(by_pass, rel=0.15)
+    assert fitter._epoch_validation_loss(rolled_back=True) == by_pass

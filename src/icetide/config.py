@@ -140,7 +140,12 @@ class FitSettings(_Strict):
     lr_decay_every: int = Field(60, ge=1, description="halve every learning rate every this many epochs")
     lr_decay_factor: float = Field(0.5, gt=0, le=1)
     validation_fraction: float = Field(0.05, ge=0, lt=0.5)
-    validate_every: int = Field(1, ge=1, description="epochs between validation passes")
+    validation: Literal["steps", "pass"] = Field(
+        "steps", description="how the held-out pixels are scored: steps (lattice renderer), from the training "
+        "steps' own predictions, which render them anyway (each before its step's update, with its sub-voxel "
+        "jitter; no extra cost); pass, by a separate pass after the epoch (the rays renderer always does)",
+    )
+    validate_every: int = Field(1, ge=1, description="epochs between validations")
     patience: int = Field(30, ge=1, description="validations without improvement before stopping")
     checkpoint_minutes: float = Field(5.0, gt=0)
     seed: int = 0

@@ -248,6 +248,9 @@ class Fitter:
         self.density_scale = self.data_scale  # tomogram = field * data_scale (renderers divide by thickness)
         held = torch.rand(series.images.shape, generator=self.generator) < fit.validation_fraction
         self.validation_mask = held.to(self.device)
+        # Held-out loss sum and pixel count of the current epoch's training steps (fit.validation: steps).
+        self.held_out_in_steps = torch.zeros(2, dtype=torch.float64, device=self.device)
+        self.epoch_rolled_back = False
 
         self.volume = self._new_volume()
         # Half maps: a second volume, and which pixels it explains (True) instead of the first one.
@@ -550,6 +553,8 @@ class Fitter:
         release = self.epoch >= fit.warmup_epochs and self.opt_deform is not None
         order = torch.randperm(len(self.theta), generator=self.generator)
         steps = [(tilts, bands) for bands in self._epoch_bands() for tilts in order.split(fit.tilts_per_step)]
+        self.held_out_in_steps.zero_()
+        self.epoch_rolled_back = False
         reach = self._reach_px(len(steps)) if steps[0][1] is not None else math.inf
         records = []
         for tilts, bands in steps:
@@ -564,6 +569,7 @@ class Fitter:
         good = (loss_ok > 0) & (grads_ok > 0)
         if not bool(good.all()):
             first = int(torch.nonzero(~good)[0, 0])
+            self.epoch_rolled_back = True
             self._roll_back("non-finite loss" if not loss_ok[first] else "non-finite gradients",
                             self.step - len(steps) + first + 1)
         else:
@@ -629,6 +635,7 @@ class Fitter:
         self._zero_grads()
         total = torch.zeros((), device=self.device)
         count = torch.zeros((), device=self.device, dtype=torch.long)
+        held_out = torch.zeros(2, dtype=torch.float64, device=self.device)
         mine, rank_rows = self._share(tilts)
         pieces = self._row_pieces([rank_rows] if rank_rows is not None else bands)
         for rows in pieces:
@@ -638,11 +645,17 @@ class Fitter:
                 values, valid, pick = self._predict(chunk, jitter=True, rows=rows, reach_px=reach_px)
                 obs, train = self._observed(chunk, pick, held_out=False)
                 use = valid & train
+                pixel_loss = self._pixel_loss(values, obs, chunk)
                 # where() rather than boolean indexing, whose result size the host would have to wait for
-                loss_sum = torch.where(use, self._pixel_loss(values, obs, chunk), 0.0).sum()
+                loss_sum = torch.where(use, pixel_loss, 0.0).sum()
                 loss_sum.backward()
                 total += loss_sum.detach()
                 count += use.sum()
+                if self._validates_in_steps():
+                    held = valid & ~train
+                    held_loss = torch.where(held, pixel_loss.detach(), 0.0).sum()
+                    held_out += torch.stack([held_loss.double(), held.sum().double()])
+        self.held_out_in_steps += held_out  # only once the step succeeded (it is retried on running out of memory)
         if self.world > 1:
             total, count = self._all_reduce_gradients(total, count)
         n = count.clamp(min=1).to(total.dtype)
@@ -761,6 +774,26 @@ class Fitter:
         event = {"epoch": self.epoch + 1, "step": step, "reason": reason, "lr_factor": self.lr_factor}
         self.rollbacks.append(event)
         self._set_learning_rates()
+
+    def _validates_in_steps(self) -> bool:
+        """Whether the training steps score the held-out pixels (``fit.validation: steps``, lattice renderer)."""
+        fit = self.config.fit
+        return fit.validation == "steps" and fit.renderer == "lattice" and fit.validation_fraction > 0
+
+    def _epoch_validation_loss(self, rolled_back: bool) -> float:
+        """The validation loss after an epoch: the held-out pixels' mean data term as the epoch's training steps
+        predicted them (``fit.validation: steps``), or by :meth:`validation_loss` (a separate pass; also after an
+        epoch that was rolled back, whose steps no longer count)."""
+        if not self._validates_in_steps() or rolled_back:
+            return self.validation_loss()
+        both = self.held_out_in_steps
+        if self.world > 1:
+            import torch.distributed as dist
+
+            both = both.clone()
+            dist.all_reduce(both)
+        total, count = both.tolist()
+        return total / max(count, 1.0)
 
     def validation_loss(self) -> float:
         """Mean data term (fit.loss) on the held-out pixels of every tilt (no jitter); shrinks the work and retries
@@ -936,7 +969,7 @@ class Fitter:
                     break
                 val_loss = math.nan
                 if (self.epoch % fit.validate_every == 0 or self.epoch == fit.epochs) and fit.validation_fraction > 0:
-                    val_loss = self.validation_loss()
+                    val_loss = self._epoch_validation_loss(self.epoch_rolled_back)
                     if val_loss < self.best_val:
                         self.best_val, self.best_state, self.bad_validations = val_loss, self.snapshot(), 0
                     elif self.epoch > fit.warmup_epochs:
