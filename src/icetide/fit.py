@@ -786,14 +786,7 @@ class Fitter:
         epoch that was rolled back, whose steps no longer count)."""
         if not self._validates_in_steps() or rolled_back:
             return self.validation_loss()
-        both = self.held_out_in_steps
-        if self.world > 1:
-            import torch.distributed as dist
-
-            both = both.clone()
-            dist.all_reduce(both)
-        total, count = both.tolist()
-        return total / max(count, 1.0)
+        return self._held_out_mean(*self.held_out_in_steps)
 
     def validation_loss(self) -> float:
         """Mean data term (fit.loss) on the held-out pixels of every tilt (no jitter); shrinks the work and retries
@@ -821,6 +814,11 @@ class Fitter:
                 use = valid & held
                 total += torch.where(use, self._pixel_loss(values, obs, mine), 0.0).sum().double()
                 count += use.sum()
+        return self._held_out_mean(total, count)
+
+    def _held_out_mean(self, total: torch.Tensor, count: torch.Tensor) -> float:
+        """``total / count`` (0 pixels: the total) of a held-out loss sum and pixel count (float64 device
+        scalars), both summed over every rank first."""
         if self.world > 1:
             import torch.distributed as dist
 

@@ -248,7 +248,7 @@ class _CpuLookup(torch.autograd.Function):
         unit_np, table_np, grad_np = unit_xyz.detach().numpy(), table.numpy(), grad.numpy()
         workers = torch.get_num_threads()
         grad_table = grad_unit = None
-        if need_table and n:
+        if need_table:  # no points: no tasks, a zero gradient
             grad_table = torch.zeros_like(table)
             splits = max(1, min(_MAX_LEVEL_SPLITS, workers // n_levels))
             tasks, scratch = [], []
@@ -265,8 +265,6 @@ class _CpuLookup(torch.autograd.Function):
             _run(tasks)
             for first, rows in scratch:
                 grad_table[first : first + rows.shape[0]] += rows
-        elif need_table:
-            grad_table = torch.zeros_like(table)
         if need_unit:
             grad_unit = torch.zeros_like(unit_xyz)
             grad_unit_np = grad_unit.numpy()
