@@ -39,7 +39,7 @@ def measure(series: TiltSeries, thickness: int, rows: int, piece: int, precision
     config.volume = VolumeSettings(**{k: getattr(paper, k) for k in VolumeSettings.model_fields})
     fitter = Fitter(series, config)
     if piece:
-        fitter.renderer.recompute_voxels = piece
+        fitter.scales[0].renderer.recompute_voxels = piece
     fitter.train_epoch()
     fitter.validation_loss()
     torch.cuda.synchronize()

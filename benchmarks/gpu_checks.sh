@@ -7,7 +7,8 @@
 # time and peak memory by band size and recomputation, fp32 and mixed); time to quality at the paper's scale
 # (the 512 x 512 x 180 phantom, 61 tilts, 10 dB, paper profile and volume configuration) with --max-memory 3.5
 # (mixed), 4 (mixed, fp32) and without a budget (fp32; there also with --validation pass, for the effect of
-# scoring the held-out pixels in the steps), each fit capped at FIT_MINUTES (default 0.55) and each
+# scoring the held-out pixels in the steps, and with --binned-epochs 0, for the effect of the binned epochs that
+# are the default), each fit capped at FIT_MINUTES (default 0.55) and each
 # stage run only while time is left before DEADLINE_S (default 560 s). With THROUGHPUT=1 in the environment,
 # benchmarks/throughput.py --device cuda runs first.
 # The machine's image lacked mrcfile, pydantic and starfile: their wheels were installed first (pip install
@@ -47,15 +48,17 @@ timeout 150 python3 benchmarks/band_memory.py --phantom "$phantom" --variants 86
   --precisions fp32 --profile 86:524288 > "$out/band_memory_fp32.json" 2>> "$log"
 timeout 80 python3 benchmarks/band_memory.py --phantom "$phantom" --variants 86:0,24:0,86:524288 --precisions mixed \
   > "$out/band_memory_mixed.json" 2>> "$log"
-for run in "mixed 3.5 steps" "mixed 4 steps" "fp32 4 steps" "fp32 none steps" "fp32 none pass"; do
-  read -r precision budget validation <<< "$run"
+for run in "mixed 3.5 steps auto" "mixed 4 steps auto" "fp32 4 steps auto" "fp32 none steps auto" \
+           "fp32 none steps 0" "fp32 none pass 0"; do
+  read -r precision budget validation binned <<< "$run"
   if (( $(left) < 80 )); then stage "skip paper $precision, budget $budget: $(left) s left"; continue; fi
-  stage "paper $precision, budget $budget GB, validation $validation, fit capped at $fit_minutes min"
-  memory=()
-  [[ $budget != none ]] && memory=(--max-memory "$budget")
+  stage "paper $precision, budget $budget GB, validation $validation, binned epochs $binned, fit capped at $fit_minutes min"
+  extra=()
+  [[ $budget != none ]] && extra+=(--max-memory "$budget")
+  [[ $binned != auto ]] && extra+=(--binned-epochs "$binned")
   timeout $(( $(left) - 5 )) python3 benchmarks/time_to_quality.py --device cuda --phantom "$phantom" --tilt-step 2 \
-    --volume paper --precision "$precision" "${memory[@]}" --validation "$validation" --epochs 400 \
-    --score-epochs 10,15,25 --minutes "$fit_minutes" > "$out/ttq_paper_${precision}_${budget}_${validation}.json" \
-    2>> "$log"
+    --volume paper --precision "$precision" "${extra[@]}" --validation "$validation" --epochs 400 \
+    --score-epochs 10,15,25,40,80,90 --minutes "$fit_minutes" \
+    > "$out/ttq_paper_${precision}_${budget}_${validation}_${binned}.json" 2>> "$log"
 done
 stage done

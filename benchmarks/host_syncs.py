@@ -101,7 +101,7 @@ def main() -> None:
         times["validation_s"].append(time.perf_counter() - t1)
     print(json.dumps({
         "benchmark": "host_syncs", "detector": [args.size, args.size], "thickness": thickness,
-        "n_tilts": len(angles), "renderer": args.renderer, "lattice_rows": fitter.lattice_rows,
+        "n_tilts": len(angles), "renderer": args.renderer, "lattice_rows": fitter.scales[0].lattice_rows,
         "steps_per_epoch": steps, "syncs_per_epoch": epoch_syncs, "epoch_sync_sites": epoch_sites,
         "syncs_per_validation": validation_syncs, "validation_sync_sites": validation_sites,
         "epoch_s": min(times["epoch_s"]), "validation_s": min(times["validation_s"]),

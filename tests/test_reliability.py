@@ -44,7 +44,7 @@ def _config(**fit) -> ReconstructConfig:
         "volume": {"log2_table_size": 10, "n_levels": 3, "hidden": 8},
         "deform": {"local": False},
         "fit": {"tilts_per_step": 4, "warmup_epochs": 1, "lr_decay_every": 100, "patience": 100, "device": "cpu",
-                **fit},
+                "binned_epochs": 0, **fit},
     })
 
 
@@ -62,7 +62,7 @@ class _NanGradient(torch.autograd.Function):
 
 def _break_training_calls(fitter: Fitter, bad, kind: str = "loss") -> None:
     """Make the renderer's training calls (0-based count) for which ``bad(call)`` holds non-finite."""
-    render = fitter.renderer.render
+    render = fitter.scales[0].renderer.render
     calls = iter(range(10**9))
 
     def broken(*args, **kwargs):
@@ -71,7 +71,7 @@ def _break_training_calls(fitter: Fitter, bad, kind: str = "loss") -> None:
             values = values + math.nan if kind == "loss" else _NanGradient.apply(values)
         return values, valid
 
-    fitter.renderer.render = broken
+    fitter.scales[0].renderer.render = broken
 
 
 def _state(fitter: Fitter) -> list[torch.Tensor]:

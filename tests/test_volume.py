@@ -219,14 +219,36 @@ def test_implicit_volume_forward_and_lattice_agree():
     torch.testing.assert_close(band, lattice[:, 2:5], rtol=0, atol=1e-12)
 
 
-def test_recomputed_lattice_has_the_same_values_and_gradients():
-    """Activation checkpointing of the lattice band (pieces of 2 rows, and one piece) changes nothing."""
+def _random_volume(seed: int) -> ImplicitVolume:
+    """A small float64 volume of the box with a random (normal) table."""
     cfg = VolumeConfig(n_levels=4, n_features=2, log2_table_size=8, base_resolution=3.0, per_level_scale=1.8,
                        hidden=8, n_hidden_layers=2)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     vol = ImplicitVolume.from_config(cfg, BOX).double()
     with torch.no_grad():
         vol.encoding.table.normal_()
+    return vol
+
+
+@pytest.mark.parametrize("recompute_voxels", [None, 2 * 4])
+def test_lattice_with_a_step_is_every_other_voxel_centred_on_the_box(recompute_voxels):
+    """step 2 on the (5, 12, 9) box: 2 x 6 x 4 points, 2 voxels apart, symmetric about the box centre (the
+    odd axes lose half a voxel at each end); offset and rows in units of that lattice."""
+    vol = _random_volume(seed=1)
+    offset = torch.tensor([0.25, -0.4, 0.1], dtype=torch.float64)
+    band = vol.lattice(offset, rows=slice(1, 5), recompute_voxels=recompute_voxels, step=2)
+    assert band.shape == (2, 4, 4)
+    z, y, x = torch.meshgrid(*(2 * centered_coords(n // 2, dtype=torch.float64) for n in BOX), indexing="ij")
+    assert float(x[0, 0, 0]) == -3.0 and float(z[0, 0, 0]) == -1.0  # every other voxel centre of the box
+    points = torch.stack([x, y, z], -1)[:, 1:5].reshape(-1, 3) + 2 * offset
+    torch.testing.assert_close(band.reshape(-1), vol(points), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="step"):
+        vol.lattice(offset, step=0)
+
+
+def test_recomputed_lattice_has_the_same_values_and_gradients():
+    """Activation checkpointing of the lattice band (pieces of 2 rows, and one piece) changes nothing."""
+    vol = _random_volume(seed=0)
     offset = torch.tensor([0.2, -0.3, 0.1], dtype=torch.float64)
     weights = torch.randn(BOX[0], 5, BOX[2], dtype=torch.float64)
 

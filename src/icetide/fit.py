@@ -7,6 +7,11 @@ deformations are frozen for ``warmup_epochs``; every learning rate is multiplied
 ``lr_decay_every`` epochs. A random ``validation_fraction`` of the pixels is held out; after each validation
 pass the best state so far is kept, and fitting stops after ``patience`` passes without improvement.
 
+Coarse-to-fine sampling (``binned_epochs``): the first epochs fit the series binned by 2 (:func:`bin_by_two`),
+predicted from the field on every other voxel, a quarter of the pixels and an eighth of the field evaluations;
+the deformations keep their unbinned units (the binned pixel centres are deformed, then halved). Those epochs are
+not validated: the best state and early stopping start with the first unbinned one.
+
 A step whose loss or gradient norm is not finite is skipped: the model and both optimisers go back to the
 "last good" state (taken after every completed epoch), every learning rate is halved for the rest of the fit,
 and the event is listed in ``report["rollbacks"]`` (epoch and step counted from 1, reason, learning-rate factor
@@ -85,6 +90,9 @@ HALF_GRID_SCALE = 1.13
 # about 0.4 GB of activations for the default volume, 0.8 GB for the paper's. Smaller pieces cost more host time
 # (per-piece operations): 2**21 halved the epoch time at the paper's scale on an H200, for 2.2 GB more memory.
 RECOMPUTE_PIECE_VOXELS = 2**19
+# Binned epochs of fit.binned_epochs: None (docs/BENCHMARKS.md "Coarse-to-fine sampling": 80 against 0-120 on
+# three simulated problems and the real needle series).
+DEFAULT_BINNED_EPOCHS = 80
 # Fraction of the memory available at start-up that a fit plans to use.
 AVAILABLE_FRACTION = 0.7
 
@@ -176,6 +184,49 @@ def _peak_memory_mb(device: torch.device) -> dict:
     if device.type == "cuda":
         out["gpu_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out
+
+
+@dataclass
+class _Scale:
+    """The series as the epochs of one sampling scale see it: unbinned (``factor`` 1) or binned by 2
+    (``fit.binned_epochs``). Tensors ``(M, ny, nx)`` at this scale; ``u_px``, ``v_px``: its pixel centres in
+    unbinned detector pixels (where the deformations act); ``lattice_rows`` and ``rank_rows`` in its rows."""
+
+    factor: int
+    shape: tuple[int, int]
+    images: torch.Tensor
+    half_images: torch.Tensor | None
+    held_out: torch.Tensor
+    half_mask: torch.Tensor | None
+    u_px: torch.Tensor
+    v_px: torch.Tensor
+    renderer: object
+    lattice_rows: int
+    rank_rows: slice | None
+
+
+def bin_by_two(images: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
+    """``images (..., ny, nx)`` binned by 2 into ``(..., ny // 2, nx // 2)``: binned pixel ``k`` of an axis of
+    ``n`` pixels is centred ``2 k - (n // 2 - 1)`` pixels from the axis centre (every binned grid is centred, as
+    the unbinned one is) and is the average over a 2-pixel window there: a pair of pixels on an even axis,
+    weights 1/4, 1/2, 1/4 on an odd one. ``reduce="any"`` (boolean masks): whether any pixel of the window is set.
+    """
+    for dim in (-2, -1):
+        n = images.shape[dim]
+        m = n // 2
+        if m == 0:
+            raise ValueError(f"cannot bin an axis of {n} pixel by 2")
+        taps = [images.narrow(dim, i, 2 * m - 1).unfold(dim, 1, 2).squeeze(-1)
+                for i in range(2 + n % 2)]  # (m along dim) the window's pixels, left to right
+        if reduce == "any":
+            images = taps[0]
+            for tap in taps[1:]:
+                images = images | tap
+        elif n % 2 == 0:
+            images = (taps[0] + taps[1]) / 2
+        else:
+            images = taps[0] / 4 + taps[1] / 2 + taps[2] / 4
+    return images
 
 
 @dataclass
@@ -283,6 +334,9 @@ class Fitter:
             interior[1:-1, 1:-1] = 1
             self.local.register_hook(lambda grad: grad * interior)
 
+        self.binned_epochs = self._plan_binned_epochs(
+            config.ctf.correction == "model" and series.defocus_A is not None
+        )
         self.memory_budget = memory_budget_bytes(self.device, fit.max_memory_gb)
         mixed = fit.precision == "mixed" and self.device.type == "cuda"
         recompute = fit.recompute_field and fit.renderer == "lattice"
@@ -291,27 +345,23 @@ class Fitter:
         # Adam's two moments, a step's gradient buffers, half-precision copies) and, when recomputing, one
         # piece's activations; the series 3 times (images, masks, warped copies).
         fixed = sum(8 * 4 * v.encoding.table.numel() for v in self.volumes) + 3 * 4 * self.images.numel()
+        if self.binned_epochs:
+            fixed += self.images.numel()  # the binned series: a quarter of the size, 4 bytes per pixel
         if recompute:
             fixed += len(self.volumes) * RECOMPUTE_PIECE_VOXELS * field_bytes_per_point(config.volume, mixed)
         step_budget = None if self.memory_budget is None else max(0, self.memory_budget - fixed)
         per_volume = None if step_budget is None else step_budget // len(self.volumes)
+        # The band planned for the unbinned lattice; each sampling scale keeps (and shrinks) its own.
         self.lattice_rows = fit.lattice_rows or auto_lattice_rows(self.model_shape_zyx, memory_bytes=per_volume,
                                                                   bytes_per_point=point_bytes)
-        self.renderer = make_renderer(fit.renderer, self.model_shape_zyx, self.lattice_rows, fit.samples_per_voxel, nx,
-                                      RECOMPUTE_PIECE_VOXELS if recompute else None)
+        self.recompute_voxels = RECOMPUTE_PIECE_VOXELS if recompute else None
+        self.scales = self._make_scales()
         # Tilts of a step are rendered in this many groups, gradients accumulated (same step, less memory).
         self.step_chunks = 1
         if fit.renderer == "rays" and step_budget is not None:
             points = self._evaluations_per_step() * point_bytes
             self.step_chunks = int(min(fit.tilts_per_step, max(1, math.ceil(points / max(step_budget, 1)))))
         self.memory_events: list[dict] = []
-        if self.world > 1:
-            # Data parallel: the lattice renderer splits the rows (each rank renders its band of every tilt; a
-            # ray keeps its row), the rays renderer splits the tilts of each step.
-            band = math.ceil(ny / self.world)
-            self.rank_rows = slice(min(ny, self.rank * band), min(ny, (self.rank + 1) * band))
-            if fit.renderer == "lattice":
-                self.lattice_rows = band
         self.opt_volume = torch.optim.Adam([p for v in self.volumes for p in v.parameters()], lr=fit.lr_volume)
         if dc.offset:  # an intensity parameter: it learns with the volume, from the first epoch
             self.opt_volume.add_param_group({"params": [self.offset], "lr": fit.lr_offset, "name": "offset"})
@@ -330,10 +380,8 @@ class Fitter:
         self.base_lrs = [g["lr"] for g in self.opt_volume.param_groups] + (
             [g["lr"] for g in self.opt_deform.param_groups] if self.opt_deform else []
         )
-        self.ctf = self._forward_ctf(series, ctf_tilt_axis_deg)
-        # The detector's pixel centres along u (columns) and v (rows).
-        self.u_px, self.v_px = (centered_coords(n, device=self.device) for n in (nx, ny))
         self.epoch = 0
+        self.ctf = self._forward_ctf(series, ctf_tilt_axis_deg)
         self.step = 0
         self.samples = 0
         self.best_val = math.inf
@@ -344,6 +392,57 @@ class Fitter:
         self.lr_factor = 1.0  # halved by every rollback, on top of the decay schedule
         self.rollbacks: list[dict] = []
         self.last_good: dict | None = None
+
+    # ----------------------------------------------------------------- sampling scales
+    def _plan_binned_epochs(self, ctf_model: bool) -> int:
+        """How many epochs come first at the binned scale: ``fit.binned_epochs``, or for None
+        ``DEFAULT_BINNED_EPOCHS`` (at most half of ``fit.epochs``) where binning applies and 0 elsewhere."""
+        fit = self.config.fit
+        applies = (fit.renderer == "lattice" and fit.half_maps != "pixels" and not ctf_model
+                   and min(self.model_shape_zyx) >= 2)
+        if fit.binned_epochs is None:
+            return min(DEFAULT_BINNED_EPOCHS, fit.epochs // 2) if applies else 0
+        if fit.binned_epochs and not applies:
+            raise IcetideError("fit.binned_epochs needs the lattice renderer and a volume of at least 2 voxels on "
+                               "every axis, and works neither with half_maps: pixels nor with the CTF forward model")
+        return fit.binned_epochs
+
+    def _make_scales(self) -> list[_Scale]:
+        """The unbinned series and, with ``fit.binned_epochs``, the series binned by 2 (from the current images
+        and masks; rebuilt when a checkpoint replaces the masks)."""
+        fit = self.config.fit
+        ny, nx = self.detector_shape
+        scales = []
+        for factor in (1, 2) if self.binned_epochs else (1,):
+            def binned(t, reduce="mean"):
+                return t if t is None or factor == 1 else bin_by_two(t, reduce)
+
+            shape = (ny // factor, nx // factor)
+            model_shape = tuple(n // factor for n in self.model_shape_zyx)
+            rows = math.ceil(self.lattice_rows / factor)
+            rank_rows = None
+            if self.world > 1:
+                # Data parallel: the lattice renderer splits the rows (each rank renders its band of every tilt;
+                # a ray keeps its row), the rays renderer splits the tilts of each step.
+                band = math.ceil(shape[0] / self.world)
+                rank_rows = slice(min(shape[0], self.rank * band), min(shape[0], (self.rank + 1) * band))
+                if fit.renderer == "lattice":
+                    rows = band
+            renderer = make_renderer(fit.renderer, model_shape, rows, fit.samples_per_voxel, shape[1],
+                                     self.recompute_voxels, factor)
+            scales.append(_Scale(
+                factor, shape, binned(self.images), binned(self.half_images), binned(self.validation_mask, "any"),
+                binned(self.half_mask, "any"),
+                # Pixel centres, in unbinned pixels: binned pixel k lies 2 (k - (m - 1) / 2) from the centre.
+                *(factor * centered_coords(n, device=self.device) for n in shape[::-1]),
+                renderer, rows, rank_rows,
+            ))
+        return scales
+
+    @property
+    def scale(self) -> _Scale:
+        """The sampling scale of the current epoch: binned during the first ``binned_epochs``."""
+        return self.scales[-1] if self.epoch < self.binned_epochs else self.scales[0]
 
     # ----------------------------------------------------------------- model pieces
     def _new_volume(self, grid_scale: float = 1.0) -> ImplicitVolume:
@@ -368,10 +467,11 @@ class Fitter:
             return None
         if series.pixel_size_A is None:
             raise IcetideError("the CTF forward model needs the pixel size (--pixel-size or the MRC header)")
-        if self.config.fit.renderer != "lattice" or self.world > 1 or self.lattice_rows < self.detector_shape[0]:
+        rows = self.scales[0].lattice_rows
+        if self.config.fit.renderer != "lattice" or self.world > 1 or rows < self.detector_shape[0]:
             raise IcetideError(
                 "the CTF forward model filters whole images: it needs the lattice renderer, one process and every "
-                f"row in one band (here {self.lattice_rows} of {self.detector_shape[0]} rows fit); use phaseflip"
+                f"row in one band (here {rows} of {self.detector_shape[0]} rows fit); use phaseflip"
             )
         axis = series.tilt_axis_angle_deg if tilt_axis_deg is None else tilt_axis_deg
         return SeriesCtf(series.tilt_angles_deg, series.pixel_size_A, series.defocus_A, settings.microscope(),
@@ -384,15 +484,16 @@ class Fitter:
 
     def _coords(self, tilts: torch.Tensor, pixel_rows: slice | None = None) -> torch.Tensor:
         """Ideal-projection coordinates of every pixel (or every pixel of the detector rows ``pixel_rows``) of
-        the given tilts, ``(B, P, 2)``."""
-        v = self.v_px if pixel_rows is None else self.v_px[pixel_rows]
+        the given tilts at the current scale, in its pixels, ``(B, P, 2)``."""
+        scale = self.scale
+        v = scale.v_px if pixel_rows is None else scale.v_px[pixel_rows]
         tilts = self._on_device(tilts)
         local = self.local[tilts] if self.config.deform.local else None
         c = deform_grid(
-            self.u_px, v, self.shifts[tilts], self.angles[tilts] + self.axis_offset, local, self.detector_shape,
+            scale.u_px, v, self.shifts[tilts], self.angles[tilts] + self.axis_offset, local, self.detector_shape,
             self.interpolation,
         )
-        return c.flatten(1, 2)
+        return c.flatten(1, 2) if scale.factor == 1 else c.flatten(1, 2) / scale.factor
 
     def _on_device(self, tilts: torch.Tensor) -> torch.Tensor:
         """Host tilt indices as an index tensor on the fit's device, copied without waiting for the device."""
@@ -424,10 +525,12 @@ class Fitter:
 
     def _pixel_rows(self, rows: slice, reach_px: float) -> slice:
         """The detector rows whose pixels can see the lattice band ``rows`` when no pixel moves further than
-        ``reach_px`` (:meth:`_reach_px`), plus 2 rows for the renderer's sub-voxel jitter and rounding. The other
-        pixels fall outside the band and would not be scored; leaving them out saves their warping."""
-        ny = self.detector_shape[0]
-        bound = min(reach_px + 2, ny)
+        ``reach_px`` (:meth:`_reach_px`, unbinned pixels), plus 2 rows for the renderer's sub-voxel jitter and
+        rounding; rows of the current scale. The other pixels fall outside the band and would not be scored;
+        leaving them out saves their warping."""
+        scale = self.scale
+        ny = scale.shape[0]
+        bound = min(reach_px / scale.factor + 2, ny)
         return slice(max(0, math.floor(rows.start - bound)), min(ny, math.ceil(rows.stop + bound)))
 
     def _penalty(self, tilts: torch.Tensor) -> torch.Tensor:
@@ -453,7 +556,7 @@ class Fitter:
         the volume of its half."""
         if rows is not None:
             pick = self._pixel_rows(rows, reach_px)
-            whole = pick.start == 0 and pick.stop == self.detector_shape[0]
+            whole = pick.start == 0 and pick.stop == self.scale.shape[0]
             values, valid = self._render(self._coords(tilts, pick), tilts, jitter, rows, whole)
         else:
             coords = self._coords(tilts)
@@ -471,9 +574,10 @@ class Fitter:
         with two half series every pixel has a value in each, and ``values`` is returned as it is."""
         if len(values) == 1:
             return values[0]
-        if self.half_mask is None:
+        half_mask = self.scale.half_mask
+        if half_mask is None:
             return values
-        return torch.where(self._pixels(self.half_mask, tilts, pick), values[1], values[0])
+        return torch.where(self._pixels(half_mask, tilts, pick), values[1], values[0])
 
     def _pixels(self, per_pixel: torch.Tensor, tilts: torch.Tensor, pick) -> torch.Tensor:
         """``per_pixel (M, ny, nx)`` at the pixels ``pick`` of ``tilts`` (see :meth:`_predict`): ``(B, P)``."""
@@ -495,7 +599,7 @@ class Fitter:
         forward model's CTF, if any, applies)."""
         extra = {} if rows is None else {"rows": rows}  # the lattice renderer's band; a random one by default
         rendered = [
-            self.renderer.render(volume, coords, self.theta_host[tilts], self.sampler, jitter=jitter, **extra)
+            self.scale.renderer.render(volume, coords, self.theta_host[tilts], self.sampler, jitter=jitter, **extra)
             for volume in self.volumes
         ]
         values = torch.stack([v for v, _ in rendered])
@@ -523,9 +627,10 @@ class Fitter:
     def _observed(self, tilts: torch.Tensor, pick: torch.Tensor | slice | None, held_out: bool):
         """Observed values and training (or ``held_out``) mask ``(B, P)`` of the pixels ``pick`` (see
         :meth:`_predict`)."""
-        obs, mask = self._pixels(self.images, tilts, pick), self._pixels(self.validation_mask, tilts, pick)
-        if self.half_images is not None:
-            obs = torch.stack([obs, self._pixels(self.half_images, tilts, pick)])
+        scale = self.scale
+        obs, mask = self._pixels(scale.images, tilts, pick), self._pixels(scale.held_out, tilts, pick)
+        if scale.half_images is not None:
+            obs = torch.stack([obs, self._pixels(scale.half_images, tilts, pick)])
         return obs, (mask if held_out else ~mask)
 
     # ----------------------------------------------------------------- training
@@ -600,10 +705,10 @@ class Fitter:
         The steps come in random order; together they cover every row once. ``[None]`` (the whole detector,
         or the rank's own band under torch.distributed) otherwise.
         """
-        ny = self.detector_shape[0]
-        if self.config.fit.renderer != "lattice" or self.world > 1 or self.lattice_rows >= ny:
+        ny, rows = self.scale.shape[0], self.scale.lattice_rows
+        if self.config.fit.renderer != "lattice" or self.world > 1 or rows >= ny:
             return [None]
-        n = math.ceil(ny / self.lattice_rows)
+        n = math.ceil(ny / rows)
         shift = float(torch.rand((), generator=self.generator))
         edges = [round((i + shift) * ny / n) for i in range(n)]
         steps = [[slice(a, b)] for a, b in zip(edges[:-1], edges[1:])]
@@ -625,9 +730,9 @@ class Fitter:
         for the rays renderer."""
         if self.config.fit.renderer != "lattice":
             return [None]
-        size = self.lattice_rows
+        size = self.scale.lattice_rows
         return [slice(r, min(r + size, band.stop))
-                for band in (bands or [slice(0, self.detector_shape[0])]) for r in range(band.start, band.stop, size)]
+                for band in (bands or [slice(0, self.scale.shape[0])]) for r in range(band.start, band.stop, size)]
 
     def _accumulate_gradients(
         self, tilts: torch.Tensor, bands: list[slice] | None, reach_px: float
@@ -687,7 +792,7 @@ class Fitter:
         if self.world == 1:
             return tilts, None
         if self.config.fit.renderer == "lattice":
-            return tilts, self.rank_rows
+            return tilts, self.scale.rank_rows
         return tilts.tensor_split(self.world)[self.rank], None
 
     def _all_reduce_gradients(self, total: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -705,15 +810,17 @@ class Fitter:
         return flat[-2], flat[-1].round().long()
 
     def _shrink_work(self) -> None:
-        """After an out-of-memory error: free what the failed step held, then halve the lattice band (down to 4
-        rows) or else split the step's tilts into twice as many groups; recorded in ``memory_events``."""
+        """After an out-of-memory error: free what the failed step held, then halve the lattice band of the
+        current scale (down to 4 rows) or else split the step's tilts into twice as many groups; recorded in
+        ``memory_events``."""
         self._zero_grads()
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         fit = self.config.fit
-        if fit.renderer == "lattice" and self.lattice_rows > 4:
-            self.lattice_rows = max(4, self.lattice_rows // 2)
+        scale = self.scale
+        if fit.renderer == "lattice" and scale.lattice_rows > 4:
+            scale.lattice_rows = max(4, scale.lattice_rows // 2)
         elif self.step_chunks < fit.tilts_per_step:
             self.step_chunks = min(fit.tilts_per_step, self.step_chunks * 2)
         else:
@@ -722,7 +829,8 @@ class Fitter:
                 + (", 4-row lattice bands" if fit.renderer == "lattice" else "")
                 + "); use a smaller volume (bin the data) or free memory"
             )
-        self.memory_events.append({"epoch": self.epoch + 1, "step": self.step + 1, "lattice_rows": self.lattice_rows,
+        self.memory_events.append({"epoch": self.epoch + 1, "step": self.step + 1,
+                                   "lattice_rows": scale.lattice_rows, "binned": scale.factor,
                                    "step_chunks": self.step_chunks})
 
     def _finite_or_zeroed(self, loss: torch.Tensor) -> torch.Tensor:
@@ -828,7 +936,7 @@ class Fitter:
         return float(total) / max(float(count), 1.0)
 
     def _predict_heldout_rays(self, tilts: torch.Tensor):
-        mask = self.validation_mask[self._on_device(tilts)].reshape(len(tilts), -1)
+        mask = self.scale.held_out[self._on_device(tilts)].reshape(len(tilts), -1)
         n = int(mask.sum(1).min())
         pick = torch.stack([torch.nonzero(row)[:n, 0] for row in mask])
         coords = torch.gather(self._coords(tilts), 1, pick[..., None].expand(-1, -1, 2))
@@ -881,6 +989,7 @@ class Fitter:
             "elapsed_s": self.elapsed_s,
             "lr_factor": self.lr_factor,
             "rollbacks": self.rollbacks,
+            "binned_epochs": self.binned_epochs,
             "tilt_axis_offset_deg": math.degrees(float(self.axis_offset.detach())),
             "tilt_gains": self.gains().detach().cpu().tolist(),
             "config": self.config.model_dump(mode="json"),
@@ -904,6 +1013,10 @@ class Fitter:
         self.validation_mask = state["validation_mask"].to(self.device)
         if self.half_mask is not None:
             self.half_mask = state["half_mask"].to(self.device)
+        # The plan the fit started with (it depends on fit.epochs, which a resumed fit may change); checkpoints
+        # written before binned epochs existed had none.
+        self.binned_epochs = state.get("binned_epochs", 0)
+        self.scales = self._make_scales()
         for key in ("epoch", "step", "samples", "best_val", "best_state", "bad_validations", "curves", "elapsed_s"):
             setattr(self, key, state[key])
         # checkpoints written before rollbacks existed have neither key
@@ -966,7 +1079,9 @@ class Fitter:
                     stop_reason = f"numerical failure: {failure}"
                     break
                 val_loss = math.nan
-                if (self.epoch % fit.validate_every == 0 or self.epoch == fit.epochs) and fit.validation_fraction > 0:
+                # Binned epochs are not validated: their loss is not comparable with the unbinned one's.
+                if ((self.epoch % fit.validate_every == 0 or self.epoch == fit.epochs) and fit.validation_fraction > 0
+                        and self.epoch > self.binned_epochs):
                     val_loss = self._epoch_validation_loss(self.epoch_rolled_back)
                     if val_loss < self.best_val:
                         self.best_val, self.best_state, self.bad_validations = val_loss, self.snapshot(), 0
@@ -977,7 +1092,8 @@ class Fitter:
                     self.curves[key].append(value)
                 if on_epoch is not None:
                     on_epoch({"epoch": self.epoch, "train_loss": train_loss, "val_loss": val_loss,
-                              "elapsed_s": self.elapsed_s, "samples": self.samples})
+                              "elapsed_s": self.elapsed_s, "samples": self.samples,
+                              "binned": self.epoch <= self.binned_epochs})
                 if self.bad_validations >= fit.patience:
                     stop_reason = "early stopping (validation loss stopped improving)"
                     break
@@ -1047,7 +1163,8 @@ class Fitter:
             "data_scale": self.data_scale,
             "volume_shape_zyx": list(self.shape_zyx),
             "model_shape_zyx": list(self.model_shape_zyx),
-            "lattice_rows": self.lattice_rows if self.config.fit.renderer == "lattice" else None,
+            "lattice_rows": self.scales[0].lattice_rows if self.config.fit.renderer == "lattice" else None,
+            "binned_epochs": self.binned_epochs,
             "step_chunks": self.step_chunks,
             "memory_budget_mb": None if self.memory_budget is None else self.memory_budget / 2**20,
             "memory_events": self.memory_events,
@@ -1061,9 +1178,9 @@ class Fitter:
         nz, ny, nx = self.model_shape_zyx
         fit = self.config.fit
         if fit.renderer == "lattice":
-            return nz * min(self.lattice_rows, ny) * nx
+            return nz * min(self.scales[0].lattice_rows, ny) * nx
         theta_max = float(self.theta.abs().max())
-        return fit.tilts_per_step * fit.rays_per_tilt * self.renderer.n_samples(torch.tensor(theta_max))
+        return fit.tilts_per_step * fit.rays_per_tilt * self.scales[0].renderer.n_samples(torch.tensor(theta_max))
 
 
 # Sharpness of the softplus that keeps the predicted counts of the Poisson deviance positive (in units of the

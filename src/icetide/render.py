@@ -49,8 +49,13 @@ class LatticeRenderer:
         band_rows: int | None = None,
         detector_nx: int | None = None,
         recompute_voxels: int | None = None,
+        step: int = 1,
     ):
+        """``volume_shape_zyx``: the lattice's shape; with ``step`` > 1 the field's box binned by ``step`` (the
+        lattice of every ``step``-th voxel, :meth:`ImplicitVolume.lattice`), and then coordinates, rows and
+        ``detector_nx`` are in binned pixels too."""
         self.shape = volume_shape_zyx
+        self.step = step
         # Pieces of the band whose activations the backward pass recomputes (ImplicitVolume.lattice); None: keep.
         self.recompute_voxels = recompute_voxels
         nz, ny, nx = volume_shape_zyx
@@ -84,8 +89,10 @@ class LatticeRenderer:
             offset = torch.rand(3, generator=generator).to(coords.device, non_blocking=True) - 0.5
         else:
             offset = torch.zeros(3, device=coords.device)
-        recompute = {} if self.recompute_voxels is None else {"recompute_voxels": self.recompute_voxels}
-        lattice = field.lattice(offset, rows=rows, **recompute)  # (nz, n_rows, nx), the field at centres + offset
+        extra = {} if self.recompute_voxels is None else {"recompute_voxels": self.recompute_voxels}
+        if self.step != 1:
+            extra["step"] = self.step
+        lattice = field.lattice(offset, rows=rows, **extra)  # (nz, n_rows, nx), the field at centres + offset
         proj = project(lattice, tilt_angles_rad, self.detector_nx)  # (B, n_rows, detector_nx)
         n_rows = rows.stop - rows.start
         # The lattice holds f(p + offset): its projection at w is P[f](w + projected offset). Move the
@@ -148,12 +155,13 @@ class RaysRenderer:
 
 
 def make_renderer(
-    name: str, volume_shape_zyx, band_rows=None, samples_per_voxel=1.0, detector_nx=None, recompute_voxels=None
+    name: str, volume_shape_zyx, band_rows=None, samples_per_voxel=1.0, detector_nx=None, recompute_voxels=None,
+    step=1,
 ):
     """The renderer called ``name`` (``"lattice"`` or ``"rays"``); ``detector_nx``: detector width when the
-    volume is wider (default: the volume's); ``recompute_voxels``: see :class:`LatticeRenderer`."""
+    volume is wider (default: the volume's); ``recompute_voxels``, ``step``: see :class:`LatticeRenderer`."""
     if name == "lattice":
-        return LatticeRenderer(volume_shape_zyx, band_rows, detector_nx, recompute_voxels)
+        return LatticeRenderer(volume_shape_zyx, band_rows, detector_nx, recompute_voxels, step)
     if name == "rays":
         return RaysRenderer(volume_shape_zyx, samples_per_voxel)
     raise ValueError(f"unknown renderer {name!r}")

@@ -59,7 +59,7 @@ def progress_printer(total_epochs: int):
         progress.update(
             task,
             completed=info["epoch"],
-            loss=f"{info['train_loss']:.4f}",
+            loss=f"{info['train_loss']:.4f}" + (" (binned)" if info.get("binned") else ""),
             val="-" if math.isnan(val) else f"{val:.4f}",
             rate=f"{info['samples'] / max(info['elapsed_s'], 1e-9) / 1e6:.2f} Mpx/s",
         )

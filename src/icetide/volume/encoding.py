@@ -506,13 +506,17 @@ class HashEncoding(nn.Module):
         shape_zyx: tuple[int, int, int],
         offset_vox: torch.Tensor,
         rows: slice | None = None,
+        spacing_vox: float | None = None,
     ) -> torch.Tensor:
-        """Encoding of every voxel centre (+ ``offset_vox``) of a lattice of shape ``shape_zyx`` spanning the box.
+        """Encoding of every point (+ ``offset_vox``) of a lattice of shape ``shape_zyx`` centred on the box.
 
-        ``shape_zyx`` is usually the box itself; another shape samples the same box on a finer or coarser
-        lattice. ``offset_vox``: ``(3,)`` in ``(x, y, z)``, in voxels of that lattice (the renderer's random
-        sub-voxel shift). ``rows``: a band ``start:stop`` of y indices (all rows if None).
-        Returns channels-last ``(nz, n_rows, nx, L * F)``, equal to :meth:`forward` at those points.
+        ``spacing_vox``: distance between lattice points in voxels of the box; by default the box over
+        ``shape_zyx``, so that the lattice's cells tile the box (``shape_zyx`` is usually the box itself, its
+        voxel centres; another shape samples the same box on a finer or coarser lattice). A spacing of 2 with
+        half the box's shape is every other voxel, as a fit binned by 2 sees it. ``offset_vox``: ``(3,)`` in
+        ``(x, y, z)``, in units of the spacing (the renderer's random sub-voxel shift). ``rows``: a band
+        ``start:stop`` of y indices (all rows if None). Returns channels-last ``(nz, n_rows, nx, L * F)``, equal
+        to :meth:`forward` at those points.
         """
         nz, ny, nx = shape_zyx
         start, stop, step = (rows or slice(None)).indices(ny)
@@ -520,10 +524,17 @@ class HashEncoding(nn.Module):
             raise ValueError(f"rows must be a non-empty band start:stop of 0:{ny}, not {rows}")
         dtype, device = self.table.dtype, self.table.device
         offset = torch.as_tensor(offset_vox, dtype=dtype, device=device)
+
+        def unit_axis(first: int, last: int, n: int, box: int, shift: torch.Tensor) -> torch.Tensor:
+            # Point j at (j + 1/2 - n/2 + shift) spacings from the box centre, in unit coordinates.
+            scale = (1.0 / n) if spacing_vox is None else spacing_vox / box
+            return (torch.arange(first, last, device=device, dtype=dtype) + 0.5 - n / 2 + shift) * scale + 0.5
+
+        box_z, box_y, box_x = self.box_shape_zyx
         axes = [
-            (torch.arange(0, nx, device=device, dtype=dtype) + 0.5 + offset[0]) / nx,
-            (torch.arange(start, stop, device=device, dtype=dtype) + 0.5 + offset[1]) / ny,
-            (torch.arange(0, nz, device=device, dtype=dtype) + 0.5 + offset[2]) / nz,
+            unit_axis(0, nx, nx, box_x, offset[0]),
+            unit_axis(start, stop, ny, box_y, offset[1]),
+            unit_axis(0, nz, nz, box_z, offset[2]),
         ]
         # One split of the table (hashed rows first, then one piece per dense level): its backward builds
         # the table gradient once, where slicing per level would build a full-size gradient per level.

@@ -115,12 +115,19 @@ class ImplicitVolume(nn.Module):
         return self._density(self.encoding(unit))
 
     def lattice(
-        self, offset_vox: torch.Tensor, rows: slice | None = None, recompute_voxels: int | None = None
+        self,
+        offset_vox: torch.Tensor,
+        rows: slice | None = None,
+        recompute_voxels: int | None = None,
+        step: int = 1,
     ) -> torch.Tensor:
         """Density at every voxel centre + ``offset_vox`` (``(3,)``, ``(x, y, z)``, voxels) of the box.
 
-        ``rows``: a band ``start:stop`` of y indices (all rows if None). Returns ``(nz, n_rows, nx)``;
-        differentiable with respect to the parameters (and the offset).
+        ``step``: every ``step``-th voxel instead, the lattice of ``n // step`` points per axis, ``step`` voxels
+        apart and centred on the box (the voxels of the box binned by ``step``, cropped to a multiple);
+        ``offset_vox`` and ``rows`` are then in its units. ``rows``: a band ``start:stop`` of y indices (all rows
+        if None). Returns ``(nz, n_rows, nx)`` of the lattice; differentiable with respect to the parameters (and
+        the offset).
 
         ``recompute_voxels``: evaluate the band in pieces of whole rows of about this many voxels (at least one
         ``nz x nx`` plane) whose encodings and MLP activations are not kept for the backward pass but recomputed
@@ -130,22 +137,25 @@ class ImplicitVolume(nn.Module):
         Without gradients the band is always evaluated in pieces (of ``recompute_voxels``, default
         ``EVALUATION_PIECE_VOXELS``), which bounds the memory of the transient activations at no cost.
         """
-        nz, ny, nx = self.box_shape_zyx
+        if step < 1:
+            raise ValueError(f"step must be a positive number of voxels, not {step}")
+        nz, ny, nx = (n // step for n in self.box_shape_zyx)
         start, stop, _ = (rows or slice(None)).indices(ny)
         grad = torch.is_grad_enabled()
         if grad and recompute_voxels is None:
-            return self._lattice_band(offset_vox, slice(start, stop))
+            return self._lattice_band(offset_vox, slice(start, stop), step)
         rows_per_piece = max(1, (recompute_voxels or EVALUATION_PIECE_VOXELS) // (nz * nx))
         bands = [slice(r, min(r + rows_per_piece, stop)) for r in range(start, stop, rows_per_piece)]
         if grad:  # nothing random inside; saving the RNG state could wait on a GPU
-            pieces = [checkpoint(self._lattice_band, offset_vox, band, use_reentrant=False, preserve_rng_state=False)
-                      for band in bands]
+            pieces = [checkpoint(self._lattice_band, offset_vox, band, step, use_reentrant=False,
+                                 preserve_rng_state=False) for band in bands]
         else:
-            pieces = [self._lattice_band(offset_vox, band) for band in bands]
+            pieces = [self._lattice_band(offset_vox, band, step) for band in bands]
         return torch.cat(pieces, 1) if len(pieces) > 1 else pieces[0]
 
-    def _lattice_band(self, offset_vox: torch.Tensor, rows: slice) -> torch.Tensor:
-        features = self.encoding.forward_lattice(self.box_shape_zyx, offset_vox, rows)
+    def _lattice_band(self, offset_vox: torch.Tensor, rows: slice, step: int) -> torch.Tensor:
+        shape = tuple(n // step for n in self.box_shape_zyx)
+        features = self.encoding.forward_lattice(shape, offset_vox, rows, spacing_vox=None if step == 1 else step)
         return self._density(features)
 
     @torch.no_grad()
