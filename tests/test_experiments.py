@@ -67,8 +67,9 @@ def test_epochs_scores_along_the_fit(phantom_files, tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads((out / "results.json").read_text())
     assert [c["epoch"] for c in data["curve"]] == [2, 4, 6]
-    assert 1 <= data["early_stopping_epoch"] <= 6 and -1 <= data["oracle_cc"] <= 1
-    assert (out / "cc_vs_epoch.png").is_file()
+    # the default plan bins the first half of so short a fit, which is not validated
+    assert data["fit"]["binned_epochs"] == 3 and 4 <= data["early_stopping_epoch"] <= 6
+    assert -1 <= data["oracle_cc"] <= 1 and (out / "cc_vs_epoch.png").is_file()
 
 
 def test_volumes_over_phantoms_and_seeds(phantom_files, tmp_path):

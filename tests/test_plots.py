@@ -94,7 +94,8 @@ def test_plot_curves(tmp_path):
     x = np.arange(10)
     png, data = plot_curves(
         {"train": (x, 1 / (x + 1)), "validation": (x, 1.2 / (x + 1))},
-        tmp_path / "curves.png", "epoch", "loss", hlines={"target": 0.2}, logy=True,
+        tmp_path / "curves.png", "epoch", "loss", hlines={"target": 0.2}, logy=True, vlines={"stop": 6},
+        spans={"warm-up": (0, 3)},
     )
     assert _is_png(png) and len(_rows(data)) == 20
     with pytest.raises(ValueError, match="shape"):

@@ -277,11 +277,13 @@ def plot_curves(
     logy: bool = False,
     vlines: Mapping[str, float] | None = None,
     markers: bool = False,
+    spans: Mapping[str, tuple[float, float]] | None = None,
 ) -> tuple[Path, Path]:
     """A generic line plot, e.g. training curves: ``curves`` maps a name to ``(x, y)``.
 
     ``hlines``: reference values drawn as dashed lines (a mapping gives them labels); ``vlines``: labelled
-    positions on x drawn as dotted lines; ``markers``: mark the data points. CSV columns: ``name, x, y``.
+    positions on x drawn as dotted lines; ``spans``: labelled ranges ``(start, stop)`` of x, shaded;
+    ``markers``: mark the data points. CSV columns: ``name, x, y``.
     """
     path = Path(path)
     fig = Figure(figsize=(7, 4.5), layout="constrained")
@@ -298,12 +300,14 @@ def plot_curves(
         ax.axhline(value, color="0.4", ls="--", lw=1, label=label)
     for label, value in (vlines or {}).items():
         ax.axvline(value, color="tab:red", ls=":", lw=1.2, label=label)
+    for label, (start, stop) in (spans or {}).items():
+        ax.axvspan(start, stop, color="0.85", alpha=0.6, lw=0, label=label)
     if logy:
         ax.set_yscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    if curves or isinstance(hlines, Mapping) or vlines:
+    if curves or isinstance(hlines, Mapping) or vlines or spans:
         ax.legend(fontsize="small")
     _save(fig, path)
     return path, _write_csv(path.with_suffix(".csv"), ("name", "x", "y"), rows)

@@ -28,8 +28,8 @@ from .report import fmt, write_report
 
 DEFAULT_EPOCHS = 250
 # What of the fit's report.json the result keeps: how the fit ran.
-FIT_REPORT_KEYS = ("epochs", "steps", "stop_reason", "fit_seconds", "lattice_rows", "field_evaluations_per_step",
-                   "encoding_kernel", "mixed_precision", "device")
+FIT_REPORT_KEYS = ("epochs", "steps", "stop_reason", "fit_seconds", "lattice_rows", "binned_epochs",
+                   "field_evaluations_per_step", "encoding_kernel", "mixed_precision", "device")
 
 
 def cc_along_fit(
@@ -92,8 +92,10 @@ def cc_along_fit(
 
 
 def plot_cc_along_fit(result: dict, path: Path, n_tilts: int) -> None:
-    """CC against epochs with the oracle and raw-FBP lines and the early-stopping epoch (Fig. 9)."""
+    """CC against epochs with the oracle and raw-FBP lines, the early-stopping epoch (Fig. 9) and the binned
+    epochs, shaded."""
     curve = result["curve"]
+    binned = result["fit"].get("binned_epochs") or 0
     plot_curves(
         {"icetide (current state)": ([c["epoch"] for c in curve], [c["cc"] for c in curve])},
         path, f"epoch (one pass over all {n_tilts} tilts)", "CC with the truth",
@@ -101,6 +103,7 @@ def plot_cc_along_fit(result: dict, path: Path, n_tilts: int) -> None:
                 f"FBP raw ({result['raw_cc']:.3f})": result["raw_cc"]},
         vlines={f"early stopping (epoch {result['early_stopping_epoch']})": result["early_stopping_epoch"]},
         markers=True,
+        spans={f"binned by 2 (epochs 1-{binned})": (0, binned)} if binned else None,
     )
 
 
