@@ -642,6 +642,10 @@ def test_binned_epochs_come_first_and_are_not_validated(shifted_series, tmp_path
     resumed = Fitter(series, _config(epochs=5, binned_epochs=2))
     resumed.load_checkpoint(tmp_path / "checkpoint.pt")
     assert torch.equal(resumed.scales[1].held_out, binned.held_out)
+    # Half maps of alternate tilts: the binned mask of each tilt is its half's.
+    halves = Fitter(series, _config(epochs=3, binned_epochs=2, half_maps="tilts"))
+    assert torch.equal(halves.scales[1].half_mask[:, 0, 0], halves.half_mask[:, 0, 0])
+    assert math.isfinite(halves.run().report["curves"]["val_loss"][-1])
     for bad in ({"renderer": "rays"}, {"half_maps": "pixels"}):
         with pytest.raises(IcetideError, match="binned_epochs"):
             Fitter(series, _config(epochs=5, binned_epochs=2, **bad))
