@@ -628,15 +628,16 @@ def test_a_binned_epoch_predicts_the_binned_series(shifted_series):
     assert error < 0.03, error  # 0.022 measured (the lattice samples every other voxel); 0.81 unhalved
 
 
-def test_binned_epochs_come_first_and_are_not_validated(shifted_series, tmp_path):
+def test_binned_epochs_come_first_and_are_validated_on_their_own(shifted_series, tmp_path):
     series, _ = shifted_series
     fitter = Fitter(series, _config(epochs=5, binned_epochs=2))
     assert [s.factor for s in fitter.scales] == [1, 2] and fitter.scale.factor == 2
     binned = fitter.scales[1]
     assert torch.equal(binned.held_out, bin_by_two(fitter.validation_mask, "any"))
     result = fitter.run(checkpoint_path=tmp_path / "checkpoint.pt")
-    val = result.report["curves"]["val_loss"]
+    val, binned_val = result.report["curves"]["val_loss"], result.report["curves"]["binned_val_loss"]
     assert all(math.isnan(v) for v in val[:2]) and all(math.isfinite(v) for v in val[2:])
+    assert all(math.isfinite(v) for v in binned_val[:2]) and all(math.isnan(v) for v in binned_val[2:])
     assert result.report["best_epoch"] > 2 and fitter.scale.factor == 1
     # A resumed fit rebuilds the binned series from the checkpoint's held-out pixels.
     resumed = Fitter(series, _config(epochs=5, binned_epochs=2))
@@ -652,3 +653,19 @@ def test_binned_epochs_come_first_and_are_not_validated(shifted_series, tmp_path
         assert Fitter(series, _config(epochs=500, binned_epochs=None, **bad)).binned_epochs == 0  # where it applies
     assert Fitter(series, _config(epochs=500, binned_epochs=None)).binned_epochs == 80
     assert Fitter(series, _config(epochs=9, binned_epochs=None)).binned_epochs == 4  # at most half of the epochs
+
+
+def test_the_binned_stage_ends_early_at_its_best_state(shifted_series):
+    """Binned held-out losses 1, 2 with patience 1 and no warm-up: the stage ends after epoch 2, 8 epochs before
+    its plan, and the fit goes on from the state of epoch 1 (epoch 2 is undone)."""
+    series, _ = shifted_series
+    fitter = Fitter(series, _config(epochs=2, binned_epochs=10, patience=1, warmup_epochs=0))
+    losses, kept = iter([1.0, 2.0]), []
+    fitter._epoch_validation_loss = lambda rolled_back: next(losses)
+    result = fitter.run(on_epoch=lambda info: kept.append(fitter.snapshot()))
+    assert result.report["binned_epochs"] == 2 and result.report["curves"]["binned_val_loss"] == [1.0, 2.0]
+    assert fitter.best_binned_val == 1.0
+    assert not torch.equal(kept[0]["shifts_px"], fitter.start["shifts_px"])  # epoch 1 moved them
+    assert torch.equal(fitter.shifts.detach(), kept[0]["shifts_px"])
+    for name, value in fitter.volume.state_dict().items():
+        assert torch.equal(value, kept[0]["volume"][name]), name

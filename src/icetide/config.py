@@ -140,9 +140,10 @@ class FitSettings(_Strict):
     binned_epochs: Optional[int] = Field(
         None, ge=0, description="coarse-to-fine sampling: fit the first this many epochs to the series binned by 2, "
         "predicted from the field on every other voxel (8 times fewer field evaluations, 4 times fewer pixels; "
-        "lattice renderer, not with half_maps: pixels or the CTF forward model). Those epochs are not validated "
-        "(early stopping and the best state start after them). None (auto): 80 where binning applies, never more "
-        "than half of epochs; else 0",
+        "lattice renderer, not with half_maps: pixels or the CTF forward model). They are validated on the binned "
+        "held-out pixels: after patience validations without improvement the stage ends early and the fit goes "
+        "on unbinned from its best state; early stopping and the best state of the fit start after them. None "
+        "(auto): 80 where binning applies, never more than half of epochs; else 0",
     )
     lr_decay_every: int = Field(60, ge=1, description="halve every learning rate every this many epochs")
     lr_decay_factor: float = Field(0.5, gt=0, le=1)

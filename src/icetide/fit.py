@@ -9,8 +9,10 @@ pass the best state so far is kept, and fitting stops after ``patience`` passes 
 
 Coarse-to-fine sampling (``binned_epochs``): the first epochs fit the series binned by 2 (:func:`bin_by_two`),
 predicted from the field on every other voxel, a quarter of the pixels and an eighth of the field evaluations;
-the deformations keep their unbinned units (the binned pixel centres are deformed, then halved). Those epochs are
-not validated: the best state and early stopping start with the first unbinned one.
+the deformations keep their unbinned units (the binned pixel centres are deformed, then halved). Their held-out
+loss is not comparable with the unbinned one, so the binned stage has its own early stopping: it ends before its
+plan after ``patience`` binned validations without improvement (noisy data), and the fit goes on unbinned from
+the binned stage's best state; the best state and early stopping of the fit start with the first unbinned epoch.
 
 A step whose loss or gradient norm is not finite is skipped: the model and both optimisers go back to the
 "last good" state (taken after every completed epoch), every learning rate is halved for the rest of the fit,
@@ -25,6 +27,7 @@ factor; resuming continues exactly.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import math
@@ -387,7 +390,13 @@ class Fitter:
         self.best_val = math.inf
         self.best_state: dict | None = None
         self.bad_validations = 0
-        self.curves: dict[str, list] = {"epoch": [], "train_loss": [], "val_loss": [], "elapsed_s": []}
+        # The binned stage's own early stopping, on the held-out pixels binned (see _validate_binned_epoch).
+        self.best_binned_val = math.inf
+        self.best_binned_state: dict | None = None
+        self.bad_binned_validations = 0
+        self._scale_override: _Scale | None = None
+        self.curves: dict[str, list] = {"epoch": [], "train_loss": [], "val_loss": [], "elapsed_s": [],
+                                        "binned_val_loss": []}
         self.elapsed_s = 0.0
         self.lr_factor = 1.0  # halved by every rollback, on top of the decay schedule
         self.rollbacks: list[dict] = []
@@ -442,7 +451,38 @@ class Fitter:
     @property
     def scale(self) -> _Scale:
         """The sampling scale of the current epoch: binned during the first ``binned_epochs``."""
+        if self._scale_override is not None:
+            return self._scale_override
         return self.scales[-1] if self.epoch < self.binned_epochs else self.scales[0]
+
+    @contextlib.contextmanager
+    def _at_scale(self, scale: _Scale):
+        """Work at ``scale`` whatever the epoch (the validation of the binned epoch just fitted)."""
+        previous, self._scale_override = self._scale_override, scale
+        try:
+            yield
+        finally:
+            self._scale_override = previous
+
+    def _validate_binned_epoch(self) -> float:
+        """The held-out loss of the binned epoch just fitted, on the binned series; keeps the binned stage's best
+        state and counts the validations that did not improve on it (after the warm-up)."""
+        with self._at_scale(self.scales[-1]):
+            val = self._epoch_validation_loss(self.epoch_rolled_back)
+        if val < self.best_binned_val:
+            self.best_binned_val, self.best_binned_state, self.bad_binned_validations = val, self.snapshot(), 0
+        elif self.epoch > self.config.fit.warmup_epochs:
+            self.bad_binned_validations += 1
+        return val
+
+    def _end_binned_stage(self) -> None:
+        """End the binned stage now (at its planned end, or earlier when ``fit.patience`` validations in a row did
+        not improve its held-out loss: noisy data whose noise the volume starts to fit), going on unbinned from
+        its best state."""
+        if self.bad_binned_validations and self.best_binned_state is not None:
+            self.restore(self.best_binned_state)
+        self.binned_epochs = self.epoch
+        self.best_binned_state = None
 
     # ----------------------------------------------------------------- model pieces
     def _new_volume(self, grid_scale: float = 1.0) -> ImplicitVolume:
@@ -990,6 +1030,9 @@ class Fitter:
             "lr_factor": self.lr_factor,
             "rollbacks": self.rollbacks,
             "binned_epochs": self.binned_epochs,
+            "best_binned_val": self.best_binned_val,
+            "best_binned_state": self.best_binned_state,
+            "bad_binned_validations": self.bad_binned_validations,
             "tilt_axis_offset_deg": math.degrees(float(self.axis_offset.detach())),
             "tilt_gains": self.gains().detach().cpu().tolist(),
             "config": self.config.model_dump(mode="json"),
@@ -1016,6 +1059,9 @@ class Fitter:
         # The plan the fit started with (it depends on fit.epochs, which a resumed fit may change); checkpoints
         # written before binned epochs existed had none.
         self.binned_epochs = state.get("binned_epochs", 0)
+        self.best_binned_val = state.get("best_binned_val", math.inf)
+        self.best_binned_state = state.get("best_binned_state")
+        self.bad_binned_validations = state.get("bad_binned_validations", 0)
         self.scales = self._make_scales()
         for key in ("epoch", "step", "samples", "best_val", "best_state", "bad_validations", "curves", "elapsed_s"):
             setattr(self, key, state[key])
@@ -1078,22 +1124,28 @@ class Fitter:
                         ) from None
                     stop_reason = f"numerical failure: {failure}"
                     break
-                val_loss = math.nan
-                # Binned epochs are not validated: their loss is not comparable with the unbinned one's.
-                if ((self.epoch % fit.validate_every == 0 or self.epoch == fit.epochs) and fit.validation_fraction > 0
-                        and self.epoch > self.binned_epochs):
+                val_loss = binned_val_loss = math.nan
+                validate = (self.epoch % fit.validate_every == 0 or self.epoch == fit.epochs) \
+                    and fit.validation_fraction > 0
+                binned = self.epoch <= self.binned_epochs  # the epoch just fitted
+                if binned:
+                    # Its loss is not comparable with the unbinned one's: the binned stage stops on its own.
+                    if validate:
+                        binned_val_loss = self._validate_binned_epoch()
+                    if self.bad_binned_validations >= fit.patience or self.epoch == self.binned_epochs:
+                        self._end_binned_stage()
+                elif validate:
                     val_loss = self._epoch_validation_loss(self.epoch_rolled_back)
                     if val_loss < self.best_val:
                         self.best_val, self.best_state, self.bad_validations = val_loss, self.snapshot(), 0
                     elif self.epoch > fit.warmup_epochs:
                         self.bad_validations += 1
                 self.elapsed_s = time.monotonic() - t_start
-                for key, value in zip(self.curves, (self.epoch, train_loss, val_loss, self.elapsed_s)):
+                for key, value in zip(self.curves, (self.epoch, train_loss, val_loss, self.elapsed_s, binned_val_loss)):
                     self.curves[key].append(value)
                 if on_epoch is not None:
                     on_epoch({"epoch": self.epoch, "train_loss": train_loss, "val_loss": val_loss,
-                              "elapsed_s": self.elapsed_s, "samples": self.samples,
-                              "binned": self.epoch <= self.binned_epochs})
+                              "elapsed_s": self.elapsed_s, "samples": self.samples, "binned": binned})
                 if self.bad_validations >= fit.patience:
                     stop_reason = "early stopping (validation loss stopped improving)"
                     break
@@ -1122,8 +1174,10 @@ class Fitter:
         return self._result(stop_reason)
 
     def _result(self, stop_reason: str) -> FitResult:
-        if self.best_state is not None:
-            self.restore(self.best_state)
+        # The best unbinned state; a fit that ended within its binned stage returns that stage's best.
+        best = self.best_state if self.best_state is not None else self.best_binned_state
+        if best is not None:
+            self.restore(best)
         shifts = self.shifts.detach().cpu().numpy().astype(np.float64)
         residual, translation = remove_gauge(shifts, self.tilt_angles_deg)
         deformations = Deformations(
