@@ -651,7 +651,10 @@ def test_binned_epochs_come_first_and_are_validated_on_their_own(shifted_series,
         with pytest.raises(IcetideError, match="binned_epochs"):
             Fitter(series, _config(epochs=5, binned_epochs=2, **bad))
         assert Fitter(series, _config(epochs=500, binned_epochs=None, **bad)).binned_epochs == 0  # where it applies
-    assert Fitter(series, _config(epochs=500, binned_epochs=None)).binned_epochs == 80
+    planned = Fitter(series, _config(epochs=500, binned_epochs=None))
+    assert planned.binned_epochs == 80 and planned.level_epochs == 80  # the levels enter over the binned stage
+    assert Fitter(series, _config(epochs=500, binned_epochs=None, renderer="rays")).level_epochs == 0
+    assert Fitter(series, _config(epochs=500, binned_epochs=None, coarse_to_fine_epochs=6)).level_epochs == 6
     assert Fitter(series, _config(epochs=9, binned_epochs=None)).binned_epochs == 4  # at most half of the epochs
 
 

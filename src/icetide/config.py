@@ -129,10 +129,10 @@ class FitSettings(_Strict):
         "longer path through the specimen and carry less signal per pixel); weights have mean 1",
     )
     warmup_epochs: int = Field(5, ge=0, description="volume-only epochs before deformations are released")
-    coarse_to_fine_epochs: int = Field(
-        0, ge=0, description="release the encoding's levels from coarse to fine over this many epochs (BARF-style: "
+    coarse_to_fine_epochs: Optional[int] = Field(
+        None, ge=0, description="release the encoding's levels from coarse to fine over this many epochs (BARF-style: "
         "level l enters with weight (1 - cos(pi clamp(a - l, 0, 1))) / 2, a = 1 + (L - 1) epoch / this); 0 = every "
-        "level from the start",
+        "level from the start; None (auto): over the binned epochs planned (see binned_epochs; 0 where none are)",
     )
     local_delay_epochs: int = Field(
         40, ge=0, description="further epochs before the local fields are released (shifts and rotations first)"

@@ -13,6 +13,7 @@ the deformations keep their unbinned units (the binned pixel centres are deforme
 loss is not comparable with the unbinned one, so the binned stage has its own early stopping: it ends before its
 plan after ``patience`` binned validations without improvement (noisy data), and the fit goes on unbinned from
 the binned stage's best state; the best state and early stopping of the fit start with the first unbinned epoch.
+By default the encoding's levels enter one after another over the planned binned stage (``coarse_to_fine_epochs``).
 
 A step whose loss or gradient norm is not finite is skipped: the model and both optimisers go back to the
 "last good" state (taken after every completed epoch), every learning rate is halved for the rest of the fit,
@@ -94,7 +95,8 @@ HALF_GRID_SCALE = 1.13
 # (per-piece operations): 2**21 halved the epoch time at the paper's scale on an H200, for 2.2 GB more memory.
 RECOMPUTE_PIECE_VOXELS = 2**19
 # Binned epochs of fit.binned_epochs: None (docs/BENCHMARKS.md "Coarse-to-fine sampling": 80 against 0-120 on
-# three simulated problems; also checked on a larger volume, from -20 to 10 dB and on the real needle series).
+# three simulated problems; also checked on a larger volume, from -20 to 10 dB and on the real needle series,
+# alone and with the levels entering over them, fit.coarse_to_fine_epochs: None).
 DEFAULT_BINNED_EPOCHS = 80
 # Fraction of the memory available at start-up that a fit plans to use.
 AVAILABLE_FRACTION = 0.7
@@ -340,6 +342,8 @@ class Fitter:
         self.binned_epochs = self._plan_binned_epochs(
             config.ctf.correction == "model" and series.defocus_A is not None
         )
+        # The levels enter over the planned binned stage unless told otherwise (kept if that stage ends early).
+        self.level_epochs = self.binned_epochs if fit.coarse_to_fine_epochs is None else fit.coarse_to_fine_epochs
         self.memory_budget = memory_budget_bytes(self.device, fit.max_memory_gb)
         mixed = fit.precision == "mixed" and self.device.type == "cuda"
         recompute = fit.recompute_field and fit.renderer == "lattice"
@@ -724,9 +728,10 @@ class Fitter:
         return float(losses[good].mean()) if bool(good.any()) else math.nan
 
     def _set_level_weights(self, epoch: int) -> None:
-        """Weights of the encoding's levels during ``epoch`` (0-based) under ``fit.coarse_to_fine_epochs``:
-        the coarsest level from the start, the others entering one after another (BARF, Lin et al. 2021)."""
-        epochs = self.config.fit.coarse_to_fine_epochs
+        """Weights of the encoding's levels during ``epoch`` (0-based) under ``fit.coarse_to_fine_epochs`` (its
+        plan, ``level_epochs``): the coarsest level from the start, the others entering one after another (BARF,
+        Lin et al. 2021)."""
+        epochs = self.level_epochs
         if epochs == 0:
             return
         n_levels = self.volume.encoding.n_levels
@@ -1030,6 +1035,7 @@ class Fitter:
             "lr_factor": self.lr_factor,
             "rollbacks": self.rollbacks,
             "binned_epochs": self.binned_epochs,
+            "level_epochs": self.level_epochs,
             "best_binned_val": self.best_binned_val,
             "best_binned_state": self.best_binned_state,
             "bad_binned_validations": self.bad_binned_validations,
@@ -1059,6 +1065,7 @@ class Fitter:
         # The plan the fit started with (it depends on fit.epochs, which a resumed fit may change); checkpoints
         # written before binned epochs existed had none.
         self.binned_epochs = state.get("binned_epochs", 0)
+        self.level_epochs = state.get("level_epochs", self.config.fit.coarse_to_fine_epochs or 0)
         self.best_binned_val = state.get("best_binned_val", math.inf)
         self.best_binned_state = state.get("best_binned_state")
         self.bad_binned_validations = state.get("bad_binned_validations", 0)
@@ -1219,6 +1226,7 @@ class Fitter:
             "model_shape_zyx": list(self.model_shape_zyx),
             "lattice_rows": self.scales[0].lattice_rows if self.config.fit.renderer == "lattice" else None,
             "binned_epochs": self.binned_epochs,
+            "coarse_to_fine_epochs": self.level_epochs,
             "step_chunks": self.step_chunks,
             "memory_budget_mb": None if self.memory_budget is None else self.memory_budget / 2**20,
             "memory_events": self.memory_events,
