@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import gc
 import math
 import platform
@@ -216,22 +217,22 @@ def bin_by_two(images: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
     the unbinned one is) and is the average over a 2-pixel window there: a pair of pixels on an even axis,
     weights 1/4, 1/2, 1/4 on an odd one. ``reduce="any"`` (boolean masks): whether any pixel of the window is set.
     """
-    for dim in (-2, -1):
-        n = images.shape[dim]
-        m = n // 2
-        if m == 0:
-            raise ValueError(f"cannot bin an axis of {n} pixel by 2")
-        taps = [images.narrow(dim, i, 2 * m - 1).unfold(dim, 1, 2).squeeze(-1)
-                for i in range(2 + n % 2)]  # (m along dim) the window's pixels, left to right
-        if reduce == "any":
-            images = taps[0]
-            for tap in taps[1:]:
-                images = images | tap
-        elif n % 2 == 0:
-            images = (taps[0] + taps[1]) / 2
-        else:
-            images = taps[0] / 4 + taps[1] / 2 + taps[2] / 4
-    return images
+    binned_y = _bin_last_axis_by_two(images.transpose(-1, -2), reduce).transpose(-1, -2)
+    return _bin_last_axis_by_two(binned_y, reduce)
+
+
+def _bin_last_axis_by_two(images: torch.Tensor, reduce: str) -> torch.Tensor:
+    """:func:`bin_by_two` along the last axis only."""
+    n = images.shape[-1]
+    m = n // 2
+    if m == 0:
+        raise ValueError(f"cannot bin an axis of {n} pixel by 2")
+    taps = [images[..., i : i + 2 * m - 1 : 2] for i in range(2 + n % 2)]  # the window's pixels, left to right
+    if reduce == "any":
+        return functools.reduce(torch.logical_or, taps)
+    if n % 2 == 0:
+        return (taps[0] + taps[1]) / 2
+    return taps[0] / 4 + taps[1] / 2 + taps[2] / 4
 
 
 @dataclass

@@ -155,7 +155,7 @@ class ImplicitVolume(nn.Module):
 
     def _lattice_band(self, offset_vox: torch.Tensor, rows: slice, step: int) -> torch.Tensor:
         shape = tuple(n // step for n in self.box_shape_zyx)
-        features = self.encoding.forward_lattice(shape, offset_vox, rows, spacing_vox=None if step == 1 else step)
+        features = self.encoding.forward_lattice(shape, offset_vox, rows, spacing_vox=step)
         return self._density(features)
 
     @torch.no_grad()
