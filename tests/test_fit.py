@@ -672,3 +672,19 @@ def test_the_binned_stage_ends_early_at_its_best_state(shifted_series):
     assert torch.equal(fitter.shifts.detach(), kept[0]["shifts_px"])
     for name, value in fitter.volume.state_dict().items():
         assert torch.equal(value, kept[0]["volume"][name]), name
+
+
+@pytest.mark.parametrize("local, stopped_after", [(False, 3), (True, 6)])
+def test_early_stopping_counts_from_the_release_of_the_last_deformation(shifted_series, local, stopped_after):
+    """Held-out losses 1, then 2 forever, patience 2, warm-up 1 epoch: without local fields the fit stops after
+    epoch 3 (epochs 2 and 3 did not improve); with local fields released 3 epochs later (epoch 5), after epoch 6.
+    Either way the best state is epoch 1's."""
+    series, _ = shifted_series
+    config = _config(epochs=20, patience=2, warmup_epochs=1, local_delay_epochs=3)
+    config.deform = config.deform.model_copy(update={"local": local})
+    fitter = Fitter(series, config)
+    losses = iter([1.0] + [2.0] * 19)
+    fitter._epoch_validation_loss = lambda rolled_back: next(losses)
+    result = fitter.run()
+    assert result.report["epochs"] == stopped_after and result.report["best_epoch"] == 1
+    assert result.report["stop_reason"] == "early stopping (validation loss stopped improving)"

@@ -154,7 +154,10 @@ class FitSettings(_Strict):
         "jitter; no extra cost); pass, by a separate pass after the epoch (the rays renderer always does)",
     )
     validate_every: int = Field(1, ge=1, description="epochs between validations")
-    patience: int = Field(30, ge=1, description="validations without improvement before stopping")
+    patience: int = Field(
+        10, ge=1, description="validations without improvement before stopping, counted once every deformation is "
+        "released (after warmup_epochs and, with local fields, local_delay_epochs)",
+    )
     checkpoint_minutes: float = Field(5.0, gt=0)
     seed: int = 0
     device: str = "auto"

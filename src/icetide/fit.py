@@ -5,7 +5,8 @@ never interpolated) plus the deformation penalty of paper eq. 7 on the deviation
 deformations. Adam with one learning rate per parameter group (volume, shifts, rotations, local fields);
 deformations are frozen for ``warmup_epochs``; every learning rate is multiplied by ``lr_decay_factor`` every
 ``lr_decay_every`` epochs. A random ``validation_fraction`` of the pixels is held out; after each validation
-pass the best state so far is kept, and fitting stops after ``patience`` passes without improvement.
+pass the best state so far is kept, and fitting stops after ``patience`` passes without improvement, counted
+once every deformation is released (after ``warmup_epochs`` and, with local fields, ``local_delay_epochs``).
 
 Coarse-to-fine sampling (``binned_epochs``): the first epochs fit the series binned by 2 (:func:`bin_by_two`),
 predicted from the field on every other voxel, a quarter of the pixels and an eighth of the field evaluations;
@@ -340,6 +341,9 @@ class Fitter:
             interior[1:-1, 1:-1] = 1
             self.local.register_hook(lambda grad: grad * interior)
 
+        # Early stopping counts from the release of the last deformation on: the local fields, released late,
+        # can lower a held-out loss that had stopped improving without them (docs/BENCHMARKS.md "Early stopping").
+        self.release_epochs = fit.warmup_epochs + (fit.local_delay_epochs if dc.local else 0)
         self.binned_epochs = self._plan_binned_epochs(
             config.ctf.correction == "model" and series.defocus_A is not None
         )
@@ -1146,7 +1150,7 @@ class Fitter:
                     val_loss = self._epoch_validation_loss(self.epoch_rolled_back)
                     if val_loss < self.best_val:
                         self.best_val, self.best_state, self.bad_validations = val_loss, self.snapshot(), 0
-                    elif self.epoch > fit.warmup_epochs:
+                    elif self.epoch > self.release_epochs:
                         self.bad_validations += 1
                 self.elapsed_s = time.monotonic() - t_start
                 for key, value in zip(self.curves, (self.epoch, train_loss, val_loss, self.elapsed_s, binned_val_loss)):
