@@ -9,8 +9,8 @@ Default problem: the one of ``benchmarks/quality.py`` (128 x 128 x 48 phantom of
 paper profile, 10 dB). ``--phantom`` takes a ground-truth MRC instead (unbinned), ``--tilt-step 2`` gives 61
 tilts from -60 to +60 degrees, ``--volume paper`` the paper's encoding and MLP (8 x 4 features, 2**22 rows, base
 8, scale 2, MLP 3 x 64); ``--kernel``, ``--precision``, ``--recompute``, ``--max-memory``, ``--validation`` and
-``--binned-epochs`` are the ``fit`` settings ``kernel``, ``precision``, ``recompute_field``, ``max_memory_gb``,
-``validation`` and ``binned_epochs``. The fit
+``--binned-epochs``, ``--binned-bands`` are the ``fit`` settings ``kernel``, ``precision``, ``recompute_field``,
+``max_memory_gb``, ``validation``, ``binned_epochs`` and ``binned_bands``. The fit
 uses the default settings without early stopping (``patience`` beyond ``--epochs``; ``--minutes`` caps it) so
 the whole curve is seen; the volume is scored every ``--every`` epochs, or at the epochs of ``--score-epochs``,
 by :func:`icetide.experiments.epochs.cc_along_fit` (the ``icetide experiment epochs`` machinery; scoring time
@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--max-memory", type=float, default=None, help="fit.max_memory_gb")
     parser.add_argument("--validation", choices=["steps", "pass"], default="steps", help="fit.validation")
     parser.add_argument("--binned-epochs", type=int, default=None, help="fit.binned_epochs (default: auto)")
+    parser.add_argument("--binned-bands", type=int, default=2, help="fit.binned_bands")
     parser.add_argument("--plot", type=Path, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
@@ -88,7 +89,7 @@ def main() -> None:
                                    patience=args.epochs + 1, max_minutes=args.minutes, kernel=args.kernel,
                                    precision=args.precision, recompute_field=args.recompute,
                                    max_memory_gb=args.max_memory, validation=args.validation,
-                                   binned_epochs=args.binned_epochs)
+                                   binned_epochs=args.binned_epochs, binned_bands=args.binned_bands)
     if args.volume == "paper":
         paper = VolumeConfig.paper()
         config.volume = VolumeSettings(**{k: getattr(paper, k) for k in VolumeSettings.model_fields})
@@ -101,6 +102,7 @@ def main() -> None:
         "n_tilts": len(sim.tilt_angles_deg), "snr_db": acquisition.snr_db, "volume": args.volume,
         "kernel": args.kernel, "precision": args.precision, "recompute_field": args.recompute,
         "max_memory_gb": args.max_memory, "validation": args.validation, "binned_epochs": args.binned_epochs,
+        "binned_bands": args.binned_bands,
         "simulation_s": simulation_s, **result,
         "peak_memory": used.as_dict(), "machine": machine_info(args.device),
     }, indent=1))

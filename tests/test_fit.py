@@ -276,7 +276,14 @@ def test_an_epoch_covers_every_row_once_in_bands(shifted_series):
     fitter.run()
     groups = -(-len(series.tilt_angles_deg) // fitter.config.fit.tilts_per_step)
     assert fitter.step == 2 * len(steps) * groups
-    assert Fitter(series, _config(epochs=1))._epoch_bands() == [None]  # all rows fit: one band
+    # All rows fit in a band: one band, but fit.binned_bands (default 2) in a binned epoch.
+    fitter = Fitter(series, _config(epochs=4, binned_epochs=2))
+    steps = fitter._epoch_bands()
+    assert fitter.scale.factor == 2 and len(steps) == 2
+    assert sorted(r for s in steps for b in s for r in range(b.start, b.stop)) == list(range(ny // 2))
+    fitter.epoch = 2
+    assert fitter.scale.factor == 1 and fitter._epoch_bands() == [None]
+    assert Fitter(series, _config(epochs=4, binned_epochs=2, binned_bands=1))._epoch_bands() == [None]
 
 
 def test_a_band_step_warps_only_the_rows_that_can_see_the_band(shifted_series):

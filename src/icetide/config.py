@@ -145,6 +145,10 @@ class FitSettings(_Strict):
         "on unbinned from its best state; early stopping and the best state of the fit start after them. None "
         "(auto): 80 where binning applies, never more than half of epochs; else 0",
     )
+    binned_bands: int = Field(
+        2, ge=1, description="the binned epochs cut their rows into at least this many bands, one Adam step each: "
+        "more steps for the same field evaluations (2 against 1, 3 and 4 in docs/BENCHMARKS.md)",
+    )
     lr_decay_every: int = Field(60, ge=1, description="halve every learning rate every this many epochs")
     lr_decay_factor: float = Field(0.5, gt=0, le=1)
     validation_fraction: float = Field(0.05, ge=0, lt=0.5)

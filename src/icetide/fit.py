@@ -747,22 +747,30 @@ class Fitter:
             volume.level_weights = None if bool((weights == 1).all()) else weights
 
     def _epoch_bands(self) -> list[list[slice] | None]:
-        """The rows of each step of an epoch (lattice renderer, when one band cannot hold every row).
+        """The rows of each step of an epoch (lattice renderer): ``[None]`` (every row in one step) or bands.
 
-        The detector rows are cut into ``n = ceil(ny / lattice_rows)`` bands of equal height whose edges are
-        shifted by a random fraction of a band (so that band edges, where warped pixels fall outside the band
-        and are not scored, move from epoch to epoch); the two partial end pieces form one step together.
-        The steps come in random order; together they cover every row once. ``[None]`` (the whole detector,
-        or the rank's own band under torch.distributed) otherwise.
+        The rows (this rank's rows under torch.distributed) are cut into ``n`` bands of equal height, one Adam
+        step each: as many as bands of at most ``lattice_rows`` rows need (one process), and in a binned epoch
+        at least ``fit.binned_bands`` (more steps for the same field evaluations where a step is cheap and the
+        volume coarse; docs/BENCHMARKS.md "Bands of the binned epochs"). The band edges are shifted by a random
+        fraction of a band (so that band edges, where warped pixels fall outside the band and are not scored,
+        move from epoch to epoch); the two partial end pieces form one step together. The steps come in random
+        order; together they cover every row once.
         """
-        ny, rows = self.scale.shape[0], self.scale.lattice_rows
-        if self.config.fit.renderer != "lattice" or self.world > 1 or rows >= ny:
+        if self.config.fit.renderer != "lattice":
             return [None]
-        n = math.ceil(ny / rows)
+        rank_rows = self.scale.rank_rows
+        lo, hi = (0, self.scale.shape[0]) if rank_rows is None else (rank_rows.start, rank_rows.stop)
+        least = self.config.fit.binned_bands if self.scale.factor > 1 else 1
+        # Under torch.distributed a rank's rows beyond its memory are pieces of one step (_row_pieces), not steps.
+        needed = 1 if rank_rows is not None else math.ceil((hi - lo) / self.scale.lattice_rows)
+        n = min(hi - lo, max(least, needed))
+        if n <= 1:
+            return [None]
         shift = float(torch.rand((), generator=self.generator))
-        edges = [round((i + shift) * ny / n) for i in range(n)]
+        edges = [lo + round((i + shift) * (hi - lo) / n) for i in range(n)]
         steps = [[slice(a, b)] for a, b in zip(edges[:-1], edges[1:])]
-        steps.append([band for band in (slice(0, edges[0]), slice(edges[-1], ny)) if band.stop > band.start])
+        steps.append([band for band in (slice(lo, edges[0]), slice(edges[-1], hi)) if band.stop > band.start])
         return [steps[i] for i in torch.randperm(len(steps), generator=self.generator).tolist()]
 
     def _step_gradients(
@@ -792,7 +800,7 @@ class Fitter:
         count = torch.zeros((), device=self.device, dtype=torch.long)
         held_out = torch.zeros(2, dtype=torch.float64, device=self.device)
         mine, rank_rows = self._share(tilts)
-        pieces = self._row_pieces([rank_rows] if rank_rows is not None else bands)
+        pieces = self._row_pieces(bands if bands is not None or rank_rows is None else [rank_rows])
         for rows in pieces:
             for chunk in mine.tensor_split(max(1, min(self.step_chunks, len(mine)))):
                 if len(chunk) == 0:
