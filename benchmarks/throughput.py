@@ -16,6 +16,9 @@ variants. ``lattice_voxels_per_s`` is :meth:`ImplicitVolume.lattice` on the box
 (a band of ``--lattice-rows`` rows), forward and backward; ``sample_grid_voxels_per_s`` is
 :meth:`ImplicitVolume.sample_grid` of the whole box (no gradients). Each timing is the best of ``--repeats``
 runs after one warm-up, all variants interleaved so that other load on the machine hits them alike.
+On CPU, ``adam_fused_step_s`` / ``adam_default_step_s`` / ``adam_foreach_step_s`` time one Adam step over the
+volume's parameters (the fused kernel a CPU fit uses / PyTorch's default / its ``foreach`` variant) and
+``adam_fused_ratio`` is default over fused.
 ``peak_memory`` is the process's peak (CPU RSS; on CUDA also the allocator's peak) over the whole run.
 Defaults: CPU 2**18 points and a 48 x 128 x 128 box; CUDA 2**22 points and the paper's 180 x 512 x 512 box
 in bands of 86 rows (7.9 M voxels, what a fit evaluates per step there).
@@ -146,6 +149,23 @@ def lattice_throughput(cfg: VolumeConfig, box_zyx, rows: int | None, repeats: in
     return out
 
 
+def adam_step_times(cfg: VolumeConfig, box_zyx, repeats: int, device: torch.device) -> dict:
+    """Seconds per Adam step over the volume's parameters (random gradients), as a fit runs it (CPU: the fused
+    kernel) and with PyTorch's default implementation and its ``foreach`` one; 10 steps per timed run."""
+    params = list(ImplicitVolume.from_config(cfg, box_zyx).to(device).parameters())
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizers = {"fused": torch.optim.Adam(params, fused=True), "default": torch.optim.Adam(params, foreach=False),
+                  "foreach": torch.optim.Adam(params, foreach=True)}
+
+    def ten_steps(opt: torch.optim.Optimizer) -> Callable[[], None]:
+        return lambda: [opt.step() for _ in range(10)]
+
+    t = best_times({name: ten_steps(opt) for name, opt in optimizers.items()}, repeats, device)
+    return {"adam_parameters": sum(p.numel() for p in params), **{f"adam_{k}_step_s": v / 10 for k, v in t.items()},
+            "adam_fused_ratio": t["default"] / t["fused"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -167,6 +187,9 @@ def main() -> None:
         result.update(lattice_throughput(default, box, rows, args.repeats, device))
         result["paper"] = {"config": asdict(paper), **point_throughput(paper, box, n, args.repeats, device)}
         result["paper"].update(lattice_throughput(paper, box, rows, args.repeats, device))
+        if device.type == "cpu":
+            result.update(adam_step_times(default, box, args.repeats, device))
+            result["paper"].update(adam_step_times(paper, box, args.repeats, device))
     result["peak_memory"] = used.as_dict()
     result["machine"] = {
         "cpu_count": os.cpu_count(),

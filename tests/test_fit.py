@@ -73,6 +73,8 @@ def test_resume_continues_exactly(shifted_series, tmp_path):
     for a, b in zip(_parameters(straight), _parameters(resumed)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert straight.curves["train_loss"] == resumed.curves["train_loss"]
+    # On the CPU both optimisers take the fused Adam step, also after loading their state.
+    assert resumed.opt_volume.defaults["fused"] and all(g["fused"] for g in resumed.opt_deform.param_groups)
 
 
 def test_resume_refuses_other_settings(shifted_series, tmp_path):

@@ -374,7 +374,11 @@ class Fitter:
             points = self._evaluations_per_step() * point_bytes
             self.step_chunks = int(min(fit.tilts_per_step, max(1, math.ceil(points / max(step_budget, 1)))))
         self.memory_events: list[dict] = []
-        self.opt_volume = torch.optim.Adam([p for v in self.volumes for p in v.parameters()], lr=fit.lr_volume)
+        # Adam's fused kernel on the CPU: one pass over the 2 M table entries instead of one per elementwise
+        # operation (7x faster per step, docs/BENCHMARKS.md "Fused Adam on the CPU"); on CUDA the default one,
+        # whose host synchronisations were measured (none per step).
+        adam = functools.partial(torch.optim.Adam, fused=True) if self.device.type == "cpu" else torch.optim.Adam
+        self.opt_volume = adam([p for v in self.volumes for p in v.parameters()], lr=fit.lr_volume)
         if dc.offset:  # an intensity parameter: it learns with the volume, from the first epoch
             self.opt_volume.add_param_group({"params": [self.offset], "lr": fit.lr_offset, "name": "offset"})
         groups = []
@@ -388,7 +392,7 @@ class Fitter:
             groups.append({"params": [self.local], "lr": fit.lr_local_px, "name": "local"})
         if dc.gain:
             groups.append({"params": [self.log_gain], "lr": fit.lr_gain, "name": "gain"})
-        self.opt_deform = torch.optim.Adam(groups) if groups else None
+        self.opt_deform = adam(groups) if groups else None
         self.base_lrs = [g["lr"] for g in self.opt_volume.param_groups] + (
             [g["lr"] for g in self.opt_deform.param_groups] if self.opt_deform else []
         )
