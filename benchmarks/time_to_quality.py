@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--max-memory", type=float, default=None, help="fit.max_memory_gb")
     parser.add_argument("--validation", choices=["steps", "pass"], default="steps", help="fit.validation")
     parser.add_argument("--binned-epochs", type=int, default=None, help="fit.binned_epochs (default: auto)")
-    parser.add_argument("--binned-bands", type=int, default=2, help="fit.binned_bands")
+    parser.add_argument("--binned-bands", type=int, default=None, help="fit.binned_bands (default: the fit's)")
     parser.add_argument("--plot", type=Path, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
@@ -89,7 +89,8 @@ def main() -> None:
                                    patience=args.epochs + 1, max_minutes=args.minutes, kernel=args.kernel,
                                    precision=args.precision, recompute_field=args.recompute,
                                    max_memory_gb=args.max_memory, validation=args.validation,
-                                   binned_epochs=args.binned_epochs, binned_bands=args.binned_bands)
+                                   binned_epochs=args.binned_epochs,
+                                   **({} if args.binned_bands is None else {"binned_bands": args.binned_bands}))
     if args.volume == "paper":
         paper = VolumeConfig.paper()
         config.volume = VolumeSettings(**{k: getattr(paper, k) for k in VolumeSettings.model_fields})
@@ -102,7 +103,7 @@ def main() -> None:
         "n_tilts": len(sim.tilt_angles_deg), "snr_db": acquisition.snr_db, "volume": args.volume,
         "kernel": args.kernel, "precision": args.precision, "recompute_field": args.recompute,
         "max_memory_gb": args.max_memory, "validation": args.validation, "binned_epochs": args.binned_epochs,
-        "binned_bands": args.binned_bands,
+        "binned_bands": config.fit.binned_bands,
         "simulation_s": simulation_s, **result,
         "peak_memory": used.as_dict(), "machine": machine_info(args.device),
     }, indent=1))
