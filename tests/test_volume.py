@@ -165,7 +165,7 @@ def test_forward_lattice_equals_forward_on_the_lattice_points(kernel):
     offset = torch.tensor([0.3, -0.45, 0.2], dtype=torch.float64)
     rows = slice(3, 9)
     lattice = enc.forward_lattice(BOX, offset, rows)
-    assert lattice.shape == (nz, 6, nx, enc.output_dim)
+    assert lattice.shape == (enc.output_dim, nz, 6, nx) and lattice.is_contiguous()
     z, y, x = torch.meshgrid(
         centered_coords(nz, dtype=torch.float64),
         centered_coords(ny, dtype=torch.float64)[rows],
@@ -174,9 +174,9 @@ def test_forward_lattice_equals_forward_on_the_lattice_points(kernel):
     )
     points = box_to_unit(torch.stack([x, y, z], -1).reshape(-1, 3) + offset, BOX)
     points_out = enc(points)
-    torch.testing.assert_close(lattice.reshape(-1, enc.output_dim), points_out, rtol=0, atol=1e-12)
+    torch.testing.assert_close(lattice.reshape(enc.output_dim, -1).t(), points_out, rtol=0, atol=1e-12)
     g = torch.randn_like(points_out)
-    (grad_lattice,) = torch.autograd.grad(lattice.reshape(-1, enc.output_dim), enc.table, g)
+    (grad_lattice,) = torch.autograd.grad(lattice.reshape(enc.output_dim, -1).t(), enc.table, g)
     (grad_points,) = torch.autograd.grad(points_out, enc.table, g)
     torch.testing.assert_close(grad_lattice, grad_points, rtol=0, atol=1e-10)
 
@@ -184,7 +184,8 @@ def test_forward_lattice_equals_forward_on_the_lattice_points(kernel):
 def test_forward_lattice_rows_and_empty_inputs():
     enc = _encoding()
     offset = torch.zeros(3, dtype=torch.float64)
-    torch.testing.assert_close(enc.forward_lattice(BOX, offset, slice(4, 20)), enc.forward_lattice(BOX, offset)[:, 4:])
+    torch.testing.assert_close(enc.forward_lattice(BOX, offset, slice(4, 20)),
+                               enc.forward_lattice(BOX, offset)[:, :, 4:])
     for bad in (slice(5, 5), slice(0, 12, 2)):
         with pytest.raises(ValueError):
             enc.forward_lattice(BOX, offset, bad)
@@ -202,6 +203,29 @@ def test_mlp_layers():
     mlp = MLP(16, hidden=8, n_hidden_layers=3)
     assert [type(m).__name__ for m in mlp] == ["Linear", "ReLU"] * 3 + ["Linear"]
     assert mlp(torch.zeros(5, 16)).shape == (5, 1)
+
+
+@pytest.mark.parametrize("n", [7, 40000])  # one piece; several CPU chunks (_CHUNK_ROWS)
+def test_mlp_channels_first_and_input_scale_match_the_row_layout(n):
+    torch.manual_seed(0)
+    mlp = MLP(6, hidden=8, n_hidden_layers=2).double()
+    x = torch.randn(n, 6, dtype=torch.float64, requires_grad=True)
+    scale = torch.tensor([1.0, 0.0, 0.5, 1.0, 0.25, 0.0], dtype=torch.float64)
+    expected = mlp(x * scale)  # the scale applied to the features themselves
+    g = torch.randn_like(expected)
+    grads = torch.autograd.grad(expected, [x, *mlp.parameters()], g)
+    x_cf = x.detach().t().reshape(6, n, 1).requires_grad_()  # channels first, one trailing axis
+    for name, out, inputs in (
+        ("rows", mlp(x, scale), x),
+        ("channels first", mlp.forward_channels_first(x_cf, scale).reshape(1, n).t(), x_cf),
+    ):
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-12, msg=name)
+        got = torch.autograd.grad(out, [inputs, *mlp.parameters()], g)
+        torch.testing.assert_close(got[0].reshape(-1, n).t() if inputs is x_cf else got[0], grads[0], rtol=0,
+                                   atol=1e-12, msg=name)
+        for a, b in zip(got[1:], grads[1:]):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=name)
+    assert grads[0][:, 1].abs().max() == 0  # a feature of weight 0 gets no gradient
 
 
 def test_implicit_volume_forward_and_lattice_agree():

@@ -31,8 +31,10 @@ straightforward autograd version, kept as the baseline that the tests and ``benc
 compare against.
 
 On a regular lattice (:meth:`HashEncoding.forward_lattice`) a dense level is a separable resampling of its
-vertex grid: three small matrix products (``tensordot`` with ``(m, G)`` interpolation matrices per axis),
-about 7x faster than ``grid_sample`` on CPU; hashed levels go through the point path.
+vertex grid: three matrix products with ``(m, G)`` interpolation matrices, one per axis, about 7x faster than
+``grid_sample`` on CPU; hashed levels go through the point path. The lattice's features come channels first,
+``(L * F, nz, ny, nx)``: the products then leave each level's block contiguous, joining the levels is a plain
+copy, and the MLP reads every feature as one contiguous row (:meth:`icetide.volume.MLP.forward_channels_first`).
 """
 
 from __future__ import annotations
@@ -508,15 +510,17 @@ class HashEncoding(nn.Module):
         rows: slice | None = None,
         spacing_vox: float | None = None,
     ) -> torch.Tensor:
-        """Encoding of every point (+ ``offset_vox``) of a lattice of shape ``shape_zyx`` centred on the box.
+        """Encoding of every point (+ ``offset_vox``) of a lattice of shape ``shape_zyx`` centred on the box,
+        channels first.
 
         ``spacing_vox``: distance between lattice points in voxels of the box; by default the box over
         ``shape_zyx``, so that the lattice's cells tile the box (``shape_zyx`` is usually the box itself, its
         voxel centres; another shape samples the same box on a finer or coarser lattice). A spacing of 2 with
         half the box's shape is every other voxel, as a fit binned by 2 sees it. ``offset_vox``: ``(3,)`` in
         ``(x, y, z)``, in units of the spacing (the renderer's random sub-voxel shift). ``rows``: a band
-        ``start:stop`` of y indices (all rows if None). Returns channels-last ``(nz, n_rows, nx, L * F)``, equal
-        to :meth:`forward` at those points.
+        ``start:stop`` of y indices (all rows if None). Returns a contiguous ``(L * F, nz, n_rows, nx)``, whose
+        ``[:, k, j, i]`` equals :meth:`forward` at point ``(i, j, k)`` of the lattice (channels first: see the
+        module docstring).
         """
         nz, ny, nx = shape_zyx
         start, stop, step = (rows or slice(None)).indices(ny)
@@ -546,25 +550,20 @@ class HashEncoding(nn.Module):
             zz, yy, xx = torch.meshgrid(axes[2], axes[1], axes[0], indexing="ij")
             points = torch.stack([xx, yy, zz], -1).reshape(-1, 3)
             hashed = self._encode_points(points, (self._hashed_group,), hashed_table)
-            parts.append(hashed.view(*zz.shape, -1))
-        return torch.cat(parts, -1)
+            parts.append(hashed.t().reshape(-1, *zz.shape))
+        return torch.cat(parts, 0)
 
     def _dense_level_on_lattice(self, lv: Level, table: torch.Tensor, unit_axes: list[torch.Tensor]) -> torch.Tensor:
         """Dense level ``lv`` (its rows ``table``) resampled separably on the lattice with axes ``unit_axes``
-        (x, y, z): ``(nz, ny, nx, F)``."""
+        (x, y, z): contiguous ``(F, nz, ny, nx)``."""
         gx, gy, gz = lv.vertices_xyz
-        grid = table.view(gz, gy, gx, self.n_features)
-        weights = [
-            self._axis_weights(unit_axes[a], lv.resolution_xyz[a], lv.vertices_xyz[a]) for a in range(3)
-        ]  # (m_a, G_a) for x, y, z
-        # Contract the three grid axes (grid dims 2, 1, 0 for x, y, z) in the cheapest order.
-        sizes = {0: (gz, len(unit_axes[2])), 1: (gy, len(unit_axes[1])), 2: (gx, len(unit_axes[0]))}
-        labels = [0, 1, 2, 3]  # grid dims z, y, x, feature
-        for dim in _contraction_order(sizes):
-            pos = labels.index(dim)
-            grid = torch.tensordot(grid, weights[2 - dim], dims=([pos], [1]))
-            labels.append(labels.pop(pos))
-        return grid.permute([labels.index(d) for d in range(4)])
+        wx, wy, wz = (self._axis_weights(unit_axes[a], lv.resolution_xyz[a], lv.vertices_xyz[a]) for a in range(3))
+        # Each product contracts the leading grid axis of a contiguous tensor and appends the lattice axis
+        # last, so no operand is ever copied: (z, y, x, F) -> (y, x, F, nz) -> (x, F, nz, ny) -> (F, nz, ny, nx).
+        grid = table.reshape(gz, gy * gx * self.n_features).t() @ wz.t()
+        grid = grid.view(gy, -1).t() @ wy.t()
+        grid = grid.view(gx, -1).t() @ wx.t()
+        return grid.view(self.n_features, len(unit_axes[2]), len(unit_axes[1]), len(unit_axes[0]))
 
     def _axis_weights(self, unit: torch.Tensor, resolution: float, vertices: int) -> torch.Tensor:
         """Interpolation matrix ``(m, G)`` from a level's ``G`` vertices to ``m`` unit coordinates on one axis."""
@@ -574,20 +573,6 @@ class HashEncoding(nn.Module):
         lower = i0.long()[:, None]
         w = torch.zeros(len(unit), vertices, dtype=unit.dtype, device=unit.device)
         return w.scatter(1, lower, (1 - s)[:, None]).scatter(1, lower + 1, s[:, None])
-
-
-def _contraction_order(sizes: dict[int, tuple[int, int]]) -> tuple[int, ...]:
-    """Order of contracting grid dims ``{dim: (grid size, output size)}`` with the fewest multiply-adds."""
-
-    def cost(order: tuple[int, ...]) -> int:
-        current = {d: g for d, (g, _) in sizes.items()}
-        total = 0
-        for d in order:
-            total += math.prod(current.values()) * sizes[d][1]
-            current[d] = sizes[d][1]
-        return total
-
-    return min(itertools.permutations(sizes), key=cost)
 
 
 class _PointLookup(torch.autograd.Function):

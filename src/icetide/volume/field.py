@@ -90,16 +90,19 @@ class ImplicitVolume(nn.Module):
         self.mixed_precision = mixed_precision
         return self
 
-    def _density(self, features: torch.Tensor) -> torch.Tensor:
-        """The MLP's output ``(...)`` float32 for encoded ``features`` ``(..., L * F)``."""
+    def _density(self, features: torch.Tensor, channels_first: bool = False) -> torch.Tensor:
+        """The MLP's output float32 for encoded ``features``: ``(...)`` for ``(..., L * F)``, or for
+        ``(L * F, ...)`` with ``channels_first`` (a lattice's features)."""
+        scale = None
         if self.level_weights is not None:
-            n_features = self.encoding.n_features
-            features = features * self.level_weights[:, None].expand(-1, n_features).reshape(-1)
+            scale = self.level_weights.repeat_interleave(self.encoding.n_features)
+        mlp = self.mlp.forward_channels_first if channels_first else self.mlp
+        channel = 0 if channels_first else -1
         if self.mixed_precision and features.is_cuda:
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = self.mlp(features)
-            return out.squeeze(-1).float()
-        return self.mlp(features).squeeze(-1)
+                out = mlp(features, scale)
+            return out.squeeze(channel).float()
+        return mlp(features, scale).squeeze(channel)
 
     @classmethod
     def from_config(cls, config: VolumeConfig, box_shape_zyx: tuple[int, int, int]) -> "ImplicitVolume":
@@ -156,7 +159,7 @@ class ImplicitVolume(nn.Module):
     def _lattice_band(self, offset_vox: torch.Tensor, rows: slice, step: int) -> torch.Tensor:
         shape = tuple(n // step for n in self.box_shape_zyx)
         features = self.encoding.forward_lattice(shape, offset_vox, rows, spacing_vox=step)
-        return self._density(features)
+        return self._density(features, channels_first=True)
 
     @torch.no_grad()
     def sample_grid(
@@ -182,5 +185,5 @@ class ImplicitVolume(nn.Module):
         for start in range(0, ny, rows_per_band):
             band = slice(start, min(start + rows_per_band, ny))
             features = encoding.forward_lattice((nz, ny, nx), offset, band)
-            out[:, band] = module._density(features).float().cpu()
+            out[:, band] = module._density(features, channels_first=True).float().cpu()
         return out
