@@ -16,6 +16,8 @@ variants. ``lattice_voxels_per_s`` is :meth:`ImplicitVolume.lattice` on the box
 (a band of ``--lattice-rows`` rows), forward and backward; ``sample_grid_voxels_per_s`` is
 :meth:`ImplicitVolume.sample_grid` of the whole box (no gradients). Each timing is the best of ``--repeats``
 runs after one warm-up, all variants interleaved so that other load on the machine hits them alike.
+``mlp_columns_s`` / ``mlp_rows_s`` time the default MLP alone, forward and backward, on the features of every voxel
+of the box, channels first (what the lattice path runs) and channels last (what the points path runs).
 On CPU, ``adam_fused_step_s`` / ``adam_default_step_s`` / ``adam_foreach_step_s`` time one Adam step over the
 volume's parameters (the fused kernel a CPU fit uses / PyTorch's default / its ``foreach`` variant) and
 ``adam_fused_ratio`` is default over fused.
@@ -149,6 +151,29 @@ def lattice_throughput(cfg: VolumeConfig, box_zyx, rows: int | None, repeats: in
     return out
 
 
+def mlp_layout_times(cfg: VolumeConfig, box_zyx, repeats: int, device: torch.device) -> dict:
+    """Seconds of the MLP alone, forward + backward, on the features of every voxel of the box: channels first
+    (``MLP.forward_channels_first``, what the lattice path runs) and channels last (``MLP.forward``, the points
+    path)."""
+    mlp = ImplicitVolume.from_config(cfg, box_zyx).to(device).mlp
+    n = box_zyx[0] * box_zyx[1] * box_zyx[2]
+    columns = torch.randn(mlp[0].in_features, n, device=device, requires_grad=True)
+    rows = columns.detach().t().contiguous().requires_grad_()
+    grad = torch.randn(1, n, device=device)
+
+    def step(forward: Callable[[], torch.Tensor], out_grad: torch.Tensor) -> Callable[[], None]:
+        def run() -> None:
+            mlp.zero_grad(set_to_none=True)
+            columns.grad = rows.grad = None
+            forward().backward(out_grad)
+
+        return run
+
+    t = best_times({"columns": step(lambda: mlp.forward_channels_first(columns), grad),
+                    "rows": step(lambda: mlp(rows), grad.t())}, repeats, device)
+    return {"mlp_columns_s": t["columns"], "mlp_rows_s": t["rows"]}
+
+
 def adam_step_times(cfg: VolumeConfig, box_zyx, repeats: int, device: torch.device) -> dict:
     """Seconds per Adam step over the volume's parameters (random gradients), as a fit runs it (CPU: the fused
     kernel) and with PyTorch's default implementation and its ``foreach`` one; 10 steps per timed run."""
@@ -187,6 +212,7 @@ def main() -> None:
         result.update(lattice_throughput(default, box, rows, args.repeats, device))
         result["paper"] = {"config": asdict(paper), **point_throughput(paper, box, n, args.repeats, device)}
         result["paper"].update(lattice_throughput(paper, box, rows, args.repeats, device))
+        result.update(mlp_layout_times(default, box, args.repeats, device))
         if device.type == "cpu":
             result.update(adam_step_times(default, box, args.repeats, device))
             result["paper"].update(adam_step_times(paper, box, args.repeats, device))
