@@ -53,6 +53,22 @@ def test_every_split_over_threads_gives_the_pytorch_path(threads, n_levels):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("n_points", [1, 7, 8, 9, 1001])
+@pytest.mark.parametrize("ahead", [True, False])
+def test_rows_requested_ahead_give_the_pytorch_path(monkeypatch, n_points, ahead):
+    """The kernels stage each point's cell ``_AHEAD`` points before its turn: fewer points than that, exactly that
+    many, one more and many. The table gradient is added that way in the levels larger than ``_PREFETCH_BYTES``:
+    here every level or none."""
+    assert cpu_encoding._AHEAD == 8
+    monkeypatch.setattr(cpu_encoding, "_PREFETCH_BYTES", 0 if ahead else 1 << 62)
+    fast, slow = _pair()
+    torch.manual_seed(3)
+    x = torch.rand(n_points, 3, dtype=torch.float64) * 1.2 - 0.1
+    grad = torch.randn(n_points, fast.output_dim, dtype=torch.float64)
+    for a, b in zip(_values_and_gradients(fast, x, grad), _values_and_gradients(slow, x, grad)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
 def test_float32_tables_agree_with_the_pytorch_path():
     fast, slow = _pair(n_features=2)
     fast.float(), slow.float()
