@@ -50,7 +50,7 @@ def prepare(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     write_mrc(folder / "ts.mrc", images - vacuum[:, None, None], PIXEL_SIZE_A, stack=True)
     write_tlt(folder / "ts.tlt", angles)
-    (folder / "fit.yaml").write_text("deform: {axis_offset: true}\nfit: {tilts_per_step: 80}\n")
+    (folder / "fit.yaml").write_text("deform: {axis_offset: true, axis_search: profiles}\nfit: {tilts_per_step: 80}\n")
     print(json.dumps({"prepared": str(folder), "n_tilts": len(angles), "vacuum_level": float(vacuum.mean())}))
 
 

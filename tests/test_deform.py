@@ -177,3 +177,15 @@ def test_smoothness_penalty_is_the_mean_squared_step_and_ignores_a_common_shift(
     assert float(smoothness_penalty(shifts + torch.tensor([7.0, -2.0], dtype=torch.float64))) == pytest.approx(12.5)
     assert float(smoothness_penalty(shifts[:1])) == 0.0
     assert torch.autograd.gradcheck(smoothness_penalty, (shifts.requires_grad_(),))
+
+
+def test_scaled_deformations_keep_rotations_and_scale_pixels():
+    d = Deformations.identity([0.0, 30.0], (10, 12), (3, 3))
+    d.shifts_px = np.array([[1.0, -2.0], [0.5, 0.25]])
+    d.angles_deg = np.array([4.3, 4.0])
+    d.local_px[:] = 0.5
+    up = d.scaled(2, (20, 24))
+    np.testing.assert_array_equal(up.shifts_px, 2 * d.shifts_px)
+    np.testing.assert_array_equal(up.angles_deg, d.angles_deg)
+    np.testing.assert_array_equal(up.local_px, 2 * d.local_px)
+    assert up.detector_shape == (20, 24)

@@ -443,6 +443,27 @@ def test_intensity_offset_is_recovered(shifted_series):
     assert report["intensity_offset"] == pytest.approx(4 * spread, rel=0.1)
 
 
+def test_per_tilt_intensity_levels_are_recovered(shifted_series):
+    """Each tilt stored on its own level (0 to 3 standard deviations): the levels come back, one per tilt."""
+    series, _ = shifted_series
+    spread = float(np.std(series.images))
+    levels = np.linspace(0, 3, len(ANGLES)) * spread
+    shifted = TiltSeries(series.images + levels[:, None, None].astype(np.float32), ANGLES)
+    config = _config(epochs=40, patience=40, lr_offset=0.2)
+    config.deform.offset = "per_tilt"
+    config.deform.shifts = False
+    report = Fitter(shifted, config).run().report
+    found = np.asarray(report["intensity_offset"])
+    assert found.shape == (len(ANGLES),)
+    # A constant density c projects to c t / cos(theta): it trades with levels a + b / cos(theta), which the
+    # data cannot tell apart; the rest of the levels must come back.
+    basis = np.stack([np.ones(len(ANGLES)), 1 / np.cos(np.deg2rad(ANGLES))], axis=1)
+    error = found - levels
+    residual = error - basis @ np.linalg.lstsq(basis, error, rcond=None)[0]
+    assert np.abs(residual).max() < 0.25 * spread  # of levels spanning 3 spreads
+    assert np.corrcoef(found, levels)[0, 1] > 0.95
+
+
 def test_cos_tilt_weighting_weights_each_tilt_by_its_cosine(shifted_series):
     series, _ = shifted_series
     fitter = Fitter(series, _config(epochs=1, tilt_weighting="cos"))

@@ -152,10 +152,37 @@ def test_search_tilt_axis_moves_the_series_axis_only_to_an_estimate_inside_the_r
     from icetide import TiltSeries
     from icetide.reconstruct import search_tilt_axis
 
+    from icetide.config import parse_config
+
+    def profiles(search_deg):
+        return parse_config({"deform": {"axis_search_deg": search_deg, "axis_search": "profiles"}})
+
     series = TiltSeries(_isolated_object_about(2.6), ANGLES, tilt_axis_angle_deg=0.5)
-    found, entry = search_tilt_axis(series, 4.0)
+    found, entry = search_tilt_axis(series, profiles(4.0))
     assert entry["used"] and found.tilt_axis_angle_deg == pytest.approx(2.6, abs=0.3)
     assert entry["misfit_contrast"] > 0.5  # a sharp minimum for an isolated object
     assert series.tilt_axis_angle_deg == 0.5  # the input is not changed
-    kept, entry = search_tilt_axis(TiltSeries(series.images, ANGLES, tilt_axis_angle_deg=-2.0), 1.0)
+    kept, entry = search_tilt_axis(TiltSeries(series.images, ANGLES, tilt_axis_angle_deg=-2.0), profiles(1.0))
     assert not entry["used"] and kept.tilt_axis_angle_deg == -2.0 and "edge of the search" in entry["note"]
+
+
+def _beads_in_a_slab_about(psi_deg: float) -> np.ndarray:
+    """A specimen filling the field (crowded phantom) with dense beads on its two surfaces, seen about an axis
+    psi degrees from the image Y axis, drifting, 10 dB: where the profiles along the axis cannot be used."""
+    volume = crowded_phantom((32, 80, 80), seed=5)
+    rng = np.random.default_rng(4)
+    for z in (3, 28):
+        for y, x in rng.integers(8, 72, (10, 2)):
+            volume[z - 1 : z + 2, y - 1 : y + 2, x - 1 : x + 2] += 6.0
+    m = len(ANGLES)
+    true = Deformations(ANGLES, rng.uniform(-4, 4, (m, 2)), np.full(m, -psi_deg), np.zeros((m, 2, 2, 2)), (80, 80))
+    return simulate_tilt_series(volume, ANGLES, deformations=true, snr_db=10, seed=3, samples_per_voxel=1.0).noisy
+
+
+def test_tilt_axis_from_the_sharpness_of_the_coarsely_aligned_tomogram():
+    from icetide.prealign import estimate_tilt_axis_by_sharpness
+
+    found = estimate_tilt_axis_by_sharpness(_beads_in_a_slab_about(1.5), ANGLES, start_deg=-1.0, search_deg=4.0,
+                                            thickness=32)
+    assert found["tilt_axis_angle_deg"] == pytest.approx(1.5, abs=0.5)
+    assert len(found["sharpness"]) == len(found["candidates_deg"]) == 17

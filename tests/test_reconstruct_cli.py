@@ -212,7 +212,8 @@ def test_tilt_axis_search_is_reported(series_files, tmp_path):
                   "--config", f / "tiny.yaml", "--tilt-axis-angle", "1", "--tilt-axis-search", "2")
     assert result.exit_code == 0, result.output
     found = json.loads((out / "report.json").read_text())["tilt_axis_search"]
-    assert found["start_deg"] == 1.0 and found["search_deg"] == 2.0 and len(found["misfit"]) == 9
+    assert found["start_deg"] == 1.0 and found["search_deg"] == 2.0 and len(found["sharpness"]) == 9
+    assert found["method"] == "sharpness"
     assert "tilt axis:" in result.output
     assert "axis_search_deg: 2.0" in (out / "config.yaml").read_text()
 
@@ -368,3 +369,55 @@ def test_ctf_correction_model_from_the_command_line(series_files, tmp_path):
     assert result.exit_code == 0, result.output
     assert json.loads((out / "report.json").read_text())["optics"]["correction"] == "model"
     assert "correction: model" in (out / "config.yaml").read_text()
+
+
+def test_bin_fits_the_binned_stack_and_writes_the_alignment_in_input_pixels(series_files, tmp_path):
+    f = series_files
+    shape = (12, 40, 36)
+    write_series(tmp_path / "big.mrc", crowded_phantom(shape, seed=2), seed=0, voxel_size_A=8.0)
+    out = tmp_path / "rec"
+    result = _run("reconstruct", tmp_path / "big.mrc", "--angles", tmp_path / "big.tlt", "-o", out, "--bin", 2,
+                  "--thickness", 6, "--epochs", 2, "--config", f / "tiny.yaml", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    tomogram, voxel = read_mrc(out / "tomogram.mrc")
+    assert tomogram.shape == (6, 20, 18) and voxel == pytest.approx(16.0)
+    assert read_mrc(out / "aligned.mrc")[0].shape == (len(ANGLES), 20, 18)
+    est = read_deformations(out / "deformations.json")
+    assert est.detector_shape == shape[1:]  # the input stack's pixels
+    report = json.loads((out / "report.json").read_text())
+    assert report["bin"] == 2 and report["input"]["fit_detector_shape"] == [20, 18]
+    np.testing.assert_allclose(-read_xf(out / "alignment.xf")[:, :, 2], est.shifts_px, atol=1e-3)
+    # the fit started from its coarse alignment and checked itself against it on the even/odd-tilt FSC
+    check = report["start_check"]
+    assert check["kept"] in ("fit", "start") and np.isfinite(check["start_score"])
+    assert (check["kept"] == "fit") == (check["fit_score"] >= check["start_score"])
+
+
+def test_progress_is_printed_as_plain_lines_when_the_output_is_not_a_terminal(series_files, tmp_path):
+    f = series_files
+    result = _run("reconstruct", f / "ts.mrc", "--angles", f / "ts.tlt", "-o", tmp_path / "rec", "--thickness", 12,
+                  "--epochs", 3, "--config", f / "tiny.yaml", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("epoch ")]
+    assert lines[0].startswith("epoch 1/3") and lines[-1].startswith("epoch 3/3")
+    assert "loss" in lines[0] and "s left" in lines[0]
+
+
+def test_log_lines_are_spaced_by_epochs_or_seconds():
+    from icetide.cli.reconstruct_cmd import log_lines
+
+    now = [0.0]
+    printed = []
+    import icetide.cli.reconstruct_cmd as cmd
+
+    original = cmd.console.print
+    cmd.console.print = lambda text, **kw: printed.append(text)
+    try:
+        on_epoch = log_lines(100, None, every_epochs=10, every_s=30.0, clock=lambda: now[0])
+        for epoch in range(1, 26):
+            now[0] = epoch * 1.0 if epoch < 15 else 100.0 + epoch
+            on_epoch({"epoch": epoch, "train_loss": 0.5, "val_loss": float("nan"), "elapsed_s": now[0]})
+    finally:
+        cmd.console.print = original
+    epochs = [int(t.split()[1].split("/")[0]) for t in printed]
+    assert epochs == [1, 11, 15, 25]  # every 10 epochs, and at once after 30 s without a line

@@ -19,14 +19,19 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import IcetideError
 
 __all__ = [
-    "VolumeSettings", "DeformSettings", "FitSettings", "CtfSettings", "ReconstructConfig",
+    "VolumeSettings", "DeformSettings", "FitSettings", "CtfSettings", "IntensitySettings", "ReconstructConfig",
     "load_config", "parse_config", "save_config",
 ]
+
+
+# The high-pass of images recorded on a level when none is set (IntensitySettings.highpass_A): on EMPIAR-10499 at
+# 20 A, 150 A and 1200 A left shift errors of 4.5 and 10 px where 300 A gave 3.3 (docs/REAL_DATA.md).
+AUTO_HIGHPASS_A = 300.0
 
 
 class _Strict(BaseModel):
@@ -61,21 +66,33 @@ class DeformSettings(_Strict):
         False, description="estimate one intensity gain per tilt (exposure or detector drift across the series); "
         "the gains have geometric mean 1, the volume carries the overall scale",
     )
-    offset: bool = Field(
-        False, description="estimate one additive intensity offset common to all tilts (a detector or vacuum level "
-        "the data were stored with: the model has no density outside the specimen, so a constant in the images "
-        "cannot be explained otherwise)",
+    offset: Literal["none", "common", "per_tilt"] = Field(
+        "none", description="additive intensity level of the predicted images: none (the images hold the "
+        "projections alone; raw images are made zero-mean first, see intensity.levels), common (one for the whole "
+        "series, a detector or vacuum level) or per_tilt (one per tilt; it lowered the CC at -10 dB and had no "
+        "consistent effect on EMPIAR-10499, docs/BENCHMARKS.md \"Raw-data defaults\")",
     )
+
+    @field_validator("offset", mode="before")
+    @classmethod
+    def _offset_from_bool(cls, value):
+        # Configs written before the per-tilt offset said true / false.
+        return {True: "common", False: "none"}.get(value, value) if isinstance(value, bool) else value
     prealign: bool = Field(
         True, description="start the shifts from a coarse cross-correlation alignment (tiltxcorr-like) when no "
         "starting alignment is given",
     )
     axis_search_deg: float = Field(
-        0.0, ge=0, le=45, description="before the fit, search the tilt axis' direction within +- this many degrees "
-        "of tilt_axis_angle_deg by the consistency of the profiles along it (icetide.prealign.estimate_tilt_axis; "
-        "common lines), and start from the estimate; 0 = off. It needs the specimen inside the field of view "
-        "across the axis (an isolated object, a needle; not a slab filling the view), and is not used with a "
-        "starting alignment",
+        4.0, ge=0, le=45, description="before the fit, search the tilt axis' direction within +- this many degrees "
+        "of tilt_axis_angle_deg (see axis_search) and start from the estimate; 0 = off. Not used with a starting "
+        "alignment (it holds the axis)",
+    )
+    axis_search: Literal["sharpness", "profiles"] = Field(
+        "sharpness", description="the measure of the tilt-axis search: sharpness, the densest features (gold "
+        "beads) of the FBP after a coarse alignment at each candidate (icetide.prealign."
+        "estimate_tilt_axis_by_sharpness; needs features that stand out), or profiles, the consistency of the "
+        "images' profiles along the axis (icetide.prealign.estimate_tilt_axis; common lines; needs the specimen "
+        "inside the field of view across the axis, as a needle or an isolated cell)",
     )
     local_grid: tuple[int, int] = (10, 10)
     local_interpolation: Literal["bicubic", "bilinear"] = "bicubic"
@@ -227,10 +244,40 @@ class CtfSettings(_Strict):
         return Microscope(self.voltage_kV, self.spherical_aberration_mm, self.amplitude_contrast)
 
 
+class IntensitySettings(_Strict):
+    """How the recorded images become the contrast the model explains (:mod:`icetide.intensity`); the outputs
+    (aligned.mrc, the FBP) keep the input's intensities."""
+
+    levels: Literal["auto", "per_tilt", "none"] = Field(
+        "auto", description="divide each image by its mean level after subtracting it (relative contrast): "
+        "per_tilt, none, or auto (when every image sits on a level far from zero, as raw counts do)",
+    )
+    highpass_A: Optional[float] = Field(
+        None, ge=0, description="remove image features broader than this (Gaussian sigma, Angstrom; pixels of 10 A "
+        "when the pixel size is unknown) before the fit: the illumination profile and thickness gradients of "
+        "recorded images are fixed to the detector, not to the specimen, and otherwise pull the deformations; "
+        "0 = off; None (auto): 300 A for images recorded on a level (raw counts, see levels), off for zero-mean "
+        "images (simulated or already prepared: set it for prepared images of a real microscope)",
+    )
+
+    def highpass_px(self, pixel_size_A: float | None, on_level: bool) -> float:
+        """The high-pass sigma in pixels of a series of ``pixel_size_A`` (None: 10 A) whose images are
+        (``on_level``) or are not recorded on a level."""
+        sigma_A = self.highpass_A if self.highpass_A is not None else (AUTO_HIGHPASS_A if on_level else 0.0)
+        return sigma_A / (pixel_size_A or 10.0)
+
+
 class ReconstructConfig(_Strict):
     """A whole reconstruction: geometry plus the three groups above."""
 
-    thickness: Optional[int] = Field(None, ge=1, description="voxels along z; None = half the smaller detector side")
+    bin: int = Field(
+        1, ge=1, le=64, description="fit the series binned by this factor (block averages, as IMOD's newstack -bin); "
+        "thickness, tomograms, aligned.mrc and the FBP are at the binned sampling, the alignment files "
+        "(deformations.json, .xf, .star) in the input stack's pixels",
+    )
+    thickness: Optional[int] = Field(
+        None, ge=1, description="voxels along z at the fit's sampling (see bin); None = half the smaller detector side"
+    )
     pixel_size_A: Optional[float] = Field(None, gt=0)
     tilt_axis_angle_deg: float = 0.0
     specimen: Literal["box", "slab"] = Field(
@@ -243,6 +290,7 @@ class ReconstructConfig(_Strict):
     deform: DeformSettings = DeformSettings()
     fit: FitSettings = FitSettings()
     ctf: CtfSettings = CtfSettings()
+    intensity: IntensitySettings = IntensitySettings()
 
 
 def load_config(path: str | os.PathLike) -> ReconstructConfig:

@@ -109,6 +109,33 @@ class TiltSeries:
         """Detector shape ``(ny, nx)``."""
         return self.images.shape[1], self.images.shape[2]
 
+    def binned(self, factor: int) -> "TiltSeries":
+        """The series binned by ``factor``: each image cut to a multiple of ``factor`` per axis (the remainder
+        split between both edges) and averaged over ``factor x factor`` blocks (as IMOD's ``newstack -bin``);
+        the pixel size multiplied by ``factor``. Binned pixel ``k`` is centred on its block, so centred
+        coordinates scale by ``factor`` (to within half an input pixel when an axis was cut by an odd number).
+        ``factor`` 1 returns the series itself."""
+        factor = int(factor)
+        if factor < 1:
+            raise IcetideError(f"binning must be a positive integer, got {factor}")
+        if factor == 1:
+            return self
+        ny, nx = self.shape
+        if min(ny, nx) // factor < 8:
+            raise IcetideError(f"binning {ny} x {nx} images by {factor} leaves fewer than 8 pixels per side")
+
+        def bin_stack(stack: np.ndarray) -> np.ndarray:
+            my, mx = ny // factor, nx // factor
+            y0, x0 = (ny - my * factor) // 2, (nx - mx * factor) // 2
+            cut = np.asarray(stack, dtype=np.float64)[:, y0 : y0 + my * factor, x0 : x0 + mx * factor]
+            return cut.reshape(len(cut), my, factor, mx, factor).mean(axis=(2, 4)).astype(np.float32)
+
+        return TiltSeries(
+            bin_stack(self.images), self.tilt_angles_deg, None if self.pixel_size_A is None else self.pixel_size_A * factor,
+            self.tilt_axis_angle_deg, self.defocus_A, self.pre_exposure_e_per_A2,
+            None if self.half_images is None else bin_stack(self.half_images),
+        )
+
     @classmethod
     def from_files(
         cls,

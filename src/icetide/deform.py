@@ -110,6 +110,15 @@ class Deformations:
             "local_px": torch.as_tensor(self.local_px, dtype=torch.float32, device=device),
         }
 
+    def scaled(self, factor: float, detector_shape: tuple[int, int]) -> "Deformations":
+        """The same deformations on a detector sampled ``factor`` times finer (``detector_shape``): shifts and
+        local fields in its pixels, rotations unchanged (e.g. an alignment fitted on a binned series, for the
+        unbinned stack)."""
+        return Deformations(
+            self.tilt_angles_deg, self.shifts_px * factor, self.angles_deg, self.local_px * factor,
+            detector_shape, self.local_interpolation, dict(self.extra),
+        )
+
     def subset(self, index) -> "Deformations":
         """The deformations of the tilts selected by ``index`` (a mask or integer array)."""
         return Deformations(

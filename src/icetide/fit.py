@@ -331,7 +331,9 @@ class Fitter:
         # without the per-tilt penalty (which would shrink it) and with its own, larger step.
         self.axis_offset = torch.zeros((), device=self.device, requires_grad=dc.axis_offset)
         self.log_gain = torch.zeros(m, device=self.device, requires_grad=dc.gain)
-        self.offset = torch.zeros((), device=self.device, requires_grad=dc.offset)  # in units of data_scale
+        # The intensity level added to the predictions, in units of data_scale: one per tilt or one in all.
+        self.offset = torch.zeros(m if dc.offset == "per_tilt" else (), device=self.device,
+                                  requires_grad=dc.offset != "none")
         weights = torch.cos(self.theta) if fit.tilt_weighting == "cos" else torch.ones_like(self.theta)
         self.tilt_weights = weights / weights.mean()
         if dc.local and dc.local_border_fixed and min(dc.local_grid) >= 3:
@@ -379,7 +381,7 @@ class Fitter:
         # whose host synchronisations were measured (none per step).
         adam = functools.partial(torch.optim.Adam, fused=True) if self.device.type == "cpu" else torch.optim.Adam
         self.opt_volume = adam([p for v in self.volumes for p in v.parameters()], lr=fit.lr_volume)
-        if dc.offset:  # an intensity parameter: it learns with the volume, from the first epoch
+        if dc.offset != "none":  # an intensity parameter: it learns with the volume, from the first epoch
             self.opt_volume.add_param_group({"params": [self.offset], "lr": fit.lr_offset, "name": "offset"})
         groups = []
         if dc.shifts:
@@ -667,7 +669,9 @@ class Fitter:
             ])
         if self.config.deform.gain:
             values = values * self.gains()[self._on_device(tilts), None]
-        if self.config.deform.offset:
+        if self.config.deform.offset == "per_tilt":
+            values = values + self.offset[self._on_device(tilts), None]
+        elif self.config.deform.offset == "common":
             values = values + self.offset
         return values, valid
 
@@ -1226,7 +1230,7 @@ class Fitter:
             "rollbacks": self.rollbacks,
             "tilt_axis_offset_deg": math.degrees(float(self.axis_offset.detach())),
             "tilt_gains": self.gains().detach().cpu().tolist(),
-            "intensity_offset": float(self.offset.detach()) * self.data_scale,
+            "intensity_offset": (self.offset.detach().cpu() * self.data_scale).tolist(),
             "epochs": self.epoch,
             "steps": self.step,
             "best_epoch": best_epoch,

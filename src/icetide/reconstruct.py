@@ -22,21 +22,26 @@ import torch
 
 from .alignment import deformations_to_xf
 from .config import ReconstructConfig, save_config
+from .consistency import even_odd_fsc
 from .ctf import exposure_weight_series, phase_flip_series, tilt_axis_on_images_deg
 from .data import TiltSeries
-from .deform import Deformations
+from .deform import Deformations, remove_gauge
 from .errors import IcetideError
-from .fit import Fitter, distributed_rank
+from .fit import Fitter, default_thickness, distributed_rank
+from .intensity import fit_contrast, has_levels
 from .io import write_deformations, write_json, write_mrc, write_tlt
 from .io.imod import write_xf
 from .io.relion import RelionTomogram, write_relion_tilt_series_star, write_relion_tomograms_star
 from .metrics import FSC_TAPER_VOX, edge_taper, fsc
 from .plots import plot_fsc
-from .prealign import coarse_shifts, estimate_tilt_axis
+from .prealign import coarse_shifts, estimate_tilt_axis, estimate_tilt_axis_by_sharpness
 from .recon import align_series, fbp
 from .volume import ImplicitVolume
 
-__all__ = ["correct_optics", "reconstruct", "sample_tomogram", "search_tilt_axis", "write_half_maps"]
+__all__ = [
+    "check_against_start", "contrast_series", "correct_optics", "reconstruct", "sample_tomogram", "search_tilt_axis",
+    "write_half_maps",
+]
 
 
 def correct_optics(
@@ -132,28 +137,88 @@ def write_half_maps(
     }
 
 
-def search_tilt_axis(series: TiltSeries, search_deg: float) -> tuple[TiltSeries, dict]:
-    """The series with its tilt-axis angle replaced by :func:`icetide.prealign.estimate_tilt_axis` within
-    ``+-search_deg`` of its own, and the report entry. An estimate in the outer step of the range (the misfit
-    still falling at the edge) is not trusted: the series keeps its angle and the entry says so. The entry's
-    ``misfit_contrast`` (1 - min / max of the misfit over the range) says how sharp the choice was: 0.89 for an
-    isolated simulated object, 0.25 for the needle of docs/REAL_DATA.md (0.17 degrees from the reference), 0.20
-    for a specimen filling the view (3.8 degrees off; docs/BENCHMARKS.md), so a low value is no proof of
-    failure, but a high one is a good sign."""
+def search_tilt_axis(series: TiltSeries, config: ReconstructConfig) -> tuple[TiltSeries, dict]:
+    """The series with its tilt-axis angle replaced by an estimate within ``+-config.deform.axis_search_deg`` of
+    its own, and the report entry. ``config.deform.axis_search`` picks the measure: ``sharpness`` of the
+    coarsely aligned FBP (:func:`icetide.prealign.estimate_tilt_axis_by_sharpness`, on the series as the fit
+    sees it, :func:`contrast_series`) or the consistency of the ``profiles`` along the axis
+    (:func:`icetide.prealign.estimate_tilt_axis`; an object inside the field of view across the axis). An
+    estimate in the outer step of the range (the measure still improving at the edge), or a sharpness that does
+    not peak (see :func:`icetide.prealign.estimate_tilt_axis_by_sharpness`), is not trusted: the
+    series keeps its angle and the entry says so. For ``profiles`` the entry's ``misfit_contrast`` (1 - min /
+    max of the misfit over the range) says how sharp the choice was (docs/BENCHMARKS.md "Tilt-axis search")."""
+    search_deg = config.deform.axis_search_deg
     step = min(0.5, search_deg / 4)
-    found = estimate_tilt_axis(series.whole(), series.tilt_angles_deg, series.tilt_axis_angle_deg, search_deg, step)
+    start = series.tilt_axis_angle_deg
+    entry: dict = {"start_deg": start, "search_deg": search_deg, "method": config.deform.axis_search}
+    if config.deform.axis_search == "sharpness":
+        images = contrast_series(series, config)[0].whole()
+        thickness = config.thickness or default_thickness(series.shape)
+        found = estimate_tilt_axis_by_sharpness(images, series.tilt_angles_deg, start, search_deg, step, thickness)
+        entry.update(candidates_deg=found["candidates_deg"], sharpness=found["sharpness"],
+                     parabola_r2=found["parabola_r2"])
+        best = found["candidates_deg"][int(np.argmax(found["sharpness"]))]
+        if not found["peaked"]:
+            entry.update(estimate_deg=found["tilt_axis_angle_deg"], used=False,
+                         note="the sharpness does not peak over the range (no dense features such as gold beads?): "
+                         "the start angle was kept")
+            return series, entry
+    else:
+        found = estimate_tilt_axis(series.whole(), series.tilt_angles_deg, start, search_deg, step)
+        misfit = np.asarray(found["misfit"])
+        entry.update(candidates_deg=found["candidates_deg"], misfit=found["misfit"],
+                     misfit_contrast=float(1 - misfit.min() / max(misfit.max(), 1e-300)))
+        best = found["tilt_axis_angle_deg"]
     estimate = found["tilt_axis_angle_deg"]
-    trusted = abs(estimate - series.tilt_axis_angle_deg) < search_deg - step
-    misfit = np.asarray(found["misfit"])
-    entry = {"start_deg": series.tilt_axis_angle_deg, "search_deg": search_deg, "estimate_deg": estimate,
-             "used": trusted, "misfit_contrast": float(1 - misfit.min() / max(misfit.max(), 1e-300)),
-             **{k: found[k] for k in ("candidates_deg", "misfit")}}
+    entry["estimate_deg"] = estimate
+    entry["used"] = trusted = abs(best - start) < search_deg - step + 1e-9 and abs(estimate - start) < search_deg
     if not trusted:
         entry["note"] = "the best candidate lies at the edge of the search: the start angle was kept"
         return series, entry
     moved = copy.copy(series)
     moved.tilt_axis_angle_deg = estimate
     return moved, entry
+
+
+def contrast_series(series: TiltSeries, config: ReconstructConfig) -> tuple[TiltSeries, dict]:
+    """The series as the fit sees it (:func:`icetide.intensity.fit_contrast` with ``config.intensity``) and the
+    report entry; the geometry and optics are unchanged."""
+    settings = config.intensity
+    sigma = settings.highpass_px(series.pixel_size_A, has_levels(series.images))
+    images, info = fit_contrast(series.images, settings.levels, sigma)
+    halves = None if series.half_images is None else fit_contrast(series.half_images, settings.levels, sigma)[0]
+    out = TiltSeries(images, series.tilt_angles_deg, series.pixel_size_A, series.tilt_axis_angle_deg,
+                     series.defocus_A, series.pre_exposure_e_per_A2, halves)
+    return out, info
+
+
+# How much higher (relative) the start's even/odd score must be for the start to replace the fit's alignment.
+START_MARGIN = 0.02
+
+
+def check_against_start(
+    series: TiltSeries, start: Deformations, result: Deformations, thickness: int
+) -> tuple[Deformations, dict]:
+    """The better of a fit's starting and final alignment by :func:`icetide.consistency.even_odd_fsc` of
+    ``series`` (the fit's images), and the report entry. ``start``: the deformations the fit started from, the
+    tilt axis included in its rotations; both are compared with their gauge removed. The start is kept when it
+    scores more than :data:`START_MARGIN` (relative) above the fit: at -10 dB the score of one alignment moves
+    by about 1 % with the noise, and there the fit is the better one by its known errors. A fit never ends
+    worse than its start without saying so: the entry's ``kept`` names the one returned."""
+    residual, _ = remove_gauge(start.shifts_px, start.tilt_angles_deg)
+    start = Deformations(start.tilt_angles_deg, residual, start.angles_deg, start.local_px, start.detector_shape,
+                         start.local_interpolation)
+    images = series.whole()
+    scores = {name: even_odd_fsc(images, d, thickness)["score"] for name, d in (("start", start), ("fit", result))}
+    kept = "start" if scores["start"] > (1 + START_MARGIN) * scores["fit"] else "fit"
+    entry = {"measure": "even/odd-tilt FSC score (icetide.consistency.even_odd_fsc)", "start_score": scores["start"],
+             "fit_score": scores["fit"], "margin": START_MARGIN, "kept": kept}
+    if kept == "fit" and scores["start"] > scores["fit"]:
+        entry["note"] = "the start scored higher, within the margin of the score's noise: the fit was kept"
+    if kept == "start":
+        entry["note"] = ("the fitted alignment scored below its start: the alignment outputs (deformations, .xf, "
+                         "aligned stack, FBP) are the start's; tomogram.mrc is the volume fitted with the rejected one")
+    return (result if kept == "fit" else start), entry
 
 
 def coarse_start(series: TiltSeries, config: ReconstructConfig) -> Deformations:
@@ -200,21 +265,26 @@ def reconstruct(
     writer = distributed_rank()[0] == 0
     if writer:
         save_config(out_dir / "config.yaml", config)
+    input_shape, factor = series.shape, config.bin
+    series = series.binned(factor)
+    if init is not None and factor != 1:
+        init = init.scaled(1 / factor, series.shape)
     axis_search = None
     if init is None and config.deform.axis_search_deg > 0:
         phase("searching the tilt axis")
-        series, axis_search = search_tilt_axis(series, config.deform.axis_search_deg)
+        series, axis_search = search_tilt_axis(series, config)
     raw = series
     axis = tilt_axis_on_images_deg(series.tilt_axis_angle_deg, None if init is None else init.angles_deg)
     if series.defocus_A is not None or series.pre_exposure_e_per_A2 is not None:
         phase("correcting the CTF and exposure")
     series, optics = correct_optics(raw, config, tilt_axis_angle_deg=axis)
+    fit_series, intensity = contrast_series(series, config)
     timings["optics_s"] = time.monotonic() - t0
     t0 = time.monotonic()
     prealigned = init is None and not resume and config.deform.prealign and config.deform.shifts
     if prealigned:
-        init = coarse_start(series, config)
-    fitter = Fitter(series, config, init, ctf_tilt_axis_deg=axis)
+        init = coarse_start(fit_series, config)
+    fitter = Fitter(fit_series, config, init, ctf_tilt_axis_deg=axis)
     ckpt = out_dir / "checkpoint.pt"
     if resume:
         fitter.load_checkpoint(ckpt)
@@ -240,21 +310,31 @@ def reconstruct(
     write_mrc(out_dir / "tomogram.mrc", tomogram, voxel)
     timings["sample_s"] = time.monotonic() - t0
 
-    phase("aligning the series and FBP")
     t0 = time.monotonic()
     d = result.deformations
-    write_deformations(out_dir / "deformations.json", d)
-    write_xf(out_dir / "alignment.xf", deformations_to_xf(d))
+    start_check = None
+    if init is not None and not resume:
+        phase("checking the alignment against its start")
+        start = copy.deepcopy(init)
+        start.angles_deg = start.angles_deg - series.tilt_axis_angle_deg
+        d, start_check = check_against_start(fit_series, start, d, tomogram.shape[0])
+        timings["start_check_s"] = time.monotonic() - t0
+        t0 = time.monotonic()
+    phase("aligning the series and FBP")
+    written = d.scaled(factor, input_shape) if factor != 1 else d
+    write_deformations(out_dir / "deformations.json", written)
+    write_xf(out_dir / "alignment.xf", deformations_to_xf(written))
     write_tlt(out_dir / "alignment.tlt", d.tilt_angles_deg)
     if voxel is not None:
         name = Path(source_path).stem if source_path is not None else "tilt_series"
         images = str(Path(source_path).resolve()) if source_path is not None else None
         name = name.replace(" ", "_")
-        write_relion_tilt_series_star(out_dir / "alignment.star", d, voxel, name, images)
+        write_relion_tilt_series_star(out_dir / "alignment.star", written, voxel / factor, name, images)
         nz, ny, nx = tomogram.shape
         entry = RelionTomogram(
             name, str((out_dir / "alignment.star").resolve()), config.ctf.voltage_kV,
-            config.ctf.spherical_aberration_mm, config.ctf.amplitude_contrast, voxel, voxel, (nx, ny, nz),
+            config.ctf.spherical_aberration_mm, config.ctf.amplitude_contrast, voxel / factor, voxel / factor,
+            (nx * factor, ny * factor, nz * factor),
         )
         write_relion_tomograms_star(out_dir / "tomograms.star", [entry])
     shown = correct_optics(raw, config, False, axis)[0] if config.ctf.correction == "model" else series
@@ -273,13 +353,18 @@ def reconstruct(
         + ": shifts and in-plane rotations only; the local fields are in deformations.json"
     )
     report["optics"] = optics
+    report["intensity"] = intensity
+    report["bin"] = factor
+    if start_check is not None:
+        report["start_check"] = start_check
     if axis_search is not None:
         report["tilt_axis_search"] = axis_search
     if half_maps is not None:
         report["half_maps"] = half_maps
     report["input"] = {
         "n_tilts": series.n_tilts,
-        "detector_shape": list(series.shape),
+        "detector_shape": list(input_shape),
+        "fit_detector_shape": list(series.shape),
         "pixel_size_A": voxel,
         "tilt_axis_angle_deg": series.tilt_axis_angle_deg,
     }

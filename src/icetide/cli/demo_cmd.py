@@ -9,6 +9,8 @@ import typer
 from ..errors import IcetideError
 from .common import check_output_dir, console, one_line_errors, output_dir
 from .evaluate_cmd import deformation_summary, results_table
+from rich.progress import Progress
+
 from .reconstruct_cmd import progress_printer
 
 
@@ -43,22 +45,24 @@ def demo(
     resolve_device(device)
     check_output_dir(out, force)
     with output_dir(out, force) as folder:
-        progress, on_epoch = progress_printer(settings.epochs)
+        progress, on_epoch = progress_printer(settings.epochs, minutes)
+        bar = progress if isinstance(progress, Progress) else None  # plain lines when not on a terminal
         started = {"fit": False}
 
         def on_phase(name: str) -> None:
             if name == "fitting" and not started["fit"]:
                 started["fit"] = True
-                progress.start()
-            elif started["fit"] and progress.live.is_started:
-                progress.stop()
+                if bar is not None:
+                    bar.start()
+            elif started["fit"] and bar is not None and bar.live.is_started:
+                bar.stop()
             console.print(f"[dim]{name}[/]")
 
         try:
             summary = run_demo(folder, settings, on_phase=on_phase, on_epoch=on_epoch)
         finally:
-            if progress.live.is_started:
-                progress.stop()
+            if bar is not None and bar.live.is_started:
+                bar.stop()
     console.print(results_table(summary["reconstructions"], settings.voxel_size_A))
     console.print(deformation_summary(summary["deformations"]))
     fit = summary["fit"]

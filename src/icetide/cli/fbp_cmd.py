@@ -116,7 +116,12 @@ def fbp(
     angles: Path = typer.Option(..., "--angles", "-a", help="Tilt angles in degrees, IMOD .tlt/.rawtlt (one per line)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output volume, MRC (thickness, ny, nx)."),
     thickness: Optional[int] = typer.Option(
-        None, help="Slab thickness in voxels. Default: half the smaller detector side (at least 8)."
+        None, help="Slab thickness in voxels of the output (at the --bin sampling). Default: half the smaller "
+        "detector side (at least 8)."
+    ),
+    bin: int = typer.Option(
+        1, "--bin", min=1, help="Reconstruct the stack binned by N (N x N block averages); alignment files are in "
+        "the input stack's pixels and are scaled to the binned one."
     ),
     method: str = typer.Option("fbp", help="fbp (filtered backprojection) or sirt."),
     iterations: Optional[int] = typer.Option(None, help=f"SIRT iterations. Default {DEFAULT_ITERATIONS}."),
@@ -171,10 +176,14 @@ def fbp(
     check_output_file(out, force)
     dev = resolve_device(device)
     series = TiltSeries.from_files(tilt_series, angles, pixel_size)
-    thick = default_thickness(series.shape) if thickness is None else thickness
-    if not 1 <= thick <= 4 * max(series.shape):
-        raise IcetideError(f"--thickness must be between 1 and {4 * max(series.shape)} voxels, got {thick}")
+    binned_shape = (series.shape[0] // bin, series.shape[1] // bin)
+    thick = default_thickness(binned_shape) if thickness is None else thickness
+    if not 1 <= thick <= 4 * max(binned_shape):
+        raise IcetideError(f"--thickness must be between 1 and {4 * max(binned_shape)} voxels, got {thick}")
     d = load_deformations(series, deformations, xf, aln, tilt_axis_angle)
+    if bin > 1:
+        series = series.binned(bin)
+        d = None if d is None else d.scaled(1 / bin, series.shape)
     if defocus is not None or pre_exposure is not None:
         axis = tilt_axis_on_images_deg(0.0, None if d is None else d.angles_deg)
         series = _corrected(series, defocus, pre_exposure, defocus_hand, voltage, cs, amplitude_contrast, axis)

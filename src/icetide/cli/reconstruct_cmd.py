@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -41,8 +42,39 @@ def build_config(
     return parse_config(data, "options")
 
 
-def progress_printer(total_epochs: int):
-    """A rich progress bar for the fit; returns ``(progress, on_epoch)``."""
+def log_lines(total_epochs: int, max_minutes: float | None, every_epochs: int = 10, every_s: float = 30.0,
+              clock=time.monotonic):
+    """``on_epoch`` printing a plain line every ``every_epochs`` epochs or ``every_s`` seconds, for output that
+    is not a terminal (SLURM, nohup): epoch, losses, elapsed time and the time left (the time budget's, or at
+    the current rate the epoch limit's; early stopping usually ends sooner)."""
+    last = {"t": -math.inf, "epoch": 0}
+
+    def on_epoch(info: dict) -> None:
+        now = clock()
+        epoch = info["epoch"]
+        if epoch - last["epoch"] < every_epochs and now - last["t"] < every_s and epoch < total_epochs:
+            return
+        last.update(t=now, epoch=epoch)
+        elapsed = info["elapsed_s"]
+        left = (total_epochs - epoch) * elapsed / max(epoch, 1)
+        if max_minutes is not None:
+            left = min(left, max(0.0, 60 * max_minutes - elapsed))
+        val = info["val_loss"]
+        console.print(
+            f"epoch {epoch}/{total_epochs}{' (binned)' if info.get('binned') else ''}  "
+            f"loss {info['train_loss']:.4f}  val {'-' if math.isnan(val) else f'{val:.4f}'}  "
+            f"elapsed {elapsed:.0f} s  at most {left:.0f} s left",
+            highlight=False, soft_wrap=True,
+        )
+
+    return on_epoch
+
+
+def progress_printer(total_epochs: int, max_minutes: float | None = None):
+    """A rich progress bar for the fit on a terminal, else plain lines (:func:`log_lines`); returns
+    ``(progress context, on_epoch)``."""
+    if not console.is_terminal:
+        return contextlib.nullcontext(), log_lines(total_epochs, max_minutes)
     progress = Progress(
         TextColumn("[bold]fitting"),
         BarColumn(),
@@ -97,16 +129,21 @@ def reconstruct(
         None, help="SerialEM .mdoc instead of --angles: tilt angles, and the pixel size and tilt-axis angle if given."
     ),
     thickness: Optional[int] = typer.Option(
-        None, help="Slab thickness in voxels. Default: half the smaller detector side."
+        None, help="Slab thickness in voxels of the tomogram (at the --bin sampling). Default: half the smaller "
+        "detector side."
+    ),
+    bin: Optional[int] = typer.Option(
+        None, "--bin", help="Fit the stack binned by N (N x N block averages); the tomograms, aligned.mrc and the "
+        "FBP are at that sampling, the .xf, .star and deformations.json in the input stack's pixels. Default 1."
     ),
     pixel_size: Optional[float] = typer.Option(None, help="Pixel size in Angstrom (overrides the MRC header)."),
     tilt_axis_angle: Optional[float] = typer.Option(
         None, help="Tilt-axis direction on the images, degrees counter-clockwise from the image Y axis. Default 0."
     ),
     tilt_axis_search: Optional[float] = typer.Option(
-        None, help="Search the tilt-axis direction within +-this many degrees of --tilt-axis-angle before the fit "
-        "(consistency of the profiles along the axis; the specimen must be inside the field of view across the "
-        "axis). The estimate is in report.json."
+        None, help="Search the tilt-axis direction within +-this many degrees of --tilt-axis-angle (or the .mdoc's) "
+        "before the fit, by the sharpness of the coarsely aligned FBP (deform.axis_search); 0 = off. Default 4. "
+        "The estimate is in report.json."
     ),
     exclude: Optional[str] = typer.Option(
         None, help="Views to leave out, 0-based stack indices, e.g. 0,1,76. Outputs hold the remaining views."
@@ -230,7 +267,7 @@ def reconstruct(
         raise IcetideError("--resume and --force exclude each other")
     check_alignment_options(deformations, xf, aln)
     aligned_start = deformations is not None or xf is not None or aln is not None
-    if tilt_axis_search is not None and aligned_start:
+    if tilt_axis_search and aligned_start:
         raise IcetideError("--tilt-axis-search cannot be combined with --deformations/--xf/--aln (they hold the axis)")
     if tilt_axis_angle is not None and aligned_start:
         raise IcetideError(
@@ -246,6 +283,7 @@ def reconstruct(
         out if resume else None,
         {
             "thickness": thickness,
+            "bin": bin,
             "pixel_size_A": pixel_size,
             "tilt_axis_angle_deg": tilt_axis_angle,
             "deform.axis_search_deg": tilt_axis_search,
@@ -290,7 +328,7 @@ def reconstruct(
         return
     context = output_dir(out, force) if not resume else contextlib.nullcontext(out)
     with context as folder:
-        progress, on_epoch = progress_printer(cfg.fit.epochs)
+        progress, on_epoch = progress_printer(cfg.fit.epochs, cfg.fit.max_minutes)
         with progress:
             report = run(series, cfg, folder, init=init, resume=resume, on_epoch=on_epoch, source_path=tilt_series,
                          on_phase=lambda name: console.print(f"[dim]{name}[/]"))

@@ -1,0 +1,148 @@
+"""A real cryo-ET tilt series end to end: EMPIAR-10499 tilt series 00254 against its published IMOD alignment.
+
+Runs the command of docs/REAL_DATA.md on ``../shared/data/real/empiar10499_00254`` (raw counts, 41 tilts of
+652 x 630 px at 10 A) and prints JSON: the even/odd-tilt FSC score (icetide.consistency.even_odd_fsc, at the
+fit's sampling) of the raw stack, of the stack aligned by the published ``00254.xf`` and by icetide's
+``alignment.xf`` (each applied to the unbinned stack, then binned as the fit was); the mean in-plane rotation of
+both (the tilt axis, degrees); the RMS difference of icetide's shifts to the published ones after the best
+3-D translation (pixels of 10 A); the fit time. Skips (exit 0, a JSON note) when the data are absent.
+
+    python benchmarks/real_cryo.py --out real            # fit (at most --max-minutes) + scores
+    python benchmarks/real_cryo.py --out real --score-only --figure docs/figures/real_cryo.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from icetide.alignment import xf_to_deformations
+from icetide.consistency import even_odd_fsc
+from icetide.data import TiltSeries
+from icetide.deform import Deformations, remove_gauge
+from icetide.io import read_mrc, read_tlt
+from icetide.io.imod import read_xf
+from icetide.recon import align_series, fbp
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "empiar10499_00254"
+
+
+def aligned_binned(stack: np.ndarray, angles: np.ndarray, xf: np.ndarray | None, factor: int) -> np.ndarray:
+    """``stack`` resampled by ``xf`` (None: raw) at full size, then binned by ``factor``."""
+    if xf is not None:
+        d = xf_to_deformations(xf, angles, stack.shape[1:], non_rotation="nearest")
+        stack = align_series(torch.tensor(stack), d).numpy()
+    return TiltSeries(stack, angles).binned(factor).images
+
+
+def score(binned: np.ndarray, angles: np.ndarray, thickness: int) -> dict:
+    """Even/odd FSC of an aligned, binned stack (``score``, ``frequency``, ``fsc``)."""
+    return even_odd_fsc(binned, Deformations.identity(angles, binned.shape[1:]), thickness)
+
+
+def figure(stacks: dict, curves: dict, angles: np.ndarray, thickness: int, path: Path) -> None:
+    """Slices through the FBP of each aligned stack (the bead layer, the cell's middle, XZ) and the FSC curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(stacks)
+    fig, axes = plt.subplots(3, len(names) + 1, figsize=(4.2 * (len(names) + 1), 11))
+    for col, name in enumerate(names):
+        images = torch.tensor(stacks[name])
+        images = (images - images.mean(dim=(1, 2), keepdim=True)) / images.std(dim=(1, 2), keepdim=True)
+        volume = fbp(images, angles, thickness).numpy()
+        structure = volume.std(axis=(1, 2))
+        beads = int(np.argmax(structure))
+        middle = int(np.argmin(structure[thickness // 4 : 3 * thickness // 4])) + thickness // 4
+        for row, (view, title) in enumerate([
+            (volume[max(0, beads - 2) : beads + 3].mean(0), f"{name}: bead layer (z {beads})"),
+            (volume[max(0, middle - 2) : middle + 3].mean(0), f"{name}: z {middle}"),
+            (volume[:, volume.shape[1] // 2 - 2 : volume.shape[1] // 2 + 3].mean(1), f"{name}: XZ"),
+        ]):
+            low, high = np.percentile(view, [1, 99])
+            axes[row, col].imshow(view, cmap="gray", vmin=low, vmax=high, aspect="equal")
+            axes[row, col].set_title(title, fontsize=9)
+            axes[row, col].axis("off")
+    for name, curve in curves.items():
+        axes[0, -1].plot(curve["frequency"], curve["fsc"], label=f"{name} ({curve['score']:.3f})")
+    axes[0, -1].set_xlabel("cycles per voxel")
+    axes[0, -1].set_title("even/odd-tilt FSC (score: mean up to half Nyquist)", fontsize=9)
+    axes[0, -1].legend(fontsize=8)
+    for ax in axes[1:, -1]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+
+
+def shift_rms(xf_a: np.ndarray, xf_b: np.ndarray, angles: np.ndarray) -> float:
+    """RMS of the difference of two .xf's shifts after removing the best-fitting 3-D translation, pixels."""
+    residual, _ = remove_gauge(xf_b[:, :, 2] - xf_a[:, :, 2], angles)
+    return float(np.sqrt((residual**2).sum(axis=1).mean()))
+
+
+def mean_rotation_deg(xf: np.ndarray) -> float:
+    return float(np.degrees(np.arctan2(xf[:, 1, 0], xf[:, 0, 0])).mean())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="output folder of the reconstruction")
+    parser.add_argument("--bin", type=int, default=2)
+    parser.add_argument("--thickness", type=int, default=150, help="voxels at the binned sampling")
+    parser.add_argument("--tilt-axis-angle", type=float, default=-4.3,
+                        help="start of the tilt axis, icetide's convention (the published .xf: -4.3)")
+    parser.add_argument("--max-minutes", type=float, default=15.0)
+    parser.add_argument("--score-only", action="store_true", help="score an existing run in --out")
+    parser.add_argument("--figure", type=Path, help="write slices and FSC curves to this PNG")
+    parser.add_argument("--config", type=Path, help="a settings file passed on to reconstruct --config")
+    args = parser.parse_args()
+    stack_path, tlt_path = DATA / "00254.stack.mrc", DATA / "00254.tlt"
+    if not stack_path.is_file():
+        print(json.dumps({"skipped": f"{DATA} is not available"}))
+        return
+    command = [
+        "icetide", "reconstruct", str(stack_path), "--angles", str(tlt_path), "--invert", "--bin", str(args.bin),
+        "--tilt-axis-angle", str(args.tilt_axis_angle), "--thickness", str(args.thickness),
+        "--max-minutes", str(args.max_minutes), "-o", str(args.out),
+    ] + ([] if args.config is None else ["--config", str(args.config)])
+    wall = None
+    if not args.score_only:
+        t0 = time.monotonic()
+        subprocess.run(command + ["--force"], check=True, stdout=sys.stderr)
+        wall = time.monotonic() - t0
+    stack, _ = read_mrc(stack_path)
+    angles = read_tlt(tlt_path)
+    published = read_xf(DATA / "00254.xf")
+    ours = read_xf(args.out / "alignment.xf")
+    report = json.loads((args.out / "report.json").read_text())
+    stacks = {name: aligned_binned(-stack, angles, xf, args.bin)
+              for name, xf in (("raw", None), ("published .xf", published), ("icetide", ours))}
+    curves = {name: score(binned, angles, args.thickness) for name, binned in stacks.items()}
+    if args.figure is not None:
+        figure(stacks, curves, angles, args.thickness, args.figure)
+    result = {
+        "command": " ".join(command),
+        "fsc_score": {name: curve["score"] for name, curve in curves.items()},
+        "tilt_axis_search": report.get("tilt_axis_search", {}).get("estimate_deg"),
+        "tilt_axis_rotation_deg": {"published_xf": mean_rotation_deg(published), "icetide": mean_rotation_deg(ours)},
+        "shift_rms_to_published_px": shift_rms(published, ours, angles),
+        "fit_seconds": report["fit_seconds"],
+        "epochs": report["epochs"],
+        "stop_reason": report["stop_reason"],
+        "start_check": report.get("start_check"),
+        "wall_seconds": wall,
+    }
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""From recorded intensities to the contrast the model explains: per-tilt levels and a high-pass.
+
+A raw tilt series holds counts: every image sits on a level (the dose times the fraction of electrons that
+cross the specimen unscattered; it falls with the path length, roughly ``1 / cos(theta)``) and the specimen's
+contrast is a small modulation of that level, proportional to it. The smooth part of each image (the beam's
+illumination profile, thickness and ice gradients across the field, the specimen parts outside the modelled
+box) is fixed to the detector or to the tilt, not to the specimen, so no density explains it; fitted as it is,
+the deformations move the images to explain it instead (docs/REAL_DATA.md measures this on EMPIAR-10499: the
+shifts drift by tens of pixels along the tilt axis). So the fit sees
+
+    c_m = d_m - G_sigma * d_m,    d_m = (I_m - L_m) / |L_m|
+
+the relative contrast ``d_m`` of each image (``L_m`` its mean level; only for data on a level, see
+:func:`has_levels`) with everything broader than ``sigma`` removed (its Gaussian blur ``G_sigma * d_m``
+subtracted, mirrored edges).
+Both are linear per image, so they keep the model ``c = g P[rho] + b`` of :mod:`icetide.fit` for the high-passed
+density.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .errors import IcetideError
+
+__all__ = ["has_levels", "image_levels", "highpass", "fit_contrast"]
+
+# Data whose every image's mean lies this many standard deviations of its pixels away from zero are taken as
+# recorded on a level (counts, or any positive intensity): a zero-mean or already normalised series does not.
+LEVEL_TO_SPREAD = 2.0
+
+
+def image_levels(images: np.ndarray) -> np.ndarray:
+    """Mean of each image ``(M, ny, nx)`` -> ``(M,)`` float64."""
+    return np.asarray(images, dtype=np.float64).mean(axis=(1, 2))
+
+
+def has_levels(images: np.ndarray) -> bool:
+    """Whether every image of ``images (M, ny, nx)`` sits on a level of one sign at least
+    :data:`LEVEL_TO_SPREAD` of its own standard deviations from zero (raw counts, inverted or not)."""
+    data = np.asarray(images, dtype=np.float64)
+    levels = data.mean(axis=(1, 2))
+    spreads = data.std(axis=(1, 2))
+    same_sign = bool(np.all(levels > 0) or np.all(levels < 0))
+    return same_sign and bool(np.all(np.abs(levels) >= LEVEL_TO_SPREAD * np.maximum(spreads, 1e-30)))
+
+
+def highpass(images: torch.Tensor, sigma_px: float) -> torch.Tensor:
+    """``images (M, ny, nx)`` minus their Gaussian blur of ``sigma_px`` pixels (separable, edges mirrored):
+    features much broader than ``sigma_px`` go, finer ones stay. ``sigma_px`` <= 0 returns the input."""
+    if sigma_px <= 0:
+        return images
+    radius = int(min(3 * sigma_px, (min(images.shape[-2:]) - 1)))
+    taps = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (taps / sigma_px) ** 2)
+    kernel = (kernel / kernel.sum()).to(images.dtype)
+    blurred = images[:, None]
+    for dim in (2, 3):  # along y, then along x
+        pad = [0, 0, radius, radius] if dim == 2 else [radius, radius, 0, 0]
+        blurred = torch.nn.functional.pad(blurred, pad, mode="reflect")
+        weights = kernel.view(1, 1, -1, 1) if dim == 2 else kernel.view(1, 1, 1, -1)
+        blurred = torch.nn.functional.conv2d(blurred, weights)
+    return images - blurred[:, 0]
+
+
+def fit_contrast(images: np.ndarray, levels: str, highpass_px: float) -> tuple[np.ndarray, dict]:
+    """The images the fit explains, float32 ``(M, ny, nx)``, and the report entry.
+
+    ``levels``: ``"auto"`` (divide by the levels when :func:`has_levels`), ``"per_tilt"`` (always; the levels
+    must be non-zero) or ``"none"``. The relative contrast ``(I - L) / |L|`` keeps the sign of the input (so
+    ``--invert`` still decides whether density is bright). ``highpass_px``: Gaussian sigma of
+    :func:`highpass`, pixels (0: none).
+    """
+    data = torch.tensor(np.asarray(images), dtype=torch.float32)
+    on_level = has_levels(images)
+    info: dict = {"levels": "none", "on_level": on_level, "highpass_sigma_px": float(highpass_px)}
+    divide = levels == "per_tilt" or (levels == "auto" and on_level)
+    if divide:
+        level = torch.as_tensor(image_levels(images), dtype=torch.float32)[:, None, None]
+        spread = torch.as_tensor(np.asarray(images, dtype=np.float64).std(axis=(1, 2)), dtype=torch.float32)
+        if not bool((level.abs().flatten() > 1e-3 * spread).all()):
+            raise IcetideError("intensity.levels: per_tilt needs images on a non-zero level (raw counts)")
+        data = (data - level) / level.abs()
+        info["levels"] = "per_tilt"
+        info["image_levels"] = level.flatten().tolist()
+    return highpass(data, highpass_px).numpy(), info

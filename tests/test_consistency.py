@@ -1,0 +1,37 @@
+import numpy as np
+
+from icetide.consistency import even_odd_fsc
+from icetide.deform import Deformations
+from icetide.simulate import crowded_phantom, simulate_tilt_series
+
+
+def test_the_even_odd_score_prefers_the_true_alignment():
+    truth = crowded_phantom((16, 48, 48), seed=3)
+    angles = np.arange(-60.0, 61.0, 4.0)
+    sim = simulate_tilt_series(truth, angles, snr_db=10, seed=0, samples_per_voxel=1.0)
+    aligned = Deformations.identity(angles, truth.shape[1:])
+    wrong = Deformations.identity(angles, truth.shape[1:])
+    wrong.shifts_px = np.random.default_rng(1).normal(0, 3, (len(angles), 2))
+    good, bad = even_odd_fsc(sim.noisy, aligned, 16), even_odd_fsc(sim.noisy, wrong, 16)
+    assert good["score"] > bad["score"] + 0.05
+    assert len(good["frequency"]) == len(good["fsc"])
+    # invariant to each image's level and scale
+    scaled = sim.noisy * np.linspace(1, 3, len(angles))[:, None, None] + 7.0
+    assert abs(even_odd_fsc(scaled, aligned, 16)["score"] - good["score"]) < 1e-4
+
+
+def test_a_fit_that_ends_worse_than_its_start_keeps_the_start():
+    from icetide.data import TiltSeries
+    from icetide.reconstruct import check_against_start
+
+    truth = crowded_phantom((16, 48, 48), seed=4)
+    angles = np.arange(-60.0, 61.0, 4.0)
+    series = TiltSeries(simulate_tilt_series(truth, angles, snr_db=10, seed=1, samples_per_voxel=1.0).noisy, angles)
+    start = Deformations.identity(angles, truth.shape[1:])
+    worse = Deformations.identity(angles, truth.shape[1:])
+    worse.shifts_px = np.random.default_rng(2).normal(0, 3, (len(angles), 2))
+    kept, entry = check_against_start(series, start, worse, 16)
+    assert entry["kept"] == "start" and entry["start_score"] > entry["fit_score"] and "note" in entry
+    np.testing.assert_array_equal(kept.shifts_px, start.shifts_px)
+    kept, entry = check_against_start(series, worse, start, 16)
+    assert entry["kept"] == "fit" and kept is start
