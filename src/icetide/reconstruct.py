@@ -25,7 +25,7 @@ from .config import ReconstructConfig, save_config
 from .consistency import even_odd_fsc
 from .ctf import exposure_weight_series, phase_flip_series, tilt_axis_on_images_deg
 from .data import TiltSeries
-from .deform import Deformations, remove_gauge
+from .deform import Deformations, gauge_shifts, remove_gauge
 from .errors import IcetideError
 from .fit import Fitter, default_thickness, distributed_rank
 from .intensity import fit_contrast, has_levels
@@ -192,6 +192,9 @@ def contrast_series(series: TiltSeries, config: ReconstructConfig) -> tuple[Tilt
     return out, info
 
 
+# Specimen heights (voxels) within this of the box's middle are left alone: for simulated specimens filling
+# the box, specimen_centre_z found 2.5-3.2 voxels where the truth is 0 (docs/CONVENTIONS.md "Gauge").
+CENTRE_TOLERANCE_VOX = 4.0
 # How much higher (relative) the start's even/odd score must be for the start to replace the fit's alignment.
 START_MARGIN = 0.02
 
@@ -219,6 +222,30 @@ def check_against_start(
         entry["note"] = ("the fitted alignment scored below its start: the alignment outputs (deformations, .xf, "
                          "aligned stack, FBP) are the start's; tomogram.mrc is the volume fitted with the rejected one")
     return (result if kept == "fit" else start), entry
+
+
+def specimen_centre_z(series: TiltSeries, d: Deformations, thickness: int) -> float:
+    """Height of the specimen's centre (voxels) in the frame of the series aligned by ``d``.
+
+    The aligned images (each standardised) are reconstructed by FBP over twice ``thickness`` (the specimen may
+    lie partly outside the tomogram's box), and each slice's structure is its standard deviation (the central
+    88 % of its area): the centre is the centroid of the structure above half its peak over the empty slices'
+    level (the 20th percentile; FBP smears a specimen along z, and the half maximum keeps the smear's wings out),
+    at most ``thickness / 2`` from the middle."""
+    images = torch.as_tensor(series.whole(), dtype=torch.float32)
+    aligned = align_series(images, d)
+    aligned = (aligned - aligned.mean(dim=(1, 2), keepdim=True)) / aligned.std(dim=(1, 2), keepdim=True).clamp(min=1e-30)
+    depth = 2 * thickness
+    volume = fbp(aligned, d.tilt_angles_deg, depth).numpy()
+    ny, nx = volume.shape[1:]
+    r, c = round(0.06 * ny), round(0.06 * nx)
+    structure = volume[:, r : ny - r, c : nx - c].std(axis=(1, 2))
+    floor = np.percentile(structure, 20)
+    weights = np.clip(structure - (floor + structure.max()) / 2, 0, None)  # the slices above half the peak
+    if not weights.sum() > 0:
+        return 0.0
+    z = np.arange(depth) - (depth - 1) / 2
+    return float(np.clip((z * weights).sum() / weights.sum(), -thickness / 2, thickness / 2))  # at a bound: not found
 
 
 def coarse_start(series: TiltSeries, config: ReconstructConfig) -> Deformations:
@@ -297,29 +324,40 @@ def reconstruct(
     if not writer:
         return result.report
 
-    phase("sampling the tomogram")
     t0 = time.monotonic()
     voxel = series.pixel_size_A
     width = series.shape[1]
-    tomogram = sample_tomogram(result.volume, result.translation_xyz, result.density_scale, width)
-    half_maps = None
-    if result.half_volume is not None:
-        second = sample_tomogram(result.half_volume, result.translation_xyz, result.density_scale, width)
-        half_maps = write_half_maps(out_dir, tomogram, second, voxel, config.fit.half_maps)
-        tomogram = (tomogram + second) / 2
-    write_mrc(out_dir / "tomogram.mrc", tomogram, voxel)
-    timings["sample_s"] = time.monotonic() - t0
-
-    t0 = time.monotonic()
+    thickness = result.volume.box_shape_zyx[0]
     d = result.deformations
     start_check = None
     if init is not None and not resume:
         phase("checking the alignment against its start")
         start = copy.deepcopy(init)
         start.angles_deg = start.angles_deg - series.tilt_axis_angle_deg
-        d, start_check = check_against_start(fit_series, start, d, tomogram.shape[0])
+        d, start_check = check_against_start(fit_series, start, d, thickness)
         timings["start_check_s"] = time.monotonic() - t0
         t0 = time.monotonic()
+
+    phase("sampling the tomogram")
+    # The gauge leaves the specimen's height free: put its centre in the middle of the tomogram's box, when it
+    # is further off than the estimate's own error and was found inside the box's reach.
+    found_z = specimen_centre_z(fit_series, d, thickness)
+    centre_z = found_z if CENTRE_TOLERANCE_VOX < abs(found_z) < thickness / 2 else 0.0
+    d = copy.deepcopy(d)
+    d.shifts_px = d.shifts_px + gauge_shifts([0.0, 0.0, centre_z], d.tilt_angles_deg)
+    translation = np.asarray(result.translation_xyz, dtype=np.float64) - [0.0, 0.0, centre_z]
+    d.extra.update(gauge="common shift removed but for the specimen's height (specimen_centre_z_vox); the tomogram is "
+                   "translated by gauge_translation_xyz_vox instead", gauge_translation_xyz_vox=translation.tolist(),
+                   specimen_centre_z_vox=centre_z)
+    tomogram = sample_tomogram(result.volume, translation, result.density_scale, width)
+    half_maps = None
+    if result.half_volume is not None:
+        second = sample_tomogram(result.half_volume, translation, result.density_scale, width)
+        half_maps = write_half_maps(out_dir, tomogram, second, voxel, config.fit.half_maps)
+        tomogram = (tomogram + second) / 2
+    write_mrc(out_dir / "tomogram.mrc", tomogram, voxel)
+    timings["sample_s"] = time.monotonic() - t0
+    t0 = time.monotonic()
     phase("aligning the series and FBP")
     written = d.scaled(factor, input_shape) if factor != 1 else d
     write_deformations(out_dir / "deformations.json", written)
@@ -347,7 +385,8 @@ def reconstruct(
     report = dict(result.report)
     report["timings_s"] = timings
     report["prealigned"] = prealigned
-    report["gauge_translation_xyz_vox"] = result.translation_xyz.tolist()
+    report["gauge_translation_xyz_vox"] = translation.tolist()
+    report["specimen_centre_z_vox"] = {"estimate": found_z, "applied": centre_z}
     report["exported_alignment"] = (
         "alignment.xf, alignment.tlt" + (", alignment.star" if voxel is not None else " (no alignment.star: pixel size unknown)")
         + ": shifts and in-plane rotations only; the local fields are in deformations.json"
