@@ -29,7 +29,7 @@ from icetide.data import TiltSeries
 from icetide.deform import Deformations, remove_gauge
 from icetide.io import read_mrc, read_tlt
 from icetide.io.imod import read_xf
-from icetide.recon import align_series, fbp
+from icetide.recon import align_series, fbp, standardised
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "empiar10499_00254"
 
@@ -57,9 +57,7 @@ def figure(stacks: dict, curves: dict, angles: np.ndarray, thickness: int, path:
     names = list(stacks)
     fig, axes = plt.subplots(3, len(names) + 1, figsize=(4.2 * (len(names) + 1), 11))
     for col, name in enumerate(names):
-        images = torch.tensor(stacks[name])
-        images = (images - images.mean(dim=(1, 2), keepdim=True)) / images.std(dim=(1, 2), keepdim=True)
-        volume = fbp(images, angles, thickness).numpy()
+        volume = fbp(standardised(torch.tensor(stacks[name])), angles, thickness).numpy()
         structure = volume.std(axis=(1, 2))
         beads = int(np.argmax(structure))
         middle = int(np.argmin(structure[thickness // 4 : 3 * thickness // 4])) + thickness // 4

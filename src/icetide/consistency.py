@@ -14,7 +14,7 @@ import torch
 
 from .deform import Deformations
 from .metrics import edge_taper, fsc
-from .recon import align_series, fbp
+from .recon import align_series, fbp, standardised
 
 __all__ = ["even_odd_fsc"]
 
@@ -31,9 +31,7 @@ def even_odd_fsc(images, deformations: Deformations, thickness: int) -> dict:
     levels and gains). ``thickness``: voxels of the half tomograms along z. Returns ``{"score"}`` (the mean FSC
     over the shells in ``(0, SCORE_UP_TO_NYQUIST * 0.5]`` cycles per voxel), ``frequency`` and ``fsc`` (lists).
     """
-    aligned = align_series(torch.as_tensor(np.asarray(images), dtype=torch.float32), deformations)
-    aligned = aligned - aligned.mean(dim=(1, 2), keepdim=True)
-    aligned = aligned / aligned.std(dim=(1, 2), keepdim=True).clamp(min=1e-30)
+    aligned = standardised(align_series(torch.as_tensor(np.asarray(images), dtype=torch.float32), deformations))
     order = np.argsort(deformations.tilt_angles_deg, kind="stable")
     halves = [
         fbp(aligned[torch.as_tensor(part)], deformations.tilt_angles_deg[part], thickness).numpy()

@@ -127,8 +127,9 @@ class TiltSeries:
         def bin_stack(stack: np.ndarray) -> np.ndarray:
             my, mx = ny // factor, nx // factor
             y0, x0 = (ny - my * factor) // 2, (nx - mx * factor) // 2
-            cut = np.asarray(stack, dtype=np.float64)[:, y0 : y0 + my * factor, x0 : x0 + mx * factor]
-            return cut.reshape(len(cut), my, factor, mx, factor).mean(axis=(2, 4)).astype(np.float32)
+            cut = np.asarray(stack)[:, y0 : y0 + my * factor, x0 : x0 + mx * factor]
+            blocks = cut.reshape(len(cut), my, factor, mx, factor)  # a view: no float64 copy of the stack
+            return blocks.mean(axis=(2, 4), dtype=np.float64).astype(np.float32)
 
         return TiltSeries(
             bin_stack(self.images), self.tilt_angles_deg, None if self.pixel_size_A is None else self.pixel_size_A * factor,

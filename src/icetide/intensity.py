@@ -31,17 +31,17 @@ __all__ = ["has_levels", "image_levels", "highpass", "fit_contrast"]
 LEVEL_TO_SPREAD = 2.0
 
 
-def image_levels(images: np.ndarray) -> np.ndarray:
-    """Mean of each image ``(M, ny, nx)`` -> ``(M,)`` float64."""
-    return np.asarray(images, dtype=np.float64).mean(axis=(1, 2))
+def image_levels(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation of each image ``(M, ny, nx)``: two ``(M,)`` float64 arrays (accumulated in
+    float64, without a float64 copy of the stack)."""
+    images = np.asarray(images)
+    return images.mean(axis=(1, 2), dtype=np.float64), images.std(axis=(1, 2), dtype=np.float64)
 
 
 def has_levels(images: np.ndarray) -> bool:
     """Whether every image of ``images (M, ny, nx)`` sits on a level of one sign at least
     :data:`LEVEL_TO_SPREAD` of its own standard deviations from zero (raw counts, inverted or not)."""
-    data = np.asarray(images, dtype=np.float64)
-    levels = data.mean(axis=(1, 2))
-    spreads = data.std(axis=(1, 2))
+    levels, spreads = image_levels(images)
     same_sign = bool(np.all(levels > 0) or np.all(levels < 0))
     return same_sign and bool(np.all(np.abs(levels) >= LEVEL_TO_SPREAD * np.maximum(spreads, 1e-30)))
 
@@ -77,9 +77,9 @@ def fit_contrast(images: np.ndarray, levels: str, highpass_px: float) -> tuple[n
     info: dict = {"levels": "none", "on_level": on_level, "highpass_sigma_px": float(highpass_px)}
     divide = levels == "per_tilt" or (levels == "auto" and on_level)
     if divide:
-        level = torch.as_tensor(image_levels(images), dtype=torch.float32)[:, None, None]
-        spread = torch.as_tensor(np.asarray(images, dtype=np.float64).std(axis=(1, 2)), dtype=torch.float32)
-        if not bool((level.abs().flatten() > 1e-3 * spread).all()):
+        means, spreads = image_levels(images)
+        level = torch.as_tensor(means, dtype=torch.float32)[:, None, None]
+        if not bool((level.abs().flatten() > 1e-3 * torch.as_tensor(spreads, dtype=torch.float32)).all()):
             raise IcetideError("intensity.levels: per_tilt needs images on a non-zero level (raw counts)")
         data = (data - level) / level.abs()
         info["levels"] = "per_tilt"

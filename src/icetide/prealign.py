@@ -27,7 +27,7 @@ from .geometry import detector_grid
 from .metrics import _parabola_peak, edge_taper
 from .recon import _as_series, _check_angles
 
-__all__ = ["coarse_shifts", "estimate_tilt_axis", "estimate_tilt_axis_by_sharpness", "sharpness"]
+__all__ = ["coarse_alignment", "coarse_shifts", "estimate_tilt_axis", "estimate_tilt_axis_by_sharpness", "sharpness"]
 
 # High-pass: an inverted Gaussian whose sigma is this many cycles per image (along the shorter side). It
 # removes thickness and ice gradients, whose broad correlation peaks would otherwise swamp the sharp one.
@@ -188,6 +188,22 @@ def coarse_shifts(
     return residual
 
 
+def coarse_alignment(images: np.ndarray | torch.Tensor, tilt_angles_deg, tilt_axis_angle_deg: float = 0.0):
+    """Deformations ``(M,)`` of a series whose tilt axis lies ``tilt_axis_angle_deg`` from the image Y axis: the
+    rotation ``alpha = -psi`` of every view and the shifts of :func:`coarse_shifts`, measured on the images turned
+    by it (the axis along Y, as the correlation needs). In that frame a remaining translation is exactly the
+    model's ``tau`` (``x' = R(alpha) x - tau``), so the shifts carry over unchanged."""
+    from .deform import Deformations
+    from .recon import align_series
+
+    series = _checked_series(images)
+    d = Deformations.identity(tilt_angles_deg, series.shape[1:])
+    d.angles_deg = np.full(d.n_tilts, -float(tilt_axis_angle_deg))
+    turned = align_series(series, d) if tilt_axis_angle_deg != 0 else series
+    d.shifts_px = coarse_shifts(turned, tilt_angles_deg)
+    return d
+
+
 def _axis_profiles(series: torch.Tensor, psi_deg: float, margin: float) -> np.ndarray:
     """Profiles along a tilt axis at ``psi_deg``: the images turned so that the axis is vertical
     (``alpha = -psi``), summed across it (over columns) in the central part (``margin`` of each side left out,
@@ -274,11 +290,9 @@ def sharpness(images: torch.Tensor, tilt_angles_deg, deformations, thickness: in
     :data:`SHARPNESS_QUANTILE` quantile of the tomogram's voxels after standardising it (mean 0, standard
     deviation 1; each aligned image standardised first), a ``margin`` of each side left out (the turned images'
     empty corners). A misaligned view spreads a gold bead or a membrane over more voxels and lowers it."""
-    from .recon import align_series, fbp
+    from .recon import align_series, fbp, standardised
 
-    aligned = align_series(images, deformations)
-    aligned = (aligned - aligned.mean(dim=(1, 2), keepdim=True)) / aligned.std(dim=(1, 2), keepdim=True).clamp(min=1e-30)
-    volume = fbp(aligned, tilt_angles_deg, thickness)
+    volume = fbp(standardised(align_series(images, deformations)), tilt_angles_deg, thickness)
     ny, nx = volume.shape[1:]
     r, c = int(margin * ny), int(margin * nx)
     core = volume[:, r : ny - r, c : nx - c].reshape(-1).double()
@@ -310,9 +324,6 @@ def estimate_tilt_axis_by_sharpness(
     curves down and explains at least :data:`SHARPNESS_MIN_R2` of their variance, ``parabola_r2``). Returns
     ``{"tilt_axis_angle_deg", "candidates_deg", "sharpness", "peaked", "parabola_r2"}``.
     """
-    from .deform import Deformations
-    from .recon import align_series
-
     series = _checked_series(images)
     angles = _check_angles(tilt_angles_deg, series.shape[0])
     if not (search_deg > 0 and step_deg > 0):
@@ -321,10 +332,7 @@ def estimate_tilt_axis_by_sharpness(
     candidates = _axis_candidates(start_deg, search_deg, step_deg)
     scores = []
     for psi in candidates:
-        d = Deformations.identity(angles, series.shape[1:])
-        d.angles_deg = np.full(len(angles), -float(psi))
-        d.shifts_px = coarse_shifts(align_series(series, d), angles)
-        scores.append(sharpness(series, angles, d, thickness))
+        scores.append(sharpness(series, angles, coarse_alignment(series, angles, float(psi)), thickness))
     scores = np.asarray(scores)
     best = int(np.argmax(scores))
     near = np.abs(candidates - candidates[best]) <= SHARPNESS_FIT_DEG + 1e-9

@@ -35,6 +35,7 @@ from .errors import IcetideError
 from .geometry import centered_coords
 
 __all__ = [
+    "standardised",
     "project",
     "backproject",
     "ramp_filter",
@@ -445,6 +446,12 @@ def align_series(images, deformations: Deformations, chunk_tilts: int = 8) -> to
             params["local_px"] = None
         aligned[index] = unwarp_images(series[index], **params, interpolation=deformations.local_interpolation)
     return aligned
+
+
+def standardised(images: torch.Tensor) -> torch.Tensor:
+    """Each image of ``images (M, ny, nx)`` with mean 0 and standard deviation 1 (levels and gains removed)."""
+    centred = images - images.mean(dim=(1, 2), keepdim=True)
+    return centred / centred.std(dim=(1, 2), keepdim=True).clamp(min=1e-30)
 
 
 def fbp_deformed(

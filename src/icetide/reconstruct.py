@@ -34,8 +34,8 @@ from .io.imod import write_xf
 from .io.relion import RelionTomogram, write_relion_tilt_series_star, write_relion_tomograms_star
 from .metrics import FSC_TAPER_VOX, edge_taper, fsc
 from .plots import plot_fsc
-from .prealign import coarse_shifts, estimate_tilt_axis, estimate_tilt_axis_by_sharpness
-from .recon import align_series, fbp
+from .prealign import coarse_alignment, estimate_tilt_axis, estimate_tilt_axis_by_sharpness
+from .recon import align_series, fbp, standardised
 from .volume import ImplicitVolume
 
 __all__ = [
@@ -232,9 +232,7 @@ def specimen_centre_z(series: TiltSeries, d: Deformations, thickness: int) -> fl
     88 % of its area): the centre is the centroid of the structure above half its peak over the empty slices'
     level (the 20th percentile; FBP smears a specimen along z, and the half maximum keeps the smear's wings out),
     at most ``thickness / 2`` from the middle."""
-    images = torch.as_tensor(series.whole(), dtype=torch.float32)
-    aligned = align_series(images, d)
-    aligned = (aligned - aligned.mean(dim=(1, 2), keepdim=True)) / aligned.std(dim=(1, 2), keepdim=True).clamp(min=1e-30)
+    aligned = standardised(align_series(torch.as_tensor(series.whole(), dtype=torch.float32), d))
     depth = 2 * thickness
     volume = fbp(aligned, d.tilt_angles_deg, depth).numpy()
     ny, nx = volume.shape[1:]
@@ -249,22 +247,12 @@ def specimen_centre_z(series: TiltSeries, d: Deformations, thickness: int) -> fl
 
 
 def coarse_start(series: TiltSeries, config: ReconstructConfig) -> Deformations:
-    """Starting deformations with shifts from :func:`icetide.prealign.coarse_shifts` and no rotation.
-
-    With a tilt axis at ``psi`` degrees from the image Y axis the images are first turned by ``alpha = -psi``
-    (:func:`icetide.recon.align_series`), which puts the axis along Y as the correlation needs; in that frame
-    a remaining translation is exactly the model's ``tau`` (``x' = R(alpha) x - tau``), so the shifts carry
-    over unchanged, and the fit adds the tilt-axis rotation itself.
-    """
+    """Starting deformations with the shifts of :func:`icetide.prealign.coarse_alignment` about the series' tilt
+    axis and no rotation (the fit adds the tilt-axis rotation itself), on ``config.deform``'s local grid."""
     d = Deformations.identity(
         series.tilt_angles_deg, series.shape, config.deform.local_grid, config.deform.local_interpolation
     )
-    images = torch.tensor(series.whole())
-    if series.tilt_axis_angle_deg != 0:
-        turn = Deformations.identity(series.tilt_angles_deg, series.shape)
-        turn.angles_deg = np.full(series.n_tilts, -series.tilt_axis_angle_deg)
-        images = align_series(images, turn)
-    d.shifts_px = coarse_shifts(images, series.tilt_angles_deg)
+    d.shifts_px = coarse_alignment(series.whole(), series.tilt_angles_deg, series.tilt_axis_angle_deg).shifts_px
     return d
 
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.progress import Progress
 
 from ..errors import IcetideError
 from .common import check_output_dir, console, one_line_errors, output_dir
 from .evaluate_cmd import deformation_summary, results_table
-from rich.progress import Progress
-
 from .reconstruct_cmd import progress_printer
 
 
