@@ -186,3 +186,45 @@ def test_tilt_axis_from_the_sharpness_of_the_coarsely_aligned_tomogram():
                                             thickness=32)
     assert found["tilt_axis_angle_deg"] == pytest.approx(1.5, abs=0.5)
     assert len(found["sharpness"]) == len(found["candidates_deg"]) == 17
+
+
+def test_projection_matching_pulls_a_smooth_error_in_and_keeps_a_good_start(drifted):
+    from icetide.prealign import refine_by_projection_matching
+
+    _, noisy, true, est = drifted
+    t = np.deg2rad(ANGLES)
+    # An error of the kind neighbour correlation leaves on thick specimens: smooth in the tilt, largest at high tilt.
+    wrong = true.shifts_px + np.stack([6 * (np.tan(t) - 1.6 * np.sin(t)), 1.5 * np.cos(3 * t)], -1)
+    before = deformation_errors(true, _rigid(wrong))["shift_rms_px"]
+    refined = refine_by_projection_matching(noisy, _rigid(wrong), 2 * SHAPE[0], iterations=8)
+    after = deformation_errors(true, refined)["shift_rms_px"]
+    # Measured: 1.48 px before, 0.51 after; with the update's sign flipped the error grows.
+    assert before > 1.2 and after < 0.5 * before
+    good = deformation_errors(true, refine_by_projection_matching(noisy, _rigid(est), 2 * SHAPE[0]))["shift_rms_px"]
+    assert good < 0.5
+    np.testing.assert_array_equal(refined.angles_deg, 0.0)  # rotations and local fields are kept
+
+
+@pytest.mark.parametrize("pixel_A, side, factor", [(10.0, 160, 2), (10.0, 120, 1), (20.0, 400, 1), (5.0, 400, 4),
+                                                   (5.0, 200, 2), (None, 400, 1)])
+def test_sharpness_search_bins_towards_20_angstrom_pixels(pixel_A, side, factor):
+    from icetide.data import TiltSeries
+    from icetide.reconstruct import axis_search_bin
+
+    images = np.random.default_rng(0).standard_normal((3, side, side)).astype(np.float32)
+    series = TiltSeries(images, [-10.0, 0.0, 10.0], pixel_A)
+    assert axis_search_bin(series) == factor
+
+
+def test_coarse_start_with_projection_matching_refines_the_shifts(drifted):
+    from icetide.config import ReconstructConfig
+    from icetide.data import TiltSeries
+    from icetide.reconstruct import coarse_start
+
+    _, noisy, true, est = drifted
+    series = TiltSeries(noisy, ANGLES)
+    plain = coarse_start(series, ReconstructConfig(thickness=SHAPE[0]))
+    np.testing.assert_allclose(plain.shifts_px, est, atol=1e-6)
+    refined = coarse_start(series, ReconstructConfig(thickness=SHAPE[0], deform={"projection_matching": 2}))
+    assert not np.allclose(refined.shifts_px, plain.shifts_px)
+    assert deformation_errors(true, _rigid(refined.shifts_px))["shift_rms_px"] < 0.5

@@ -161,3 +161,53 @@ def test_frame_halves_are_two_noisier_series_whose_mean_is_the_data(tmp_path, vo
     sigma = json.loads((out / "simulation.json").read_text())["noise_sigma"]
     assert np.std(odd - clean) == pytest.approx(np.sqrt(2) * sigma, rel=0.05)
     assert abs(np.corrcoef((odd - clean).ravel(), (even - clean).ravel())[0, 1]) < 0.05  # independent noise
+
+
+CRYO_YAML = (
+    "n_beads: 1\nbead_diameter_A: 40\nspecimen_thickness_A: 100\nz_offset_A: 20\ndrift_max_px: 3\n"
+    "local_px: 0.5\n"
+)
+
+
+def test_cryo_profile_writes_what_a_microscope_and_a_ctf_program_write(tmp_path):
+    settings = tmp_path / "acq.yaml"
+    settings.write_text(CRYO_YAML)
+    out = tmp_path / "cryo"
+    result = _run("--profile", "cryo", "-o", out, "--field-of-view", 24, "--tilt-min", -45, "--tilt-max", 45,
+                  "--tilt-step", 15, "--snr-db", -5, "--acquisition", settings, "--seed", 1)
+    assert result.exit_code == 0, result.output
+    counts, px = read_mrc(out / "tilt_series.mrc")
+    assert counts.shape == (7, 24, 24) and px == 10.0 and counts.min() >= 0
+    assert len(read_defocus(out / "tilt_series.defocus", 7).defocus_u_A) == 7
+    assert read_pre_exposure(out / "tilt_series.mrc.mdoc", 7).max() == pytest.approx(18.0)  # 6 views of 3 e/A^2 before
+    info = json.loads((out / "simulation.json").read_text())
+    assert info["profile"] == "cryo" and info["acquisition"]["snr_db"] == -5
+    assert abs(info["truth"]["snr_db_measured"] + 5) < 1.0
+    assert read_mrc(out / "truth" / "volume.mrc")[0].shape == (10, 24, 24)
+    assert read_deformations(out / "truth" / "deformations.json").n_tilts == 7
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--bin", "2"], "--bin and --frame-halves"),
+    (["--snr-db", "0", "--dose", "20"], "at most one of --snr-db and --dose"),
+])
+def test_cryo_profile_refuses_options_that_do_not_apply(tmp_path, args, message):
+    out = tmp_path / "cryo"
+    result = _run("--profile", "cryo", "-o", out, "--field-of-view", 24, *args)
+    assert result.exit_code != 0 and message in result.output
+    assert not out.exists()
+
+
+def test_cryo_settings_file_with_an_unknown_key_is_refused(tmp_path):
+    settings = tmp_path / "acq.yaml"
+    settings.write_text("beads: 3\n")
+    result = _run("--profile", "cryo", "-o", tmp_path / "cryo", "--acquisition", settings)
+    assert result.exit_code != 0 and "unknown acquisition setting(s) beads" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_other_profiles_need_a_volume(tmp_path):
+    result = _run("-o", tmp_path / "sim")
+    assert result.exit_code != 0 and "give the ground-truth VOLUME" in result.output
+    result = _run("-o", tmp_path / "sim", "--field-of-view", 24)
+    assert result.exit_code != 0

@@ -82,6 +82,12 @@ class DeformSettings(_Strict):
         True, description="start the shifts from a coarse cross-correlation alignment (tiltxcorr-like) when no "
         "starting alignment is given",
     )
+    projection_matching: int = Field(
+        0, ge=0, le=100, description="rounds of projection matching after the coarse alignment (each view "
+        "correlated with the reprojection of an FBP of the other half of the views, over twice the thickness; "
+        "icetide.prealign.refine_by_projection_matching); 0 = off. Off by default: it lowered the real "
+        "EMPIAR-10499 result (docs/BENCHMARKS.md \"Projection matching\")",
+    )
     axis_search_deg: float = Field(
         4.0, ge=0, le=45, description="before the fit, search the tilt axis' direction within +- this many degrees "
         "of tilt_axis_angle_deg (see axis_search) and start from the estimate; 0 = off. Not used with a starting "

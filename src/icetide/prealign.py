@@ -27,7 +27,10 @@ from .geometry import detector_grid
 from .metrics import _parabola_peak, edge_taper
 from .recon import _as_series, _check_angles
 
-__all__ = ["coarse_alignment", "coarse_shifts", "estimate_tilt_axis", "estimate_tilt_axis_by_sharpness", "sharpness"]
+__all__ = [
+    "coarse_alignment", "coarse_shifts", "estimate_tilt_axis", "estimate_tilt_axis_by_sharpness", "refine_by_projection_matching",
+    "sharpness",
+]
 
 # High-pass: an inverted Gaussian whose sigma is this many cycles per image (along the shorter side). It
 # removes thickness and ice gradients, whose broad correlation peaks would otherwise swamp the sharp one.
@@ -347,3 +350,61 @@ def estimate_tilt_axis_by_sharpness(
     explained = 1 - float(np.var(scores - np.polyval(whole, candidates - start_deg))) / max(float(np.var(scores)), 1e-300)
     return {"tilt_axis_angle_deg": estimate, "candidates_deg": candidates.tolist(), "sharpness": scores.tolist(),
             "peaked": bool(whole[0] < 0 and explained >= SHARPNESS_MIN_R2), "parabola_r2": explained}
+
+
+def refine_by_projection_matching(
+    images: np.ndarray | torch.Tensor,
+    deformations,
+    thickness: int,
+    iterations: int = 3,
+    filter_sigma_px: float = 1.5,
+    max_step_px: float | None = None,
+):
+    """Shifts refined by projection matching (as AreTomo does after its coarse alignment).
+
+    Each round: the series aligned by the current deformations (each view standardised) is split into its even
+    and odd views; each half is reconstructed by FBP over ``thickness`` voxels and reprojected at the other
+    half's tilts (so that a view's own noise is not in its reference); each view is cross-correlated with its
+    reprojection as :func:`coarse_shifts` does (band-passed, tapered, a peak of at least :data:`MIN_PEAK_Z`) and
+    its shift moved by the offset (at most ``max_step_px`` per component; None: a quarter of the smaller side).
+    Unlike neighbour correlation this compares every view with the whole specimen at its own depth, so a thick
+    specimen off the tilt axis' height does not bias it. ``deformations``' rotations and local fields are kept;
+    returns new :class:`icetide.deform.Deformations`.
+    """
+    import copy
+
+    from .geometry import deg2rad
+    from .recon import align_series, fbp, project, standardised
+
+    series = _checked_series(images)
+    n_tilts, ny, nx = series.shape
+    if iterations < 0:
+        raise IcetideError(f"projection matching needs a non-negative number of rounds, got {iterations}")
+    if n_tilts < 4:
+        return copy.deepcopy(deformations)
+    limit = 0.25 * min(ny, nx) if max_step_px is None else max_step_px
+    taper = torch.from_numpy(
+        edge_taper((ny,), 0.1 * ny)[:, None] * edge_taper((nx,), 0.1 * nx)[None, :]
+    ).to(series.device)
+    bandpass = _bandpass((ny, nx), filter_sigma_px).to(series.device)
+    angles = np.asarray(deformations.tilt_angles_deg, dtype=np.float64)
+    theta = deg2rad(angles).to(series.device)
+    order = np.argsort(angles, kind="stable")
+    halves = (order[0::2], order[1::2])
+    d = copy.deepcopy(deformations)
+    for _ in range(iterations):
+        aligned = standardised(align_series(series, d))
+        reference = torch.empty_like(aligned)
+        for own, other in (halves, halves[::-1]):
+            volume = fbp(aligned[other], angles[other], thickness)
+            reference[own] = project(volume, theta[own], nx)
+        step = np.zeros((n_tilts, 2))
+        spec_view = torch.fft.rfft2(_prepared(aligned, taper))
+        spec_ref = torch.fft.rfft2(_prepared(reference, taper))
+        correlation = torch.fft.irfft2(spec_view * spec_ref.conj() * bandpass, s=(ny, nx)).cpu().numpy()
+        for m, corr in enumerate(correlation):
+            z = (corr.max() - np.median(corr)) / max(float(corr.std()), 1e-30)
+            if z >= MIN_PEAK_Z:
+                step[m] = _peak(corr, limit)
+        d.shifts_px = d.shifts_px + step
+    return d

@@ -34,7 +34,9 @@ from .io.imod import write_xf
 from .io.relion import RelionTomogram, write_relion_tilt_series_star, write_relion_tomograms_star
 from .metrics import FSC_TAPER_VOX, edge_taper, fsc
 from .plots import plot_fsc
-from .prealign import coarse_alignment, estimate_tilt_axis, estimate_tilt_axis_by_sharpness
+from .prealign import (
+    coarse_alignment, estimate_tilt_axis, estimate_tilt_axis_by_sharpness, refine_by_projection_matching,
+)
 from .recon import align_series, fbp, standardised
 from .volume import ImplicitVolume
 
@@ -137,6 +139,17 @@ def write_half_maps(
     }
 
 
+def axis_search_bin(series: TiltSeries) -> int:
+    """Binning of the sharpness search: towards :data:`AXIS_SEARCH_PIXEL_A` per pixel, keeping at least
+    :data:`AXIS_SEARCH_MIN_SIDE_PX` pixels per side; 1 when the pixel size is unknown."""
+    if series.pixel_size_A is None:
+        return 1
+    factor = max(1, int(round(AXIS_SEARCH_PIXEL_A / series.pixel_size_A)))
+    while factor > 1 and min(series.shape) // factor < AXIS_SEARCH_MIN_SIDE_PX:
+        factor -= 1
+    return factor
+
+
 def search_tilt_axis(series: TiltSeries, config: ReconstructConfig) -> tuple[TiltSeries, dict]:
     """The series with its tilt-axis angle replaced by an estimate within ``+-config.deform.axis_search_deg`` of
     its own, and the report entry. ``config.deform.axis_search`` picks the measure: ``sharpness`` of the
@@ -152,11 +165,15 @@ def search_tilt_axis(series: TiltSeries, config: ReconstructConfig) -> tuple[Til
     start = series.tilt_axis_angle_deg
     entry: dict = {"start_deg": start, "search_deg": search_deg, "method": config.deform.axis_search}
     if config.deform.axis_search == "sharpness":
-        images = contrast_series(series, config)[0].whole()
+        # Binned towards AXIS_SEARCH_PIXEL_A where the images stay large enough: gold beads a few pixels wide
+        # show a misaligned axis better, and the same number of voxels covers more depth (a specimen off centre).
+        factor = axis_search_bin(series)
+        searched = series.binned(factor) if factor > 1 else series
+        images = contrast_series(searched, config)[0].whole()
         thickness = config.thickness or default_thickness(series.shape)
         found = estimate_tilt_axis_by_sharpness(images, series.tilt_angles_deg, start, search_deg, step, thickness)
         entry.update(candidates_deg=found["candidates_deg"], sharpness=found["sharpness"],
-                     parabola_r2=found["parabola_r2"])
+                     parabola_r2=found["parabola_r2"], bin=factor)
         best = found["candidates_deg"][int(np.argmax(found["sharpness"]))]
         if not found["peaked"]:
             entry.update(estimate_deg=found["tilt_axis_angle_deg"], used=False,
@@ -195,6 +212,12 @@ def contrast_series(series: TiltSeries, config: ReconstructConfig) -> tuple[Tilt
 # Specimen heights (voxels) within this of the box's middle are left alone: for simulated specimens filling
 # the box, specimen_centre_z found 2.5-3.2 voxels where the truth is 0 (docs/CONVENTIONS.md "Gauge").
 CENTRE_TOLERANCE_VOX = 4.0
+# Lateral blur (pixels) of the FBP before its slices' structure is measured.
+CENTRE_BLUR_PX = 2.0
+# The sharpness search runs on images binned to about this pixel size (gold beads of 5-15 nm a few pixels
+# wide), as long as they keep AXIS_SEARCH_MIN_SIDE_PX pixels per side.
+AXIS_SEARCH_PIXEL_A = 20.0
+AXIS_SEARCH_MIN_SIDE_PX = 80
 # How much higher (relative) the start's even/odd score must be for the start to replace the fit's alignment.
 START_MARGIN = 0.02
 
@@ -228,22 +251,53 @@ def specimen_centre_z(series: TiltSeries, d: Deformations, thickness: int) -> fl
     """Height of the specimen's centre (voxels) in the frame of the series aligned by ``d``.
 
     The aligned images (each standardised) are reconstructed by FBP over twice ``thickness`` (the specimen may
-    lie partly outside the tomogram's box), and each slice's structure is its standard deviation (the central
-    88 % of its area): the centre is the centroid of the structure above half its peak over the empty slices'
-    level (the 20th percentile; FBP smears a specimen along z, and the half maximum keeps the smear's wings out),
-    at most ``thickness / 2`` from the middle."""
+    lie partly outside the tomogram's box). Each slice's structure is its standard deviation over the central
+    88 % of its area, after clipping the voxels to their 1st-99th percentiles (gold beads would otherwise make
+    their own layer the specimen) and a lateral Gaussian blur of :data:`CENTRE_BLUR_PX` (noise). The specimen
+    spans the slices where the structure exceeds half-way from the empty slices' level (the 20th percentile) to
+    its peak; the centre is the middle of that span (its edges, not its centroid: the content of a cell is not
+    spread evenly in depth), at most ``thickness / 2`` from the middle."""
+    from scipy import ndimage
+
     aligned = standardised(align_series(torch.as_tensor(series.whole(), dtype=torch.float32), d))
     depth = 2 * thickness
     volume = fbp(aligned, d.tilt_angles_deg, depth).numpy()
     ny, nx = volume.shape[1:]
     r, c = round(0.06 * ny), round(0.06 * nx)
-    structure = volume[:, r : ny - r, c : nx - c].std(axis=(1, 2))
-    floor = np.percentile(structure, 20)
-    weights = np.clip(structure - (floor + structure.max()) / 2, 0, None)  # the slices above half the peak
-    if not weights.sum() > 0:
+    core = volume[:, r : ny - r, c : nx - c]
+    core = np.clip(core, *np.percentile(core, [1, 99]))
+    structure = ndimage.gaussian_filter(core, (0, CENTRE_BLUR_PX, CENTRE_BLUR_PX)).std(axis=(1, 2))
+    half = (np.percentile(structure, 20) + structure.max()) / 2
+    above = np.flatnonzero(structure >= half)
+    if above.size == 0 or not structure.max() > np.percentile(structure, 20):
         return 0.0
-    z = np.arange(depth) - (depth - 1) / 2
-    return float(np.clip((z * weights).sum() / weights.sum(), -thickness / 2, thickness / 2))  # at a bound: not found
+    first, last = int(above[0]), int(above[-1])
+
+    def crossing(inside: int, outside: int) -> float:
+        """Where the structure crosses ``half`` between a slice above it and its neighbour (linear)."""
+        if not 0 <= outside < depth:
+            return float(inside)
+        a, b = structure[inside], structure[outside]
+        return inside + (outside - inside) * float((a - half) / max(a - b, 1e-30))
+
+    middle = (crossing(first, first - 1) + crossing(last, last + 1)) / 2 - (depth - 1) / 2
+    return float(np.clip(middle, -thickness / 2, thickness / 2))  # at a bound: not found
+
+
+def centre_start(series: TiltSeries, start: Deformations, thickness: int) -> tuple[Deformations, dict]:
+    """The starting deformations moved by a z translation (the gauge) that puts the specimen's height, as
+    :func:`specimen_centre_z` finds it in the series aligned by ``start``, in the middle of the fit's box.
+
+    A specimen off the tilt axis' height otherwise sticks out of a box as thick as itself: the fit cannot
+    represent what lies outside. ``start``'s rotations exclude the series' tilt axis (as the fit holds them).
+    Applied under the same conditions as the outputs' centring; returns ``(start, report entry)``."""
+    turned = copy.deepcopy(start)
+    turned.angles_deg = start.angles_deg - series.tilt_axis_angle_deg
+    found = specimen_centre_z(series, turned, thickness)
+    applied = found if CENTRE_TOLERANCE_VOX < abs(found) < thickness / 2 else 0.0
+    moved = copy.deepcopy(start)
+    moved.shifts_px = start.shifts_px + gauge_shifts([0.0, 0.0, applied], start.tilt_angles_deg)
+    return moved, {"estimate": found, "applied": applied}
 
 
 def coarse_start(series: TiltSeries, config: ReconstructConfig) -> Deformations:
@@ -252,7 +306,12 @@ def coarse_start(series: TiltSeries, config: ReconstructConfig) -> Deformations:
     d = Deformations.identity(
         series.tilt_angles_deg, series.shape, config.deform.local_grid, config.deform.local_interpolation
     )
-    d.shifts_px = coarse_alignment(series.whole(), series.tilt_angles_deg, series.tilt_axis_angle_deg).shifts_px
+    coarse = coarse_alignment(series.whole(), series.tilt_angles_deg, series.tilt_axis_angle_deg)
+    rounds = config.deform.projection_matching
+    if rounds > 0:
+        depth = 2 * (config.thickness or default_thickness(series.shape))
+        coarse = refine_by_projection_matching(series.whole(), coarse, depth, rounds)
+    d.shifts_px = coarse.shifts_px
     return d
 
 
@@ -299,6 +358,10 @@ def reconstruct(
     prealigned = init is None and not resume and config.deform.prealign and config.deform.shifts
     if prealigned:
         init = coarse_start(fit_series, config)
+    start_centre = None
+    if init is not None and not resume:
+        phase("locating the specimen's height")
+        init, start_centre = centre_start(fit_series, init, config.thickness or default_thickness(fit_series.shape))
     fitter = Fitter(fit_series, config, init, ctf_tilt_axis_deg=axis)
     ckpt = out_dir / "checkpoint.pt"
     if resume:
@@ -364,8 +427,12 @@ def reconstruct(
         )
         write_relion_tomograms_star(out_dir / "tomograms.star", [entry])
     shown = correct_optics(raw, config, False, axis)[0] if config.ctf.correction == "model" else series
-    aligned = align_series(torch.tensor(shown.whole()), d)
-    write_mrc(out_dir / "aligned.mrc", aligned.numpy(), voxel, stack=True)
+    # Aligned about each image's mean, so that what the warp brings in from outside the field is the mean (as
+    # IMOD's newstack fills it), not a zero edge that the FBP of images on a level would streak.
+    images = torch.tensor(shown.whole())
+    level = images.mean(dim=(-2, -1), keepdim=True)
+    aligned = align_series(images - level, d)
+    write_mrc(out_dir / "aligned.mrc", (aligned + level).numpy(), voxel, stack=True)
     thickness = tomogram.shape[0]
     write_mrc(out_dir / "tomogram_fbp.mrc", fbp(aligned, d.tilt_angles_deg, thickness).numpy(), voxel)
     timings["outputs_s"] = time.monotonic() - t0
@@ -375,6 +442,8 @@ def reconstruct(
     report["prealigned"] = prealigned
     report["gauge_translation_xyz_vox"] = translation.tolist()
     report["specimen_centre_z_vox"] = {"estimate": found_z, "applied": centre_z}
+    if start_centre is not None:
+        report["start_centre_z_vox"] = start_centre
     report["exported_alignment"] = (
         "alignment.xf, alignment.tlt" + (", alignment.star" if voxel is not None else " (no alignment.star: pixel size unknown)")
         + ": shifts and in-plane rotations only; the local fields are in deformations.json"

@@ -58,21 +58,26 @@ def _load_volume(path: Path, bin_factor: int) -> tuple[np.ndarray, tuple[int, ..
 
 @one_line_errors
 def simulate(
-    volume: Path = typer.Argument(
-        ..., help="Ground-truth density, MRC volume (nz, ny, nx); any MRC mode, .mrc.gz too."
+    volume: Optional[Path] = typer.Argument(
+        None, help="Ground-truth density, MRC volume (nz, ny, nx); any MRC mode, .mrc.gz too. With --profile cryo "
+        "optional (default: a generated crowded specimen) and wider than the field of view."
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (created; must be empty unless --force)."),
     profile: str = typer.Option(
         "paper", help="Deformations: paper (shifts +-6 px, rotations +-0.01 deg, 2-px local fields), hard "
         "(+-20 px, +-0.5 deg plus a common +-1 deg tilt-axis offset, 4-px local fields) or drift (hard, with the "
-        "shifts a random walk along the tilt angles, as stage drift in a continuous scheme)."
+        "shifts a random walk along the tilt angles, as stage drift in a continuous scheme), or cryo: the series "
+        "as a microscope records it (counts on a per-tilt level, dark density, gold beads, dose-symmetric drift, "
+        "CTF, damage, an off-centre specimen wider than the field; with an .mdoc and a defocus file; "
+        "docs/CONVENTIONS.md \"Simulated cryo-ET acquisition\")."
     ),
-    snr_db: float = typer.Option(
-        10.0, "--snr-db", help="SNR in dB: 10 log10(sum(y^2)/sum(noise^2)) over the clean series."
+    snr_db: Optional[float] = typer.Option(
+        None, "--snr-db", help="SNR in dB: 10 log10(sum(y^2)/sum(noise^2)) over the clean series (default 10). "
+        "With --profile cryo: the specimen's contrast SNR, which sets the counts level (default: 50 counts)."
     ),
     dose: Optional[float] = typer.Option(
         None, help="Counting noise instead of --snr-db: Poisson draws with this mean count per pixel (the series "
-        "are written in counts)."
+        "are written in counts). With --profile cryo: the counts at 0 degrees."
     ),
     tilt_min: float = typer.Option(-60.0, help="First tilt angle, degrees."),
     tilt_max: float = typer.Option(60.0, help="Last tilt angle (inclusive), degrees."),
@@ -86,9 +91,12 @@ def simulate(
         False, "--ctf", help="Apply the CTF (defocus varying across each tilted image and through the specimen's "
         "depth); writes the true per-tilt defocus as tilt_series.defocus (IMOD)."
     ),
-    defocus: float = typer.Option(3.0, help="With --ctf: nominal defocus, micrometres of underfocus."),
-    defocus_spread: float = typer.Option(
-        0.2, help="With --ctf: each tilt's defocus is the nominal one plus a uniform draw within +-this, micrometres."
+    defocus: Optional[float] = typer.Option(
+        None, help="With --ctf: nominal defocus, micrometres of underfocus (default 3; cryo 4)."
+    ),
+    defocus_spread: Optional[float] = typer.Option(
+        None, help="With --ctf: each tilt's defocus is the nominal one plus a uniform draw within +-this, "
+        "micrometres (default 0.2; cryo 0.3)."
     ),
     voltage: float = typer.Option(300.0, help="With --ctf/--exposure: acceleration voltage, kV."),
     cs: float = typer.Option(2.7, help="With --ctf: spherical aberration, mm."),
@@ -96,15 +104,27 @@ def simulate(
     defocus_hand: int = typer.Option(
         1, help="With --ctf: 1 or -1, which side of a tilted image is further underfocus (docs/CONVENTIONS.md)."
     ),
-    exposure: float = typer.Option(
-        0.0, help="Radiation damage: total exposure in e/A^2, shared equally by the tilts, taken in a "
+    exposure: Optional[float] = typer.Option(
+        None, help="Radiation damage: total exposure in e/A^2, shared equally by the tilts, taken in a "
         "dose-symmetric order (each tilt's signal fades as Grant & Grigorieff's critical exposure says); writes "
-        "the exposure before each tilt as tilt_series_pre_exposure.txt. 0 = none."
+        "the exposure before each tilt as tilt_series_pre_exposure.txt. Default none (cryo: 3 per tilt)."
     ),
     frame_halves: bool = typer.Option(
         False, "--frame-halves", help="Also write two half series with independent noise, as odd and even frame "
         "sums would be (tilt_series_odd.mrc, tilt_series_even.mrc; each normalised to the full exposure, "
         "tilt_series.mrc is their mean): for reconstruct --half-series. Gaussian noise only."
+    ),
+    field_of_view: Optional[int] = typer.Option(
+        None, "--field-of-view", help="With --profile cryo: the detector's width and height, pixels (default 160)."
+    ),
+    proteins: Optional[Path] = typer.Option(
+        None, help="With --profile cryo and no VOLUME: a folder of protein density maps (*.mrc) to fill the "
+        "generated specimen with (default: Gaussian blobs)."
+    ),
+    acquisition: Optional[Path] = typer.Option(
+        None, help="With --profile cryo: a YAML file of acquisition settings (any field of "
+        "icetide.simulate.cryo.CryoAcquisition, e.g. z_offset_A, n_beads, tilt_axis_deg, drift_max_px, "
+        "specimen_thickness_A); settings that have an option here come from the option."
     ),
     force: bool = typer.Option(False, "--force", help="Replace the contents of a non-empty output folder."),
 ) -> None:
@@ -123,14 +143,35 @@ def simulate(
     simulation.json (settings, seed, noise sigma, SNRs, timings);
     with --ctf tilt_series.defocus, with --exposure tilt_series_pre_exposure.txt,
     with --frame-halves tilt_series_odd.mrc and tilt_series_even.mrc.
+
+    With --profile cryo: tilt_series.mrc in counts, tilt_series.mrc.mdoc,
+    tilt_series.tlt, tilt_series.defocus (estimated, with its error);
+    truth/volume.mrc (the specimen without beads over the field of view),
+    truth/deformations.json, truth/counts_undeformed.mrc; simulation.json
+    (settings, bead positions, the specimen's height, true defocus, levels).
     """
     from ..ctf import Microscope
     from ..io import write_deformations, write_imod_defocus, write_json, write_mrc, write_pre_exposure, write_tlt
     from ..simulate import PROFILES, Optics, bin_volume, simulate_tilt_series
 
     started = time.perf_counter()
+    if profile == "cryo":
+        if bin_factor != 1 or frame_halves:
+            raise IcetideError("--bin and --frame-halves do not apply to --profile cryo")
+        return _cryo(volume, out, snr_db, dose, tilt_min, tilt_max, tilt_step, seed, pixel_size, defocus,
+                     defocus_spread, Microscope(voltage, cs, amplitude_contrast), defocus_hand, exposure,
+                     field_of_view, proteins, acquisition, force)
     if profile not in PROFILES:
-        raise IcetideError(f"--profile must be one of {', '.join(PROFILES)}, got {profile!r}")
+        raise IcetideError(f"--profile must be one of {', '.join(PROFILES)} or cryo, got {profile!r}")
+    if volume is None:
+        raise IcetideError("give the ground-truth VOLUME (only --profile cryo generates one)")
+    snr_db = 10.0 if snr_db is None else snr_db
+    defocus = 3.0 if defocus is None else defocus
+    defocus_spread = 0.2 if defocus_spread is None else defocus_spread
+    exposure = 0.0 if exposure is None else exposure
+    for name, given in (("--field-of-view", field_of_view), ("--proteins", proteins), ("--acquisition", acquisition)):
+        if given is not None:
+            raise IcetideError(f"{name} applies to --profile cryo only")
     if not math.isfinite(snr_db):
         raise IcetideError(f"--snr-db must be a finite number, got {snr_db}")
     if dose is not None and not (math.isfinite(dose) and dose > 0):
@@ -241,3 +282,21 @@ def simulate(
         f"projection {timings['project_deformed'] + timings['project_undeformed']:.1f} s, "
         f"total {timings['total']:.1f} s"
     )
+
+
+def _cryo(volume, out, snr_db, dose, tilt_min, tilt_max, tilt_step, seed, pixel_size, defocus, defocus_spread,
+          microscope, defocus_hand, exposure, field_of_view, proteins, acquisition, force) -> None:
+    """``--profile cryo``: the options mapped onto :class:`icetide.simulate.cryo.CryoAcquisition`."""
+    from .simulate_cryo import cryo_settings, simulate_cryo_command
+
+    if snr_db is not None and dose is not None:
+        raise IcetideError("give at most one of --snr-db and --dose: each sets the counts level")
+    angles = tilt_range(tilt_min, tilt_max, tilt_step)
+    settings = cryo_settings(
+        acquisition, field_of_view=None if field_of_view is None else (field_of_view, field_of_view),
+        pixel_size_A=pixel_size, tilt_min_deg=tilt_min, tilt_max_deg=tilt_max, tilt_step_deg=tilt_step,
+        snr_db=snr_db, level_counts=dose, defocus_um=defocus, defocus_spread_um=defocus_spread,
+        defocus_hand=defocus_hand, microscope=microscope,
+        dose_per_tilt_e_per_A2=None if exposure is None else exposure / len(angles),
+    )
+    simulate_cryo_command(volume, out, settings, seed, proteins, force)

@@ -4,7 +4,7 @@ from .aretomo import AlnFile, read_aln
 from .ctf_files import DefocusTable, read_defocus, read_pre_exposure, write_imod_defocus, write_pre_exposure
 from .deformations import read_deformations, write_deformations
 from .imod import read_tlt, read_xf, write_tlt, write_xf
-from .mdoc import read_mdoc
+from .mdoc import read_mdoc, write_mdoc
 from .mrc import read_mrc, read_volume, write_mrc
 from .series import load_series, parse_exclude
 from .relion import (
@@ -27,6 +27,7 @@ __all__ = [
     "AlnFile",
     "read_aln",
     "read_mdoc",
+    "write_mdoc",
     "DefocusTable",
     "read_defocus",
     "write_imod_defocus",

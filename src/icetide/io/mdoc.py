@@ -9,6 +9,7 @@ e/A^2, ``Defocus`` in micrometres, ``DateTime``, ...). Other bracketed sections 
 
 from __future__ import annotations
 
+import datetime
 import os
 import re
 from pathlib import Path
@@ -16,8 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import IcetideError
+from .util import atomic_path
 
-__all__ = ["read_mdoc"]
+__all__ = ["read_mdoc", "write_mdoc"]
 
 _SECTION = re.compile(r"^\[\s*(\w+)\s*=\s*(.*?)\s*\]$")
 _TILT_AXIS = re.compile(r"tilt\s*axis\s*angle\s*=\s*([-+0-9.eE]+)", re.IGNORECASE)
@@ -123,3 +125,49 @@ def _tilt_axis(titles: list[str]) -> float | None:
         if found:
             return float(found.group(1).rstrip("."))
     return None
+
+
+def write_mdoc(
+    path: str | os.PathLike,
+    tilt_angles_deg,
+    pixel_size_A: float,
+    image_file: str,
+    image_size: tuple[int, int],
+    tilt_axis_angle_deg: float | None = None,
+    exposure_dose=None,
+    acquisition_order=None,
+    defocus_um=None,
+    voltage_kV: float = 300.0,
+    start: datetime.datetime = datetime.datetime(2026, 1, 1, 9, 0, 0),
+    seconds_per_view: float = 20.0,
+) -> None:
+    """Write a SerialEM ``.mdoc`` for a stack, one ``[ZValue = N]`` section per view in stack order. Atomic.
+
+    ``tilt_angles_deg (M,)``; ``image_size`` ``(nx, ny)`` as SerialEM writes it; ``exposure_dose (M,)`` e/A^2
+    per view; ``acquisition_order (M,)`` (0 = first) sets ``DateTime`` (``seconds_per_view`` apart from
+    ``start``) and, with doses, ``PriorRecordDose``; ``defocus_um (M,)`` positive = underfocus, written as
+    SerialEM does (negative = underfocus).
+    """
+    angles = np.asarray(tilt_angles_deg, dtype=np.float64).reshape(-1)
+    m = angles.shape[0]
+    dose = None if exposure_dose is None else np.broadcast_to(np.asarray(exposure_dose, dtype=np.float64), (m,))
+    order = np.arange(m) if acquisition_order is None else np.asarray(acquisition_order, dtype=int).reshape(m)
+    lines = [f"PixelSpacing = {pixel_size_A:g}", f"Voltage = {voltage_kV:g}", f"ImageFile = {image_file}",
+             f"ImageSize = {int(image_size[0])} {int(image_size[1])}", "DataMode = 2", ""]
+    axis = "" if tilt_axis_angle_deg is None else f"Tilt axis angle = {tilt_axis_angle_deg:.2f}, "
+    lines += ["[T = SerialEM: simulated by icetide]", "", f"[T =     {axis}binning = 1  spot = 8  camera = 0]", ""]
+    before = None
+    if dose is not None:
+        taken = np.argsort(order, kind="stable")
+        before = np.empty(m)
+        before[taken] = np.concatenate([[0.0], np.cumsum(dose[taken])[:-1]])
+    for z in range(m):
+        when = start + datetime.timedelta(seconds=seconds_per_view * int(order[z]))
+        lines += [f"[ZValue = {z}]", f"TiltAngle = {angles[z]:.2f}", f"PixelSpacing = {pixel_size_A:g}"]
+        if dose is not None:
+            lines += [f"ExposureDose = {dose[z]:g}", f"PriorRecordDose = {before[z]:g}"]
+        if defocus_um is not None:
+            lines.append(f"Defocus = {-float(np.asarray(defocus_um).reshape(-1)[z]):.4f}")
+        lines += [f"DateTime = {when.strftime('%d-%b-%y  %H:%M:%S')}", ""]
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines))

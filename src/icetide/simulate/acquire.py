@@ -33,6 +33,7 @@ from .optics import Optics, draw_defocus_A, optics_image_formation, optics_layer
 __all__ = [
     "DeformationProfile",
     "PROFILES",
+    "local_fields",
     "random_deformations",
     "project_deformed",
     "add_noise",
@@ -73,7 +74,7 @@ PROFILES: dict[str, DeformationProfile] = {
 }
 
 
-def _local_fields(
+def local_fields(
     n_tilts: int, detector_shape: tuple[int, int], profile: DeformationProfile, rng: np.random.Generator
 ) -> np.ndarray:
     """Random local fields ``(M, 2, N1, N2)`` with a zero border ring and ``|phi| <= profile.local_px``.
@@ -130,7 +131,7 @@ def random_deformations(
         shifts = rng.uniform(-p.shift_px, p.shift_px, size=(m, 2))
     offset = float(rng.uniform(-p.axis_offset_deg, p.axis_offset_deg)) if p.axis_offset_deg > 0 else 0.0
     rotations = rng.uniform(-p.rotation_deg, p.rotation_deg, size=m) + offset
-    local = _local_fields(m, detector_shape, p, rng)
+    local = local_fields(m, detector_shape, p, rng)
     extra: dict = {"profile": profile}
     if p.axis_offset_deg > 0:
         extra["tilt_axis_offset_deg"] = offset
