@@ -105,6 +105,30 @@ def _peak(correlation: np.ndarray, max_shift_px: float | None) -> np.ndarray:
     return lag
 
 
+def _taper(shape: tuple[int, int], fraction: float, device) -> torch.Tensor:
+    """Raised-cosine edge weights ``(ny, nx)`` over ``fraction`` of each side."""
+    ny, nx = shape
+    weights = edge_taper((ny,), fraction * ny)[:, None] * edge_taper((nx,), fraction * nx)[None, :]
+    return torch.from_numpy(weights).to(device)
+
+
+def _offsets(moving: torch.Tensor, reference: torch.Tensor, taper: torch.Tensor, bandpass: torch.Tensor,
+             max_shift_px: float | None) -> np.ndarray:
+    """Offsets ``(P, 2)`` ``[du, dv]`` of each of ``moving (P, ny, nx)`` over its ``reference``: the peak of
+    their band-passed correlation (:func:`_peak`), or 0 where the peak is less than :data:`MIN_PEAK_Z` standard
+    deviations above the map's median."""
+    ny, nx = moving.shape[-2:]
+    spec_moving = torch.fft.rfft2(_prepared(moving, taper))
+    spec_reference = torch.fft.rfft2(_prepared(reference, taper))
+    correlation = torch.fft.irfft2(spec_moving * spec_reference.conj() * bandpass, s=(ny, nx)).cpu().numpy()
+    offsets = np.zeros((len(correlation), 2))
+    for k, corr in enumerate(correlation):
+        z = (corr.max() - np.median(corr)) / max(float(corr.std()), 1e-30)
+        if z >= MIN_PEAK_Z:
+            offsets[k] = _peak(corr, max_shift_px)
+    return offsets
+
+
 def _checked_series(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """The series as float32 ``(M, ny, nx)``, refused when it cannot be correlated."""
     series = _as_series(images.detach() if isinstance(images, torch.Tensor) else images)
@@ -166,9 +190,7 @@ def coarse_shifts(
     factors = cos[near] / cos[far]
 
     device = series.device
-    taper = torch.from_numpy(
-        edge_taper((ny,), taper_fraction * ny)[:, None] * edge_taper((nx,), taper_fraction * nx)[None, :]
-    ).to(device)
+    taper = _taper((ny, nx), taper_fraction, device)
     bandpass = _bandpass((ny, nx), filter_sigma_px).to(device)
     offsets = np.empty((len(far), 2))
     chunk = max(1, CHUNK_PIXELS // (ny * nx))
@@ -176,12 +198,7 @@ def coarse_shifts(
         idx = slice(start, start + chunk)
         f_idx, n_idx = torch.as_tensor(far[idx], device=device), torch.as_tensor(near[idx], device=device)
         stretched = _stretched(series[f_idx], torch.as_tensor(factors[idx], dtype=torch.float32, device=device))
-        spec_far = torch.fft.rfft2(_prepared(stretched, taper))
-        spec_near = torch.fft.rfft2(_prepared(series[n_idx], taper))
-        correlation = torch.fft.irfft2(spec_far * spec_near.conj() * bandpass, s=(ny, nx)).cpu().numpy()
-        for k, corr in enumerate(correlation):
-            z = (corr.max() - np.median(corr)) / max(float(corr.std()), 1e-30)
-            offsets[start + k] = _peak(corr, max_shift_px) if z >= MIN_PEAK_Z else 0.0
+        offsets[idx] = _offsets(stretched, series[n_idx], taper, bandpass, max_shift_px)
 
     shifts = np.zeros((n_tilts, 2))
     for (f, n), s, d in zip(zip(far, near), factors, offsets):
@@ -383,9 +400,7 @@ def refine_by_projection_matching(
     if n_tilts < 4:
         return copy.deepcopy(deformations)
     limit = 0.25 * min(ny, nx) if max_step_px is None else max_step_px
-    taper = torch.from_numpy(
-        edge_taper((ny,), 0.1 * ny)[:, None] * edge_taper((nx,), 0.1 * nx)[None, :]
-    ).to(series.device)
+    taper = _taper((ny, nx), 0.1, series.device)
     bandpass = _bandpass((ny, nx), filter_sigma_px).to(series.device)
     angles = np.asarray(deformations.tilt_angles_deg, dtype=np.float64)
     theta = deg2rad(angles).to(series.device)
@@ -398,13 +413,5 @@ def refine_by_projection_matching(
         for own, other in (halves, halves[::-1]):
             volume = fbp(aligned[other], angles[other], thickness)
             reference[own] = project(volume, theta[own], nx)
-        step = np.zeros((n_tilts, 2))
-        spec_view = torch.fft.rfft2(_prepared(aligned, taper))
-        spec_ref = torch.fft.rfft2(_prepared(reference, taper))
-        correlation = torch.fft.irfft2(spec_view * spec_ref.conj() * bandpass, s=(ny, nx)).cpu().numpy()
-        for m, corr in enumerate(correlation):
-            z = (corr.max() - np.median(corr)) / max(float(corr.std()), 1e-30)
-            if z >= MIN_PEAK_Z:
-                step[m] = _peak(corr, limit)
-        d.shifts_px = d.shifts_px + step
+        d.shifts_px = d.shifts_px + _offsets(aligned, reference, taper, bandpass, limit)
     return d

@@ -252,14 +252,13 @@ def _bead_chords(coords: torch.Tensor, centres: np.ndarray, radius: float, theta
     return out
 
 
-def _view_coords(d: Deformations | None, m: int, shape: tuple[int, int]) -> torch.Tensor:
-    """Ideal coordinates ``(H, W, 2)`` of view ``m``'s pixels (identity without deformations)."""
+def _ideal_coords(d: Deformations | None, n_views: int, shape: tuple[int, int]) -> torch.Tensor:
+    """Ideal coordinates ``(M, H, W, 2)`` of every view's pixels (the detector grid without deformations)."""
     u, v = detector_grid(*shape)
     if d is None:
-        return torch.stack([u, v], -1)
+        return torch.stack([u, v], -1).expand(n_views, -1, -1, -1)
     t = d.tensors("cpu")
-    return deform_coords(u, v, t["shifts_px"][m : m + 1], t["angles_rad"][m : m + 1], t["local_px"][m : m + 1],
-                         shape, d.local_interpolation)[0]
+    return deform_coords(u, v, t["shifts_px"], t["angles_rad"], t["local_px"], shape, d.local_interpolation)
 
 
 def _specimen_images(
@@ -292,11 +291,11 @@ def _add_beads(
     radius = settings.bead_diameter_A / settings.pixel_size_A / 2
     per_voxel = settings.bead_contrast / (2 * radius)
     clear = np.ones(contrast.shape, dtype=bool)
+    coords = _ideal_coords(d, len(angles), shape)
     for m in range(len(angles)):
-        coords = _view_coords(d, m, shape)
         theta = math.radians(float(angles[m]))
-        contrast[m] += per_voxel * _bead_chords(coords, beads, radius, theta).numpy()
-        clear[m] = _bead_chords(coords, beads, radius + 2, theta).numpy() == 0
+        contrast[m] += per_voxel * _bead_chords(coords[m], beads, radius, theta).numpy()
+        clear[m] = _bead_chords(coords[m], beads, radius + 2, theta).numpy() == 0
     return clear
 
 
