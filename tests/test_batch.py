@@ -1,6 +1,7 @@
 """``icetide batch``: many series on a local Dask cluster; one bad input never stops the others; re-runs skip."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -76,4 +77,13 @@ def test_bad_inputs(tmp_path):
         find_items([str(tmp_path)])
     result = _run("batch", tmp_path / "none.mrc", "-o", tmp_path / "out", "--retries", -1)
     assert result.exit_code == 2 and "--retries must be 0 or more" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_batch_without_dask_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "distributed", None)  # as if the batch extra were not installed
+    result = _run("batch", tmp_path, "-o", tmp_path / "out")
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "needs dask's distributed" in lines[0] and "pip install 'icetide[batch]'" in lines[0]
     assert not (tmp_path / "out").exists()

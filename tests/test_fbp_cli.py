@@ -1,10 +1,14 @@
 """``icetide fbp``: output shape/header, methods, alignment inputs, and refusal of bad input before any output."""
 
+import logging
+import sys
+
 import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
+from icetide import __version__
 from icetide.alignment import deformations_to_xf
 from icetide.cli.main import app
 from icetide.deform import Deformations, warp_images
@@ -12,6 +16,7 @@ from icetide.io import read_mrc, write_deformations, write_mrc, write_tlt
 from icetide.io.imod import write_xf
 from icetide.recon import fbp as fbp_volume
 from icetide.recon import project
+from icetide.runlog import LOG_NAME
 
 runner = CliRunner()
 
@@ -77,15 +82,22 @@ def test_default_thickness_filter_and_pixel_size_override(tmp_path, clean):
     np.testing.assert_allclose(vol, fbp_volume(torch.as_tensor(series), ANGLES, 10, "hann").numpy(), atol=1e-5)
 
 
-def test_sirt_with_positivity(tmp_path, clean):
+def test_sirt_with_positivity(tmp_path, clean, monkeypatch):
     mrc, tlt, _ = clean
     out = tmp_path / "sirt.mrc"
-    result = _run(mrc, "-a", tlt, "-o", out, "--thickness", 10, "--method", "sirt", "--iterations", 15,
-                  "--positivity", "--device", "cpu")
+    args = [mrc, "-a", tlt, "-o", out, "--thickness", 10, "--method", "sirt", "--iterations", 15, "--positivity",
+            "--device", "cpu"]
+    monkeypatch.setattr(sys, "argv", ["icetide", "fbp", *map(str, args)])  # as the shell sets it: in the log
+    result = _run(*args)
     assert result.exit_code == 0, result.output
     vol, _ = read_mrc(out)
     assert vol.shape == (10, 20, 24) and vol.min() >= 0
     assert _corr(vol, _volume().numpy()) > 0.9
+    # the log of a single output file is beside it
+    log = (tmp_path / LOG_NAME).read_text()
+    assert f"icetide {__version__}" in log and f"command: icetide fbp {mrc} -a {tlt} -o {out}" in log
+    assert "SIRT iteration 10/15" in log and "SIRT iteration 15/15" in log and f"wrote {out}" in log
+    assert not logging.getLogger("icetide").handlers
 
 
 def test_refuses_to_overwrite_without_force(tmp_path, clean):
@@ -138,7 +150,7 @@ def test_bad_input_fails_on_one_line_and_writes_nothing(tmp_path, clean, extra, 
     result = _run(mrc, "-a", tlt, "-o", out, "--device", "cpu", *extra)
     assert result.exit_code == 2, result.output
     assert message in result.output and result.output.strip().startswith("error:")
-    assert not out.exists()
+    assert not out.exists() and not (tmp_path / LOG_NAME).exists()
 
 
 def test_mismatched_deformations_and_angles_are_refused(tmp_path, clean):

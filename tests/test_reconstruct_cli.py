@@ -1,6 +1,8 @@
 """``icetide reconstruct`` and ``icetide demo`` end to end on tiny inputs; bad input leaves nothing behind."""
 
 import json
+import logging
+import sys
 
 import numpy as np
 import pytest
@@ -8,12 +10,14 @@ import torch
 from cli_helpers import ANGLES, SHAPE, TINY_VOLUME_YAML, write_series
 from cli_helpers import run_cli as _run
 
+from icetide import __version__
 from icetide.alignment import xf_to_deformations
 from icetide.io import (
     read_deformations, read_mrc, read_relion_tilt_series_star, read_tlt, write_imod_defocus, write_mrc,
     write_pre_exposure, write_tlt,
 )
 from icetide.io.imod import read_xf
+from icetide.runlog import LOG_NAME
 from icetide.simulate import crowded_phantom
 
 @pytest.fixture(scope="module")
@@ -28,12 +32,25 @@ def series_files(tmp_path_factory):
     return folder
 
 
-def test_reconstruct_writes_every_output(series_files, tmp_path):
+def _as_typed(monkeypatch, *args):
+    """``icetide ARGS...`` with ``sys.argv`` as the shell sets it (the run log records it)."""
+    monkeypatch.setattr(sys, "argv", ["icetide", *map(str, args)])
+    return _run(*args)
+
+
+def test_reconstruct_writes_every_output(series_files, tmp_path, monkeypatch):
     out = tmp_path / "rec"
     f = series_files
-    result = _run("reconstruct", f / "ts.mrc", "--angles", f / "ts.tlt", "-o", out, "--thickness", 12,
-                  "--epochs", 2, "--config", f / "tiny.yaml", "--device", "cpu")
+    result = _as_typed(monkeypatch, "reconstruct", f / "ts.mrc", "--angles", f / "ts.tlt", "-o", out, "--thickness", 12,
+                       "--epochs", 2, "--config", f / "tiny.yaml", "--device", "cpu")
     assert result.exit_code == 0, result.output
+    log = (out / LOG_NAME).read_text()
+    assert f"icetide {__version__}" in log and f"command: icetide reconstruct {f / 'ts.mrc'} --angles" in log
+    assert "fit.epochs: 2 (default: 500)" in log and "volume.log2_table_size: 10 (default: 19)" in log
+    assert "fitting\n" in log and "epoch 2/2  loss" in log  # progress
+    assert "done: 2 epochs" in log and "alignment: kept the" in log and "timings: " in log
+    assert "wrote aligned.mrc, alignment.star" in log
+    assert not logging.getLogger("icetide").handlers
     tomogram, voxel = read_mrc(out / "tomogram.mrc")
     assert tomogram.shape == SHAPE and voxel == pytest.approx(8.0) and np.isfinite(tomogram).all()
     assert read_mrc(out / "tomogram_fbp.mrc")[0].shape == SHAPE
@@ -59,6 +76,22 @@ def test_reconstruct_writes_every_output(series_files, tmp_path):
     result = _run("reconstruct", f / "ts.mrc", "--angles", f / "ts.tlt", "-o", out, "--resume", "--epochs", 3)
     assert result.exit_code == 0, result.output
     assert json.loads((out / "report.json").read_text())["epochs"] == 3
+    log = (out / LOG_NAME).read_text()
+    assert log.count("command: ") == 2 and "epoch 3/3" in log  # appended
+
+
+def test_an_error_in_the_run_is_logged_and_the_log_alone_is_kept(series_files, tmp_path):
+    images, _ = read_mrc(series_files / "ts.mrc")
+    write_mrc(tmp_path / "no_pixel_size.mrc", images, voxel_size_A=None, stack=True)
+    args = ["reconstruct", tmp_path / "no_pixel_size.mrc", "--angles", series_files / "ts.tlt", "-o", tmp_path / "rec",
+            "--defocus", series_files / "ts.defocus", "--tilt-axis-search", 0, "--epochs", 1]
+    for _ in range(2):  # a folder holding only a log is not refused: the log is appended to
+        result = _run(*args)
+        assert result.exit_code == 2 and "needs the pixel size" in result.output, result.output
+    assert [p.name for p in (tmp_path / "rec").iterdir()] == [LOG_NAME]
+    log = (tmp_path / "rec" / LOG_NAME).read_text()
+    assert log.count("error: CTF or exposure correction needs the pixel size") == 2
+    assert not logging.getLogger("icetide").handlers
 
 
 @pytest.mark.parametrize(
@@ -256,6 +289,7 @@ def test_nonfinite_pixels_are_refused_or_fixed(series_files, tmp_path):
     fixed = _run(*args, "-o", tmp_path / "r2", "--fix-nonfinite")
     assert fixed.exit_code == 0, fixed.output
     assert "replaced 2 NaN/Inf" in fixed.output
+    assert "warning: replaced 2 NaN/Inf" in (tmp_path / "r2" / LOG_NAME).read_text()
     assert np.isfinite(read_mrc(tmp_path / "r2" / "tomogram.mrc")[0]).all()
 
 

@@ -3,6 +3,7 @@
 Each series is one Dask task running :func:`icetide.reconstruct.reconstruct` into ``OUT/<name>/``. A task writes
 into ``OUT/.<name>.partial/`` and renames it when done, so a finished folder is complete and a re-run skips it;
 a failure is retried by Dask (``retries``) and, if it persists, reported without stopping the other series.
+Dask's ``distributed`` is an extra (``pip install 'icetide[batch]'``), so it is imported only where it is used.
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ import contextlib
 import copy
 import functools
 import gc
+import logging
 import math
 import platform
 import resource
@@ -63,6 +64,8 @@ __all__ = [
     "robust_spread", "pixel_loss",
     "distributed_rank",
 ]
+
+log = logging.getLogger(__name__)
 
 
 class _NumericalFailure(Exception):
@@ -898,6 +901,8 @@ class Fitter:
         self.memory_events.append({"epoch": self.epoch + 1, "step": self.step + 1,
                                    "lattice_rows": scale.lattice_rows, "binned": scale.factor,
                                    "step_chunks": self.step_chunks})
+        log.warning("out of memory on %s at epoch %d: retrying with %d-row lattice bands, the tilts of a step in %d "
+                    "groups", self.device, self.epoch + 1, scale.lattice_rows, self.step_chunks)
 
     def _finite_or_zeroed(self, loss: torch.Tensor) -> torch.Tensor:
         """``(loss finite, gradients finite)`` of the step just back-propagated, as device booleans; when either
@@ -947,6 +952,7 @@ class Fitter:
         self.lr_factor *= 0.5
         event = {"epoch": self.epoch + 1, "step": step, "reason": reason, "lr_factor": self.lr_factor}
         self.rollbacks.append(event)
+        log.warning("%s: epoch rolled back, learning rates halved", where)
         self._set_learning_rates()
 
     def _validates_in_steps(self) -> bool:

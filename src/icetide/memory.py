@@ -1,13 +1,13 @@
 """How much memory there is and how much a piece of work used: CPU RSS and available RAM, GPU free memory.
 
-Linux figures come from ``/proc`` (no extra dependency); elsewhere the functions return ``None`` and callers
-fall back to fixed defaults.
+Linux figures come from ``/proc`` (with the cgroup's limit, which containers and batch jobs set); where
+``/proc`` is absent (macOS, Windows) from ``psutil``. A figure that neither gives is ``None``, and callers fall
+back to fixed defaults.
 """
 
 from __future__ import annotations
 
 import os
-import resource
 import threading
 import time
 from pathlib import Path
@@ -20,11 +20,16 @@ _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 def rss_bytes() -> int | None:
-    """Resident set size of this process now, bytes (None where ``/proc`` is absent)."""
+    """Resident set size of this process now, bytes (None when unknown)."""
     try:
         return int(Path("/proc/self/statm").read_text().split()[1]) * _PAGE
     except (OSError, IndexError, ValueError):
-        return None
+        import psutil
+
+        try:
+            return int(psutil.Process().memory_info().rss)
+        except (psutil.Error, OSError):
+            return None
 
 
 def _cgroup_limit_bytes() -> int | None:
@@ -41,7 +46,8 @@ def _cgroup_limit_bytes() -> int | None:
 
 def available_bytes(device: torch.device | str = "cpu") -> int | None:
     """Memory a new allocation can use now, bytes: free GPU memory on CUDA; on CPU ``MemAvailable`` of
-    ``/proc/meminfo``, capped by the cgroup limit minus this process's RSS. None when unknown."""
+    ``/proc/meminfo``, capped by the cgroup limit minus this process's RSS, or psutil's available memory where
+    ``/proc`` is absent. None when unknown."""
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -50,7 +56,12 @@ def available_bytes(device: torch.device | str = "cpu") -> int | None:
         lines = Path("/proc/meminfo").read_text().splitlines()
         available = next(int(line.split()[1]) * 1024 for line in lines if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError, IndexError):
-        return None
+        import psutil
+
+        try:
+            return int(psutil.virtual_memory().available)
+        except (psutil.Error, OSError):
+            return None
     limit, rss = _cgroup_limit_bytes(), rss_bytes()
     if limit is not None and rss is not None:
         available = min(available, max(limit - rss, 0))
@@ -60,8 +71,8 @@ def available_bytes(device: torch.device | str = "cpu") -> int | None:
 class PeakMemory:
     """Context manager measuring the peak memory of the work inside it.
 
-    ``cpu_peak_mb``: the highest RSS seen while inside, minus the RSS on entry (sampled every
-    ``interval_s``; on systems without ``/proc``, the growth of the process's lifetime peak instead).
+    ``cpu_peak_mb``: the highest RSS seen while inside, minus the RSS on entry (sampled every ``interval_s``;
+    NaN when the RSS cannot be read).
     ``gpu_peak_mb``: ``torch.cuda.max_memory_allocated`` over the block (after a reset), when ``device`` is
     CUDA; else None. ``seconds``: wall time of the block.
     """
@@ -83,7 +94,6 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         self._start_rss = rss_bytes()
-        self._start_maxrss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         self._peak = self._start_rss or 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -103,8 +113,7 @@ class PeakMemory:
             self._peak = max(self._peak, rss_bytes() or 0)
             self.cpu_peak_mb = (self._peak - self._start_rss) / 2**20
         else:
-            grown_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - self._start_maxrss_kb
-            self.cpu_peak_mb = grown_kb / 1024
+            self.cpu_peak_mb = float("nan")
 
     def as_dict(self) -> dict:
         return {"seconds": self.seconds, "cpu_peak_mb": self.cpu_peak_mb, "gpu_peak_mb": self.gpu_peak_mb}

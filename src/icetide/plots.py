@@ -12,13 +12,16 @@ import csv
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.figure import Figure
 
 from .deform import Deformations
 from .io import atomic_path, write_json
 from .metrics import FSC_THRESHOLDS, detector_mesh, local_field
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = [
     "plot_fsc",
@@ -32,6 +35,14 @@ __all__ = [
 
 _DPI = 120
 _PERCENTILES = (1.0, 99.0)
+
+
+def _figure(width: float, height: float) -> Figure:
+    """A new figure of ``width x height`` inches. matplotlib is imported here, when a figure is drawn, so that
+    importing icetide (and starting its CLI) does not import it."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -60,7 +71,7 @@ def plot_fsc(
     CSV columns: ``name, frequency_cycles_per_voxel, fsc, n_voxels``.
     """
     path = Path(path)
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    fig = _figure(7, 4.5)
     ax = fig.add_subplot()
     rows = []
     for name, curve in curves.items():
@@ -113,7 +124,7 @@ def plot_orthoslices(volumes: Mapping[str, np.ndarray], path: str | os.PathLike)
     nz, ny, nx = next(iter(volumes.values())).shape
     widths = (nx, nx, ny)
     panel_h = 2.6 * max(ny, nz) / max(nx, ny)
-    fig = Figure(figsize=(2.8 * sum(widths) / max(widths) + 0.8, panel_h * len(volumes) + 0.6), layout="constrained")
+    fig = _figure(2.8 * sum(widths) / max(widths) + 0.8, panel_h * len(volumes) + 0.6)
     axes = _panel_grid(fig, len(volumes), widths)
     info = {"slice_index_zyx": [nz // 2, ny // 2, nx // 2], "percentiles": _PERCENTILES, "rows": {}}
     for row, (name, volume) in zip(axes, volumes.items()):
@@ -151,7 +162,7 @@ def plot_fourier_slices(volumes: Mapping[str, np.ndarray], path: str | os.PathLi
     n = len(volumes)
     cols = min(n, 4)
     rows = -(-n // cols)
-    fig = Figure(figsize=(3.2 * cols + 0.6, 3.2 * rows + 0.6), layout="constrained")
+    fig = _figure(3.2 * cols + 0.6, 3.2 * rows + 0.6)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     info = {"plane": "XZ", "percentiles": [1.0, 99.9], "panels": {}}
     for ax, (name, volume) in zip(axes, volumes.items()):
@@ -200,7 +211,7 @@ def plot_local_fields(
     largest = max(float(np.abs(phi_true).max()), float(np.abs(phi_est).max()), 1e-6)
     cell = max(nx, ny) / (mesh - 1)
     magnify = cell / largest
-    fig = Figure(figsize=(3.6 * len(tilts) + 0.4, 3.6 * ny / nx + 1.2), layout="constrained")
+    fig = _figure(3.6 * len(tilts) + 0.4, 3.6 * ny / nx + 1.2)
     axes = fig.subplots(1, len(tilts), squeeze=False)[0]
     for ax, k, tilt in zip(axes, range(len(tilts)), tilts):
         for phi, color, label in ((phi_true[k], "black", "true"), (phi_est[k], "tab:red", "estimated")):
@@ -244,7 +255,7 @@ def plot_deformation_errors(
     local = np.asarray(errors["local_error_per_tilt_px"], dtype=np.float64)
     if not len(angles) == len(shift) == len(rotation) == len(local):
         raise ValueError(f"{len(angles)} tilt angles for {len(shift)} per-tilt errors")
-    fig = Figure(figsize=(7, 7), layout="constrained")
+    fig = _figure(7, 7)
     axes = fig.subplots(3, 1, sharex=True)
     panels = (
         (shift, "shift error (px)", f"shift error after gauge removal, RMS {errors['shift_rms_px']:.3g} px"),
@@ -286,7 +297,7 @@ def plot_curves(
     ``markers``: mark the data points. CSV columns: ``name, x, y``.
     """
     path = Path(path)
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    fig = _figure(7, 4.5)
     ax = fig.add_subplot()
     rows = []
     for name, (x, y) in curves.items():
@@ -323,7 +334,7 @@ def plot_bars(
     for name in names:
         if len(values[name]) != len(groups):
             raise ValueError(f"{name}: {len(values[name])} values for {len(groups)} groups")
-    fig = Figure(figsize=(max(6.0, 1.2 * len(groups) + 2), 4.5), layout="constrained")
+    fig = _figure(max(6.0, 1.2 * len(groups) + 2), 4.5)
     ax = fig.add_subplot()
     width = 0.8 / max(len(names), 1)
     x = np.arange(len(groups))

@@ -5,13 +5,16 @@ DESIGN.md frame), ``deformations.json`` (estimated, gauge removed), ``aligned.mr
 estimated deformations undone), ``tomogram_fbp.mrc`` (FBP of the aligned series), ``alignment.xf`` and
 ``alignment.tlt`` (IMOD), ``alignment.star`` and ``tomograms.star`` (RELION-5, when the pixel size is known; like
 ``.xf`` it carries the shifts and rotations only, the local fields have no RELION/IMOD equivalent),
-``config.yaml``, ``report.json``, ``checkpoint.pt``. With ``fit.half_maps``: ``tomogram_half1.mrc`` and
-``tomogram_half2.mrc`` (the two half volumes; ``tomogram.mrc`` is their mean) and ``fsc_halves.png/.csv``.
+``config.yaml``, ``report.json``, ``checkpoint.pt``, ``icetide.log`` (:mod:`icetide.runlog`). With
+``fit.half_maps``: ``tomogram_half1.mrc`` and ``tomogram_half2.mrc`` (the two half volumes; ``tomogram.mrc`` is
+their mean) and ``fsc_halves.png/.csv``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import math
 import time
 from pathlib import Path
@@ -38,12 +41,15 @@ from .prealign import (
     coarse_alignment, estimate_tilt_axis, estimate_tilt_axis_by_sharpness, refine_by_projection_matching,
 )
 from .recon import align_series, fbp, standardised
+from .runlog import LOG_NAME, changed_settings, epoch_lines, run_log
 from .volume import ImplicitVolume
 
 __all__ = [
     "check_against_start", "contrast_series", "correct_optics", "reconstruct", "sample_tomogram", "search_tilt_axis",
-    "write_half_maps",
+    "summary_lines", "write_half_maps",
 ]
+
+log = logging.getLogger(__name__)
 
 
 def correct_optics(
@@ -329,11 +335,62 @@ def reconstruct(
 
     The fit, ``aligned.mrc`` and the FBP see the series after :func:`correct_optics` (CTF, exposure).
     ``source_path``: the tilt-series file, named in ``alignment.star`` (``k@path``) so RELION finds the images;
-    ``tomograms.star`` carries ``config.ctf``'s optics. In a ``torch.distributed`` run (see :func:`icetide.fit.distributed_rank`) every rank fits and only rank 0
-    writes; the other ranks return their fit report.
+    ``tomograms.star`` carries ``config.ctf``'s optics. In a ``torch.distributed`` run (see
+    :func:`icetide.fit.distributed_rank`) every rank fits and only rank 0 writes; the other ranks return their
+    fit report.
+
+    Rank 0 logs into ``out_dir/icetide.log`` (:func:`icetide.runlog.run_log`; into the caller's log when it has
+    one open there): the progress, unless ``on_phase`` and ``on_epoch`` are given (their caller reports it),
+    the warnings, the outcome (:func:`summary_lines`) and the files written.
     """
-    out_dir = Path(out_dir)
-    phase = on_phase or (lambda name: None)
+    writer = distributed_rank()[0] == 0
+    with run_log(out_dir, changed_settings(config)) if writer else contextlib.nullcontext():
+        on_epoch = on_epoch or epoch_lines(config.fit.epochs, config.fit.max_minutes, log.info)
+        report = _fit_and_write(series, config, Path(out_dir), init, resume, on_epoch, on_phase or log.info,
+                                source_path)
+        if writer:
+            for line in summary_lines(report):
+                log.info(line)
+            log.info("wrote " + ", ".join(sorted(p.name for p in Path(out_dir).iterdir() if p.name != LOG_NAME)))
+    return report
+
+
+def summary_lines(report: dict) -> list[str]:
+    """The outcome of a run (:func:`reconstruct`'s report) in a few lines, for the terminal and the log: the fit,
+    the tilt-axis search, the check of the alignment against its start, the half-map resolution, the timings."""
+    lines = [f"done: {report['epochs']} epochs, {report['stop_reason']}; best epoch {report['best_epoch']}; "
+             f"fit {report['fit_seconds']:.1f} s"]
+    if "tilt_axis_search" in report:
+        found = report["tilt_axis_search"]
+        lines.append(f"tilt axis: {found['estimate_deg']:.2f} deg from the image Y axis "
+                     + ("(used)" if found["used"] else f"(not used: {found.get('note', 'see report.json')})"))
+    if "start_check" in report:
+        check = report["start_check"]
+        lines.append(f"alignment: kept the {'fitted' if check['kept'] == 'fit' else 'starting'} one (even/odd FSC "
+                     f"score {check['fit_score']:.4f} fitted, {check['start_score']:.4f} start)"
+                     + (f"; {check['note']}" if check["kept"] == "start" else ""))
+    if "half_maps" in report:
+        at = report["half_maps"]["resolution"]["0.143"]
+        where = ("beyond Nyquist" if at["nyquist_limited"] else
+                 f"{at['angstrom']:.1f} A" if at["angstrom"] else f"{at['voxels']:.2f} voxels")
+        lines.append(f"half-map FSC 0.143: {where} (fsc_halves.png)")
+    timings = report.get("timings_s", {})
+    lines.append("timings: " + ", ".join(f"{name.removesuffix('_s').replace('_', ' ')} {seconds:.1f} s"
+                                         for name, seconds in timings.items()))
+    return lines
+
+
+def _fit_and_write(
+    series: TiltSeries,
+    config: ReconstructConfig,
+    out_dir: Path,
+    init: Deformations | None,
+    resume: bool,
+    on_epoch: Callable[[dict], None],
+    phase: Callable[[str], None],
+    source_path: Path | None,
+) -> dict:
+    """:func:`reconstruct` but for its log."""
     timings: dict[str, float] = {}
     t0 = time.monotonic()
     writer = distributed_rank()[0] == 0

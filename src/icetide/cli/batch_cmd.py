@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import csv
+import importlib
 import time
 from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..errors import IcetideError
 from .common import console, one_line_errors
 from .reconstruct_cmd import build_config
+
+
+def _require_distributed() -> None:
+    """Fail in one line, before any work, where dask's distributed is missing: it is an extra, not a dependency."""
+    try:
+        importlib.import_module("distributed")
+    except ImportError as exc:
+        raise IcetideError(f"icetide batch needs dask's distributed ({exc}): pip install 'icetide[batch]'") from None
 
 
 def _cluster(workers: Optional[int], scheduler: Optional[str], device: str):
@@ -74,11 +84,12 @@ def batch(
     report.json is skipped, so an interrupted batch continues where it stopped. A failed series is retried
     (--retries) and then reported; it never stops the others. Ends with a summary table (status, time, epochs,
     CC against truth/volume.mrc when the series came from icetide simulate), also in OUT/batch_summary.csv and
-    .json; exits 1 when any series failed.
+    .json; exits 1 when any series failed. Needs dask's distributed: pip install 'icetide[batch]'.
     """
     from ..batch import find_items, run_batch
     from ..fit import resolve_device
 
+    _require_distributed()
     if retries < 0:
         raise IcetideError(f"--retries must be 0 or more, got {retries}")
     if workers is not None and workers < 1:
@@ -94,7 +105,8 @@ def batch(
     console.print(f"{len(items)} tilt series on a {where}; outputs in {out}/")
     try:
         def report(row: dict) -> None:
-            console.print(f"[dim]{time.monotonic() - started:7.0f} s[/]  {row['name']}: {row['status']}", highlight=False)
+            elapsed = time.monotonic() - started
+            console.print(f"[dim]{elapsed:7.0f} s[/]  {escape(row['name'])}: {escape(row['status'])}", highlight=False)
 
         rows = run_batch(items, out, cfg, client, retries, report)
     finally:
@@ -106,7 +118,7 @@ def batch(
     for column in ("series", "status", "time (s)", "epochs", "CC"):
         table.add_column(column)
     for r in rows:
-        table.add_row(r["name"], r["status"], "-" if r["seconds"] is None else f"{r['seconds']:.0f}",
+        table.add_row(escape(r["name"]), escape(r["status"]), "-" if r["seconds"] is None else f"{r['seconds']:.0f}",
                       "-" if r["epochs"] is None else str(r["epochs"]), "-" if r["cc"] is None else f"{r['cc']:.3f}")
     console.print(table)
     if any(r["status"].startswith("failed") for r in rows):

@@ -8,7 +8,8 @@ import typer
 from rich.progress import Progress
 
 from ..errors import IcetideError
-from .common import check_output_dir, console, one_line_errors, output_dir
+from ..runlog import run_log
+from .common import check_output_dir, console, one_line_errors, output_dir, say
 from .evaluate_cmd import deformation_summary, results_table
 from .reconstruct_cmd import progress_printer
 
@@ -43,7 +44,7 @@ def demo(
 
     resolve_device(device)
     check_output_dir(out, force)
-    with output_dir(out, force) as folder:
+    with output_dir(out, force) as folder, run_log(folder):
         progress, on_epoch = progress_printer(settings.epochs, minutes)
         bar = progress if isinstance(progress, Progress) else None  # plain lines when not on a terminal
         started = {"fit": False}
@@ -55,17 +56,16 @@ def demo(
                     bar.start()
             elif started["fit"] and bar is not None and bar.live.is_started:
                 bar.stop()
-            console.print(f"[dim]{name}[/]")
+            say(f"[dim]{name}[/]")
 
         try:
             summary = run_demo(folder, settings, on_phase=on_phase, on_epoch=on_epoch)
         finally:
             if bar is not None and bar.live.is_started:
                 bar.stop()
-    console.print(results_table(summary["reconstructions"], settings.voxel_size_A))
-    console.print(deformation_summary(summary["deformations"]))
-    fit = summary["fit"]
-    console.print(
-        f"icetide fit: {fit['epochs']} epochs in {fit['fit_seconds']:.0f} s on {fit['device']} ({fit['stop_reason']})"
-    )
-    console.print(f"done: {out}/summary.json, figures and volumes in {out}")
+        console.print(results_table(summary["reconstructions"], settings.voxel_size_A))
+        say(deformation_summary(summary["deformations"]))
+        fit = summary["fit"]
+        say(f"icetide fit: {fit['epochs']} epochs in {fit['fit_seconds']:.0f} s on {fit['device']} "
+            f"({fit['stop_reason']})")
+        say(f"done: {out}/summary.json, figures and volumes in {out}")

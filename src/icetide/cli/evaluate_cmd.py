@@ -10,7 +10,8 @@ from rich.table import Table
 
 from .. import __version__
 from ..errors import IcetideError
-from .common import check_output_dir, console, one_line_errors, output_dir
+from ..runlog import run_log
+from .common import check_output_dir, console, one_line_errors, output_dir, say
 
 
 def _method_names(names: Optional[str], recons: List[Path]) -> list[str]:
@@ -151,7 +152,7 @@ def evaluate(
     pair = _load_deformations(truth_deformations, deformations)
 
     console.print(f"scoring {len(volumes)} reconstruction(s) of shape {truth_volume.shape} against {truth}")
-    with output_dir(out, force) as folder:
+    with output_dir(out, force) as folder, run_log(folder):
         scores = evaluate_volumes(volumes, truth_volume, folder, voxel_A, mask, not no_register, taper, pair)
         results = scores["reconstructions"]
         report = {
@@ -170,7 +171,7 @@ def evaluate(
                 "truth": str(truth_deformations), "estimate": str(deformations), **scores["deformations"]
             }
         write_json(folder / "metrics.json", report)
-    console.print(results_table(results, voxel_A))
-    if pair is not None:
-        console.print(deformation_summary(report["deformations"]))
-    console.print(f"done: {out}/metrics.json and figures")
+        console.print(results_table(results, voxel_A))
+        if pair is not None:
+            say(deformation_summary(report["deformations"]))
+        say(f"done: {out}/metrics.json and figures")

@@ -12,7 +12,8 @@ from typing import List, Optional
 import typer
 
 from ..errors import IcetideError
-from .common import check_output_dir, console, one_line_errors, output_dir
+from ..runlog import run_log
+from .common import check_output_dir, console, one_line_errors, output_dir, say, warn
 
 EPOCH_REPORT_EVERY = 25
 
@@ -92,20 +93,20 @@ def experiment(
         device=device,
         command="icetide " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     )
-    if full and resolve_device(device).type == "cpu":
-        console.print("[yellow]warning:[/] --full on a CPU takes many hours per fit")
     check_output_dir(out, force)
     started = time.monotonic()
 
     def on_phase(text: str) -> None:
-        console.print(f"[dim]{time.monotonic() - started:7.0f} s[/]  {text}", highlight=False)
+        say(f"[dim]{time.monotonic() - started:7.0f} s[/]  {text}")
 
     def on_epoch(info: dict) -> None:
         if info["epoch"] == 1 or info["epoch"] % EPOCH_REPORT_EVERY == 0:
             val = "-" if math.isnan(info["val_loss"]) else f"{info['val_loss']:.4f}"
             on_phase(f"  epoch {info['epoch']}: loss {info['train_loss']:.4f}, held-out {val}")
 
-    with output_dir(out, force) as folder:
+    with output_dir(out, force) as folder, run_log(folder):
+        if full and resolve_device(device).type == "cpu":
+            warn("--full on a CPU takes many hours per fit")
         run_experiment(name, folder, settings, on_phase, on_epoch)
-    console.print((out / "summary.md").read_text(), highlight=False, markup=False)
-    console.print(f"done in {time.monotonic() - started:.0f} s: {out}/summary.md, results.json and figures")
+        console.print((out / "summary.md").read_text(), highlight=False, markup=False)
+        say(f"done in {time.monotonic() - started:.0f} s: {out}/summary.md, results.json and figures")

@@ -14,10 +14,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ..data import TiltSeries
 from ..deform import Deformations
 from ..errors import IcetideError
-from .common import check_alignment_options, console, one_line_errors, read_alignment
+from ..runlog import run_log
+from .common import check_alignment_options, console, held_warnings, log, one_line_errors, read_alignment, say
 
 METHODS = ("fbp", "sirt")
 DEFAULT_ITERATIONS = 30
+# SIRT iterations between the progress lines of the run log.
+LOG_EVERY_ITERATIONS = 10
 
 
 def check_output_file(path: Path, force: bool) -> None:
@@ -97,7 +100,8 @@ def _corrected(
 
 
 def _sirt_progress(total: int) -> tuple[Progress, Callable[[int, int], None]]:
-    """A rich progress bar for SIRT; returns ``(progress, on_iteration)``."""
+    """A rich progress bar for SIRT, and a line in the run log every :data:`LOG_EVERY_ITERATIONS`; returns
+    ``(progress, on_iteration)``."""
     progress = Progress(
         TextColumn("[bold]SIRT"),
         BarColumn(),
@@ -107,7 +111,13 @@ def _sirt_progress(total: int) -> tuple[Progress, Callable[[int, int], None]]:
         console=console,
     )
     task = progress.add_task("sirt", total=total)
-    return progress, lambda done, _total: progress.update(task, completed=done)
+
+    def on_iteration(done: int, _total: int) -> None:
+        progress.update(task, completed=done)
+        if done % LOG_EVERY_ITERATIONS == 0 or done == total:
+            log.info(f"SIRT iteration {done}/{total}")
+
+    return progress, on_iteration
 
 
 @one_line_errors
@@ -175,29 +185,35 @@ def fbp(
     check_options(method, iterations, filter_name, positivity, deformations, xf, aln, tilt_axis_angle)
     check_output_file(out, force)
     dev = resolve_device(device)
-    series = TiltSeries.from_files(tilt_series, angles, pixel_size)
-    binned_shape = (series.shape[0] // bin, series.shape[1] // bin)
-    thick = default_thickness(binned_shape) if thickness is None else thickness
-    if not 1 <= thick <= 4 * max(binned_shape):
-        raise IcetideError(f"--thickness must be between 1 and {4 * max(binned_shape)} voxels, got {thick}")
-    d = load_deformations(series, deformations, xf, aln, tilt_axis_angle)
-    if bin > 1:
-        series = series.binned(bin)
-        d = None if d is None else d.scaled(1 / bin, series.shape)
-    if defocus is not None or pre_exposure is not None:
-        axis = tilt_axis_on_images_deg(0.0, None if d is None else d.angles_deg)
-        series = _corrected(series, defocus, pre_exposure, defocus_hand, voltage, cs, amplitude_contrast, axis)
+    held: list[str] = []
+    with held_warnings(held):
+        series = TiltSeries.from_files(tilt_series, angles, pixel_size)
+        binned_shape = (series.shape[0] // bin, series.shape[1] // bin)
+        thick = default_thickness(binned_shape) if thickness is None else thickness
+        if not 1 <= thick <= 4 * max(binned_shape):
+            raise IcetideError(f"--thickness must be between 1 and {4 * max(binned_shape)} voxels, got {thick}")
+        d = load_deformations(series, deformations, xf, aln, tilt_axis_angle)
+        if bin > 1:
+            series = series.binned(bin)
+            d = None if d is None else d.scaled(1 / bin, series.shape)
+        if defocus is not None or pre_exposure is not None:
+            axis = tilt_axis_on_images_deg(0.0, None if d is None else d.angles_deg)
+            series = _corrected(series, defocus, pre_exposure, defocus_hand, voltage, cs, amplitude_contrast, axis)
 
-    t0 = time.monotonic()
-    images = torch.tensor(series.images, device=dev)
-    if method == "fbp":
-        volume = fbp_deformed(images, series.tilt_angles_deg, thick, d, filter_name or "ramp")
-    else:
-        aligned = images if d is None else align_series(images, d)
-        n_iter = iterations or DEFAULT_ITERATIONS
-        progress, on_iteration = _sirt_progress(n_iter)
-        with progress:
-            volume = sirt(aligned, series.tilt_angles_deg, thick, n_iter, positivity, on_iteration)
-    write_mrc(out, volume.cpu().numpy(), series.pixel_size_A)
-    nz, ny, nx = volume.shape
-    console.print(f"wrote {out} ({nz} x {ny} x {nx}, {method}) in {time.monotonic() - t0:.1f} s")
+    # The log of a single output file is in its folder; opened once the inputs are read, so bad input leaves none.
+    with run_log(out.parent):
+        for message in held:
+            log.warning(message)
+        t0 = time.monotonic()
+        images = torch.tensor(series.images, device=dev)
+        if method == "fbp":
+            volume = fbp_deformed(images, series.tilt_angles_deg, thick, d, filter_name or "ramp")
+        else:
+            aligned = images if d is None else align_series(images, d)
+            n_iter = iterations or DEFAULT_ITERATIONS
+            progress, on_iteration = _sirt_progress(n_iter)
+            with progress:
+                volume = sirt(aligned, series.tilt_angles_deg, thick, n_iter, positivity, on_iteration)
+        write_mrc(out, volume.cpu().numpy(), series.pixel_size_A)
+        nz, ny, nx = volume.shape
+        say(f"wrote {out} ({nz} x {ny} x {nx}, {method}) in {time.monotonic() - t0:.1f} s")

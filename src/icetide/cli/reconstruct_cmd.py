@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -15,7 +14,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ..config import ReconstructConfig, load_config, parse_config
 from ..errors import IcetideError
 from ..io.series import load_series
-from .common import check_alignment_options, check_output_dir, console, one_line_errors, output_dir, read_alignment
+from ..runlog import changed_settings, epoch_lines, run_log
+from .common import (
+    check_alignment_options, check_output_dir, console, held_warnings, log, one_line_errors, output_dir,
+    read_alignment, say,
+)
 
 
 def build_config(
@@ -44,35 +47,14 @@ def build_config(
 
 def log_lines(total_epochs: int, max_minutes: float | None, every_epochs: int = 10, every_s: float = 30.0,
               clock=time.monotonic):
-    """``on_epoch`` printing a plain line every ``every_epochs`` epochs or ``every_s`` seconds, for output that
-    is not a terminal (SLURM, nohup): epoch, losses, elapsed time and the time left (the time budget's, or at
-    the current rate the epoch limit's; early stopping usually ends sooner)."""
-    last = {"t": -math.inf, "epoch": 0}
-
-    def on_epoch(info: dict) -> None:
-        now = clock()
-        epoch = info["epoch"]
-        if epoch - last["epoch"] < every_epochs and now - last["t"] < every_s and epoch < total_epochs:
-            return
-        last.update(t=now, epoch=epoch)
-        elapsed = info["elapsed_s"]
-        left = (total_epochs - epoch) * elapsed / max(epoch, 1)
-        if max_minutes is not None:
-            left = min(left, max(0.0, 60 * max_minutes - elapsed))
-        val = info["val_loss"]
-        console.print(
-            f"epoch {epoch}/{total_epochs}{' (binned)' if info.get('binned') else ''}  "
-            f"loss {info['train_loss']:.4f}  val {'-' if math.isnan(val) else f'{val:.4f}'}  "
-            f"elapsed {elapsed:.0f} s  at most {left:.0f} s left",
-            highlight=False, soft_wrap=True,
-        )
-
-    return on_epoch
+    """``on_epoch`` printing (and logging) a plain line every ``every_epochs`` epochs or ``every_s`` seconds
+    (:func:`icetide.runlog.epoch_lines`), for output that is not a terminal (SLURM, nohup)."""
+    return epoch_lines(total_epochs, max_minutes, say, every_epochs, every_s, clock)
 
 
 def progress_printer(total_epochs: int, max_minutes: float | None = None):
     """A rich progress bar for the fit on a terminal, else plain lines (:func:`log_lines`); returns
-    ``(progress context, on_epoch)``."""
+    ``(progress context, on_epoch)``. The run log gets the plain lines either way."""
     if not console.is_terminal:
         return contextlib.nullcontext(), log_lines(total_epochs, max_minutes)
     progress = Progress(
@@ -85,8 +67,10 @@ def progress_printer(total_epochs: int, max_minutes: float | None = None):
         transient=False,
     )
     task = progress.add_task("fit", total=total_epochs, loss="-", val="-", rate="")
+    logged = epoch_lines(total_epochs, max_minutes, log.info)
 
     def on_epoch(info: dict) -> None:
+        logged(info)
         val = info["val_loss"]
         progress.update(
             task,
@@ -237,7 +221,9 @@ def reconstruct(
     --exposure-weighting) the series is corrected first: the fit, aligned.mrc and tomogram_fbp.mrc see the
     corrected images.
     """
+    from ..fit import resolve_device
     from ..reconstruct import reconstruct as run
+    from ..reconstruct import summary_lines
 
     if renderer is not None and renderer not in ("lattice", "rays"):
         raise IcetideError(f"--renderer must be lattice or rays, got {renderer!r}")
@@ -306,18 +292,17 @@ def reconstruct(
             "ctf.amplitude_contrast": amplitude_contrast,
         },
     )
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    resolve_device(cfg.fit.device)  # here, not in the fit: bad input leaves no folder behind
+    held: list[str] = []
+    with held_warnings(held):
         series, keep, all_angles = load_series(
             tilt_series, angles, mdoc, cfg.pixel_size_A, cfg.tilt_axis_angle_deg or None,
             exclude, invert, fix_nonfinite, defocus, pre_exposure, half_series,
         )
-    for warning in caught:
-        console.print(f"[yellow]warning:[/] {warning.message}", highlight=False)
-    if cfg.thickness is not None and cfg.thickness > 4 * max(series.shape):
-        raise IcetideError(f"thickness {cfg.thickness} is larger than sensible for a {series.shape} detector")
-    # Alignment files describe every view of the stack: read them against all views, then drop the excluded.
-    init = read_alignment(all_angles, series.shape, deformations, xf, aln)
+        if cfg.thickness is not None and cfg.thickness > 4 * max(series.shape):
+            raise IcetideError(f"thickness {cfg.thickness} is larger than sensible for a {series.shape} detector")
+        # Alignment files describe every view of the stack: read them against all views, then drop the excluded.
+        init = read_alignment(all_angles, series.shape, deformations, xf, aln)
     if init is not None:
         init = init.subset(keep)
         # The starting rotations already hold the tilt axis (e.g. one read from the .mdoc must not count twice).
@@ -327,21 +312,13 @@ def reconstruct(
         run(series, cfg, out, init=init, resume=resume)
         return
     context = output_dir(out, force) if not resume else contextlib.nullcontext(out)
-    with context as folder:
+    with context as folder, run_log(folder, changed_settings(cfg)):
+        for message in held:
+            log.warning(message)
         progress, on_epoch = progress_printer(cfg.fit.epochs, cfg.fit.max_minutes)
         with progress:
             report = run(series, cfg, folder, init=init, resume=resume, on_epoch=on_epoch, source_path=tilt_series,
-                         on_phase=lambda name: console.print(f"[dim]{name}[/]"))
-    console.print(
-        f"done: {report['epochs']} epochs, {report['stop_reason']}; best epoch {report['best_epoch']}; "
-        f"fit {report['fit_seconds']:.1f} s; outputs in {out}"
-    )
-    if "tilt_axis_search" in report:
-        found = report["tilt_axis_search"]
-        console.print(f"tilt axis: {found['estimate_deg']:.2f} deg from the image Y axis "
-                      + ("(used)" if found["used"] else "(at the edge of the search: not used)"))
-    if "half_maps" in report:
-        at = report["half_maps"]["resolution"]["0.143"]
-        where = ("beyond Nyquist" if at["nyquist_limited"] else
-                 f"{at['angstrom']:.1f} A" if at["angstrom"] else f"{at['voxels']:.2f} voxels")
-        console.print(f"half-map FSC 0.143: {where} (fsc_halves.png)")
+                         on_phase=lambda name: say(f"[dim]{name}[/]"))
+    for line in summary_lines(report):  # run() has logged them
+        console.print(line, highlight=False, soft_wrap=True)
+    console.print(f"outputs in {out}", highlight=False, soft_wrap=True)

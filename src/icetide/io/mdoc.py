@@ -5,6 +5,11 @@ lines (the first usually holds ``Tilt axis angle = 85.3, binning = 1 ...``), the
 section per image in the stack with its own ``key = value`` lines (``TiltAngle``, ``ExposureDose`` in
 e/A^2, ``Defocus`` in micrometres, ``DateTime``, ...). Other bracketed sections (``[FrameSet = N]``,
 ``[MontSection = N]``) are kept apart from the images.
+
+The values icetide uses are read by the data models of teamtomo's ``mdocfile``; the layout is scanned here,
+because ``mdocfile`` keeps neither line numbers (for the error messages) nor the values as written, reads
+only exactly spaced section lines, skips lines without ``=`` and, in ``mdocfile.read``, drops an image's
+``PixelSpacing`` when the header has none.
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ import datetime
 import os
 import re
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
+from pydantic import BaseModel, ValidationError
 
 from ..errors import IcetideError
 from .util import atomic_path
@@ -23,20 +30,17 @@ __all__ = ["read_mdoc", "write_mdoc"]
 
 _SECTION = re.compile(r"^\[\s*(\w+)\s*=\s*(.*?)\s*\]$")
 _TILT_AXIS = re.compile(r"tilt\s*axis\s*angle\s*=\s*([-+0-9.eE]+)", re.IGNORECASE)
+# The keys icetide reads as numbers; only these are checked, so that an odd value elsewhere never refuses a file.
+_NUMBERS = ("ZValue", "TiltAngle", "PixelSpacing", "ExposureDose", "Defocus")
+Model = TypeVar("Model", bound=BaseModel)
 
 
-def _float(value: str, where: str, key: str) -> float:
-    try:
-        return float(value.split()[0])
-    except (ValueError, IndexError):
-        raise IcetideError(f"{where}: {key} is not a number: {value!r}") from None
-
-
-def _parse(path: Path) -> tuple[dict[str, str], list[str], dict[int, tuple[dict[str, str], str]]]:
-    """Global keys, title texts and ``{ZValue: (keys, where)}`` of an mdoc; other sections are skipped."""
+def _scan(path: Path) -> tuple[dict[str, str], list[str], list[tuple[str, dict[str, str], str]]]:
+    """Global keys, title texts and ``(ZValue, keys, where)`` of each image section, in file order, with every
+    value as written; other sections are skipped."""
     header: dict[str, str] = {}
     titles: list[str] = []
-    images: dict[int, tuple[dict[str, str], str]] = {}
+    images: list[tuple[str, dict[str, str], str]] = []
     current = header
     for lineno, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         where = f"{path}:{lineno}"
@@ -50,14 +54,8 @@ def _parse(path: Path) -> tuple[dict[str, str], list[str], dict[int, tuple[dict[
                 titles.append(value)
                 current = header
             elif kind == "ZValue":
-                try:
-                    z = int(value)
-                except ValueError:
-                    raise IcetideError(f"{where}: ZValue is not an integer: {value!r}") from None
-                if z in images:
-                    raise IcetideError(f"{where}: duplicated section [ZValue = {z}]")
                 current = {}
-                images[z] = (current, where)
+                images.append((value, current, where))
             else:
                 current = {}  # a frame or montage section: read, not returned
             continue
@@ -66,6 +64,16 @@ def _parse(path: Path) -> tuple[dict[str, str], list[str], dict[int, tuple[dict[
             raise IcetideError(f"{where}: expected 'key = value' or a [section], got {text!r}")
         current[key.strip()] = value.strip()
     return header, titles, images
+
+
+def _numbers(model: type[Model], keys: dict[str, str], where: str) -> Model:
+    """The numbers of ``keys`` read by the ``mdocfile`` data ``model``; a bad one raises naming ``where``."""
+    try:
+        return model.model_validate({k: v for k, v in keys.items() if k in _NUMBERS})
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        kind = "an integer" if error["type"].startswith("int") else "a number"
+        raise IcetideError(f"{where}: {error['loc'][0]} is not {kind}: {error['input']!r}") from None
 
 
 def read_mdoc(path: str | os.PathLike) -> dict:
@@ -79,44 +87,42 @@ def read_mdoc(path: str | os.PathLike) -> dict:
     strings or ``None``). ``header`` and ``sections`` keep every ``key = value`` as strings; ``titles`` the
     ``[T = ...]`` texts. Malformed input raises :class:`IcetideError` naming the file and line.
     """
+    from mdocfile.data_models import MdocGlobalData, MdocSectionData
+
     path = Path(path)
     if not path.is_file():
         raise IcetideError(f"{path}: no such file")
-    header, titles, images = _parse(path)
-    if not images:
+    header, titles, found = _scan(path)
+    if not found:
         raise IcetideError(f"{path}: no [ZValue = N] sections (not a SerialEM tilt-series .mdoc?)")
+    images: dict[int, tuple[MdocSectionData, dict[str, str]]] = {}
+    for z_text, keys, where in found:
+        image = _numbers(MdocSectionData, {**keys, "ZValue": z_text}, where)
+        if image.ZValue in images:
+            raise IcetideError(f"{where}: duplicated section [ZValue = {image.ZValue}]")
+        if image.TiltAngle is None:
+            raise IcetideError(f"{where}: section [ZValue = {image.ZValue}] has no TiltAngle")
+        images[image.ZValue] = (image, keys)
     z_values = sorted(images)
-    sections = [images[z][0] for z in z_values]
-    tilts = []
-    for z in z_values:
-        keys, where = images[z]
-        if "TiltAngle" not in keys:
-            raise IcetideError(f"{where}: section [ZValue = {z}] has no TiltAngle")
-        tilts.append(_float(keys["TiltAngle"], where, "TiltAngle"))
+    typed = [images[z][0] for z in z_values]
+    sections = [images[z][1] for z in z_values]
+    pixel_size = _numbers(MdocGlobalData, header, str(path)).PixelSpacing
     out: dict = {
-        "tilt_angles_deg": np.asarray(tilts, dtype=np.float64),
+        "tilt_angles_deg": np.asarray([t.TiltAngle for t in typed], dtype=np.float64),
         "z_values": np.asarray(z_values, dtype=int),
-        "pixel_size_A": _pixel_size(path, header, images, z_values),
+        "pixel_size_A": typed[0].PixelSpacing if pixel_size is None else pixel_size,
         "tilt_axis_angle_deg": _tilt_axis(titles),
         "header": header,
         "titles": titles,
         "sections": sections,
     }
     for key, name in (("ExposureDose", "exposure_dose"), ("Defocus", "defocus_um")):
-        if any(key in s for s in sections):
-            out[name] = np.array(
-                [_float(images[z][0][key], images[z][1], key) if key in images[z][0] else np.nan for z in z_values]
-            )
+        values = [getattr(t, key) for t in typed]
+        if any(v is not None for v in values):
+            out[name] = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
     if any("DateTime" in s for s in sections):
         out["date_time"] = [s.get("DateTime") for s in sections]
     return out
-
-
-def _pixel_size(path: Path, header: dict, images: dict, z_values: list[int]) -> float | None:
-    if "PixelSpacing" in header:
-        return _float(header["PixelSpacing"], str(path), "PixelSpacing")
-    keys, where = images[z_values[0]]
-    return _float(keys["PixelSpacing"], where, "PixelSpacing") if "PixelSpacing" in keys else None
 
 
 def _tilt_axis(titles: list[str]) -> float | None:
