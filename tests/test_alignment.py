@@ -9,6 +9,7 @@ import torch
 from scipy.ndimage import affine_transform, gaussian_filter
 
 from icetide.alignment import (
+    deformations_for_stack,
     aln_to_deformations,
     deformations_to_relion,
     deformations_to_xf,
@@ -221,3 +222,21 @@ def test_relion_round_trip_and_x_tilt_refused(tmp_path):
     cols["rlnTomoXTilt"] = np.full(d.n_tilts, 0.5)
     with pytest.raises(IcetideError, match="no X tilt"):
         relion_to_deformations(cols, 2.0, d.detector_shape)
+
+
+def test_excluded_views_get_stack_angles_and_transforms_interpolated_in_tilt():
+    stack_angles = np.array([-60.0, -40.0, -20.0, 0.0, 20.0, 40.0, 60.0])
+    kept = np.array([1, 2, 4, 5])
+    # rotations either side of 180 degrees: the interpolation must cross it, not pass through 0
+    d = Deformations(stack_angles[kept], [[1, 2], [3, 4], [5, 6], [7, 8]], [179.0, -179.0, -178.0, 178.0],
+                     np.ones((4, 2, 3, 3)), (24, 32))
+    full = deformations_for_stack(d, kept, stack_angles)
+    np.testing.assert_array_equal(full.tilt_angles_deg, stack_angles)
+    np.testing.assert_array_equal(full.shifts_px[kept], d.shifts_px)
+    np.testing.assert_array_equal(full.angles_deg[kept], d.angles_deg)
+    # view 3 (0 degrees) halfway between views 2 and 4; views 0 and 6 take their fitted neighbour's
+    np.testing.assert_allclose(full.shifts_px[[0, 3, 6]], [[1, 2], [4, 5], [7, 8]])
+    np.testing.assert_allclose(np.cos(np.deg2rad(full.angles_deg[[0, 3, 6]] - [179.0, 181.5, 178.0])), 1.0)
+    assert full.local_px.shape == (7, 2, 3, 3) and not full.local_px.any()
+    with pytest.raises(IcetideError, match="3 stack indices for 4 tilts"):
+        deformations_for_stack(d, kept[:3], stack_angles)

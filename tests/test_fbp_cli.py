@@ -12,7 +12,7 @@ from icetide import __version__
 from icetide.alignment import deformations_to_xf
 from icetide.cli.main import app
 from icetide.deform import Deformations, warp_images
-from icetide.io import read_mrc, write_deformations, write_mrc, write_tlt
+from icetide.io import read_mrc, read_mrc_labels, write_deformations, write_mrc, write_tlt
 from icetide.io.imod import write_xf
 from icetide.recon import fbp as fbp_volume
 from icetide.recon import project
@@ -69,6 +69,24 @@ def test_fbp_writes_the_volume_with_the_pixel_size(tmp_path, clean):
     assert vol.shape == (10, 20, 24) and voxel == pytest.approx(6.5)
     np.testing.assert_allclose(vol, fbp_volume(torch.as_tensor(series), ANGLES, 10).numpy(), rtol=1e-5, atol=1e-5)
     assert _corr(vol, _volume().numpy()) > 0.9
+
+
+def test_invert_and_polarity_set_the_sign_and_the_header_label_states_it(tmp_path, clean):
+    mrc, tlt, series = clean
+    write_mrc(tmp_path / "dark.mrc", -series, 6.5, stack=True)
+    volumes = {}
+    for name, stack, extra in (("plain", mrc, []), ("bright", tmp_path / "dark.mrc", ["--invert"]),
+                               ("input", tmp_path / "dark.mrc", ["--invert", "--polarity", "input"])):
+        result = _run(stack, "--angles", tlt, "-o", tmp_path / f"{name}.mrc", "--thickness", 10, "--device", "cpu",
+                      *extra)
+        assert result.exit_code == 0, result.output
+        volumes[name] = read_mrc(tmp_path / f"{name}.mrc")[0]
+    np.testing.assert_allclose(volumes["bright"], volumes["plain"], rtol=1e-5, atol=1e-6)  # dense = bright
+    np.testing.assert_allclose(volumes["input"], -volumes["plain"], rtol=1e-5, atol=1e-6)  # as the dark input
+    labels = {name: " ".join(read_mrc_labels(tmp_path / f"{name}.mrc")) for name in volumes}
+    assert "icetide: density bright (positive = dense), as in the input images" in labels["plain"]
+    assert "icetide: density bright (positive = dense), the input images inverted" in labels["bright"]
+    assert "icetide: density dark (negative = dense), as in the input images" in labels["input"]
 
 
 def test_default_thickness_filter_and_pixel_size_override(tmp_path, clean):
@@ -141,6 +159,7 @@ def test_alignment_from_deformations_or_xf_improves_the_reconstruction(tmp_path,
         (["--deformations", "d.json", "--xf", "a.xf"], "exclude each other"),
         (["--xf", "a.xf", "--tilt-axis-angle", "3"], "--tilt-axis-angle"),
         (["--thickness", "0"], "--thickness"),
+        (["--polarity", "dark"], "--polarity must be bright or input"),
         (["--xf", "missing.xf"], "missing.xf"),
     ],
 )

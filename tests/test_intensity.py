@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from icetide.errors import IcetideError
-from icetide.intensity import fit_contrast, has_levels, highpass
+from icetide.intensity import fit_contrast, has_levels, highpass, output_polarity
 
 
 def _counts(seed=0, levels=(40.0, 16.0, 25.0)):
@@ -51,3 +51,16 @@ def test_highpass_removes_broad_features_and_keeps_fine_ones():
     np.testing.assert_allclose(out[1][inner], fine[inner], atol=1e-3)
     same = torch.tensor(np.stack([ramp]))
     assert highpass(same, 0.0) is same
+
+
+def test_output_polarity_flips_only_inverted_input_asked_as_the_input():
+    sign, label = output_polarity("bright", False)
+    assert (sign, label) == output_polarity("input", False)
+    assert sign == 1.0 and label.startswith("icetide: density bright") and label.endswith("as in the input images")
+    sign, label = output_polarity("bright", True)
+    assert sign == 1.0 and label.startswith("icetide: density bright (positive = dense)") and "inverted" in label
+    sign, label = output_polarity("input", True)
+    assert sign == -1.0 and label.startswith("icetide: density dark (negative = dense)")
+    assert all(len(output_polarity(p, i)[1]) <= 80 for p in ("bright", "input") for i in (False, True))
+    with pytest.raises(IcetideError, match="bright or input"):
+        output_polarity("dark", False)

@@ -5,7 +5,9 @@ import pytest
 from icetide.data import TiltSeries
 from icetide.deform import Deformations
 from icetide.errors import IcetideError
-from icetide.io import read_deformations, read_mrc, read_tlt, write_deformations, write_mrc, write_tlt
+from icetide.io import (
+    parse_exclude, read_deformations, read_mrc, read_mrc_labels, read_tlt, write_deformations, write_mrc, write_tlt,
+)
 
 
 def test_mrc_round_trip_volume_and_voxel_size(tmp_path):
@@ -26,6 +28,42 @@ def test_mrc_stack_flag_and_any_mode_in(tmp_path):
     write_mrc(tmp_path / "o.mrc", data, 3.0, stack=True)
     with mrcfile.open(tmp_path / "o.mrc") as m:
         assert m.is_image_stack()
+
+
+def test_mrc_label_is_written_and_read_back(tmp_path):
+    write_mrc(tmp_path / "v.mrc", np.zeros((2, 3, 4)), 2.0, label="icetide: density bright (positive = dense)")
+    assert "icetide: density bright (positive = dense)" in read_mrc_labels(tmp_path / "v.mrc")
+    with pytest.raises(IcetideError, match="at most 80 ASCII characters"):
+        write_mrc(tmp_path / "w.mrc", np.zeros((2, 3, 4)), label="x" * 81)
+    assert not (tmp_path / "w.mrc").exists()
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [(None, []), ("", []), ("0,40", [0, 40]), ("0-2,40", [0, 1, 2, 40]), (" 38 - 40 , 5", [5, 38, 39, 40]),
+     ("7-7", [7])],
+)
+def test_exclude_takes_views_and_ranges_numbered_from_0(text, expected):
+    assert parse_exclude(text, 41).tolist() == expected
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("a-b", r"'a-b' is neither a view nor a range of views \(0-based"),
+        ("-1", "neither a view nor a range"),
+        ("1-2-3", "neither a view nor a range"),
+        ("5-2", "range '5-2' runs backwards"),
+        ("0-2,2", r"view\(s\) 2 given more than once"),
+        ("3,41,39-45", r"view\(s\) 41, 39-45 outside 0..40"),
+        ("0-1000000000", "outside 0..40"),  # refused before the range is expanded
+        ("1-40", "fewer than 2 views"),
+    ],
+)
+def test_bad_exclude_lists_are_one_line_errors(text, message):
+    with pytest.raises(IcetideError, match=message) as info:
+        parse_exclude(text, 41)
+    assert "\n" not in str(info.value)
 
 
 def test_mrc_errors_are_one_line(tmp_path):

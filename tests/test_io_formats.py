@@ -2,11 +2,12 @@
 
 import numpy as np
 import pytest
+import starfile
 
 from icetide.deform import Deformations
 from icetide.errors import IcetideError
 from icetide.io.aretomo import read_aln
-from icetide.io.imod import read_xf, write_xf
+from icetide.io.imod import imod_view_list, read_xf, write_view_list, write_xf
 from icetide.io.mdoc import read_mdoc
 from icetide.io.relion import (
     RelionTomogram,
@@ -75,6 +76,16 @@ ALN = """\
 """
 
 
+@pytest.mark.parametrize(
+    "indices, text",
+    [([], ""), ([4], "5"), ([0, 40], "1,41"), ([0, 1, 2, 40], "1-3,41"), ([40, 2, 0, 1, 5, 6], "1-3,6-7,41")],
+)
+def test_imod_view_lists_are_numbered_from_1_with_ranges(tmp_path, indices, text):
+    assert imod_view_list(indices) == text
+    write_view_list(tmp_path / "views.txt", indices)
+    assert (tmp_path / "views.txt").read_text() == text + "\n"
+
+
 def test_aln_reader_parses_header_rows_and_local_table(tmp_path):
     (tmp_path / "ts.aln").write_text(ALN)
     aln = read_aln(tmp_path / "ts.aln")
@@ -128,6 +139,15 @@ def test_relion_tilt_series_star_round_trip_and_image_names(tmp_path):
     assert not (tmp_path / "c.star").exists()
 
 
+def test_relion_image_names_point_into_the_stack_past_excluded_views(tmp_path):
+    d = _deformations()  # views 1, 2, 4 and 5 of a stack of 7 whose views 0, 3 and 6 were excluded
+    write_relion_tilt_series_star(tmp_path / "ts.star", d, 1.35, "TS_07", "ts.mrc", stack_indices=[1, 2, 4, 5])
+    names = starfile.read(tmp_path / "ts.star")["rlnMicrographName"].tolist()
+    assert names == ["2@ts.mrc", "3@ts.mrc", "5@ts.mrc", "6@ts.mrc"]
+    with pytest.raises(IcetideError, match="3 stack indices for 4 tilts"):
+        write_relion_tilt_series_star(tmp_path / "c.star", d, 1.35, "TS_07", "ts.mrc", stack_indices=[1, 2, 4])
+
+
 def test_relion_tilt_series_star_errors(tmp_path):
     d = _deformations()
     (tmp_path / "bad.star").write_text("data_x\n\nloop_\n_rlnTomoYTilt #1\n_rlnTomoZRot #2\n1.0 2.0\n")
@@ -148,12 +168,17 @@ def test_relion_tilt_series_star_errors(tmp_path):
 def test_relion_tomograms_star_round_trip(tmp_path):
     entries = [
         RelionTomogram("TS_01", "tilt_series/TS_01.star", 300.0, 2.7, 0.1, 0.675, 2.7, (1024, 1024, 256), -1),
-        RelionTomogram("TS_02", "tilt_series/TS_02.star", 300.0, 2.7, 0.07, 0.675, 5.4, (512, 480, 128), 1),
+        RelionTomogram("TS_02", "tilt_series/TS_02.star", 300.0, 2.7, 0.07, 0.675, 5.4, (512, 480, 128), 1,
+                       "rec/TS_02/tomogram.mrc", 4.0),
     ]
     write_relion_tomograms_star(tmp_path / "tomograms.star", entries)
     text = (tmp_path / "tomograms.star").read_text()
     assert "data_global" in text and "_rlnTomoTiltSeriesStarFile" in text and "_rlnTomoSizeZ" in text
+    assert "_rlnTomoReconstructedTomogram" in text and "_rlnTomoTomogramBinning" in text
     assert read_relion_tomograms_star(tmp_path / "tomograms.star") == entries
+    write_relion_tomograms_star(tmp_path / "one.star", entries[:1])  # no tomogram: no column, binning 1
+    assert "_rlnTomoReconstructedTomogram" not in (tmp_path / "one.star").read_text()
+    assert read_relion_tomograms_star(tmp_path / "one.star") == entries[:1]
     (tmp_path / "x.star").write_text("data_global\n\nloop_\n_rlnTomoName #1\nTS_01\n")
     with pytest.raises(IcetideError, match=r"x\.star: missing columns rlnTomoTiltSeriesStarFile"):
         read_relion_tomograms_star(tmp_path / "x.star")

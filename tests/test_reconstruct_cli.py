@@ -13,7 +13,7 @@ from cli_helpers import run_cli as _run
 from icetide import __version__
 from icetide.alignment import xf_to_deformations
 from icetide.io import (
-    read_deformations, read_mrc, read_relion_tilt_series_star, read_tlt, write_imod_defocus, write_mrc,
+    read_deformations, read_mrc, read_mrc_labels, read_relion_tilt_series_star, read_tlt, write_imod_defocus, write_mrc,
     write_pre_exposure, write_tlt,
 )
 from icetide.io.imod import read_xf
@@ -225,6 +225,54 @@ def test_starting_alignment_from_xf_and_excluded_views(series_files, tmp_path):
     assert "rlnTomoTiltSeriesStarFile" in (out / "tomograms.star").read_text()
 
 
+def test_excluded_views_keep_their_lines_in_the_imod_files_and_their_place_in_relion_names(series_files, tmp_path):
+    import starfile
+
+    from icetide.cli.common import read_alignment
+    from icetide.errors import IcetideError
+    from icetide.io import read_relion_tomograms_star, write_xf
+
+    f = series_files
+    out = tmp_path / "rec"
+    result = _run("reconstruct", f / "ts.mrc", "--angles", f / "ts.tlt", "-o", out, "--epochs", 1, "--thickness", 12,
+                  "--config", f / "tiny.yaml", "--exclude", "0,6")
+    assert result.exit_code == 0, result.output
+    est = read_deformations(out / "deformations.json")  # the fitted views 1..5
+    xf = read_xf(out / "alignment.xf")
+    assert xf.shape == (len(ANGLES), 2, 3)  # one line per view of the input stack
+    np.testing.assert_allclose(-xf[1:6, :, 2], est.shifts_px, atol=1e-3)
+    # the first and last views take the transform of their fitted neighbour in tilt
+    np.testing.assert_allclose(xf[0], xf[1], atol=1e-6)
+    np.testing.assert_allclose(xf[6], xf[5], atol=1e-6)
+    np.testing.assert_allclose(read_tlt(out / "alignment.tlt"), ANGLES)
+    assert (out / "alignment.exclude").read_text() == "1,7\n"  # IMOD's EXCLUDELIST, numbered from 1
+    report = json.loads((out / "report.json").read_text())
+    assert report["excluded_views"] == {"stack_indices": [0, 6], "imod_excludelist": "1,7"}
+    assert report["input"]["n_tilts"] == 5 and report["input"]["n_stack_views"] == 7
+    names = starfile.read(out / "alignment.star")["rlnMicrographName"].tolist()
+    assert names == [f"{k}@{(f / 'ts.mrc').resolve()}" for k in range(2, 7)]
+    (tomo,) = read_relion_tomograms_star(out / "tomograms.star")
+    assert tomo.tomogram_file == str((out / "tomogram.mrc").resolve()) and tomo.binning == 1.0 and tomo.hand == 1
+    assert tomo.size_xyz == (SHAPE[2], SHAPE[1], SHAPE[0])
+    # deformations.json (the fitted views) is read back against the same --exclude
+    back = read_alignment(ANGLES, SHAPE[1:], out / "deformations.json", None, None, np.arange(1, 6))
+    np.testing.assert_allclose(back.shifts_px, est.shifts_px)
+    write_xf(tmp_path / "short.xf", xf[:3])
+    with pytest.raises(IcetideError, match="short.xf: 3 transforms for a series of 7 views or the 5 it keeps"):
+        read_alignment(ANGLES, SHAPE[1:], None, tmp_path / "short.xf", None, np.arange(1, 6))
+
+    # alignment.xf feeds back, with the same --exclude or with every view
+    for extra in (["--exclude", "0,6"], []):
+        again = tmp_path / f"again{len(extra)}"
+        result = _run("reconstruct", f / "ts.mrc", "--angles", f / "ts.tlt", "-o", again, "--epochs", 1,
+                      "--thickness", 12, "--config", _warmup_only(tmp_path), "--xf", out / "alignment.xf", *extra)
+        assert result.exit_code == 0, result.output
+        started = read_deformations(again / "deformations.json")
+        assert started.n_tilts == (5 if extra else 7)
+        np.testing.assert_allclose(started.angles_deg[1:6] if not extra else started.angles_deg, est.angles_deg,
+                                   atol=2e-3)
+
+
 def test_angles_and_pixel_size_from_mdoc_and_inverted_contrast(series_files, tmp_path):
     f = series_files
     sections = "".join(f"[ZValue = {i}]\nTiltAngle = {a:.2f}\n\n" for i, a in enumerate(ANGLES))
@@ -238,6 +286,19 @@ def test_angles_and_pixel_size_from_mdoc_and_inverted_contrast(series_files, tmp
     assert read_mrc(out / "tomogram.mrc")[1] == pytest.approx(6.5)
     aligned = read_mrc(out / "aligned.mrc")[0]
     assert np.corrcoef(aligned.ravel(), images.ravel())[0, 1] > 0.5  # the contrast was flipped back
+    bright = "icetide: density bright (positive = dense), the input images inverted"
+    for name in ("tomogram.mrc", "tomogram_fbp.mrc", "aligned.mrc"):
+        assert bright in read_mrc_labels(out / name)
+
+    # --polarity input: the same fit, written as dark as the input images
+    dark = tmp_path / "dark"
+    result = _run("reconstruct", tmp_path / "dark.mrc", "--mdoc", tmp_path / "ts.mdoc", "-o", dark, "--epochs", 1,
+                  "--thickness", 12, "--config", f / "tiny.yaml", "--invert", "--polarity", "input")
+    assert result.exit_code == 0, result.output
+    for name in ("tomogram.mrc", "tomogram_fbp.mrc", "aligned.mrc"):
+        np.testing.assert_array_equal(read_mrc(dark / name)[0], -read_mrc(out / name)[0])  # CPU fits are repeatable
+        assert "icetide: density dark (negative = dense), as in the input images" in read_mrc_labels(dark / name)
+    assert "polarity: input" in (dark / "config.yaml").read_text()
 
 
 def test_tilt_axis_search_is_reported(series_files, tmp_path):
@@ -258,6 +319,9 @@ def test_tilt_axis_search_is_reported(series_files, tmp_path):
     [
         (["--exclude", "3,9"], "outside 0..6"),
         (["--exclude", "a"], "--exclude"),
+        (["--exclude", "a-b"], "'a-b' is neither a view nor a range"),
+        (["--exclude", "0-2,2"], "given more than once"),
+        (["--polarity", "dark"], "--polarity must be bright or input"),
         (["--exclude", "0,1,2,3,4,5"], "fewer than 2"),
         (["--xf", "ts.tlt", "--aln", "ts.tlt"], "exclude each other"),
         (["--xf", "ts.tlt", "--tilt-axis-search", "3"], "--tilt-axis-search cannot be combined"),

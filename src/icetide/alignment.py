@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from .io.aretomo import AlnFile
 
 __all__ = [
+    "deformations_for_stack",
     "deformations_to_xf",
     "xf_to_deformations",
     "aln_to_deformations",
@@ -85,6 +86,30 @@ def deformations_to_xf(d: Deformations) -> np.ndarray:
     xf[:, :, :2] = _rot(np.deg2rad(d.angles_deg))
     xf[:, :, 2] = -d.shifts_px
     return xf
+
+
+def deformations_for_stack(d: Deformations, kept, stack_tilt_angles_deg) -> Deformations:
+    """``d`` (global part) for every view of the stack it was fitted on, e.g. for a ``.xf`` with one line per view.
+
+    ``kept`` ``(M,)``: the 0-based stack index of each of ``d``'s tilts; ``stack_tilt_angles_deg`` ``(N,)``: the
+    tilt angle of every view of the stack (the result's angles). A view left out of the fit gets the shift and
+    rotation interpolated linearly in tilt angle between its nearest fitted neighbours (beyond the fitted
+    range, those of the nearest fitted tilt): what its image most likely needs, should another program use
+    it. Local fields are zero everywhere (a ``.xf`` carries none).
+    """
+    angles = np.asarray(stack_tilt_angles_deg, dtype=np.float64).reshape(-1)
+    kept = np.asarray(kept, dtype=int).reshape(-1)
+    if kept.size != d.n_tilts:
+        raise IcetideError(f"{kept.size} stack indices for {d.n_tilts} tilts")
+    order = np.argsort(d.tilt_angles_deg)
+    at = d.tilt_angles_deg[order]
+    # Unwrapped, so that rotations either side of +-180 degrees interpolate across it, not through 0.
+    rotation = np.unwrap(d.angles_deg[order], period=360.0)
+    out = Deformations.identity(angles, d.detector_shape, d.local_px.shape[2:4], d.local_interpolation)
+    out.shifts_px = np.stack([np.interp(angles, at, d.shifts_px[order, i]) for i in range(2)], -1)
+    out.angles_deg = np.interp(angles, at, rotation)
+    out.shifts_px[kept], out.angles_deg[kept] = d.shifts_px, d.angles_deg
+    return out
 
 
 def _nearest_rotation(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -4,15 +4,21 @@ Each series is one Dask task running :func:`icetide.reconstruct.reconstruct` int
 into ``OUT/.<name>.partial/`` and renames it when done, so a finished folder is complete and a re-run skips it;
 a failure is retried by Dask (``retries``) and, if it persists, reported without stopping the other series.
 Dask's ``distributed`` is an extra (``pip install 'icetide[batch]'``), so it is imported only where it is used.
+
+A series is named by its stack or by its SerialEM ``.mdoc`` (the stack found beside it). Side files lying beside
+the stack with its stem are used as ``icetide reconstruct`` would use them given as options: IMOD ``.xf`` or
+AreTomo ``.aln`` (the starting alignment), CTFFIND ``_CTF.txt`` or IMOD ``.defocus`` (the per-view defocus).
+Every finished series contributes one row of quality metrics (:func:`series_metrics`) read from its outputs.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 import traceback
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path, PureWindowsPath
 from typing import Callable, Iterable
 
 import numpy as np
@@ -20,9 +26,16 @@ import numpy as np
 from .config import ReconstructConfig
 from .errors import IcetideError
 
-__all__ = ["BatchItem", "find_items", "run_batch", "run_item"]
+__all__ = ["QC_COLUMNS", "BatchItem", "find_items", "run_batch", "run_item", "series_metrics"]
 
 STACK_SUFFIXES = (".mrc", ".st", ".mrcs", ".ali")
+# Where ``X.mdoc`` has no stack suffix in its name, its stack is one of these beside it (SerialEM, IMOD).
+MDOC_STACK_SUFFIXES = (".mrc", ".st")
+# Side files beside a stack, ``<stem><ending>``, in order of preference per kind.
+SIDE_FILES = {"xf": (".xf",), "aln": (".aln",), "defocus": ("_CTF.txt", "_ctf.txt", ".defocus")}
+# The per-series quality metrics of the summary (:func:`series_metrics`), in the order of batch_metrics.csv.
+QC_COLUMNS = ("n_views", "bin", "pixel_size_A", "val_loss", "even_odd_fsc", "half_map_fsc143_A", "tilt_axis_deg",
+              "shift_range_px", "epochs", "fit_seconds")
 
 
 @dataclass(frozen=True)
@@ -31,7 +44,9 @@ class BatchItem:
 
     ``angles``: an IMOD ``.tlt``/``.rawtlt`` file; ``mdoc``: a SerialEM ``.mdoc`` (used when there is no
     ``angles``); ``angles_deg``: angles given directly (from a RELION-5 STAR); ``truth``: a ground-truth volume
-    (``icetide simulate`` writes ``truth/volume.mrc`` beside the series).
+    (``icetide simulate`` writes ``truth/volume.mrc`` beside the series); ``xf``/``aln``: a starting alignment
+    (IMOD, AreTomo); ``defocus``: per-view defocus (CTFFIND, IMOD); ``problem``: why the series cannot run,
+    found while listing it (e.g. an ``.mdoc`` without its stack), reported as its failure.
     """
 
     name: str
@@ -40,6 +55,14 @@ class BatchItem:
     mdoc: str | None = None
     angles_deg: tuple[float, ...] | None = None
     truth: str | None = None
+    xf: str | None = None
+    aln: str | None = None
+    defocus: str | None = None
+    problem: str | None = None
+
+    def side_files(self) -> str:
+        """The side files used, by name (``""`` when none)."""
+        return ", ".join(Path(p).name for p in (self.xf, self.aln, self.defocus) if p)
 
 
 def _stem(path: Path) -> str:
@@ -58,6 +81,57 @@ def _item_for_stack(stack: Path) -> BatchItem:
     truth = stack.parent / "truth" / "volume.mrc"
     return BatchItem(stem, str(stack), str(angles) if angles else None, str(mdoc) if mdoc else None,
                      truth=str(truth) if truth.is_file() else None)
+
+
+def _mdoc_stacks(mdoc: Path) -> list[Path]:
+    """Where the stack of ``mdoc`` may lie: ``X.mrc`` for ``X.mrc.mdoc``, ``X.mrc``/``X.st`` for ``X.mdoc``."""
+    base = mdoc.with_name(mdoc.name.removesuffix(".mdoc"))
+    if base.name.endswith(STACK_SUFFIXES):
+        return [base]
+    return [base.with_name(base.name + suffix) for suffix in MDOC_STACK_SUFFIXES]
+
+
+def _is_series_mdoc(path: Path) -> bool:
+    """An ``.mdoc`` that may describe a tilt-series stack, not one of SerialEM's per-movie frame mdocs
+    (``X.tif.mdoc``, ``X.eer.mdoc``), which a folder of raw data also holds."""
+    if not path.name.endswith(".mdoc"):
+        return False
+    base = path.name.removesuffix(".mdoc")
+    return base.endswith(STACK_SUFFIXES) or base.rpartition(".")[2].lower() not in ("tif", "tiff", "eer")
+
+
+def _item_for_mdoc(mdoc: Path) -> BatchItem:
+    """One series from its SerialEM ``.mdoc``: its stack beside it (named like the mdoc, else as the mdoc's
+    ``ImageFile``); angles, pixel size, tilt axis and doses from the mdoc. Without a stack: an item with its
+    ``problem``."""
+    from .io import read_mdoc
+
+    candidates = _mdoc_stacks(mdoc)
+    stack = next((p for p in candidates if p.is_file()), None)
+    if stack is None:
+        try:
+            image_file = read_mdoc(mdoc)["header"].get("ImageFile")
+        except IcetideError as exc:
+            return BatchItem(_stem(candidates[0]), str(candidates[0]), mdoc=str(mdoc), problem=str(exc))
+        # SerialEM writes the path where it saved the stack, often a Windows one: only its name counts here.
+        named = mdoc.with_name(PureWindowsPath(image_file).name) if image_file else None
+        if named is None or not named.is_file():
+            looked = ", ".join(dict.fromkeys(p.name for p in candidates + ([named] if named else [])))
+            return BatchItem(_stem(candidates[0]), str(candidates[0]), mdoc=str(mdoc),
+                             problem=f"{mdoc}: no stack beside it (looked for {looked})")
+        stack = named
+    return replace(_item_for_stack(stack), angles=None, mdoc=str(mdoc))
+
+
+def _side_files(stack: Path) -> dict[str, str | None]:
+    """The side files lying beside ``stack`` with its stem (:data:`SIDE_FILES`); an ``.xf`` before an ``.aln``
+    (one starting alignment)."""
+    stem = _stem(stack)
+    found = {kind: next((str(p) for p in (stack.with_name(stem + e) for e in endings) if p.is_file()), None)
+             for kind, endings in SIDE_FILES.items()}
+    if found["xf"]:
+        found["aln"] = None
+    return found
 
 
 def _items_from_tomograms_star(path: Path) -> list[BatchItem]:
@@ -88,14 +162,43 @@ def _items_from_tomograms_star(path: Path) -> list[BatchItem]:
     return items
 
 
-def find_items(inputs: Iterable[str]) -> list[BatchItem]:
-    """The tilt series named by ``inputs``: stack files, folders (their stacks), glob patterns, text files with
-    one stack path per line (relative to the file), or RELION-5 ``tomograms.star`` files.
+def _listed(path: Path) -> list[Path]:
+    """The stacks and ``.mdoc`` files a text file lists, one per line, relative to the file; ``#`` comments."""
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    return [p if p.is_absolute() else path.parent / p for p in map(Path, lines) if str(p) != "." and str(p)[0] != "#"]
 
-    Names are the stacks' stems, prefixed by their folder's name where stems repeat. A stack without angles is
-    still listed (its task fails with a clear message), so that one bad series never hides the others.
+
+def _in_folder(folder: Path) -> list[Path]:
+    """A folder's stacks, then its tilt-series ``.mdoc`` files (a stack found both ways is the stack's)."""
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    return [p for p in files if p.suffix in STACK_SUFFIXES] + [p for p in files if _is_series_mdoc(p)]
+
+
+def _named_paths(text: str) -> list[Path]:
+    """The stacks and ``.mdoc`` files that one input names (see :func:`find_items`)."""
+    path = Path(text)
+    if path.suffix == ".txt" and path.is_file():
+        return _listed(path)
+    if path.is_dir():
+        return _in_folder(path)
+    if path.is_file():
+        return [path]
+    matches = sorted(Path().glob(text)) if not path.is_absolute() else sorted(Path("/").glob(text[1:]))
+    if not matches:
+        raise IcetideError(f"{text}: no such file, folder or matching path")
+    return [p for p in matches if p.is_file()]
+
+
+def find_items(inputs: Iterable[str], side_files: bool = True) -> list[BatchItem]:
+    """The tilt series named by ``inputs``: stack files, SerialEM ``.mdoc`` files (the stack beside each),
+    folders (their stacks and mdocs), glob patterns, text files with one stack or mdoc path per line (relative
+    to the file), or RELION-5 ``tomograms.star`` files. ``side_files``: pick up each stack's :data:`SIDE_FILES`.
+
+    Names are the stacks' stems, prefixed by their folder's name where stems repeat; a stack named twice is one
+    series (the first naming counts). A series without angles or an mdoc without its stack is still listed (its
+    task fails with a clear message), so that one bad series never hides the others.
     """
-    stacks: list[Path] = []
+    paths: list[Path] = []
     items: list[BatchItem] = []
     for text in inputs:
         path = Path(text)
@@ -103,22 +206,18 @@ def find_items(inputs: Iterable[str]) -> list[BatchItem]:
             if not path.is_file():
                 raise IcetideError(f"{path}: no such file")
             items += _items_from_tomograms_star(path)
-        elif path.suffix == ".txt" and path.is_file():
-            lines = [line.strip() for line in path.read_text().splitlines()]
-            stacks += [p if p.is_absolute() else path.parent / p for p in map(Path, lines) if str(p) and str(p)[0] != "#"]
-        elif path.is_dir():
-            stacks += sorted(p for p in path.iterdir() if p.suffix in STACK_SUFFIXES and p.is_file())
-        elif path.is_file():
-            stacks.append(path)
         else:
-            matches = sorted(Path().glob(text)) if not path.is_absolute() else sorted(Path("/").glob(text[1:]))
-            if not matches:
-                raise IcetideError(f"{text}: no such file, folder or matching path")
-            stacks += [p for p in matches if p.is_file()]
-    for stack in stacks:
-        if not stack.is_file():
-            raise IcetideError(f"{stack}: no such file")
-    items += [_item_for_stack(s) for s in dict.fromkeys(stacks)]
+            paths += _named_paths(text)
+    for path in dict.fromkeys(paths):
+        if not path.is_file():
+            raise IcetideError(f"{path}: no such file")
+        items.append(_item_for_mdoc(path) if path.name.endswith(".mdoc") else _item_for_stack(path))
+    unique: dict[str, BatchItem] = {}
+    for item in items:
+        unique.setdefault(item.mdoc if item.problem else str(Path(item.stack).resolve()), item)
+    items = list(unique.values())
+    if side_files:
+        items = [i if i.problem else replace(i, **_side_files(Path(i.stack))) for i in items]
     names = [i.name for i in items]
     items = [
         BatchItem(**{**asdict(i), "name": f"{Path(i.stack).parent.name}_{i.name}"}) if names.count(i.name) > 1 else i
@@ -146,20 +245,97 @@ def _device_for_worker(device: str) -> str:
     return f"cuda:{int(name) % torch.cuda.device_count()}" if str(name).isdigit() else device
 
 
-def run_item(item: BatchItem, out_root: str, config_json: dict) -> dict:
-    """Reconstruct one series into ``out_root/<name>`` (skipped when already finished); returns its summary row.
+def _load_item(item: BatchItem, config: ReconstructConfig, folder: Path, invert: bool, exclude: str | None):
+    """The series of ``item`` as ``icetide reconstruct`` loads it, its starting alignment (or ``None``) and the
+    views of its stack it holds."""
+    import warnings
+
+    from .cli.common import read_alignment
+    from .data import InputStack
+    from .io import load_series, write_tlt
+
+    if item.problem is not None:
+        raise IcetideError(item.problem)
+    if item.angles_deg is not None:
+        write_tlt(folder / "input.tlt", item.angles_deg)
+        angles = folder / "input.tlt"
+    else:
+        angles = Path(item.angles) if item.angles else None
+    if angles is None and item.mdoc is None:
+        raise IcetideError(f"{item.stack}: no .tlt, .rawtlt or .mdoc beside it")
+    # The doses of the mdoc only matter to exposure weighting; an mdoc without them must not fail the others.
+    pre_exposure = Path(item.mdoc) if item.mdoc and config.ctf.exposure_weighting else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        series, keep, all_angles = load_series(
+            Path(item.stack), angles, None if angles else Path(item.mdoc), config.pixel_size_A,
+            config.tilt_axis_angle_deg or None, exclude, invert,
+            defocus=Path(item.defocus) if item.defocus else None, pre_exposure=pre_exposure,
+        )
+        init = read_alignment(all_angles, series.shape, None, Path(item.xf) if item.xf else None,
+                              Path(item.aln) if item.aln else None, keep)
+    if init is not None:
+        series.tilt_axis_angle_deg = 0.0  # the starting rotations hold the tilt axis (as in icetide reconstruct)
+    return series, init, InputStack(all_angles, keep, invert)
+
+
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(float(value), digits)
+
+
+def series_metrics(folder: Path) -> dict:
+    """The quality metrics (:data:`QC_COLUMNS`) of a finished series, from its ``report.json`` and
+    ``deformations.json``: views fitted, binning, pixel size (A, of the fit), best held-out loss, the even/odd-tilt
+    FSC score of the alignment kept by the start check, the half-map resolution at FSC 0.143 (A; ``None`` without
+    half maps, without a pixel size, or beyond Nyquist), the tilt axis on the images (degrees from Y), the range
+    of the per-view shifts (the larger of x and y, pixels of the input stack), epochs and fitting seconds."""
+    from .ctf import tilt_axis_on_images_deg
+
+    report = json.loads((folder / "report.json").read_text())
+    loss = report.get("best_validation_loss")
+    check = report.get("start_check")
+    half = report.get("half_maps", {}).get("resolution", {}).get("0.143", {})
+    row = {
+        "n_views": report.get("input", {}).get("n_tilts"),
+        "bin": report.get("bin"),
+        "pixel_size_A": _rounded(report.get("input", {}).get("pixel_size_A"), 3),
+        "val_loss": None if loss is None else float(f"{loss:.6g}"),
+        "even_odd_fsc": _rounded(check[f"{check['kept']}_score"], 4) if check else None,
+        "half_map_fsc143_A": _rounded(half.get("angstrom"), 1),
+        "tilt_axis_deg": None,
+        "shift_range_px": None,
+        "epochs": report.get("epochs"),
+        "fit_seconds": _rounded(report.get("fit_seconds"), 1),
+    }
+    if (folder / "deformations.json").is_file():
+        d = json.loads((folder / "deformations.json").read_text())
+        shifts = np.asarray(d["shifts_px"], dtype=np.float64).reshape(-1, 2)
+        row["tilt_axis_deg"] = round(tilt_axis_on_images_deg(0.0, d["angles_deg"]), 2) + 0.0  # no -0.0
+        row["shift_range_px"] = round(float(np.ptp(shifts, axis=0).max()), 2)
+    return row
+
+
+def _row(name: str, status: str, seconds: float | None = None, cc: float | None = None,
+         metrics: dict | None = None) -> dict:
+    """A summary row; the quality metrics ``None`` when not given (a failed series)."""
+    return {"name": name, "status": status, "seconds": seconds, "cc": cc,
+            **(metrics or dict.fromkeys(QC_COLUMNS))}
+
+
+def run_item(item: BatchItem, out_root: str, config_json: dict, invert: bool = False,
+             exclude: str | None = None) -> dict:
+    """Reconstruct one series into ``out_root/<name>`` (skipped when already finished); returns its summary row
+    (see :func:`run_batch`). ``invert``, ``exclude``: as ``icetide reconstruct``'s, for every series.
 
     Raises ``IcetideError`` (or any other error) when it fails, after removing its partial folder.
     """
-    import warnings
-
-    from .io import load_series, read_volume
+    from .io import read_volume, write_json
     from .metrics import evaluate_reconstruction
     from .reconstruct import reconstruct
 
     out = Path(out_root) / item.name
     if (out / "report.json").is_file():
-        return {"name": item.name, "status": "skipped (already done)", "seconds": 0.0, "epochs": None, "cc": None}
+        return _row(item.name, "skipped (already done)", 0.0, metrics=series_metrics(out))
     partial = Path(out_root) / f".{item.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -167,20 +343,12 @@ def run_item(item: BatchItem, out_root: str, config_json: dict) -> dict:
     try:
         config = ReconstructConfig.model_validate(config_json)
         config.fit.device = _device_for_worker(config.fit.device)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if item.angles_deg is not None:
-                from .io import write_tlt
-
-                write_tlt(partial / "input.tlt", item.angles_deg)
-                angles = partial / "input.tlt"
-            else:
-                angles = Path(item.angles) if item.angles else None
-            if angles is None and item.mdoc is None:
-                raise IcetideError(f"{item.stack}: no .tlt, .rawtlt or .mdoc beside it")
-            series, _, _ = load_series(Path(item.stack), angles, None if angles else Path(item.mdoc),
-                                       config.pixel_size_A, config.tilt_axis_angle_deg or None, None, False)
-        report = reconstruct(series, config, partial, source_path=Path(item.stack))
+        series, init, stack = _load_item(item, config, partial, invert, exclude)
+        report = reconstruct(series, config, partial, init=init, source_path=Path(item.stack), input_stack=stack)
+        # What the series was made of, beside what reconstruct reports: the options are not in config.yaml.
+        report["batch"] = {"stack": item.stack, "angles": item.angles, "mdoc": item.mdoc, "xf": item.xf,
+                           "aln": item.aln, "defocus": item.defocus, "invert": invert, "exclude": exclude}
+        write_json(partial / "report.json", report)
         cc = None
         if item.truth is not None:
             from .io import read_mrc
@@ -189,14 +357,14 @@ def run_item(item: BatchItem, out_root: str, config_json: dict) -> dict:
             tomogram, _ = read_mrc(partial / "tomogram.mrc")
             if truth.shape == tomogram.shape:
                 cc = evaluate_reconstruction(tomogram, truth)["cc"]
+        metrics = series_metrics(partial)
         if out.exists():
             shutil.rmtree(out)
         partial.rename(out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    return {"name": item.name, "status": "done", "seconds": time.monotonic() - t0, "epochs": report["epochs"],
-            "cc": cc}
+    return _row(item.name, "done", time.monotonic() - t0, cc, metrics)
 
 
 def _failure_text(exc: BaseException) -> str:
@@ -213,19 +381,23 @@ def run_batch(
     client,
     retries: int = 1,
     on_result: Callable[[dict], None] | None = None,
+    invert: bool = False,
+    exclude: str | None = None,
 ) -> list[dict]:
     """Submit every item to the Dask ``client`` and collect one summary row per item (in ``items`` order).
 
     Rows: ``name``, ``status`` (``done``, ``skipped (already done)`` or ``failed: <reason>``), ``seconds``,
-    ``epochs``, ``cc`` (with the truth, when found). ``on_result`` is called as each row arrives.
+    ``cc`` (with the truth, when found), the quality metrics :data:`QC_COLUMNS` (``None`` where failed),
+    ``stack`` and ``side_files``. ``on_result`` is called as each row arrives. ``invert``, ``exclude``: as
+    ``icetide reconstruct``'s, for every series.
     """
     from distributed import as_completed
 
     out_root.mkdir(parents=True, exist_ok=True)
     config_json = config.model_dump(mode="json")
     futures = {
-        client.submit(run_item, item, str(out_root), config_json, key=f"icetide-{item.name}-{time.time_ns()}",
-                      retries=retries, pure=False): item
+        client.submit(run_item, item, str(out_root), config_json, invert, exclude,
+                      key=f"icetide-{item.name}-{time.time_ns()}", retries=retries, pure=False): item
         for item in items
     }
     rows: dict[str, dict] = {}
@@ -234,9 +406,8 @@ def run_batch(
         try:
             row = future.result()
         except Exception as exc:  # one failed series never stops the others
-            row = {"name": item.name, "status": f"failed: {_failure_text(exc)}", "seconds": None, "epochs": None,
-                   "cc": None}
-        row["stack"] = item.stack
+            row = _row(item.name, f"failed: {_failure_text(exc)}")
+        row.update(stack=item.stack, side_files=item.side_files())
         rows[item.name] = row
         if on_result is not None:
             on_result(row)

@@ -292,6 +292,11 @@ class ReconstructConfig(_Strict):
         "whole width that the rays of the highest tilt cross and the tomogram is its central part (costs "
         "about 1/cos(max tilt) + thickness/width * tan(max tilt) times more voxels)",
     )
+    polarity: Literal["bright", "input"] = Field(
+        "bright", description="density polarity of the volumes and the aligned stack written: bright (dense = "
+        "bright, positive) or input (as in the input images: dense = dark when they were inverted with --invert); "
+        "each volume's MRC header label states it (docs/CONVENTIONS.md \"Intensity units\")",
+    )
     volume: VolumeSettings = VolumeSettings()
     deform: DeformSettings = DeformSettings()
     fit: FitSettings = FitSettings()

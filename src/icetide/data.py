@@ -9,7 +9,7 @@ import numpy as np
 
 from .errors import IcetideError
 
-__all__ = ["TiltSeries"]
+__all__ = ["InputStack", "TiltSeries"]
 
 
 @dataclass
@@ -151,6 +151,30 @@ class TiltSeries:
         images, header_px = read_mrc(stack_path)
         angles = read_tlt(angles_path)
         return cls(images, angles, pixel_size_A if pixel_size_A is not None else header_px, tilt_axis_angle_deg)
+
+
+@dataclass(frozen=True)
+class InputStack:
+    """What a :class:`TiltSeries` holds of the stack it was read from, for outputs that describe that stack.
+
+    ``tilt_angles_deg`` ``(N,)``: every view's tilt angle, stack order; ``kept`` ``(M,)``: the increasing 0-based
+    stack indices of the series' views (the others were excluded); ``inverted``: the series' images are the
+    stack's negatives (``--invert``).
+    """
+
+    tilt_angles_deg: np.ndarray
+    kept: np.ndarray
+    inverted: bool = False
+
+    @property
+    def excluded(self) -> np.ndarray:
+        """The 0-based stack indices left out, increasing."""
+        return np.setdiff1d(np.arange(len(self.tilt_angles_deg)), self.kept)
+
+    @classmethod
+    def whole(cls, series: TiltSeries) -> "InputStack":
+        """A series that is its whole stack, as read."""
+        return cls(series.tilt_angles_deg, np.arange(series.n_tilts))
 
 
 def replace_nonfinite(images: np.ndarray) -> tuple[np.ndarray, int]:

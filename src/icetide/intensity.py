@@ -15,6 +15,10 @@ the relative contrast ``d_m`` of each image (``L_m`` its mean level; only for da
 subtracted, mirrored edges).
 Both are linear per image, so they keep the model ``c = g P[rho] + b`` of :mod:`icetide.fit` for the high-passed
 density.
+
+Neither changes the sign: the volumes come out with the polarity of the images fitted, those of the input
+unless ``--invert`` flipped them. :func:`output_polarity` turns that into the polarity asked for the outputs
+and the header label that states it.
 """
 
 from __future__ import annotations
@@ -24,7 +28,11 @@ import torch
 
 from .errors import IcetideError
 
-__all__ = ["has_levels", "image_levels", "highpass", "fit_contrast"]
+__all__ = ["has_levels", "image_levels", "highpass", "fit_contrast", "output_polarity", "POLARITIES"]
+
+# Output polarities: bright (dense = bright, positive; the input images are taken to show it so unless inverted)
+# or input (as the input images: dense = dark when they were inverted).
+POLARITIES = ("bright", "input")
 
 # Data whose every image's mean lies this many standard deviations of its pixels away from zero are taken as
 # recorded on a level (counts, or any positive intensity): a zero-mean or already normalised series does not.
@@ -85,3 +93,20 @@ def fit_contrast(images: np.ndarray, levels: str, highpass_px: float) -> tuple[n
         info["levels"] = "per_tilt"
         info["image_levels"] = level.flatten().tolist()
     return highpass(data, highpass_px).numpy(), info
+
+
+def output_polarity(polarity: str, inverted: bool) -> tuple[float, str]:
+    """The sign by which to multiply a volume (or images) of the fitted images, and the MRC label stating the
+    result's polarity (:func:`icetide.io.write_mrc`).
+
+    ``polarity``: ``"bright"`` (dense = bright, positive) or ``"input"`` (as the input images); ``inverted``:
+    whether the fitted images are the input's negative (``--invert``: the input showed density dark). Without
+    ``inverted`` the two agree: the input is taken to show density bright.
+    """
+    if polarity not in POLARITIES:
+        raise IcetideError(f"polarity must be bright or input, got {polarity!r}")
+    if polarity == "input" and inverted:
+        return -1.0, "icetide: density dark (negative = dense), as in the input images"
+    if inverted:
+        return 1.0, "icetide: density bright (positive = dense), the input images inverted"
+    return 1.0, "icetide: density bright (positive = dense), as in the input images"

@@ -3,11 +3,13 @@
 Outputs (``out_dir``): ``tomogram.mrc`` (the implicit volume sampled on the voxel grid, ``(thickness, ny, nx)``,
 DESIGN.md frame), ``deformations.json`` (estimated, gauge removed), ``aligned.mrc`` (the input series with the
 estimated deformations undone), ``tomogram_fbp.mrc`` (FBP of the aligned series), ``alignment.xf`` and
-``alignment.tlt`` (IMOD), ``alignment.star`` and ``tomograms.star`` (RELION-5, when the pixel size is known; like
-``.xf`` it carries the shifts and rotations only, the local fields have no RELION/IMOD equivalent),
-``config.yaml``, ``report.json``, ``checkpoint.pt``, ``icetide.log`` (:mod:`icetide.runlog`). With
-``fit.half_maps``: ``tomogram_half1.mrc`` and ``tomogram_half2.mrc`` (the two half volumes; ``tomogram.mrc`` is
-their mean) and ``fsc_halves.png/.csv``.
+``alignment.tlt`` (IMOD, one line per view of the input stack), ``alignment.exclude`` (with views excluded: their
+IMOD list), ``alignment.star`` and ``tomograms.star`` (RELION-5, when the pixel size is known; like ``.xf`` it
+carries the shifts and rotations only, the local fields have no RELION/IMOD equivalent; see
+:func:`write_alignment_files`), ``config.yaml``, ``report.json``, ``checkpoint.pt``, ``icetide.log``
+(:mod:`icetide.runlog`). With ``fit.half_maps``: ``tomogram_half1.mrc`` and ``tomogram_half2.mrc`` (the two half volumes; ``tomogram.mrc`` is
+their mean) and ``fsc_halves.png/.csv``. The volumes and ``aligned.mrc`` have the polarity ``config.polarity``
+asks for, stated in their MRC header label (:func:`icetide.intensity.output_polarity`).
 """
 
 from __future__ import annotations
@@ -23,17 +25,16 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .alignment import deformations_to_xf
+from .alignment import deformations_for_stack, deformations_to_xf
 from .config import ReconstructConfig, save_config
 from .consistency import even_odd_fsc
 from .ctf import exposure_weight_series, phase_flip_series, tilt_axis_on_images_deg
-from .data import TiltSeries
+from .data import InputStack, TiltSeries
 from .deform import Deformations, gauge_shifts, remove_gauge
 from .errors import IcetideError
 from .fit import Fitter, default_thickness, distributed_rank
-from .intensity import fit_contrast, has_levels
-from .io import write_deformations, write_json, write_mrc, write_tlt
-from .io.imod import write_xf
+from .intensity import fit_contrast, has_levels, output_polarity
+from .io import imod_view_list, write_deformations, write_json, write_mrc, write_tlt, write_view_list, write_xf
 from .io.relion import RelionTomogram, write_relion_tilt_series_star, write_relion_tomograms_star
 from .metrics import FSC_TAPER_VOX, edge_taper, fsc
 from .plots import plot_fsc
@@ -46,7 +47,7 @@ from .volume import ImplicitVolume
 
 __all__ = [
     "check_against_start", "contrast_series", "correct_optics", "reconstruct", "sample_tomogram", "search_tilt_axis",
-    "summary_lines", "write_half_maps",
+    "summary_lines", "write_alignment_files", "write_half_maps",
 ]
 
 log = logging.getLogger(__name__)
@@ -126,13 +127,14 @@ def sample_tomogram(
 
 
 def write_half_maps(
-    out_dir: Path, first: np.ndarray, second: np.ndarray, voxel_size_A: float | None, split: str
+    out_dir: Path, first: np.ndarray, second: np.ndarray, voxel_size_A: float | None, split: str,
+    label: str | None = None,
 ) -> dict:
-    """Write the half tomograms, their FSC (``fsc_halves.png/.csv``, a soft edge of ``FSC_TAPER_VOX``)
-    and return the report entry: the split, the resolution at FSC 0.143 and 0.5 (voxels, and Angstrom when the
-    pixel size is known) and the curve."""
-    write_mrc(out_dir / "tomogram_half1.mrc", first, voxel_size_A)
-    write_mrc(out_dir / "tomogram_half2.mrc", second, voxel_size_A)
+    """Write the half tomograms (MRC header ``label``), their FSC (``fsc_halves.png/.csv``, a soft edge of
+    ``FSC_TAPER_VOX``) and return the report entry: the split, the resolution at FSC 0.143 and 0.5 (voxels, and
+    Angstrom when the pixel size is known) and the curve."""
+    write_mrc(out_dir / "tomogram_half1.mrc", first, voxel_size_A, label=label)
+    write_mrc(out_dir / "tomogram_half2.mrc", second, voxel_size_A, label=label)
     curve = fsc(first, second, voxel_size_A, mask=edge_taper(first.shape, FSC_TAPER_VOX))
     plot_fsc({f"half 1 vs half 2 ({split})": curve}, out_dir / "fsc_halves.png", voxel_size_A,
              title="FSC between the half tomograms (0.143: the full tomogram's resolution)")
@@ -321,6 +323,56 @@ def coarse_start(series: TiltSeries, config: ReconstructConfig) -> Deformations:
     return d
 
 
+def write_alignment_files(
+    out_dir: Path,
+    d: Deformations,
+    stack: InputStack,
+    config: ReconstructConfig,
+    pixel_size_A: float | None,
+    tomogram_shape: tuple[int, int, int],
+    source_path: Path | None,
+) -> dict:
+    """Write the alignment ``d`` of the fitted views (in the input stack's pixels, ``pixel_size_A`` Angstrom or
+    ``None``) for IMOD and RELION-5; return the report entries ``exported_alignment`` and ``excluded_views``.
+
+    IMOD: ``alignment.xf`` and ``alignment.tlt`` have one line per view of the input stack, so that ``newstack``
+    and ``tilt`` take them with the stack itself; an excluded view has its tilt angle and a shift and rotation
+    interpolated in tilt angle from the fitted views (:func:`icetide.alignment.deformations_for_stack`).
+    ``alignment.exclude`` (only with views excluded) lists those views as ``tilt``'s ``EXCLUDELIST`` takes them,
+    numbered from 1 with ranges (:func:`icetide.io.imod_view_list`); report.json has the same list.
+    RELION-5 (when the pixel size is known): ``alignment.star`` has a row per fitted view, its
+    ``rlnMicrographName`` ``k@stack`` naming the view's image in the input stack (``source_path``), and
+    ``tomograms.star`` names ``tomogram.mrc`` (``tomogram_shape`` ``(nz, ny, nx)`` voxels of ``config.bin``
+    pixels), its binning, ``config.ctf``'s optics and defocus hand.
+    """
+    excluded = stack.excluded
+    every_view = deformations_for_stack(d, stack.kept, stack.tilt_angles_deg)
+    write_xf(out_dir / "alignment.xf", deformations_to_xf(every_view))
+    write_tlt(out_dir / "alignment.tlt", stack.tilt_angles_deg)
+    files = ["alignment.xf", "alignment.tlt"]
+    if excluded.size:
+        write_view_list(out_dir / "alignment.exclude", excluded)
+        files.append("alignment.exclude")
+    if pixel_size_A is not None:
+        name = Path(source_path).stem.replace(" ", "_") if source_path is not None else "tilt_series"
+        images = str(Path(source_path).resolve()) if source_path is not None else None
+        write_relion_tilt_series_star(out_dir / "alignment.star", d, pixel_size_A, name, images, stack.kept)
+        factor = config.bin
+        nz, ny, nx = tomogram_shape
+        entry = RelionTomogram(
+            name, str((out_dir / "alignment.star").resolve()), config.ctf.voltage_kV,
+            config.ctf.spherical_aberration_mm, config.ctf.amplitude_contrast, pixel_size_A, pixel_size_A,
+            (nx * factor, ny * factor, nz * factor), config.ctf.defocus_hand,
+            str((out_dir / "tomogram.mrc").resolve()), float(factor),
+        )
+        write_relion_tomograms_star(out_dir / "tomograms.star", [entry])
+        files += ["alignment.star", "tomograms.star"]
+    exported = (", ".join(files) + ("" if pixel_size_A is not None else " (no RELION files: pixel size unknown)")
+                + ": shifts and in-plane rotations only; the local fields are in deformations.json")
+    return {"exported_alignment": exported,
+            "excluded_views": {"stack_indices": excluded.tolist(), "imod_excludelist": imod_view_list(excluded)}}
+
+
 def reconstruct(
     series: TiltSeries,
     config: ReconstructConfig,
@@ -330,14 +382,16 @@ def reconstruct(
     on_epoch: Callable[[dict], None] | None = None,
     on_phase: Callable[[str], None] | None = None,
     source_path: Path | None = None,
+    input_stack: InputStack | None = None,
 ) -> dict:
     """Fit ``series`` and write all outputs to ``out_dir`` (which must exist). Returns the report.
 
     The fit, ``aligned.mrc`` and the FBP see the series after :func:`correct_optics` (CTF, exposure).
     ``source_path``: the tilt-series file, named in ``alignment.star`` (``k@path``) so RELION finds the images;
-    ``tomograms.star`` carries ``config.ctf``'s optics. In a ``torch.distributed`` run (see
-    :func:`icetide.fit.distributed_rank`) every rank fits and only rank 0 writes; the other ranks return their
-    fit report.
+    ``tomograms.star`` carries ``config.ctf``'s optics. ``input_stack``: the views of that file the series holds
+    and whether it was inverted (default: all of it, as read), for the IMOD files and the polarity. In a
+    ``torch.distributed`` run (see :func:`icetide.fit.distributed_rank`) every rank fits and only rank 0 writes;
+    the other ranks return their fit report.
 
     Rank 0 logs into ``out_dir/icetide.log`` (:func:`icetide.runlog.run_log`; into the caller's log when it has
     one open there): the progress, unless ``on_phase`` and ``on_epoch`` are given (their caller reports it),
@@ -347,7 +401,7 @@ def reconstruct(
     with run_log(out_dir, changed_settings(config)) if writer else contextlib.nullcontext():
         on_epoch = on_epoch or epoch_lines(config.fit.epochs, config.fit.max_minutes, log.info)
         report = _fit_and_write(series, config, Path(out_dir), init, resume, on_epoch, on_phase or log.info,
-                                source_path)
+                                source_path, input_stack or InputStack.whole(series))
         if writer:
             for line in summary_lines(report):
                 log.info(line)
@@ -389,6 +443,7 @@ def _fit_and_write(
     on_epoch: Callable[[dict], None],
     phase: Callable[[str], None],
     source_path: Path | None,
+    input_stack: InputStack,
 ) -> dict:
     """:func:`reconstruct` but for its log."""
     timings: dict[str, float] = {}
@@ -457,41 +512,31 @@ def _fit_and_write(
     d.extra.update(gauge="common shift removed but for the specimen's height (specimen_centre_z_vox); the tomogram is "
                    "translated by gauge_translation_xyz_vox instead", gauge_translation_xyz_vox=translation.tolist(),
                    specimen_centre_z_vox=centre_z)
-    tomogram = sample_tomogram(result.volume, translation, result.density_scale, width)
+    sign, label = output_polarity(config.polarity, input_stack.inverted)
+    tomogram = sign * sample_tomogram(result.volume, translation, result.density_scale, width)
     half_maps = None
     if result.half_volume is not None:
-        second = sample_tomogram(result.half_volume, translation, result.density_scale, width)
-        half_maps = write_half_maps(out_dir, tomogram, second, voxel, config.fit.half_maps)
+        second = sign * sample_tomogram(result.half_volume, translation, result.density_scale, width)
+        half_maps = write_half_maps(out_dir, tomogram, second, voxel, config.fit.half_maps, label)
         tomogram = (tomogram + second) / 2
-    write_mrc(out_dir / "tomogram.mrc", tomogram, voxel)
+    write_mrc(out_dir / "tomogram.mrc", tomogram, voxel, label=label)
     timings["sample_s"] = time.monotonic() - t0
     t0 = time.monotonic()
     phase("aligning the series and FBP")
     written = d.scaled(factor, input_shape) if factor != 1 else d
     write_deformations(out_dir / "deformations.json", written)
-    write_xf(out_dir / "alignment.xf", deformations_to_xf(written))
-    write_tlt(out_dir / "alignment.tlt", d.tilt_angles_deg)
-    if voxel is not None:
-        name = Path(source_path).stem if source_path is not None else "tilt_series"
-        images = str(Path(source_path).resolve()) if source_path is not None else None
-        name = name.replace(" ", "_")
-        write_relion_tilt_series_star(out_dir / "alignment.star", written, voxel / factor, name, images)
-        nz, ny, nx = tomogram.shape
-        entry = RelionTomogram(
-            name, str((out_dir / "alignment.star").resolve()), config.ctf.voltage_kV,
-            config.ctf.spherical_aberration_mm, config.ctf.amplitude_contrast, voxel / factor, voxel / factor,
-            (nx * factor, ny * factor, nz * factor),
-        )
-        write_relion_tomograms_star(out_dir / "tomograms.star", [entry])
+    exported = write_alignment_files(out_dir, written, input_stack, config, None if voxel is None else voxel / factor,
+                                     tomogram.shape, source_path)
     shown = correct_optics(raw, config, False, axis)[0] if config.ctf.correction == "model" else series
     # Aligned about each image's mean, so that what the warp brings in from outside the field is the mean (as
     # IMOD's newstack fills it), not a zero edge that the FBP of images on a level would streak.
     images = torch.tensor(shown.whole())
     level = images.mean(dim=(-2, -1), keepdim=True)
     aligned = align_series(images - level, d)
-    write_mrc(out_dir / "aligned.mrc", (aligned + level).numpy(), voxel, stack=True)
+    write_mrc(out_dir / "aligned.mrc", sign * (aligned + level).numpy(), voxel, stack=True, label=label)
     thickness = tomogram.shape[0]
-    write_mrc(out_dir / "tomogram_fbp.mrc", fbp(aligned, d.tilt_angles_deg, thickness).numpy(), voxel)
+    write_mrc(out_dir / "tomogram_fbp.mrc", sign * fbp(aligned, d.tilt_angles_deg, thickness).numpy(), voxel,
+              label=label)
     timings["outputs_s"] = time.monotonic() - t0
 
     report = dict(result.report)
@@ -501,10 +546,8 @@ def _fit_and_write(
     report["specimen_centre_z_vox"] = {"estimate": found_z, "applied": centre_z}
     if start_centre is not None:
         report["start_centre_z_vox"] = start_centre
-    report["exported_alignment"] = (
-        "alignment.xf, alignment.tlt" + (", alignment.star" if voxel is not None else " (no alignment.star: pixel size unknown)")
-        + ": shifts and in-plane rotations only; the local fields are in deformations.json"
-    )
+    report.update(exported)
+    report["polarity"] = {"setting": config.polarity, "input_inverted": input_stack.inverted, "label": label}
     report["optics"] = optics
     report["intensity"] = intensity
     report["bin"] = factor
@@ -516,6 +559,7 @@ def _fit_and_write(
         report["half_maps"] = half_maps
     report["input"] = {
         "n_tilts": series.n_tilts,
+        "n_stack_views": len(input_stack.tilt_angles_deg),
         "detector_shape": list(input_shape),
         "fit_detector_shape": list(series.shape),
         "pixel_size_A": voxel,

@@ -49,21 +49,56 @@ def _cluster(workers: Optional[int], scheduler: Optional[str], device: str):
 
 
 def _write_summary(out: Path, rows: list[dict]) -> None:
+    """``batch_summary.json`` (every column), ``batch_summary.csv`` (the outcome) and ``batch_metrics.csv`` (the
+    quality metrics), one row per series."""
+    from ..batch import QC_COLUMNS
     from ..io import atomic_path, write_json
 
     write_json(out / "batch_summary.json", rows)
-    with atomic_path(out / "batch_summary.csv") as tmp:
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=["name", "status", "seconds", "epochs", "cc", "stack"])
-            writer.writeheader()
-            writer.writerows(rows)
+    tables = {"batch_summary.csv": ["name", "status", "seconds", "epochs", "cc", "stack", "side_files"],
+              "batch_metrics.csv": ["name", "status", *QC_COLUMNS, "side_files"]}
+    for name, columns in tables.items():
+        with atomic_path(out / name) as tmp:
+            with open(tmp, "w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(rows)
+
+
+def _shown(value: object, spec: str = "") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _print_tables(rows: list[dict], seconds: float) -> None:
+    """The outcome of every series, then its quality metrics (as in batch_metrics.csv)."""
+    table = Table(title=f"icetide batch: {len(rows)} series in {seconds:.0f} s")
+    for column in ("series", "status", "time (s)", "CC", "side files"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(escape(r["name"]), escape(r["status"]), _shown(r["seconds"], ".0f"), _shown(r["cc"], ".3f"),
+                      escape(r["side_files"]) or "-")
+    console.print(table)
+    qc = Table(title="quality (batch_metrics.csv)", caption="val loss: best held-out loss; e/o FSC: even/odd-tilt "
+               "FSC score of the alignment kept; 0.143: half-map resolution, A; axis: tilt axis, deg from Y; shifts: "
+               "range of the per-view shifts, px")
+    columns = {"views": ("n_views", ""), "bin": ("bin", ""), "val loss": ("val_loss", ".4g"),
+               "e/o FSC": ("even_odd_fsc", ".3f"), "0.143": ("half_map_fsc143_A", ".1f"),
+               "axis": ("tilt_axis_deg", ".2f"), "shifts": ("shift_range_px", ".1f"), "epochs": ("epochs", ""),
+               "fit (s)": ("fit_seconds", ".0f")}
+    qc.add_column("series", no_wrap=True)
+    for column in columns:
+        qc.add_column(column, justify="right")
+    for r in rows:
+        qc.add_row(escape(r["name"]), *(_shown(r[key], spec) for key, spec in columns.values()))
+    console.print(qc)
 
 
 @one_line_errors
 def batch(
     inputs: List[str] = typer.Argument(
-        ..., help="Tilt series: stack files (.mrc/.st with .tlt/.rawtlt or .mdoc beside them), folders, glob "
-        "patterns, text files listing stacks, or RELION-5 tomograms.star files."
+        ..., help="Tilt series: stack files (.mrc/.st with .tlt/.rawtlt or .mdoc beside them), SerialEM .mdoc files "
+        "(the stack beside each: X.mrc for X.mrc.mdoc, X.mrc or X.st for X.mdoc, else the mdoc's ImageFile), "
+        "folders, glob patterns, text files listing stacks or mdocs, or RELION-5 tomograms.star files."
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: one subfolder per series (finished ones are skipped)."),
     workers: Optional[int] = typer.Option(None, help="Local workers (default: one per GPU, else 1)."),
@@ -72,19 +107,50 @@ def batch(
     ),
     retries: int = typer.Option(1, help="Times a failed series is tried again."),
     config: Optional[Path] = typer.Option(None, help="YAML settings for every series (see config.yaml of a run)."),
-    thickness: Optional[int] = typer.Option(None, help="Tomogram thickness in voxels (default: half the smaller side)."),
+    thickness: Optional[int] = typer.Option(
+        None, help="Tomogram thickness in voxels, at the --bin sampling (default: half the smaller side)."
+    ),
+    bin: Optional[int] = typer.Option(
+        None, "--bin", help="Fit every stack binned by N (N x N block averages), as icetide reconstruct --bin. "
+        "Default 1."
+    ),
     pixel_size: Optional[float] = typer.Option(None, help="Pixel size in Angstrom (default: each file's header)."),
     epochs: Optional[int] = typer.Option(None, help="Maximum epochs per series (default 500, early stopping)."),
     max_minutes: Optional[float] = typer.Option(None, help="Fitting time budget per series, minutes."),
     device: str = typer.Option("auto", help="auto (each worker its GPU, else CPU), cpu, cuda or cuda:N."),
+    exclude: Optional[str] = typer.Option(
+        None, help="Views to leave out of every series, 0-based stack indices and ranges as icetide reconstruct "
+        "--exclude (e.g. 0-2,40). A series they do not fit fails with the reason."
+    ),
+    invert: bool = typer.Option(
+        False, "--invert", help="Flip the contrast of every series first (raw cryo-EM images show density dark on "
+        "light)."
+    ),
+    polarity: Optional[str] = typer.Option(
+        None, help="Density polarity of the volumes and aligned.mrc, as icetide reconstruct --polarity: bright "
+        "(default: dense = bright, positive) or input (as in the input images: dense = dark with --invert)."
+    ),
+    exposure_weighting: bool = typer.Option(
+        False, "--exposure-weighting", help="Weight each view's spectrum by its accumulated exposure, from the "
+        "series' .mdoc (PriorRecordDose or ExposureDose); a series without an .mdoc is not weighted (report.json)."
+    ),
+    no_side_files: bool = typer.Option(
+        False, "--no-side-files", help="Ignore the files beside each stack with its stem: <stem>.xf (IMOD) or "
+        "<stem>.aln (AreTomo) as the starting alignment (as --xf/--aln; the .xf when both), <stem>_CTF.txt, "
+        "<stem>_ctf.txt (CTFFIND) or <stem>.defocus (IMOD) as the per-view defocus (as --defocus: phase-flipped)."
+    ),
 ) -> None:
     """Reconstruct many tilt series with icetide on a Dask cluster.
 
     Each series gets OUT/NAME/ with every output of icetide reconstruct; a series whose folder holds a
     report.json is skipped, so an interrupted batch continues where it stopped. A failed series is retried
-    (--retries) and then reported; it never stops the others. Ends with a summary table (status, time, epochs,
-    CC against truth/volume.mrc when the series came from icetide simulate), also in OUT/batch_summary.csv and
-    .json; exits 1 when any series failed. Needs dask's distributed: pip install 'icetide[batch]'.
+    (--retries) and then reported; it never stops the others. The side files found beside each stack are
+    used (see --no-side-files) and listed per series. Ends with a summary table (status, time, CC against
+    truth/volume.mrc when the series came from icetide simulate, side files), in OUT/batch_summary.csv, and a
+    quality table, in OUT/batch_metrics.csv: views, binning, pixel size, the fit's best held-out loss, the
+    even/odd-tilt FSC score of the alignment kept, the half-map resolution at FSC 0.143 (with --config
+    fit.half_maps), tilt axis, range of the per-view shifts, epochs and fitting time; both in
+    OUT/batch_summary.json. Exits 1 when any series failed. Needs dask's distributed: pip install 'icetide[batch]'.
     """
     from ..batch import find_items, run_batch
     from ..fit import resolve_device
@@ -94,12 +160,15 @@ def batch(
         raise IcetideError(f"--retries must be 0 or more, got {retries}")
     if workers is not None and workers < 1:
         raise IcetideError(f"--workers must be at least 1, got {workers}")
+    if polarity is not None and polarity not in ("bright", "input"):
+        raise IcetideError(f"--polarity must be bright or input, got {polarity!r}")
     if out.exists() and not out.is_dir():
         raise IcetideError(f"{out}: exists and is not a folder")
     resolve_device(device)
-    cfg = build_config(config, None, {"thickness": thickness, "pixel_size_A": pixel_size, "fit.epochs": epochs,
-                                      "fit.max_minutes": max_minutes, "fit.device": device})
-    items = find_items(inputs)
+    cfg = build_config(config, None, {"thickness": thickness, "bin": bin, "pixel_size_A": pixel_size,
+                                      "polarity": polarity, "fit.epochs": epochs, "fit.max_minutes": max_minutes, "fit.device": device,
+                                      "ctf.exposure_weighting": True if exposure_weighting else None})
+    items = find_items(inputs, side_files=not no_side_files)
     started = time.monotonic()
     client, cluster, where = _cluster(workers, scheduler, device)
     console.print(f"{len(items)} tilt series on a {where}; outputs in {out}/")
@@ -108,18 +177,12 @@ def batch(
             elapsed = time.monotonic() - started
             console.print(f"[dim]{elapsed:7.0f} s[/]  {escape(row['name'])}: {escape(row['status'])}", highlight=False)
 
-        rows = run_batch(items, out, cfg, client, retries, report)
+        rows = run_batch(items, out, cfg, client, retries, report, invert, exclude)
     finally:
         client.close()
         if cluster is not None:
             cluster.close()
     _write_summary(out, rows)
-    table = Table(title=f"icetide batch: {len(rows)} series in {time.monotonic() - started:.0f} s")
-    for column in ("series", "status", "time (s)", "epochs", "CC"):
-        table.add_column(column)
-    for r in rows:
-        table.add_row(escape(r["name"]), escape(r["status"]), "-" if r["seconds"] is None else f"{r['seconds']:.0f}",
-                      "-" if r["epochs"] is None else str(r["epochs"]), "-" if r["cc"] is None else f"{r['cc']:.3f}")
-    console.print(table)
+    _print_tables(rows, time.monotonic() - started)
     if any(r["status"].startswith("failed") for r in rows):
         raise typer.Exit(code=1)

@@ -89,25 +89,38 @@ def check_alignment_options(deformations: Path | None, xf: Path | None, aln: Pat
 
 
 def read_alignment(
-    tilt_angles_deg, detector_shape: tuple[int, int], deformations: Path | None, xf: Path | None, aln: Path | None
+    tilt_angles_deg, detector_shape: tuple[int, int], deformations: Path | None, xf: Path | None, aln: Path | None,
+    keep=None,
 ):
-    """The alignment of a stack from deformations.json, an IMOD ``.xf`` or an AreTomo ``.aln``, or ``None``.
+    """The alignment of the kept views of a stack from deformations.json, an IMOD ``.xf`` or an AreTomo ``.aln``,
+    or ``None``.
 
-    ``tilt_angles_deg``: of every view of the stack, in stack order; ``detector_shape``: ``(ny, nx)``. Every
-    source is checked against them: number of views and, for deformations.json, the tilt angles; ``.aln``
-    rows are matched by tilt angle.
+    ``tilt_angles_deg``: of every view of the stack, in stack order; ``detector_shape``: ``(ny, nx)``; ``keep``:
+    the 0-based stack indices of the views kept (default all). A deformations.json or ``.xf`` has one entry per
+    view of the stack (as IMOD's files and icetide's ``alignment.xf`` do) or one per kept view (as icetide's
+    deformations.json of a run with the same ``--exclude``); deformations.json's tilt angles must match.
+    ``.aln`` rows are matched by tilt angle to the kept views.
     """
     import numpy as np
 
     angles = np.asarray(tilt_angles_deg, dtype=np.float64).reshape(-1)
+    keep = np.arange(len(angles)) if keep is None else np.asarray(keep, dtype=int)
+
+    def kept_rows(n_rows: int, source: Path, noun: str):
+        """The rows of a file of ``n_rows`` entries (``noun``) that describe the kept views."""
+        if n_rows == len(angles):
+            return keep
+        if n_rows == len(keep):
+            return slice(None)
+        also = f" or the {len(keep)} it keeps" if len(keep) < len(angles) else ""
+        raise IcetideError(f"{source}: {n_rows} {noun} for a series of {len(angles)} views{also}")
 
     if deformations is not None:
         from ..io import read_deformations
 
         d = read_deformations(deformations, detector_shape)
-        if d.n_tilts != len(angles):
-            raise IcetideError(f"{deformations}: {d.n_tilts} tilts for a series of {len(angles)}")
-        worst = float(np.abs(d.tilt_angles_deg - angles).max())
+        d = d.subset(kept_rows(d.n_tilts, deformations, "tilts"))
+        worst = float(np.abs(d.tilt_angles_deg - angles[keep]).max())
         if worst > ANGLE_TOLERANCE_DEG:
             raise IcetideError(f"{deformations}: tilt angles differ from the angle file by up to {worst:.3g} degrees")
         return d
@@ -116,15 +129,14 @@ def read_alignment(
         from ..io import read_xf
 
         transforms = read_xf(xf)
-        if len(transforms) != len(angles):
-            raise IcetideError(f"{xf}: {len(transforms)} transforms for a series of {len(angles)}")
+        transforms = transforms[kept_rows(len(transforms), xf, "transforms")]
         # Real .xf files often carry a slight magnification or stretch: keep the nearest rotation (warns).
-        return xf_to_deformations(transforms, angles, detector_shape, non_rotation="nearest")
+        return xf_to_deformations(transforms, angles[keep], detector_shape, non_rotation="nearest")
     if aln is not None:
         from ..alignment import aln_to_deformations
         from ..io import read_aln
 
-        return aln_to_deformations(read_aln(aln), angles, detector_shape)
+        return aln_to_deformations(read_aln(aln), angles[keep], detector_shape)
     return None
 
 

@@ -166,6 +166,14 @@ def fbp(
     cs: float = typer.Option(2.7, help="With --defocus: spherical aberration, mm."),
     amplitude_contrast: float = typer.Option(0.07, help="With --defocus: amplitude contrast."),
     positivity: bool = typer.Option(False, "--positivity", help="SIRT: clamp negative densities to 0 each iteration."),
+    invert: bool = typer.Option(
+        False, "--invert", help="Flip the contrast first (raw cryo-EM images show density dark on light), as "
+        "reconstruct does."
+    ),
+    polarity: str = typer.Option(
+        "bright", help="Density polarity of the volume: bright (dense = bright, positive) or input (as in the input "
+        "images: dense = dark with --invert). The MRC header label states it."
+    ),
     device: str = typer.Option("auto", help="auto (CUDA if available), cpu, cuda or cuda:N."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
 ) -> None:
@@ -175,19 +183,26 @@ def fbp(
     --xf or --aln; the aligned images are what gets reconstructed). Writes one MRC volume (thickness, ny, nx) in
     the icetide frame (DESIGN.md) with voxel size = pixel size. FBP weighs each tilt by its angular interval,
     so a full 180-degree range gives the projected density's units. With --defocus and --pre-exposure the
-    images are phase-flipped and exposure-weighted first, before the alignment is undone.
+    images are phase-flipped and exposure-weighted first, before the alignment is undone. The volume is written
+    with density bright unless --polarity input (docs/CONVENTIONS.md "Intensity units").
     """
     from ..ctf import tilt_axis_on_images_deg
     from ..fit import default_thickness, resolve_device
+    from ..intensity import POLARITIES, output_polarity
     from ..io import write_mrc
     from ..recon import align_series, fbp_deformed, sirt
 
     check_options(method, iterations, filter_name, positivity, deformations, xf, aln, tilt_axis_angle)
+    if polarity not in POLARITIES:
+        raise IcetideError(f"--polarity must be bright or input, got {polarity!r}")
+    sign, label = output_polarity(polarity, invert)
     check_output_file(out, force)
     dev = resolve_device(device)
     held: list[str] = []
     with held_warnings(held):
         series = TiltSeries.from_files(tilt_series, angles, pixel_size)
+        if invert:  # before SIRT's positivity, which is not linear
+            series = TiltSeries(-series.images, series.tilt_angles_deg, series.pixel_size_A)
         binned_shape = (series.shape[0] // bin, series.shape[1] // bin)
         thick = default_thickness(binned_shape) if thickness is None else thickness
         if not 1 <= thick <= 4 * max(binned_shape):
@@ -214,6 +229,6 @@ def fbp(
             progress, on_iteration = _sirt_progress(n_iter)
             with progress:
                 volume = sirt(aligned, series.tilt_angles_deg, thick, n_iter, positivity, on_iteration)
-        write_mrc(out, volume.cpu().numpy(), series.pixel_size_A)
+        write_mrc(out, sign * volume.cpu().numpy(), series.pixel_size_A, label=label)
         nz, ny, nx = volume.shape
         say(f"wrote {out} ({nz} x {ny} x {nx}, {method}) in {time.monotonic() - t0:.1f} s")

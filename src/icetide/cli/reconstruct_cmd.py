@@ -12,6 +12,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..config import ReconstructConfig, load_config, parse_config
+from ..data import InputStack
 from ..errors import IcetideError
 from ..io.series import load_series
 from ..runlog import changed_settings, epoch_lines, run_log
@@ -130,10 +131,16 @@ def reconstruct(
         "The estimate is in report.json."
     ),
     exclude: Optional[str] = typer.Option(
-        None, help="Views to leave out, 0-based stack indices, e.g. 0,1,76. Outputs hold the remaining views."
+        None, help="Views to leave out: stack indices numbered from 0, single or as ranges, e.g. 0-2,40. The fit, "
+        "aligned.mrc and alignment.star hold the other views; alignment.xf/.tlt keep a line per view of the stack "
+        "and alignment.exclude lists the excluded ones for IMOD's EXCLUDELIST (numbered from 1, e.g. 1-3,41)."
     ),
     invert: bool = typer.Option(
         False, "--invert", help="Flip the contrast first (raw cryo-EM images show density dark on light)."
+    ),
+    polarity: Optional[str] = typer.Option(
+        None, help="Density polarity of the volumes and aligned.mrc: bright (default: dense = bright, positive) "
+        "or input (as in the input images: dense = dark with --invert). The MRC header label states it."
     ),
     fix_nonfinite: bool = typer.Option(
         False, "--fix-nonfinite", help="Replace NaN/Inf pixels by their image's median (warns) instead of refusing."
@@ -215,11 +222,12 @@ def reconstruct(
     """Jointly estimate the 3-D density and the per-tilt deformations (shift, in-plane rotation, local warp).
 
     Writes OUT/tomogram.mrc (thickness, ny, nx), OUT/deformations.json, OUT/aligned.mrc, OUT/tomogram_fbp.mrc,
-    OUT/alignment.xf + alignment.tlt (IMOD), OUT/alignment.star + tomograms.star (RELION-5, when the pixel
-    size is known), OUT/config.yaml, OUT/report.json and OUT/checkpoint.pt. The IMOD and RELION files carry
-    shifts and rotations only; the local fields are in deformations.json. With --defocus (and
-    --exposure-weighting) the series is corrected first: the fit, aligned.mrc and tomogram_fbp.mrc see the
-    corrected images.
+    OUT/alignment.xf + alignment.tlt (IMOD; + alignment.exclude with --exclude), OUT/alignment.star +
+    tomograms.star (RELION-5, when the pixel size is known), OUT/config.yaml, OUT/report.json and
+    OUT/checkpoint.pt. The IMOD and RELION files carry shifts and rotations only; the local fields are in
+    deformations.json. With --defocus (and --exposure-weighting) the series is corrected first: the fit,
+    aligned.mrc and tomogram_fbp.mrc see the corrected images. The volumes are written with density bright
+    unless --polarity input (docs/CONVENTIONS.md "Intensity units").
     """
     from ..fit import resolve_device
     from ..reconstruct import reconstruct as run
@@ -243,6 +251,8 @@ def reconstruct(
         raise IcetideError(f"--ctf-correction must be phaseflip, model or none, got {ctf_correction!r}")
     if ctf_correction is not None and defocus is None:
         raise IcetideError("--ctf-correction needs the per-view defocus (--defocus)")
+    if polarity is not None and polarity not in ("bright", "input"):
+        raise IcetideError(f"--polarity must be bright or input, got {polarity!r}")
     if defocus_hand is not None and defocus_hand not in (1, -1):
         raise IcetideError(f"--defocus-hand must be 1 or -1, got {defocus_hand}")
     if exposure_weighting and pre_exposure is None:
@@ -274,6 +284,7 @@ def reconstruct(
             "tilt_axis_angle_deg": tilt_axis_angle,
             "deform.axis_search_deg": tilt_axis_search,
             "specimen": specimen,
+            "polarity": polarity,
             "fit.epochs": epochs,
             "fit.max_minutes": max_minutes,
             "fit.max_memory_gb": max_memory,
@@ -301,10 +312,9 @@ def reconstruct(
         )
         if cfg.thickness is not None and cfg.thickness > 4 * max(series.shape):
             raise IcetideError(f"thickness {cfg.thickness} is larger than sensible for a {series.shape} detector")
-        # Alignment files describe every view of the stack: read them against all views, then drop the excluded.
-        init = read_alignment(all_angles, series.shape, deformations, xf, aln)
+        init = read_alignment(all_angles, series.shape, deformations, xf, aln, keep)
+    stack = InputStack(all_angles, keep, invert)
     if init is not None:
-        init = init.subset(keep)
         # The starting rotations already hold the tilt axis (e.g. one read from the .mdoc must not count twice).
         series.tilt_axis_angle_deg = 0.0
 
@@ -318,7 +328,7 @@ def reconstruct(
         progress, on_epoch = progress_printer(cfg.fit.epochs, cfg.fit.max_minutes)
         with progress:
             report = run(series, cfg, folder, init=init, resume=resume, on_epoch=on_epoch, source_path=tilt_series,
-                         on_phase=lambda name: say(f"[dim]{name}[/]"))
+                         on_phase=lambda name: say(f"[dim]{name}[/]"), input_stack=stack)
     for line in summary_lines(report):  # run() has logged them
         console.print(line, highlight=False, soft_wrap=True)
     console.print(f"outputs in {out}", highlight=False, soft_wrap=True)

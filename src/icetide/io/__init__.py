@@ -3,9 +3,9 @@
 from .aretomo import AlnFile, read_aln
 from .ctf_files import DefocusTable, read_defocus, read_pre_exposure, write_imod_defocus, write_pre_exposure
 from .deformations import read_deformations, write_deformations
-from .imod import read_tlt, read_xf, write_tlt, write_xf
+from .imod import imod_view_list, read_tlt, read_xf, write_tlt, write_view_list, write_xf
 from .mdoc import read_mdoc, write_mdoc
-from .mrc import read_mrc, read_volume, write_mrc
+from .mrc import read_mrc, read_mrc_labels, read_volume, write_mrc
 from .series import load_series, parse_exclude
 from .relion import (
     RelionTomogram,
@@ -18,12 +18,15 @@ from .util import atomic_path, write_json
 
 __all__ = [
     "read_mrc",
+    "read_mrc_labels",
     "read_volume",
     "write_mrc",
     "read_tlt",
     "write_tlt",
     "read_xf",
     "write_xf",
+    "imod_view_list",
+    "write_view_list",
     "AlnFile",
     "read_aln",
     "read_mdoc",

@@ -4,6 +4,9 @@
 - ``.xf``: one linear transform per image, a line ``A11 A12 A21 A22 DX DY`` mapping raw to aligned
   coordinates about the image centre, ``X' = A11 X + A12 Y + DX``, ``Y' = A21 X + A22 Y + DY``
   (see :mod:`icetide.alignment` for the exact centre and axis conventions and the conversion).
+- view lists: the views ``tilt`` leaves out (its ``EXCLUDELIST``, IMOD's ``autodoc/tilt.adoc``) are numbered
+  from 1, single views or ranges separated by commas, e.g. ``1-3,41``; ``newstack -exclude`` takes the same list
+  with ``-fromone`` (it counts from 0 otherwise).
 """
 
 from __future__ import annotations
@@ -76,3 +79,22 @@ def write_xf(path: str | os.PathLike, xf) -> None:
         lines.append(f"{a11:11.7f} {a12:11.7f} {a21:11.7f} {a22:11.7f} {dx:11.3f} {dy:11.3f}\n")
     with atomic_path(path) as tmp:
         tmp.write_text("".join(lines))
+
+
+def imod_view_list(indices) -> str:
+    """0-based stack indices -> IMOD's view list, numbered from 1 with runs as ranges: ``[0, 1, 2, 40]`` ->
+    ``"1-3,41"`` (``""`` for none)."""
+    views = sorted({int(i) + 1 for i in np.asarray(indices, dtype=int).reshape(-1)})
+    runs: list[list[int]] = []
+    for v in views:
+        if runs and v == runs[-1][1] + 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def write_view_list(path: str | os.PathLike, indices) -> None:
+    """Write the 0-based stack ``indices`` as one line of :func:`imod_view_list` (e.g. for ``EXCLUDELIST``)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(imod_view_list(indices) + "\n")

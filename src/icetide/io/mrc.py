@@ -55,13 +55,17 @@ def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, float | None]:
 
 
 def write_mrc(
-    path: str | os.PathLike, data: np.ndarray, voxel_size_A: float | None = None, *, stack: bool = False
+    path: str | os.PathLike, data: np.ndarray, voxel_size_A: float | None = None, *, stack: bool = False,
+    label: str | None = None,
 ) -> None:
     """Write a float32 MRC (mode 2) atomically; ``data`` is ``(nz, ny, nx)`` or ``(ny, nx)``.
 
     The voxel (pixel) size in Angstrom goes into the header. ``stack=True`` marks a tilt series
     ``(n_tilts, ny, nx)`` as an image stack (``ispg = 0``); otherwise 3-D data is a volume (``ispg = 1``).
+    ``label``: the header's first text label (at most 80 ASCII characters, the MRC limit).
     """
+    if label is not None and (len(label) > 80 or not label.isascii()):
+        raise IcetideError(f"an MRC label holds at most 80 ASCII characters, got {label!r}")
     arr = np.ascontiguousarray(np.asarray(data, dtype=np.float32))
     with atomic_path(path) as tmp:
         with mrcfile.new(tmp, overwrite=True) as m:
@@ -72,4 +76,17 @@ def write_mrc(
                 m.set_volume()
             if voxel_size_A is not None:
                 m.voxel_size = float(voxel_size_A)
+            if label is not None:
+                m.add_label(label)
             m.update_header_stats()
+
+
+def read_mrc_labels(path: str | os.PathLike) -> list[str]:
+    """The text labels of an MRC file's header (at most 10 of 80 characters), trailing blanks removed."""
+    path = Path(path)
+    if not path.is_file():
+        raise IcetideError(f"{path}: no such file")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with mrcfile.open(path, mode="r", header_only=True, permissive=True) as m:
+            return [label.rstrip() for label in m.get_labels()]

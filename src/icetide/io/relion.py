@@ -8,7 +8,14 @@
 - ``tomograms.star`` (block ``global``, one row per tilt series): ``rlnTomoName``,
   ``rlnTomoTiltSeriesStarFile``, ``rlnVoltage`` (kV), ``rlnSphericalAberration`` (mm),
   ``rlnAmplitudeContrast``, ``rlnMicrographOriginalPixelSize`` and ``rlnTomoTiltSeriesPixelSize`` (A),
-  ``rlnTomoHand``, ``rlnTomoSizeX/Y/Z`` (voxels of the tomogram at the tilt-series pixel size).
+  ``rlnTomoHand``, ``rlnTomoSizeX/Y/Z`` (voxels of the tomogram at the tilt-series pixel size), and for a
+  reconstructed tomogram ``rlnTomoReconstructedTomogram`` (its MRC) and ``rlnTomoTomogramBinning`` (its voxel
+  over the tilt-series pixel), the columns RELION-5's own reconstruction adds.
+
+``rlnTomoHand`` is icetide's ``ctf.defocus_hand``: RELION's ``Tomogram::getCtf`` adds ``hand * pixel * dz`` to the
+defocus, ``dz`` the depth along the beam in the frame its projection matrices rotate the specimen into, i.e.
+icetide's ``t = -x sin(theta) + z cos(theta)`` under the geometry mapping of :mod:`icetide.alignment`, as in
+icetide's ``df + hand * t * pixel`` (docs/CONVENTIONS.md).
 """
 
 from __future__ import annotations
@@ -43,7 +50,9 @@ class RelionTomogram:
     """One row of a RELION-5 ``tomograms.star``.
 
     ``size_xyz``: tomogram size in voxels at ``tilt_series_pixel_size_A``. ``hand``: RELION's defocus
-    handedness flag, +1 or -1 (RELION-5 tutorial data carry -1; it depends on the microscope).
+    handedness flag, +1 or -1 (RELION-5 tutorial data carry -1; it depends on the microscope), icetide's
+    ``ctf.defocus_hand``. ``tomogram_file``: the reconstructed tomogram's MRC, or ``None``; ``binning``: its
+    voxel size over ``tilt_series_pixel_size_A``.
     """
 
     name: str
@@ -55,6 +64,8 @@ class RelionTomogram:
     tilt_series_pixel_size_A: float
     size_xyz: tuple[int, int, int]
     hand: int = -1
+    tomogram_file: str | None = None
+    binning: float = 1.0
 
 
 def _write_star(path: str | os.PathLike, blocks: dict[str, pd.DataFrame]) -> None:
@@ -75,10 +86,13 @@ def _read_star(path: str | os.PathLike) -> dict:
     return blocks
 
 
-def _micrograph_names(image_paths, n_tilts: int) -> list[str]:
-    """``k@stack`` (1-based) for a stack path, or the given per-tilt names."""
+def _micrograph_names(image_paths, n_tilts: int, stack_indices: Sequence[int] | None) -> list[str]:
+    """``k@stack`` (``k`` the 1-based position in the stack) for a stack path, or the given per-tilt names."""
     if isinstance(image_paths, (str, os.PathLike)):
-        return [f"{k + 1}@{image_paths}" for k in range(n_tilts)]
+        indices = range(n_tilts) if stack_indices is None else [int(k) for k in stack_indices]
+        if len(indices) != n_tilts:
+            raise IcetideError(f"{len(indices)} stack indices for {n_tilts} tilts")
+        return [f"{k + 1}@{image_paths}" for k in indices]
     names = [str(p) for p in image_paths]
     if len(names) != n_tilts:
         raise IcetideError(f"{len(names)} image paths for {n_tilts} tilts")
@@ -91,17 +105,20 @@ def write_relion_tilt_series_star(
     pixel_size_A: float,
     tilt_series_name: str,
     image_paths: str | os.PathLike | Sequence[str] | None = None,
+    stack_indices: Sequence[int] | None = None,
 ) -> None:
     """Write the RELION-5 tilt-series STAR of ``d`` (global part) as block ``data_<tilt_series_name>``.
 
     ``pixel_size_A``: of the images ``d`` refers to (``d.detector_shape``). ``image_paths``: one stack path
-    (written ``k@path``, k from 1) or M per-tilt image names, stored as ``rlnMicrographName``.
+    (written ``k@path``) or M per-tilt image names, stored as ``rlnMicrographName``. ``stack_indices`` ``(M,)``:
+    the 0-based position in that stack of each of ``d``'s tilts (default ``0..M-1``; ``k`` is it plus 1), so
+    that the rows of a series with views left out name the right images.
     """
     if not tilt_series_name or any(c.isspace() for c in tilt_series_name):
         raise IcetideError(f"tilt-series name must be non-empty without spaces, got {tilt_series_name!r}")
     table = {}
     if image_paths is not None:
-        table["rlnMicrographName"] = _micrograph_names(image_paths, d.n_tilts)
+        table["rlnMicrographName"] = _micrograph_names(image_paths, d.n_tilts, stack_indices)
     table["rlnTomoNominalStageTiltAngle"] = d.tilt_angles_deg
     table.update(deformations_to_relion(d, pixel_size_A))
     _write_star(path, {tilt_series_name: pd.DataFrame(table)})
@@ -170,12 +187,21 @@ def write_relion_tomograms_star(path: str | os.PathLike, entries: Sequence[Relio
         row = {label: getattr(e, attr) for label, attr in _TOMOGRAM_COLUMNS.items()}
         row["rlnTomoHand"] = int(e.hand)
         row.update(zip(("rlnTomoSizeX", "rlnTomoSizeY", "rlnTomoSizeZ"), (int(n) for n in e.size_xyz)))
+        row["rlnTomoTomogramBinning"] = float(e.binning)
+        if e.tomogram_file is not None:
+            row["rlnTomoReconstructedTomogram"] = str(e.tomogram_file)
         rows.append(row)
     _write_star(path, {"global": pd.DataFrame(rows)})
 
 
+def _optional_text(value) -> str | None:
+    """A STAR value that may be absent (no column, or empty in this row of a table that has one)."""
+    return None if value is None or pd.isna(value) else str(value)
+
+
 def read_relion_tomograms_star(path: str | os.PathLike) -> list[RelionTomogram]:
-    """Read the ``global`` block of a RELION-5 ``tomograms.star``; missing required columns raise."""
+    """Read the ``global`` block of a RELION-5 ``tomograms.star``; missing required columns raise (the tomogram
+    and its binning are optional: RELION writes them once it has reconstructed one)."""
     path = Path(path)
     block = _read_star(path).get("global")
     if block is None:
@@ -197,6 +223,8 @@ def read_relion_tomograms_star(path: str | os.PathLike) -> list[RelionTomogram]:
                 tilt_series_pixel_size_A=float(row["rlnTomoTiltSeriesPixelSize"]),
                 size_xyz=(int(row["rlnTomoSizeX"]), int(row["rlnTomoSizeY"]), int(row["rlnTomoSizeZ"])),
                 hand=int(row["rlnTomoHand"]),
+                tomogram_file=_optional_text(row.get("rlnTomoReconstructedTomogram")),
+                binning=float(row.get("rlnTomoTomogramBinning", 1.0)),
             )
             for _, row in table.iterrows()
         ]

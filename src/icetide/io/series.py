@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Optional
 
@@ -19,19 +20,35 @@ __all__ = ["load_series", "parse_exclude"]
 
 
 def parse_exclude(text: Optional[str], n_tilts: int) -> np.ndarray:
-    """``"0,1,76"`` -> the sorted, distinct 0-based stack indices to drop; checked against ``n_tilts``."""
+    """``"0-2,40"`` -> the sorted 0-based stack indices to drop (single views and inclusive ranges, comma-separated),
+    checked against ``n_tilts``. Not a number or range, a view given twice, a view outside the stack or fewer
+    than 2 views left raise a one-line :class:`IcetideError`."""
     if not text:
         return np.zeros(0, dtype=int)
-    try:
-        indices = sorted({int(part) for part in text.split(",") if part.strip()})
-    except ValueError:
-        raise IcetideError(f"--exclude must be comma-separated view indices (0-based), got {text!r}") from None
-    bad = [i for i in indices if not 0 <= i < n_tilts]
-    if bad:
-        raise IcetideError(f"--exclude: view(s) {', '.join(map(str, bad))} outside 0..{n_tilts - 1}")
+    indices: list[int] = []
+    outside: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        first, dash, last = part.partition("-")
+        try:
+            start, stop = int(first), int(last if dash else first)
+        except ValueError:
+            raise IcetideError(f"--exclude: {part!r} is neither a view nor a range of views (0-based, e.g. 0-2,40)") from None
+        if stop < start:
+            raise IcetideError(f"--exclude: range {part!r} runs backwards")
+        if stop >= n_tilts:  # checked before the range is expanded: a typo must not allocate millions of views
+            outside.append(part)
+            continue
+        indices.extend(range(start, stop + 1))
+    if outside:
+        raise IcetideError(f"--exclude: view(s) {', '.join(outside)} outside 0..{n_tilts - 1}")
+    twice = sorted(i for i, n in Counter(indices).items() if n > 1)
+    if twice:
+        raise IcetideError(f"--exclude: view(s) {', '.join(map(str, twice))} given more than once")
     if n_tilts - len(indices) < 2:
         raise IcetideError("--exclude leaves fewer than 2 views")
-    return np.asarray(indices, dtype=int)
+    return np.asarray(sorted(indices), dtype=int)
 
 
 def load_series(
