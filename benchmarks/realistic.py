@@ -10,7 +10,8 @@ up to 18 px, tilt axis 3 deg with the .mdoc 1 deg off, six gold beads, the speci
 the tilt axis, Poisson counts), the counts level set by ``--snr-db`` (the specimen's contrast SNR). Then:
 
 - ``icetide``: ``icetide reconstruct tilt_series.mrc --mdoc tilt_series.mrc.mdoc --invert --defocus
-  tilt_series.defocus --ctf-correction model --exposure-weighting --thickness NZ`` (the README's command);
+  tilt_series.defocus --exposure-weighting --thickness NZ`` (the README's command: phase flipping, the default
+  CTF correction);
   ``fbp_aligned``: its ``tomogram_fbp.mrc``;
 - ``fbp_oracle``: FBP of the same acquisition without deformations (its own noise draw), made relative contrast
   with the true levels, phase-flipped with the true defocus and exposure-weighted, over the true specimen box;
@@ -76,7 +77,7 @@ def run_icetide(case: Path, nz: int, max_minutes: float, extra: list[str]) -> fl
         return None
     command = [sys.executable, "-m", "icetide", "reconstruct", str(case / "tilt_series.mrc"),
                "--mdoc", str(case / "tilt_series.mrc.mdoc"), "--invert", "--defocus", str(case / "tilt_series.defocus"),
-               "--ctf-correction", "model", "--exposure-weighting", "--thickness", str(nz),
+               "--exposure-weighting", "--thickness", str(nz),
                "--max-minutes", str(max_minutes), "-o", str(out), "--force", *extra]
     t0 = time.monotonic()
     subprocess.run(command, check=True, stdout=sys.stderr)

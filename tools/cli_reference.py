@@ -77,7 +77,7 @@ docs/CONVENTIONS.md "Simulated cryo-ET acquisition"), with an `.mdoc`. The cryo-
 ```bash
 icetide simulate --profile cryo -o cryo --tilt-step 3 --snr-db -5
 icetide reconstruct cryo/tilt_series.mrc --mdoc cryo/tilt_series.mrc.mdoc --invert --thickness 96 -o rec_cryo \\
-    --defocus cryo/tilt_series.defocus --ctf-correction model --exposure-weighting
+    --defocus cryo/tilt_series.defocus --exposure-weighting
 ```
 
 ### CTF and radiation damage
@@ -85,7 +85,9 @@ icetide reconstruct cryo/tilt_series.mrc --mdoc cryo/tilt_series.mrc.mdoc --inve
 Give the per-view defocus (CTFFIND4 output, IMOD `.defocus`, RELION-5 STAR or the `.mdoc`) and the series is
 phase-flipped before the fit, with the defocus varying across each tilted image; `--ctf-correction model` fits
 the raw images with the CTF in the forward model instead, which gave 0.87-0.91 in CC against 0.69-0.72 for phase
-flipping (docs/RESULTS.md section 9; lattice renderer, one process). With the exposure before each view
+flipping (docs/RESULTS.md section 9; lattice renderer, one process); on the realistic acquisitions of
+docs/RESULTS.md section 11 (drift, beads, the tilt axis off) phase flipping aligned to 0.3-0.6 px where the
+forward model stayed 1.1-1.4 px off, so the cryo-ET command above keeps the default. With the exposure before each view
 (`--pre-exposure`, or an `.mdoc` with doses), `--exposure-weighting` weights each view by its accumulated dose: it
 helped the FBP of the aligned series at every SNR and icetide's volume at low SNR (+0.02 to +0.08 in CC at 0 dB;
 docs/RESULTS.md section 10).
