@@ -113,6 +113,17 @@ icetide experiment epochs -o exp_epochs      # Fig. 9: CC along the fit, early s
 icetide experiment volumes -o exp_volumes --phantom demo_out/truth/volume.mrc --seeds 0,1   # Fig. 10
 ```
 
+### From an AreTomo3 output folder
+
+Give the folder as the tilt series (`--aretomo-name X` where it holds several): the stack `X.mrc`, the angles of
+`X_TLT.txt`, `X.aln` as the starting alignment, `X_CTF.txt` as `--defocus` and `X_ODD.mrc`/`X_EVN.mrc` as the two
+half series (`--half-series`: half maps and their FSC; `--half-maps tilts` or `pixels` uses `X.mrc` instead) are used
+unless an option gives its own; the views at the `.aln`'s dark frames' tilts are excluded. `icetide batch FOLDER` runs one series per `.aln` (without the halves):
+
+```bash
+icetide reconstruct aretomo3_out --aretomo-name Position_1 --thickness 300 --bin 4 -o rec_position_1
+```
+
 ### Many series, several GPUs
 
 Many tilt series on a Dask cluster (`pip install -e ".[batch]"`, or `".[cluster]"` for SLURM and PBS), and one

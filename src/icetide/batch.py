@@ -8,6 +8,8 @@ Dask's ``distributed`` is an extra (``pip install 'icetide[batch]'``), so it is 
 A series is named by its stack or by its SerialEM ``.mdoc`` (the stack found beside it). Side files lying beside
 the stack with its stem are used as ``icetide reconstruct`` would use them given as options: IMOD ``.xf`` or
 AreTomo ``.aln`` (the starting alignment), CTFFIND ``_CTF.txt`` or IMOD ``.defocus`` (the per-view defocus).
+In an AreTomo3 output folder each ``X.aln`` names a series (``X.mrc``, angles from ``X_TLT.txt``; the views at its
+dark frames' tilts are excluded); its ``X_ODD``/``X_EVN``/``X_Vol`` stacks are not series of their own.
 Every finished series contributes one row of quality metrics (:func:`series_metrics`) read from its outputs.
 """
 
@@ -73,9 +75,11 @@ def _stem(path: Path) -> str:
 
 
 def _item_for_stack(stack: Path) -> BatchItem:
-    """The angles and truth found beside ``stack``: ``<stem>.tlt``/``.rawtlt``, ``<file>.mdoc``/``<stem>.mdoc``."""
+    """The angles and truth found beside ``stack``: ``<stem>.tlt``/``.rawtlt``/``_TLT.txt`` (AreTomo3),
+    ``<file>.mdoc``/``<stem>.mdoc``."""
     stem = _stem(stack)
-    angles = next((p for p in (stack.with_name(stem + ".tlt"), stack.with_name(stem + ".rawtlt")) if p.is_file()), None)
+    angles = next((p for p in (stack.with_name(stem + e) for e in (".tlt", ".rawtlt", "_TLT.txt")) if p.is_file()),
+                  None)
     mdoc = next((p for p in (stack.with_name(stack.name + ".mdoc"), stack.with_name(stem + ".mdoc")) if p.is_file()),
                 None)
     truth = stack.parent / "truth" / "volume.mrc"
@@ -169,9 +173,14 @@ def _listed(path: Path) -> list[Path]:
 
 
 def _in_folder(folder: Path) -> list[Path]:
-    """A folder's stacks, then its tilt-series ``.mdoc`` files (a stack found both ways is the stack's)."""
+    """A folder's stacks, then its tilt-series ``.mdoc`` files (a stack found both ways is the stack's). A stack
+    ``X_<anything>`` beside an ``X.aln`` and without an ``.aln`` of its own is AreTomo3's (ODD, EVN, Vol), not a
+    series."""
     files = sorted(p for p in folder.iterdir() if p.is_file())
-    return [p for p in files if p.suffix in STACK_SUFFIXES] + [p for p in files if _is_series_mdoc(p)]
+    alns = {p.stem for p in files if p.suffix == ".aln"}
+    stacks = [p for p in files if p.suffix in STACK_SUFFIXES
+              and (_stem(p) in alns or not any(_stem(p).startswith(x + "_") for x in alns))]
+    return stacks + [p for p in files if _is_series_mdoc(p)]
 
 
 def _named_paths(text: str) -> list[Path]:
@@ -252,7 +261,8 @@ def _load_item(item: BatchItem, config: ReconstructConfig, folder: Path, invert:
 
     from .cli.common import read_alignment
     from .data import InputStack
-    from .io import load_series, write_tlt
+    from .io import load_series, read_aln, read_tlt, write_tlt
+    from .io.aretomo import exclude_dark_views
 
     if item.problem is not None:
         raise IcetideError(item.problem)
@@ -265,6 +275,8 @@ def _load_item(item: BatchItem, config: ReconstructConfig, folder: Path, invert:
         raise IcetideError(f"{item.stack}: no .tlt, .rawtlt or .mdoc beside it")
     # The doses of the mdoc only matter to exposure weighting; an mdoc without them must not fail the others.
     pre_exposure = Path(item.mdoc) if item.mdoc and config.ctf.exposure_weighting else None
+    if item.aln and angles is not None:  # AreTomo3's stack keeps the dark views its .aln leaves out
+        exclude = exclude_dark_views(exclude, read_aln(item.aln), read_tlt(angles))[0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         series, keep, all_angles = load_series(

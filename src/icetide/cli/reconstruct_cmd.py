@@ -103,9 +103,50 @@ def init_distributed(device: Optional[str]) -> tuple[int, Optional[str]]:
     return dist.get_rank(), device if cuda else (device or "cpu")
 
 
+def aretomo_inputs(folder: Path, name: Optional[str], given: dict) -> tuple[dict, str]:
+    """The inputs an AreTomo3 output folder gives (:func:`icetide.io.aretomo.aretomo3_series`) where the options
+    ``given`` (``angles``, ``mdoc``, ``deformations``, ``xf``, ``aln``, ``tilt_axis_angle``, ``tilt_axis_search``,
+    ``defocus``, ``half_series``, ``half_maps``, ``exclude``) leave them open, plus ``tilt_series`` (the stack),
+    and a line saying what the folder gave. Its ODD/EVN halves become the two half series (``--half-series``)
+    unless other half maps or a half series are asked for; the views at its dark frames' tilts are excluded."""
+    from ..io import read_aln, read_tlt
+    from ..io.aretomo import aretomo3_series, exclude_dark_views
+
+    found = aretomo3_series(folder, name)
+    out = dict(given, tilt_series=found.stack)
+    used = [f"AreTomo3 series {found.name}: stack {found.stack.name}"]
+    if given["angles"] is None and given["mdoc"] is None:
+        out["angles"] = found.angles if found.angles is not None else found.angles_deg()
+        used.append(f"angles {found.angles.name if found.angles else found.aln.name}")
+    # A starting alignment, or a tilt-axis angle or search asked for, takes the place of the folder's .aln.
+    own_axis = given["tilt_axis_angle"] is not None or given["tilt_axis_search"]
+    if found.aln and not own_axis and not any(given[k] for k in ("deformations", "xf", "aln")):
+        out["aln"] = found.aln
+        used.append(f"start alignment {found.aln.name}")
+    if found.ctf and given["defocus"] is None:
+        out["defocus"] = found.ctf
+        used.append(f"defocus {found.ctf.name}")
+    if found.odd and given["half_series"] is None and given["half_maps"] in (None, "series"):
+        out["tilt_series"], out["half_series"] = found.odd, found.even
+        used[0] = f"AreTomo3 series {found.name}: half series {found.odd.name} and {found.even.name}"
+    if found.aln and out["angles"] is not None:
+        angles = read_tlt(out["angles"]) if isinstance(out["angles"], Path) else out["angles"]
+        out["exclude"], dark = exclude_dark_views(given["exclude"], read_aln(found.aln), angles)
+        if dark:
+            used.append(f"dark views {', '.join(map(str, dark))} excluded")
+    return out, ", ".join(used)
+
+
 @one_line_errors
 def reconstruct(
-    tilt_series: Path = typer.Argument(..., help="Tilt series, MRC stack (n_tilts, ny, nx), any MRC mode."),
+    tilt_series: Path = typer.Argument(
+        ..., help="Tilt series, MRC stack (n_tilts, ny, nx), any MRC mode; or an AreTomo3 output folder, whose "
+        "stack, _TLT.txt angles, .aln (starting alignment), _CTF.txt (defocus) and _ODD/_EVN.mrc (half series) are "
+        "used where no option says otherwise (views at its dark frames' tilts are excluded)."
+    ),
+    aretomo_name: Optional[str] = typer.Option(
+        None, "--aretomo-name", help="Which tilt series of an AreTomo3 output folder holding several (its X of X.aln)."
+    ),
     angles: Optional[Path] = typer.Option(
         None, "--angles", "-a", help="Tilt angles in degrees, IMOD .tlt/.rawtlt (one per line, stack order)."
     ),
@@ -233,6 +274,17 @@ def reconstruct(
     from ..reconstruct import reconstruct as run
     from ..reconstruct import summary_lines
 
+    folder_line = None
+    if tilt_series.is_dir():
+        given = dict(angles=angles, mdoc=mdoc, deformations=deformations, xf=xf, aln=aln, defocus=defocus,
+                     tilt_axis_angle=tilt_axis_angle, tilt_axis_search=tilt_axis_search, half_series=half_series,
+                     half_maps=half_maps, exclude=exclude)
+        got, folder_line = aretomo_inputs(tilt_series, aretomo_name, given)
+        tilt_series, angles, aln, defocus, half_series, exclude = (
+            got[k] for k in ("tilt_series", "angles", "aln", "defocus", "half_series", "exclude"))
+        say(folder_line)
+    elif aretomo_name is not None:
+        raise IcetideError("--aretomo-name needs an AreTomo3 output folder as TILT_SERIES")
     if renderer is not None and renderer not in ("lattice", "rays"):
         raise IcetideError(f"--renderer must be lattice or rays, got {renderer!r}")
     if loss is not None and loss not in ("l1", "l2", "poisson"):
@@ -323,6 +375,8 @@ def reconstruct(
         return
     context = output_dir(out, force) if not resume else contextlib.nullcontext(out)
     with context as folder, run_log(folder, changed_settings(cfg)):
+        if folder_line:
+            log.info(folder_line)
         for message in held:
             log.warning(message)
         progress, on_epoch = progress_printer(cfg.fit.epochs, cfg.fit.max_minutes)

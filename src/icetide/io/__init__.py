@@ -1,6 +1,6 @@
 """File formats. Nothing outside this package reads or writes a file format."""
 
-from .aretomo import AlnFile, read_aln
+from .aretomo import AlnFile, AreTomo3Series, aretomo3_series, read_aln
 from .ctf_files import DefocusTable, read_defocus, read_pre_exposure, write_imod_defocus, write_pre_exposure
 from .deformations import read_deformations, write_deformations
 from .imod import imod_view_list, read_tlt, read_xf, write_tlt, write_view_list, write_xf
@@ -29,6 +29,8 @@ __all__ = [
     "write_view_list",
     "AlnFile",
     "read_aln",
+    "AreTomo3Series",
+    "aretomo3_series",
     "read_mdoc",
     "write_mdoc",
     "DefocusTable",

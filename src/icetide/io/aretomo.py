@@ -17,6 +17,11 @@ angle. With ``-TiltCor`` AreTomo3 adds its ``AlphaOffset`` to ``TILT`` while ``D
 (as in AreTomo3 output such as teamtomo/alnfile's ``tests/test_data_with_local.aln``: dark frames at -68..-42,
 rows from -27.71 = -40 + 12.3 with ``AlphaOffset = 12.30``). Rows skip the dark frames AreTomo removed, so
 rows are matched to images by nominal tilt angle (:func:`icetide.alignment.aln_to_deformations`).
+
+An AreTomo3 output folder holds, per tilt series ``X`` (:func:`aretomo3_series`): ``X.mrc`` (the tilt series,
+in tilt-angle order), ``X_TLT.txt`` (one line per view of ``X.mrc``, dark views included: nominal tilt angle,
+then acquisition order and dose), ``X.aln``, ``X_CTF.txt`` (CTFFIND4 columns), ``X_ODD.mrc``/``X_EVN.mrc``
+(the odd and even frame sums, with ``-SplitSum 1``) and ``X_Vol.mrc`` (AreTomo3's tomogram, not used here).
 """
 
 from __future__ import annotations
@@ -29,10 +34,12 @@ import numpy as np
 
 from ..errors import IcetideError
 
-__all__ = ["AlnFile", "read_aln"]
+__all__ = ["AlnFile", "AreTomo3Series", "aretomo3_series", "dark_views", "exclude_dark_views", "read_aln"]
 
 _GLOBAL_COLUMNS = ("SEC", "ROT", "GMAG", "TX", "TY", "SMEAN", "SFIT", "SCALE", "BASE", "TILT")
 _LOCAL_WIDTH = 7
+# AreTomo writes tilt angles with two decimals: a dark frame's tilt and its line in _TLT.txt agree to that.
+_DARK_TOLERANCE_DEG = 0.02
 
 
 @dataclass
@@ -146,3 +153,78 @@ def read_aln(path: str | os.PathLike) -> AlnFile:
         local=np.asarray(local, dtype=np.float64).reshape(-1, _LOCAL_WIDTH),
         **meta,
     )
+
+
+def dark_views(aln: AlnFile, tilt_angles_deg) -> list[int]:
+    """The 0-based stack indices whose tilt angle is that of one of the ``.aln``'s dark frames (AreTomo3's
+    stack and ``_TLT.txt`` keep the dark views that its ``.aln`` leaves out)."""
+    angles = np.asarray(tilt_angles_deg, dtype=np.float64).reshape(-1)
+    dark = np.asarray([tilt for _, _, tilt in aln.dark_frames], dtype=np.float64)
+    if dark.size == 0:
+        return []
+    return np.flatnonzero(np.abs(angles[:, None] - dark[None, :]).min(1) <= _DARK_TOLERANCE_DEG).tolist()
+
+
+def exclude_dark_views(exclude: str | None, aln: AlnFile, tilt_angles_deg) -> tuple[str | None, list[int]]:
+    """The ``--exclude`` text ``exclude`` with the :func:`dark_views` added (each once), and those views."""
+    from .series import parse_exclude
+
+    dark = dark_views(aln, tilt_angles_deg)
+    if not dark:
+        return exclude, []
+    views = sorted(set(parse_exclude(exclude, len(np.ravel(tilt_angles_deg))).tolist()) | set(dark))
+    return ",".join(map(str, views)), dark
+
+
+@dataclass(frozen=True)
+class AreTomo3Series:
+    """The files of one tilt series in an AreTomo3 output folder (see the module docstring).
+
+    ``angles``: ``X_TLT.txt`` (else an IMOD ``X.tlt``/``X.rawtlt``), or ``None`` when only the ``.aln`` gives
+    them; ``odd``/``even``: both half stacks or neither; ``aln``, ``ctf``: ``None`` when absent.
+    """
+
+    name: str
+    stack: Path
+    angles: Path | None
+    aln: Path | None
+    ctf: Path | None
+    odd: Path | None
+    even: Path | None
+
+    def angles_deg(self) -> np.ndarray | None:
+        """The nominal tilt angles of the ``.aln`` rows in section order (its TILT less the AlphaOffset), for a
+        series without an angle file; ``None`` when there is an angle file or no ``.aln``."""
+        if self.angles is not None or self.aln is None:
+            return None
+        aln = read_aln(self.aln)
+        return (aln.tilt_deg - aln.alpha_offset_deg)[np.argsort(aln.sec, kind="stable")]
+
+
+def aretomo3_series(folder: str | os.PathLike, name: str | None = None) -> AreTomo3Series:
+    """The files of the tilt series ``name`` in the AreTomo3 output folder ``folder`` (``name`` may be left out
+    when the folder holds one series: one ``X.aln`` or ``X_TLT.txt``). The stack is required, and the angles (a
+    ``_TLT.txt``, ``.tlt``/``.rawtlt`` or the ``.aln``); what is missing raises a one-line :class:`IcetideError`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise IcetideError(f"{folder}: not a folder")
+    names = sorted({p.name.removesuffix(".aln") for p in folder.glob("*.aln")}
+                   | {p.name.removesuffix("_TLT.txt") for p in folder.glob("*_TLT.txt")})
+    if not names:
+        raise IcetideError(f"{folder}: no AreTomo3 tilt series in it (no X.aln or X_TLT.txt)")
+    if name is None and len(names) > 1:
+        raise IcetideError(f"{folder}: holds {len(names)} AreTomo3 tilt series ({', '.join(names)}); name one")
+    name = names[0] if name is None else name
+    if name not in names:
+        raise IcetideError(f"{folder}: no AreTomo3 tilt series {name!r} (it holds {', '.join(names)})")
+
+    def found(*endings: str) -> Path | None:
+        return next((folder / (name + e) for e in endings if (folder / (name + e)).is_file()), None)
+
+    # A name comes from an X.aln or X_TLT.txt, so the angles are always at hand: only the stack can be missing.
+    stack = found(".mrc", ".st")
+    if stack is None:
+        raise IcetideError(f"{folder}: tilt series {name}: missing the stack {name}.mrc")
+    odd, even = found("_ODD.mrc"), found("_EVN.mrc")
+    halves = (odd, even) if odd and even else (None, None)
+    return AreTomo3Series(name, stack, found("_TLT.txt", ".tlt", ".rawtlt"), found(".aln"), found("_CTF.txt"), *halves)

@@ -53,7 +53,7 @@ def parse_exclude(text: Optional[str], n_tilts: int) -> np.ndarray:
 
 def load_series(
     stack: Path,
-    angles: Optional[Path],
+    angles: Optional[Path | np.ndarray],
     mdoc: Optional[Path],
     pixel_size_A: Optional[float],
     tilt_axis_angle_deg: Optional[float],
@@ -66,9 +66,10 @@ def load_series(
 ) -> tuple[TiltSeries, np.ndarray, np.ndarray]:
     """The tilt series to fit, the stack indices it keeps and the tilt angles of every view of the stack.
 
-    Angles from ``angles`` (.tlt) or else ``mdoc`` (SerialEM), which also gives the pixel size and the tilt-axis
-    angle when they are not given otherwise. Excluded views are dropped before validation, so a blank view can
-    be excluded; ``invert`` flips the contrast (dark density on a light background, as in raw cryo-EM images);
+    Angles from ``angles`` (a .tlt, or the angles themselves in stack order) or else ``mdoc`` (SerialEM), which
+    also gives the pixel size and the tilt-axis angle when they are not given otherwise. Excluded views are
+    dropped before validation, so a blank view can be excluded; ``invert`` flips the contrast (dark density on a
+    light background, as in raw cryo-EM images);
     ``fix_nonfinite`` replaces NaN/Inf pixels by their image's median (with a ``UserWarning``) instead of refusing them.
     ``defocus`` (CTFFIND4, IMOD .defocus, RELION STAR or .mdoc) and ``pre_exposure`` (.mdoc, RELION STAR or one
     number per line) describe every view of the stack, like the angles (:mod:`icetide.io.ctf_files`).
@@ -79,7 +80,7 @@ def load_series(
         raise IcetideError("give the tilt angles with exactly one of --angles (.tlt) or --mdoc (SerialEM)")
     images, header_px = read_mrc(stack)
     if angles is not None:
-        tilt_angles = read_tlt(angles)
+        tilt_angles = read_tlt(angles) if isinstance(angles, (str, Path)) else angles
     else:
         meta = read_mdoc(mdoc)
         tilt_angles = meta["tilt_angles_deg"]
