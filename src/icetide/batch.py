@@ -259,9 +259,8 @@ def _load_item(item: BatchItem, config: ReconstructConfig, folder: Path, invert:
     views of its stack it holds."""
     import warnings
 
-    from .cli.common import read_alignment
-    from .data import InputStack
-    from .io import load_series, read_aln, read_tlt, write_tlt
+    from .cli.common import load_inputs
+    from .io import read_aln, read_tlt, write_tlt
     from .io.aretomo import exclude_dark_views
 
     if item.problem is not None:
@@ -279,16 +278,12 @@ def _load_item(item: BatchItem, config: ReconstructConfig, folder: Path, invert:
         exclude = exclude_dark_views(exclude, read_aln(item.aln), read_tlt(angles))[0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        series, keep, all_angles = load_series(
+        return load_inputs(
             Path(item.stack), angles, None if angles else Path(item.mdoc), config.pixel_size_A,
-            config.tilt_axis_angle_deg or None, exclude, invert,
-            defocus=Path(item.defocus) if item.defocus else None, pre_exposure=pre_exposure,
+            config.tilt_axis_angle_deg or None, exclude, invert, xf=Path(item.xf) if item.xf else None,
+            aln=Path(item.aln) if item.aln else None, defocus=Path(item.defocus) if item.defocus else None,
+            pre_exposure=pre_exposure,
         )
-        init = read_alignment(all_angles, series.shape, None, Path(item.xf) if item.xf else None,
-                              Path(item.aln) if item.aln else None, keep)
-    if init is not None:
-        series.tilt_axis_angle_deg = 0.0  # the starting rotations hold the tilt axis (as in icetide reconstruct)
-    return series, init, InputStack(all_angles, keep, invert)
 
 
 def _rounded(value: float | None, digits: int) -> float | None:

@@ -140,6 +140,26 @@ def read_alignment(
     return None
 
 
+def load_inputs(
+    stack: Path, angles, mdoc: Path | None, pixel_size_A: float | None, tilt_axis_angle_deg: float | None,
+    exclude: str | None, invert: bool, deformations: Path | None = None, xf: Path | None = None,
+    aln: Path | None = None, **series_options,
+):
+    """The tilt series to fit (:func:`icetide.io.series.load_series`, ``series_options`` passed on), its starting
+    alignment (:func:`read_alignment`, or ``None``) and the :class:`icetide.data.InputStack` it came from. With a
+    start, the series' tilt-axis angle is 0: the starting rotations already hold the axis (one read from the
+    ``.mdoc`` must not count twice)."""
+    from ..data import InputStack
+    from ..io.series import load_series
+
+    series, keep, all_angles = load_series(stack, angles, mdoc, pixel_size_A, tilt_axis_angle_deg, exclude, invert,
+                                           **series_options)
+    init = read_alignment(all_angles, series.shape, deformations, xf, aln, keep)
+    if init is not None:
+        series.tilt_axis_angle_deg = 0.0
+    return series, init, InputStack(all_angles, keep, invert)
+
+
 def _outputs(path: Path) -> list[Path]:
     """What a folder holds but its run log (which every run into the folder appends to)."""
     return [child for child in path.iterdir() if child.name != LOG_NAME]

@@ -12,13 +12,11 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..config import ReconstructConfig, load_config, parse_config
-from ..data import InputStack
 from ..errors import IcetideError
-from ..io.series import load_series
 from ..runlog import changed_settings, epoch_lines, run_log
 from .common import (
-    check_alignment_options, check_output_dir, console, held_warnings, log, one_line_errors, output_dir,
-    read_alignment, say,
+    check_alignment_options, check_output_dir, console, held_warnings, load_inputs, log, one_line_errors,
+    output_dir, say,
 )
 
 
@@ -238,7 +236,8 @@ def reconstruct(
     ctf_correction: Optional[str] = typer.Option(
         None, help="With --defocus: phaseflip (default; in effect strips parallel to the tilt axis, as the "
         "defocus varies across a tilted image), model (fit the raw images with the CTF in the forward model: "
-        "0.87-0.91 in CC against 0.69-0.72 for phaseflip in docs/RESULTS.md; default renderer, one process) or none."
+        "0.87-0.91 in CC against 0.69-0.72 for phaseflip in docs/RESULTS.md section 9, default renderer, one process; "
+        "on the realistic acquisitions of section 11 phaseflip aligned better) or none."
     ),
     defocus_hand: Optional[int] = typer.Option(
         None, help="1 (default) or -1: which side of a tilted image is further underfocus (docs/CONVENTIONS.md); "
@@ -358,17 +357,13 @@ def reconstruct(
     resolve_device(cfg.fit.device)  # here, not in the fit: bad input leaves no folder behind
     held: list[str] = []
     with held_warnings(held):
-        series, keep, all_angles = load_series(
-            tilt_series, angles, mdoc, cfg.pixel_size_A, cfg.tilt_axis_angle_deg or None,
-            exclude, invert, fix_nonfinite, defocus, pre_exposure, half_series,
+        series, init, stack = load_inputs(
+            tilt_series, angles, mdoc, cfg.pixel_size_A, cfg.tilt_axis_angle_deg or None, exclude, invert,
+            deformations, xf, aln, fix_nonfinite=fix_nonfinite, defocus=defocus, pre_exposure=pre_exposure,
+            half_series=half_series,
         )
         if cfg.thickness is not None and cfg.thickness > 4 * max(series.shape):
             raise IcetideError(f"thickness {cfg.thickness} is larger than sensible for a {series.shape} detector")
-        init = read_alignment(all_angles, series.shape, deformations, xf, aln, keep)
-    stack = InputStack(all_angles, keep, invert)
-    if init is not None:
-        # The starting rotations already hold the tilt axis (e.g. one read from the .mdoc must not count twice).
-        series.tilt_axis_angle_deg = 0.0
 
     if rank != 0:
         run(series, cfg, out, init=init, resume=resume)
