@@ -1,7 +1,8 @@
 """Realistic cryo-ET acquisitions with known truth: icetide run as a cryo-ET user would, against the oracle.
 
 Usage: ``python benchmarks/realistic.py --out DIR [--snr-db 0 -10] [--seeds 0 1] [--field-of-view 160]
-[--max-minutes 10] [--score-only] [--reconstruct-args "..."]``
+[--max-minutes 10] [--reconstruct-args "..."]``; a case whose ``DIR/<case>/icetide/report.json`` exists is
+scored again without a new fit.
 
 Each case is :func:`icetide.simulate.cryo.simulate_cryo` of a generated crowded specimen (protein maps from
 ``../shared/data/proteins/maps_10A`` when present, Gaussian blobs otherwise) with the default acquisition
@@ -174,7 +175,7 @@ def score(case: Path, info: dict, max_minutes: float, extra: list[str]) -> dict:
         "ratios": {"icetide_cc_over_oracle": out["icetide"]["cc"] / oracle_cc,
                    "fbp_aligned_cc_over_oracle": out["fbp_aligned"]["cc"] / oracle_cc},
         "tilt_axis": {"true_deg": info["truth"]["tilt_axis_deg"], "mdoc_deg": info["truth"]["mdoc_tilt_axis_deg"],
-                      "search": report.get("tilt_axis_search")},
+                      "search": report.get("tilt_axis_search"), "refinement": report.get("tilt_axis_refinement")},
         "start_check": report.get("start_check"),
         "specimen_centre_z_vox": {"true": info["truth"]["specimen_centre_z_vox"],
                                   "icetide": report.get("specimen_centre_z_vox")},

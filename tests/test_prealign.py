@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from cli_helpers import gold_beads_about
 
 from icetide.deform import Deformations
 from icetide.errors import IcetideError
@@ -186,6 +187,61 @@ def test_tilt_axis_from_the_sharpness_of_the_coarsely_aligned_tomogram():
                                             thickness=32)
     assert found["tilt_axis_angle_deg"] == pytest.approx(1.5, abs=0.5)
     assert len(found["sharpness"]) == len(found["candidates_deg"]) == 17
+
+
+@pytest.mark.parametrize("error_deg", [1.2, -0.8])
+def test_tilt_axis_refined_with_the_fitted_shifts(error_deg):
+    import copy
+
+    from icetide.prealign import refine_tilt_axis_by_sharpness
+
+    images, true = gold_beads_about(1.5, ANGLES)
+    fitted = copy.deepcopy(true)
+    fitted.angles_deg = true.angles_deg - error_deg  # right shifts, the axis off
+    found = refine_tilt_axis_by_sharpness(images, fitted, search_deg=2.0, step_deg=0.5, thickness=48)
+    assert found["fitted_axis_deg"] == pytest.approx(1.5 + error_deg)
+    assert found["candidates_deg"][4] == pytest.approx(1.5 + error_deg) and len(found["candidates_deg"]) == 9
+    # Without the fitted shifts the sharpness search gets within 0.5 degrees (test above).
+    assert found["peaked"] and found["tilt_axis_angle_deg"] == pytest.approx(1.5, abs=0.3)
+
+
+def test_refine_tilt_axis_starts_a_second_fit_only_from_a_clear_better_axis():
+    import copy
+
+    from icetide import TiltSeries
+    from icetide.config import ReconstructConfig
+    from icetide.reconstruct import AXIS_REFIT_MIN_DEG, refine_tilt_axis
+
+    images, true = gold_beads_about(1.5, ANGLES)
+    series, config = TiltSeries(images, ANGLES), ReconstructConfig(thickness=48)
+    fitted = copy.deepcopy(true)
+    fitted.angles_deg = true.angles_deg - 1.2 + np.linspace(-0.2, 0.2, len(ANGLES))
+    start, entry = refine_tilt_axis(series, config, fitted)
+    assert entry["used"] and entry["fitted_deg"] == pytest.approx(2.7, abs=0.02) and entry["bin"] == 1
+    assert start is not None and -np.median(start.angles_deg) == pytest.approx(entry["estimate_deg"])
+    np.testing.assert_allclose(np.diff(start.angles_deg), np.diff(fitted.angles_deg))  # per-tilt terms kept
+    np.testing.assert_array_equal(start.shifts_px, fitted.shifts_px)
+    assert abs(entry["estimate_deg"] - 1.5) < 0.3
+    assert fitted.angles_deg[0] == pytest.approx(true.angles_deg[0] - 1.4)  # the input is not changed
+
+    none, entry = refine_tilt_axis(series, config, true)
+    assert none is None and not entry["used"] and f"within {AXIS_REFIT_MIN_DEG} deg" in entry["note"]
+    none, entry = refine_tilt_axis(series, ReconstructConfig(thickness=48, deform={"axis_refine_deg": 1.0}), fitted)
+    assert none is None and "edge of the range" in entry["note"]
+
+
+def test_second_fit_gets_what_the_first_left_of_the_time_budget():
+    from icetide.config import ReconstructConfig
+    from icetide.reconstruct import _remaining_budget
+
+    unlimited = ReconstructConfig()
+    assert _remaining_budget(unlimited, 600.0, {}) is unlimited
+    config = ReconstructConfig(fit={"max_minutes": 10})
+    refit = _remaining_budget(config, 240.0, {})
+    assert refit.fit.max_minutes == pytest.approx(6.0) and config.fit.max_minutes == 10
+    entry: dict = {"used": True}
+    assert _remaining_budget(config, 570.0, entry) is None
+    assert not entry["used"] and "spent by the first fit" in entry["note"]
 
 
 def test_projection_matching_pulls_a_smooth_error_in_and_keeps_a_good_start(drifted):

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from cli_helpers import ANGLES, SHAPE, TINY_VOLUME_YAML, write_series
+from cli_helpers import ANGLES, SHAPE, TINY_VOLUME_YAML, gold_beads_about, write_series
 from cli_helpers import run_cli as _run
 
 from icetide import __version__
@@ -78,6 +78,44 @@ def test_reconstruct_writes_every_output(series_files, tmp_path, monkeypatch):
     assert json.loads((out / "report.json").read_text())["epochs"] == 3
     log = (out / LOG_NAME).read_text()
     assert log.count("command: ") == 2 and "epoch 3/3" in log  # appended
+
+
+def test_a_fit_about_a_wrong_axis_is_followed_by_one_about_the_refined_axis(tmp_path):
+    angles = np.arange(-60.0, 61.0, 4.0)
+    images, _ = gold_beads_about(1.5, angles, drift_px=0.0)  # no drift: the coarse shifts hold about any axis
+    write_mrc(tmp_path / "beads.mrc", images, voxel_size_A=20.0, stack=True)
+    write_tlt(tmp_path / "beads.tlt", angles)
+    (tmp_path / "tiny.yaml").write_text(TINY_VOLUME_YAML)
+    out = tmp_path / "rec"
+    args = ["reconstruct", tmp_path / "beads.mrc", "--angles", tmp_path / "beads.tlt", "-o", out, "--thickness", 48,
+            "--config", tmp_path / "tiny.yaml"]
+    result = _run(*args, "--epochs", 2, "--tilt-axis-search", 0)  # the first fit about 0 degrees
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    refined = report["tilt_axis_refinement"]
+    assert refined["used"] and abs(refined["fitted_deg"]) < 0.3 and abs(refined["estimate_deg"] - 1.5) < 0.4
+    assert report["input"]["tilt_axis_angle_deg"] == pytest.approx(-np.median(read_deformations(
+        out / "refit_start.json").angles_deg))
+    assert report["start_check"]["kept"] in ("fit", "start") and report["epochs"] == 2  # the second fit's
+    log = (out / LOG_NAME).read_text()
+    assert log.count("epoch 2/2") == 2 and "fitting again about the tilt axis at" in log
+    assert -np.median(read_deformations(out / "deformations.json").angles_deg) == pytest.approx(
+        refined["estimate_deg"], abs=0.1)
+
+    result = _run("reconstruct", tmp_path / "beads.mrc", "--angles", tmp_path / "beads.tlt", "-o", out, "--resume",
+                  "--epochs", 3)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["epochs"] == 3 and "resumed the second fit" in report["tilt_axis_refinement"]["note"]
+    assert report["input"]["tilt_axis_angle_deg"] == pytest.approx(refined["estimate_deg"], abs=0.1)
+
+    off = tmp_path / "off"
+    (tmp_path / "off.yaml").write_text(TINY_VOLUME_YAML + "deform: {axis_refine_deg: 0}\n")
+    result = _run("reconstruct", tmp_path / "beads.mrc", "--angles", tmp_path / "beads.tlt", "-o", off, "--thickness",
+                  48, "--config", tmp_path / "off.yaml", "--epochs", 1, "--tilt-axis-search", 0)
+    assert result.exit_code == 0, result.output
+    assert "tilt_axis_refinement" not in json.loads((off / "report.json").read_text())
+    assert not (off / "refit_start.json").exists()
 
 
 def test_an_error_in_the_run_is_logged_and_the_log_alone_is_kept(series_files, tmp_path):

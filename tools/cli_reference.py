@@ -164,10 +164,17 @@ torchrun --nproc_per_node 4 -m icetide reconstruct sim/tilt_series.mrc --angles 
    coarse_to_fine_epochs: 0}` turns it off; with the rays renderer, pixel half maps or the CTF forward model
    neither applies. Settings for the rest (extra estimates, the data term, penalties)
    are in [CONFIGURATION.md](CONFIGURATION.md).
-5. The check against the start: the fit compares its alignment with its start by the even/odd-tilt FSC of the
+5. The tilt-axis refinement (without a given alignment): candidate axes within 2 degrees of the fitted one
+   (`deform.axis_refine_deg`; 0 turns it off) are scored by the sharpness of the FBP with the fitted shifts,
+   binned as the search is. When the sharpest lies 0.25 degrees or more away, inside the range and at a clear
+   peak, a second fit starts from the first's alignment turned to that axis (its start is kept as
+   `refit_start.json`; `--max-minutes` covers both fits). A coarse alignment about a wrong axis hides part of the
+   error in its shifts; once the fit has made the shifts right, the axis shows. On the realistic acquisitions of
+   docs/RESULTS.md section 11 it refitted three of four series (`tilt_axis_refinement` in `report.json`).
+6. The check against the start: the fit compares its alignment with its start by the even/odd-tilt FSC of the
    aligned series and keeps the better (printed as `alignment: kept the fitted one ...`; `start_check` in
    `report.json`; docs/TROUBLESHOOTING.md).
-6. The outputs, centred on the specimen's height.
+7. The outputs, centred on the specimen's height.
 
 When the output is not a terminal (SLURM, nohup), progress comes as a plain line every 10 epochs or 30 s.
 
@@ -182,8 +189,9 @@ When the output is not a terminal (SLURM, nohup), progress comes as a plain line
 | `alignment.xf`, `alignment.tlt` | the alignment for IMOD (shifts and rotations only), in the input stack's pixels |
 | `alignment.star`, `tomograms.star` | the alignment for RELION-5 (shifts and rotations only; when the pixel size is known) |
 | `config.yaml` | every setting of the run, defaults included ([CONFIGURATION.md](CONFIGURATION.md)) |
-| `report.json` | the fit's curves, timings and stop reason, the tilt-axis search, `start_check`, the intensity levels, memory plan |
+| `report.json` | the fit's curves, timings and stop reason, the tilt-axis search and refinement, `start_check`, the intensity levels, memory plan |
 | `checkpoint.pt` | the fit's state, for `--resume` |
+| `refit_start.json` | when the tilt-axis refinement started a second fit: its start (deformations about the refined axis); `--resume` continues that fit |
 | `icetide.log` | the version, the command line, the settings that differ from the defaults, progress and warnings |
 | `tomogram_half1.mrc`, `tomogram_half2.mrc`, `fsc_halves.png`/`.csv` | with `--half-maps`/`--half-series`: the half tomograms (`tomogram.mrc` is their mean) and their FSC |
 

@@ -7,7 +7,8 @@ estimated deformations undone), ``tomogram_fbp.mrc`` (FBP of the aligned series)
 IMOD list), ``alignment.star`` and ``tomograms.star`` (RELION-5, when the pixel size is known; like ``.xf`` it
 carries the shifts and rotations only, the local fields have no RELION/IMOD equivalent; see
 :func:`write_alignment_files`), ``config.yaml``, ``report.json``, ``checkpoint.pt``, ``icetide.log``
-(:mod:`icetide.runlog`). With ``fit.half_maps``: ``tomogram_half1.mrc`` and ``tomogram_half2.mrc`` (the two half volumes; ``tomogram.mrc`` is
+(:mod:`icetide.runlog`), and ``refit_start.json`` when the tilt-axis refinement started a second fit
+(:func:`refine_tilt_axis`). With ``fit.half_maps``: ``tomogram_half1.mrc`` and ``tomogram_half2.mrc`` (the two half volumes; ``tomogram.mrc`` is
 their mean) and ``fsc_halves.png/.csv``. The volumes and ``aligned.mrc`` have the polarity ``config.polarity``
 asks for, stated in their MRC header label (:func:`icetide.intensity.output_polarity`).
 """
@@ -19,6 +20,7 @@ import copy
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -32,21 +34,23 @@ from .ctf import exposure_weight_series, phase_flip_series, tilt_axis_on_images_
 from .data import InputStack, TiltSeries
 from .deform import Deformations, gauge_shifts, remove_gauge
 from .errors import IcetideError
-from .fit import Fitter, default_thickness, distributed_rank
+from .fit import Fitter, FitResult, default_thickness, distributed_rank
 from .intensity import fit_contrast, has_levels, output_polarity
-from .io import imod_view_list, write_deformations, write_json, write_mrc, write_tlt, write_view_list, write_xf
+from .io import imod_view_list, read_deformations, write_deformations, write_json, write_mrc, write_tlt, write_view_list, write_xf
 from .io.relion import RelionTomogram, write_relion_tilt_series_star, write_relion_tomograms_star
 from .metrics import FSC_TAPER_VOX, edge_taper, fsc
 from .plots import plot_fsc
 from .prealign import (
     coarse_alignment, estimate_tilt_axis, estimate_tilt_axis_by_sharpness, refine_by_projection_matching,
+    refine_tilt_axis_by_sharpness,
 )
 from .recon import align_series, fbp, standardised
 from .runlog import LOG_NAME, changed_settings, epoch_lines, run_log
 from .volume import ImplicitVolume
 
 __all__ = [
-    "check_against_start", "contrast_series", "correct_optics", "reconstruct", "sample_tomogram", "search_tilt_axis",
+    "check_against_start", "contrast_series", "correct_optics", "reconstruct", "refine_tilt_axis", "sample_tomogram",
+    "search_tilt_axis",
     "summary_lines", "write_alignment_files", "write_half_maps",
 ]
 
@@ -226,6 +230,12 @@ CENTRE_BLUR_PX = 2.0
 # wide), as long as they keep AXIS_SEARCH_MIN_SIDE_PX pixels per side.
 AXIS_SEARCH_PIXEL_A = 20.0
 AXIS_SEARCH_MIN_SIDE_PX = 80
+# The tilt-axis refinement starts a second fit when its estimate differs from the fitted axis by at least this
+# (degrees), and when at least this fraction of fit.max_minutes is left.
+AXIS_REFIT_MIN_DEG = 0.25
+REFIT_MIN_BUDGET = 0.1
+# The start of that second fit, kept in the output folder (a resumed run continues the second fit from it).
+REFIT_START_NAME = "refit_start.json"
 # How much higher (relative) the start's even/odd score must be for the start to replace the fit's alignment.
 START_MARGIN = 0.02
 
@@ -292,6 +302,18 @@ def specimen_centre_z(series: TiltSeries, d: Deformations, thickness: int) -> fl
     return float(np.clip(middle, -thickness / 2, thickness / 2))  # at a bound: not found
 
 
+def centred_on_specimen(series: TiltSeries, d: Deformations, thickness: int) -> tuple[Deformations, float, float]:
+    """``d`` (rotations holding the tilt axis) moved by the z translation (the gauge) that puts the specimen's
+    height (:func:`specimen_centre_z`) in the middle of a box of ``thickness`` voxels, when it is further off
+    than the estimate's own error (:data:`CENTRE_TOLERANCE_VOX`) and was found inside the box's reach; returns
+    the moved copy, the height found and the height applied (voxels)."""
+    found = specimen_centre_z(series, d, thickness)
+    applied = found if CENTRE_TOLERANCE_VOX < abs(found) < thickness / 2 else 0.0
+    moved = copy.deepcopy(d)
+    moved.shifts_px = d.shifts_px + gauge_shifts([0.0, 0.0, applied], d.tilt_angles_deg)
+    return moved, found, applied
+
+
 def centre_start(series: TiltSeries, start: Deformations, thickness: int) -> tuple[Deformations, dict]:
     """The starting deformations moved by a z translation (the gauge) that puts the specimen's height, as
     :func:`specimen_centre_z` finds it in the series aligned by ``start``, in the middle of the fit's box.
@@ -301,8 +323,7 @@ def centre_start(series: TiltSeries, start: Deformations, thickness: int) -> tup
     Applied under the same conditions as the outputs' centring; returns ``(start, report entry)``."""
     turned = copy.deepcopy(start)
     turned.angles_deg = start.angles_deg - series.tilt_axis_angle_deg
-    found = specimen_centre_z(series, turned, thickness)
-    applied = found if CENTRE_TOLERANCE_VOX < abs(found) < thickness / 2 else 0.0
+    _, found, applied = centred_on_specimen(series, turned, thickness)
     moved = copy.deepcopy(start)
     moved.shifts_px = start.shifts_px + gauge_shifts([0.0, 0.0, applied], start.tilt_angles_deg)
     return moved, {"estimate": found, "applied": applied}
@@ -434,6 +455,122 @@ def summary_lines(report: dict) -> list[str]:
     return lines
 
 
+@dataclass
+class _FitStage:
+    """One fit and what it saw: the series after :func:`correct_optics` (``series``) and after
+    :func:`contrast_series` (``fit_series``), the tilt axis on the raw images that oriented the CTF, the fit's
+    start (None: the fit's own) and the report entries of the steps before it."""
+
+    series: TiltSeries
+    fit_series: TiltSeries
+    axis: float
+    init: Deformations | None
+    result: FitResult
+    entries: dict
+
+
+def _fit_stage(
+    raw: TiltSeries,
+    config: ReconstructConfig,
+    init: Deformations | None,
+    resume: bool,
+    checkpoint: Path,
+    on_epoch: Callable[[dict], None],
+    phase: Callable[[str], None],
+    timings: dict[str, float],
+) -> _FitStage:
+    """Correct the optics of ``raw``, start (coarse alignment, specimen height) and fit; adds to ``timings``."""
+    t0 = time.monotonic()
+    axis = tilt_axis_on_images_deg(raw.tilt_axis_angle_deg, None if init is None else init.angles_deg)
+    if raw.defocus_A is not None or raw.pre_exposure_e_per_A2 is not None:
+        phase("correcting the CTF and exposure")
+    series, optics = correct_optics(raw, config, tilt_axis_angle_deg=axis)
+    fit_series, intensity = contrast_series(series, config)
+    entries: dict = {"optics": optics, "intensity": intensity}
+    _add_time(timings, "optics_s", t0)
+    t0 = time.monotonic()
+    entries["prealigned"] = init is None and not resume and config.deform.prealign and config.deform.shifts
+    if entries["prealigned"]:
+        init = coarse_start(fit_series, config)
+    if init is not None and not resume:
+        phase("locating the specimen's height")
+        init, entries["start_centre_z_vox"] = centre_start(
+            fit_series, init, config.thickness or default_thickness(fit_series.shape))
+    fitter = Fitter(fit_series, config, init, ctf_tilt_axis_deg=axis)
+    if resume:
+        fitter.load_checkpoint(checkpoint)
+    _add_time(timings, "setup_s", t0)
+    phase("fitting")
+    t0 = time.monotonic()
+    result = fitter.run(checkpoint_path=checkpoint, on_epoch=on_epoch)  # only rank 0 saves checkpoints
+    _add_time(timings, "fit_s", t0)
+    return _FitStage(series, fit_series, axis, init, result, entries)
+
+
+def _add_time(timings: dict[str, float], name: str, since: float) -> None:
+    timings[name] = timings.get(name, 0.0) + time.monotonic() - since
+
+
+def refine_tilt_axis(
+    raw: TiltSeries, config: ReconstructConfig, fitted: Deformations
+) -> tuple[Deformations | None, dict]:
+    """The start of a second fit about a better tilt axis, or None, and the report entry.
+
+    :func:`icetide.prealign.refine_tilt_axis_by_sharpness` scores candidate axes within
+    ``+-config.deform.axis_refine_deg`` of the one in ``fitted`` (a fit's deformations of ``raw``, the axis in
+    their rotations) with the fitted shifts, on ``raw`` binned as the tilt-axis search bins it and seen as the
+    fit sees it (:func:`contrast_series`). A fit started from a coarse alignment about a wrong axis absorbs
+    part of the error into its shifts and ends with both wrong; with the axis found here and ``fitted`` as the
+    start, a second fit ends nearer both (docs/RESULTS.md). The estimate is used when the sharpness peaks inside
+    the range and differs from the fitted axis by at least :data:`AXIS_REFIT_MIN_DEG`; the start is ``fitted``
+    with that axis in place of its own (per-tilt rotations, shifts and local fields kept)."""
+    factor = axis_search_bin(raw)
+    binned = raw.binned(factor) if factor > 1 else raw
+    images = contrast_series(binned, config)[0].whole()
+    scaled = fitted.scaled(1 / factor, binned.shape) if factor > 1 else fitted
+    search = config.deform.axis_refine_deg
+    found = refine_tilt_axis_by_sharpness(images, scaled, search, min(0.5, search / 4),
+                                          config.thickness or default_thickness(raw.shape))
+    estimate, before = found["tilt_axis_angle_deg"], found["fitted_axis_deg"]
+    best = found["candidates_deg"][int(np.argmax(found["sharpness"]))]
+    entry = {"measure": "sharpness with the fitted shifts (icetide.prealign.refine_tilt_axis_by_sharpness)",
+             "fitted_deg": before, "estimate_deg": estimate, "candidates_deg": found["candidates_deg"],
+             "sharpness": found["sharpness"], "parabola_r2": found["parabola_r2"], "bin": factor}
+    if abs(best - before) >= search - 1e-9:
+        note = "the best candidate lies at the edge of the range"
+    elif not found["peaked"]:
+        note = "the sharpness does not peak over the range (no dense features such as gold beads?)"
+    elif abs(estimate - before) < AXIS_REFIT_MIN_DEG:
+        note = f"within {AXIS_REFIT_MIN_DEG} deg of the fitted axis"
+    else:
+        start = copy.deepcopy(fitted)
+        start.angles_deg = fitted.angles_deg + before - estimate
+        return start, {**entry, "used": True}
+    return None, {**entry, "used": False, "note": note + ": no second fit"}
+
+
+def _without_axis(series: TiltSeries) -> TiltSeries:
+    """``series`` with a tilt-axis angle of 0, for a start that holds the axis in its rotations."""
+    moved = copy.copy(series)
+    moved.tilt_axis_angle_deg = 0.0
+    return moved
+
+
+def _remaining_budget(config: ReconstructConfig, fit_seconds: float, refinement: dict) -> ReconstructConfig | None:
+    """``config`` for the second fit, its ``fit.max_minutes`` what the first left; None (and a note in
+    ``refinement``) when that is under :data:`REFIT_MIN_BUDGET` of the whole."""
+    budget = config.fit.max_minutes
+    if budget is None:
+        return config
+    left = budget - fit_seconds / 60
+    if left < REFIT_MIN_BUDGET * budget:
+        refinement.update(used=False, note="fit.max_minutes spent by the first fit: no second fit")
+        return None
+    refit = config.model_copy(deep=True)
+    refit.fit.max_minutes = left
+    return refit
+
+
 def _fit_and_write(
     series: TiltSeries,
     config: ReconstructConfig,
@@ -447,7 +584,6 @@ def _fit_and_write(
 ) -> dict:
     """:func:`reconstruct` but for its log."""
     timings: dict[str, float] = {}
-    t0 = time.monotonic()
     writer = distributed_rank()[0] == 0
     if writer:
         save_config(out_dir / "config.yaml", config)
@@ -455,37 +591,36 @@ def _fit_and_write(
     series = series.binned(factor)
     if init is not None and factor != 1:
         init = init.scaled(1 / factor, series.shape)
-    axis_search = None
+    ckpt, refit_start = out_dir / "checkpoint.pt", out_dir / REFIT_START_NAME
+    axis_search = refinement = None
+    if resume and refit_start.is_file():  # the run was in its second fit
+        init, series = read_deformations(refit_start, series.shape), _without_axis(series)
+        refinement = {"used": True, "note": f"resumed the second fit from {REFIT_START_NAME}"}
     if init is None and config.deform.axis_search_deg > 0:
+        t0 = time.monotonic()
         phase("searching the tilt axis")
         series, axis_search = search_tilt_axis(series, config)
-    raw = series
-    axis = tilt_axis_on_images_deg(series.tilt_axis_angle_deg, None if init is None else init.angles_deg)
-    if series.defocus_A is not None or series.pre_exposure_e_per_A2 is not None:
-        phase("correcting the CTF and exposure")
-    series, optics = correct_optics(raw, config, tilt_axis_angle_deg=axis)
-    fit_series, intensity = contrast_series(series, config)
-    timings["optics_s"] = time.monotonic() - t0
-    t0 = time.monotonic()
-    prealigned = init is None and not resume and config.deform.prealign and config.deform.shifts
-    if prealigned:
-        init = coarse_start(fit_series, config)
-    start_centre = None
-    if init is not None and not resume:
-        phase("locating the specimen's height")
-        init, start_centre = centre_start(fit_series, init, config.thickness or default_thickness(fit_series.shape))
-    fitter = Fitter(fit_series, config, init, ctf_tilt_axis_deg=axis)
-    ckpt = out_dir / "checkpoint.pt"
-    if resume:
-        fitter.load_checkpoint(ckpt)
-    timings["setup_s"] = time.monotonic() - t0
-
-    phase("fitting")
-    t0 = time.monotonic()
-    result = fitter.run(checkpoint_path=ckpt, on_epoch=on_epoch)  # only rank 0 saves checkpoints
-    timings["fit_s"] = time.monotonic() - t0
+        _add_time(timings, "axis_search_s", t0)
+    stage = _fit_stage(series, config, init, resume, ckpt, on_epoch, phase, timings)
+    if init is None and not resume and config.deform.axis_refine_deg > 0:
+        t0 = time.monotonic()
+        phase("refining the tilt axis")
+        # On the specimen's height: the sharpness FBP's box holds the beads on both of its surfaces.
+        fitted = centred_on_specimen(stage.fit_series, stage.result.deformations,
+                                     stage.result.volume.box_shape_zyx[0])[0]
+        start, refinement = refine_tilt_axis(series, config, fitted)
+        refit_config = _remaining_budget(config, timings["fit_s"], refinement) if start is not None else None
+        _add_time(timings, "axis_refine_s", t0)
+        if refit_config is not None:
+            phase(f"fitting again about the tilt axis at {refinement['estimate_deg']:.2f} deg")
+            if writer:
+                write_deformations(refit_start, start)
+                ckpt.unlink(missing_ok=True)  # the first fit's: a resumed run continues the second
+            series = _without_axis(series)
+            stage = _fit_stage(series, refit_config, start, False, ckpt, on_epoch, phase, timings)
     if not writer:
-        return result.report
+        return stage.result.report
+    raw, series, fit_series, axis, result = series, stage.series, stage.fit_series, stage.axis, stage.result
 
     t0 = time.monotonic()
     voxel = series.pixel_size_A
@@ -493,21 +628,16 @@ def _fit_and_write(
     thickness = result.volume.box_shape_zyx[0]
     d = result.deformations
     start_check = None
-    if init is not None and not resume:
+    if stage.init is not None and not resume:
         phase("checking the alignment against its start")
-        start = copy.deepcopy(init)
+        start = copy.deepcopy(stage.init)
         start.angles_deg = start.angles_deg - series.tilt_axis_angle_deg
         d, start_check = check_against_start(fit_series, start, d, thickness)
         timings["start_check_s"] = time.monotonic() - t0
         t0 = time.monotonic()
 
     phase("sampling the tomogram")
-    # The gauge leaves the specimen's height free: put its centre in the middle of the tomogram's box, when it
-    # is further off than the estimate's own error and was found inside the box's reach.
-    found_z = specimen_centre_z(fit_series, d, thickness)
-    centre_z = found_z if CENTRE_TOLERANCE_VOX < abs(found_z) < thickness / 2 else 0.0
-    d = copy.deepcopy(d)
-    d.shifts_px = d.shifts_px + gauge_shifts([0.0, 0.0, centre_z], d.tilt_angles_deg)
+    d, found_z, centre_z = centred_on_specimen(fit_series, d, thickness)
     translation = np.asarray(result.translation_xyz, dtype=np.float64) - [0.0, 0.0, centre_z]
     d.extra.update(gauge="common shift removed but for the specimen's height (specimen_centre_z_vox); the tomogram is "
                    "translated by gauge_translation_xyz_vox instead", gauge_translation_xyz_vox=translation.tolist(),
@@ -541,20 +671,18 @@ def _fit_and_write(
 
     report = dict(result.report)
     report["timings_s"] = timings
-    report["prealigned"] = prealigned
+    report.update(stage.entries)
     report["gauge_translation_xyz_vox"] = translation.tolist()
     report["specimen_centre_z_vox"] = {"estimate": found_z, "applied": centre_z}
-    if start_centre is not None:
-        report["start_centre_z_vox"] = start_centre
     report.update(exported)
     report["polarity"] = {"setting": config.polarity, "input_inverted": input_stack.inverted, "label": label}
-    report["optics"] = optics
-    report["intensity"] = intensity
     report["bin"] = factor
     if start_check is not None:
         report["start_check"] = start_check
     if axis_search is not None:
         report["tilt_axis_search"] = axis_search
+    if refinement is not None:
+        report["tilt_axis_refinement"] = refinement
     if half_maps is not None:
         report["half_maps"] = half_maps
     report["input"] = {
@@ -563,7 +691,7 @@ def _fit_and_write(
         "detector_shape": list(input_shape),
         "fit_detector_shape": list(series.shape),
         "pixel_size_A": voxel,
-        "tilt_axis_angle_deg": series.tilt_axis_angle_deg,
+        "tilt_axis_angle_deg": axis,
     }
     write_json(out_dir / "report.json", report)
     return report
