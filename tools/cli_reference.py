@@ -124,6 +124,30 @@ unless an option gives its own; the views at the `.aln`'s dark frames' tilts are
 icetide reconstruct aretomo3_out --aretomo-name Position_1 --thickness 300 --bin 4 -o rec_position_1
 ```
 
+### From a RELION-5 project
+
+Give a job's tilt-series STAR as the tilt series (`--relion-name NAME`, an `rlnTomoName`, where it lists several):
+`corrected_tilt_series.star` of MotionCorr, `tilt_series_ctf.star` of CtfFind, or that of a later job (ImportTomo's
+`tilt_series.star` only when it imported motion-corrected images: its movies are not read). From each series'
+own STAR come its micrographs (`rlnMicrographName`, one MRC per tilt), stacked in order of tilt angle (RELION keeps
+them in acquisition order; `--exclude` counts views in tilt-angle order, as `aligned.mrc`, `alignment.tlt` and
+`alignment.xf` list them), the angles (`rlnTomoNominalStageTiltAngle`), the tilt axis (`rlnTomoNominalTiltAxisAngle`,
+the same angle as SerialEM's and `--tilt-axis-angle`), the pre-exposure (`rlnMicrographPreExposure`), after CtfFind
+the defocus (`rlnDefocusU`/`V`/`Angle`, as `--defocus`) and, when MotionCorr saved them, the even/odd frame sums
+(`rlnMicrographNameOdd`/`Even`) as the two half series (`--half-maps tilts` or `pixels` uses the micrographs
+instead); from the STAR's `global` block the pixel size (`rlnTomoTiltSeriesPixelSize`), the optics (`rlnVoltage`,
+`rlnSphericalAberration`, `rlnAmplitudeContrast`) and `rlnTomoHand` as `ctf.defocus_hand`. Options given win over
+all of these (the STAR's optics over a `--config` file's). Paths are relative to the RELION project folder: the
+STAR's folder or the first folder above it in which they exist. `alignment.star` names each view's own micrograph.
+`icetide batch STAR` runs every series of the STAR into `OUT/<rlnTomoName>/` (the half series only with
+`fit: {half_maps: series}` in `--config`):
+
+```bash
+icetide reconstruct relion_project/CtfFind/job003/tilt_series_ctf.star --relion-name TS_01 --thickness 300 \\
+    --bin 4 -o rec_ts_01
+icetide batch relion_project/CtfFind/job003/tilt_series_ctf.star --thickness 300 --bin 4 -o batch_relion
+```
+
 ### Many series, several GPUs
 
 Many tilt series on a Dask cluster (`pip install -e ".[batch]"`, or `".[cluster]"` for SLURM and PBS), and one

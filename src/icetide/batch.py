@@ -10,6 +10,8 @@ the stack with its stem are used as ``icetide reconstruct`` would use them given
 AreTomo ``.aln`` (the starting alignment), CTFFIND ``_CTF.txt`` or IMOD ``.defocus`` (the per-view defocus).
 In an AreTomo3 output folder each ``X.aln`` names a series (``X.mrc``, angles from ``X_TLT.txt``; the views at its
 dark frames' tilts are excluded); its ``X_ODD``/``X_EVN``/``X_Vol`` stacks are not series of their own.
+A RELION-5 tilt-series STAR names one series per ``rlnTomoName``, its micrographs one MRC per tilt
+(:mod:`icetide.io.relion_project`); its optics and defocus hand set ``config.ctf`` for that series.
 Every finished series contributes one row of quality metrics (:func:`series_metrics`) read from its outputs.
 """
 
@@ -48,7 +50,8 @@ class BatchItem:
     ``angles``); ``angles_deg``: angles given directly (from a RELION-5 STAR); ``truth``: a ground-truth volume
     (``icetide simulate`` writes ``truth/volume.mrc`` beside the series); ``xf``/``aln``: a starting alignment
     (IMOD, AreTomo); ``defocus``: per-view defocus (CTFFIND, IMOD); ``problem``: why the series cannot run,
-    found while listing it (e.g. an ``.mdoc`` without its stack), reported as its failure.
+    found while listing it (e.g. an ``.mdoc`` without its stack), reported as its failure; ``relion``: the
+    RELION-5 tilt-series STAR listing the series (``name`` its ``rlnTomoName``, ``stack`` its per-series STAR).
     """
 
     name: str
@@ -61,6 +64,7 @@ class BatchItem:
     aln: str | None = None
     defocus: str | None = None
     problem: str | None = None
+    relion: str | None = None
 
     def side_files(self) -> str:
         """The side files used, by name (``""`` when none)."""
@@ -166,6 +170,18 @@ def _items_from_tomograms_star(path: Path) -> list[BatchItem]:
     return items
 
 
+def _items_from_star(path: Path) -> list[BatchItem]:
+    """Every series of a RELION-5 global STAR: icetide's own ``tomograms.star`` (images ``k@stack``,
+    :func:`_items_from_tomograms_star`) or a RELION-5 project's tilt-series STAR (one micrograph per tilt; the
+    per-series STAR is read when the series runs, so that a broken one fails alone)."""
+    from .io.relion_project import names_stack_slices, read_relion_project
+
+    entries = read_relion_project(path)
+    if all(names_stack_slices(e.star) for e in entries):
+        return _items_from_tomograms_star(path)
+    return [BatchItem(e.name, str(e.star), relion=str(path)) for e in entries]
+
+
 def _listed(path: Path) -> list[Path]:
     """The stacks and ``.mdoc`` files a text file lists, one per line, relative to the file; ``#`` comments."""
     lines = [line.strip() for line in path.read_text().splitlines()]
@@ -201,7 +217,8 @@ def _named_paths(text: str) -> list[Path]:
 def find_items(inputs: Iterable[str], side_files: bool = True) -> list[BatchItem]:
     """The tilt series named by ``inputs``: stack files, SerialEM ``.mdoc`` files (the stack beside each),
     folders (their stacks and mdocs), glob patterns, text files with one stack or mdoc path per line (relative
-    to the file), or RELION-5 ``tomograms.star`` files. ``side_files``: pick up each stack's :data:`SIDE_FILES`.
+    to the file), or RELION-5 STAR files (:func:`_items_from_star`). ``side_files``: pick up each stack's
+    :data:`SIDE_FILES`.
 
     Names are the stacks' stems, prefixed by their folder's name where stems repeat; a stack named twice is one
     series (the first naming counts). A series without angles or an mdoc without its stack is still listed (its
@@ -214,7 +231,7 @@ def find_items(inputs: Iterable[str], side_files: bool = True) -> list[BatchItem
         if path.name.endswith(".star"):
             if not path.is_file():
                 raise IcetideError(f"{path}: no such file")
-            items += _items_from_tomograms_star(path)
+            items += _items_from_star(path)
         else:
             paths += _named_paths(text)
     for path in dict.fromkeys(paths):
@@ -226,7 +243,7 @@ def find_items(inputs: Iterable[str], side_files: bool = True) -> list[BatchItem
         unique.setdefault(item.mdoc if item.problem else str(Path(item.stack).resolve()), item)
     items = list(unique.values())
     if side_files:
-        items = [i if i.problem else replace(i, **_side_files(Path(i.stack))) for i in items]
+        items = [i if i.problem or i.relion else replace(i, **_side_files(Path(i.stack))) for i in items]
     names = [i.name for i in items]
     items = [
         BatchItem(**{**asdict(i), "name": f"{Path(i.stack).parent.name}_{i.name}"}) if names.count(i.name) > 1 else i
@@ -254,6 +271,27 @@ def _device_for_worker(device: str) -> str:
     return f"cuda:{int(name) % torch.cuda.device_count()}" if str(name).isdigit() else device
 
 
+def _load_relion_item(item: BatchItem, config: ReconstructConfig, invert: bool, exclude: str | None):
+    """:func:`_load_item` of a series of a RELION-5 tilt-series STAR; sets ``config.ctf``'s optics and defocus hand
+    from the STAR. Its even/odd sums are the two half series when ``config.fit.half_maps`` is series."""
+    import warnings
+
+    from .cli.common import load_inputs, relion_inputs
+    from .io.relion_project import relion_series
+
+    given = dict(angles=None, mdoc=None, defocus=None, pre_exposure=None, half_series=None,
+                 half_maps=config.fit.half_maps)
+    got, _ = relion_inputs(relion_series(item.relion, item.name), given)
+    for key, value in got["ctf"].items():
+        setattr(config.ctf, key, value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return load_inputs(got["tilt_series"], got["angles"], None, config.pixel_size_A or got["pixel_size"],
+                           config.tilt_axis_angle_deg or got["tilt_axis_angle"], exclude, invert,
+                           image_names=got["image_names"], defocus=got["defocus"],
+                           pre_exposure=got["pre_exposure"], half_series=got["half_series"])
+
+
 def _load_item(item: BatchItem, config: ReconstructConfig, folder: Path, invert: bool, exclude: str | None):
     """The series of ``item`` as ``icetide reconstruct`` loads it, its starting alignment (or ``None``) and the
     views of its stack it holds."""
@@ -265,6 +303,8 @@ def _load_item(item: BatchItem, config: ReconstructConfig, folder: Path, invert:
 
     if item.problem is not None:
         raise IcetideError(item.problem)
+    if item.relion is not None:
+        return _load_relion_item(item, config, invert, exclude)
     if item.angles_deg is not None:
         write_tlt(folder / "input.tlt", item.angles_deg)
         angles = folder / "input.tlt"
@@ -354,7 +394,8 @@ def run_item(item: BatchItem, out_root: str, config_json: dict, invert: bool = F
         report = reconstruct(series, config, partial, init=init, source_path=Path(item.stack), input_stack=stack)
         # What the series was made of, beside what reconstruct reports: the options are not in config.yaml.
         report["batch"] = {"stack": item.stack, "angles": item.angles, "mdoc": item.mdoc, "xf": item.xf,
-                           "aln": item.aln, "defocus": item.defocus, "invert": invert, "exclude": exclude}
+                           "aln": item.aln, "defocus": item.defocus, "relion": item.relion, "invert": invert,
+                           "exclude": exclude}
         write_json(partial / "report.json", report)
         cc = None
         if item.truth is not None:

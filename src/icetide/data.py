@@ -159,12 +159,14 @@ class InputStack:
 
     ``tilt_angles_deg`` ``(N,)``: every view's tilt angle, stack order; ``kept`` ``(M,)``: the increasing 0-based
     stack indices of the series' views (the others were excluded); ``inverted``: the series' images are the
-    stack's negatives (``--invert``).
+    stack's negatives (``--invert``); ``image_names`` ``(N,)``: where the views are files of their own (a RELION-5
+    project's micrographs), each view's file, stack order; ``None`` for the slices of one stack file.
     """
 
     tilt_angles_deg: np.ndarray
     kept: np.ndarray
     inverted: bool = False
+    image_names: tuple[str, ...] | None = None
 
     @property
     def excluded(self) -> np.ndarray:

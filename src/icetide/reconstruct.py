@@ -362,7 +362,8 @@ def write_alignment_files(
     ``alignment.exclude`` (only with views excluded) lists those views as ``tilt``'s ``EXCLUDELIST`` takes them,
     numbered from 1 with ranges (:func:`icetide.io.imod_view_list`); report.json has the same list.
     RELION-5 (when the pixel size is known): ``alignment.star`` has a row per fitted view, its
-    ``rlnMicrographName`` ``k@stack`` naming the view's image in the input stack (``source_path``), and
+    ``rlnMicrographName`` ``k@stack`` naming the view's image in the input stack (``source_path``), or the view's
+    own file where the views came one per file (``stack.image_names``), and
     ``tomograms.star`` names ``tomogram.mrc`` (``tomogram_shape`` ``(nz, ny, nx)`` voxels of ``config.bin``
     pixels), its binning, ``config.ctf``'s optics and defocus hand.
     """
@@ -377,6 +378,8 @@ def write_alignment_files(
     if pixel_size_A is not None:
         name = Path(source_path).stem.replace(" ", "_") if source_path is not None else "tilt_series"
         images = str(Path(source_path).resolve()) if source_path is not None else None
+        if stack.image_names is not None:
+            images = [stack.image_names[k] for k in stack.kept]
         write_relion_tilt_series_star(out_dir / "alignment.star", d, pixel_size_A, name, images, stack.kept)
         factor = config.bin
         nz, ny, nx = tomogram_shape

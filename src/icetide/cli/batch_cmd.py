@@ -98,7 +98,9 @@ def batch(
     inputs: List[str] = typer.Argument(
         ..., help="Tilt series: stack files (.mrc/.st with .tlt/.rawtlt or .mdoc beside them), SerialEM .mdoc files "
         "(the stack beside each: X.mrc for X.mrc.mdoc, X.mrc or X.st for X.mdoc, else the mdoc's ImageFile), "
-        "folders, glob patterns, text files listing stacks or mdocs, or RELION-5 tomograms.star files."
+        "folders, glob patterns, text files listing stacks or mdocs, or RELION-5 tilt-series STAR files (one series "
+        "per rlnTomoName, in OUT/<rlnTomoName>/: a project job's, e.g. CtfFind/job003/tilt_series_ctf.star, with its "
+        "optics, defocus and pre-exposure, or icetide's own tomograms.star)."
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: one subfolder per series (finished ones are skipped)."),
     workers: Optional[int] = typer.Option(None, help="Local workers (default: one per GPU, else 1)."),

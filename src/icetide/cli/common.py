@@ -8,7 +8,7 @@ import logging
 import shutil
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
 
 import typer
 from rich.console import Console
@@ -17,6 +17,9 @@ from rich.text import Text
 
 from ..errors import IcetideError
 from ..runlog import LOG_NAME
+
+if TYPE_CHECKING:
+    from ..io.relion_project import RelionTiltSeries
 
 # IMOD writes tilt angles with two decimals.
 ANGLE_TOLERANCE_DEG = 0.01
@@ -141,14 +144,15 @@ def read_alignment(
 
 
 def load_inputs(
-    stack: Path, angles, mdoc: Path | None, pixel_size_A: float | None, tilt_axis_angle_deg: float | None,
+    stack, angles, mdoc: Path | None, pixel_size_A: float | None, tilt_axis_angle_deg: float | None,
     exclude: str | None, invert: bool, deformations: Path | None = None, xf: Path | None = None,
-    aln: Path | None = None, **series_options,
+    aln: Path | None = None, image_names=None, **series_options,
 ):
     """The tilt series to fit (:func:`icetide.io.series.load_series`, ``series_options`` passed on), its starting
-    alignment (:func:`read_alignment`, or ``None``) and the :class:`icetide.data.InputStack` it came from. With a
-    start, the series' tilt-axis angle is 0: the starting rotations already hold the axis (one read from the
-    ``.mdoc`` must not count twice)."""
+    alignment (:func:`read_alignment`, or ``None``) and the :class:`icetide.data.InputStack` it came from
+    (``image_names``: each view's own file where ``stack`` is one file per view). With a start, the series'
+    tilt-axis angle is 0: the starting rotations already hold the axis (one read from the ``.mdoc`` must not
+    count twice)."""
     from ..data import InputStack
     from ..io.series import load_series
 
@@ -157,7 +161,38 @@ def load_inputs(
     init = read_alignment(all_angles, series.shape, deformations, xf, aln, keep)
     if init is not None:
         series.tilt_axis_angle_deg = 0.0
-    return series, init, InputStack(all_angles, keep, invert)
+    names = None if image_names is None else tuple(str(n) for n in image_names)
+    return series, init, InputStack(all_angles, keep, invert, names)
+
+
+def relion_inputs(found: RelionTiltSeries, given: dict) -> tuple[dict, str]:
+    """The inputs a RELION-5 tilt series (:class:`icetide.io.relion_project.RelionTiltSeries`) gives where the
+    options ``given`` (``angles``, ``mdoc``, ``defocus``, ``pre_exposure``, ``half_series``, ``half_maps``) leave
+    them open, plus ``tilt_series`` (one MRC per view, in order of tilt angle), ``image_names`` (each view's
+    micrograph, for alignment.star), ``source_path`` (its per-series STAR, named after the series),
+    ``pixel_size`` and ``tilt_axis_angle`` (to use where no option gives them) and ``ctf`` (the STAR's optics
+    and defocus hand by :class:`icetide.config.CtfSettings` field); and a line saying what the STAR gave.
+    Its even/odd frame sums become the two half series unless other half maps or a half series are asked for."""
+    entry = found.entry
+    out = dict(given, tilt_series=list(found.images), source_path=entry.star,
+               image_names=[str(p.resolve()) for p in found.images], pixel_size=entry.pixel_size_A,
+               tilt_axis_angle=found.tilt_axis_angle_deg,
+               ctf={"voltage_kV": entry.voltage_kV, "spherical_aberration_mm": entry.spherical_aberration_mm,
+                    "amplitude_contrast": entry.amplitude_contrast, "defocus_hand": entry.hand})
+    used = [f"RELION-5 series {found.name}: {len(found.images)} micrographs in tilt-angle order"]
+    if given["angles"] is None and given["mdoc"] is None:
+        out["angles"] = found.tilt_angles_deg
+    if found.defocus_A is not None and given["defocus"] is None:
+        out["defocus"] = found.defocus_A
+        used.append("defocus (rlnDefocusU/V)")
+    if given["pre_exposure"] is None:
+        out["pre_exposure"] = found.pre_exposure_e_per_A2
+    if found.odd is not None and given["half_series"] is None and given["half_maps"] in (None, "series"):
+        out["tilt_series"], out["half_series"] = list(found.odd), list(found.even)
+        used.append("half series rlnMicrographNameOdd/Even")
+    pixel = "" if entry.pixel_size_A is None else f"pixel {entry.pixel_size_A:g} A, "
+    used.append(f"{pixel}nominal tilt axis {found.tilt_axis_angle_deg:g} deg, hand {entry.hand:+d}")
+    return out, ", ".join(used)
 
 
 def _outputs(path: Path) -> list[Path]:

@@ -16,7 +16,7 @@ from ..errors import IcetideError
 from ..runlog import changed_settings, epoch_lines, run_log
 from .common import (
     check_alignment_options, check_output_dir, console, held_warnings, load_inputs, log, one_line_errors,
-    output_dir, say,
+    output_dir, relion_inputs, say,
 )
 
 
@@ -140,10 +140,17 @@ def reconstruct(
     tilt_series: Path = typer.Argument(
         ..., help="Tilt series, MRC stack (n_tilts, ny, nx), any MRC mode; or an AreTomo3 output folder, whose "
         "stack, _TLT.txt angles, .aln (starting alignment), _CTF.txt (defocus) and _ODD/_EVN.mrc (half series) are "
-        "used where no option says otherwise (views at its dark frames' tilts are excluded)."
+        "used where no option says otherwise (views at its dark frames' tilts are excluded); or a RELION-5 "
+        "tilt-series STAR (.star, e.g. CtfFind/job003/tilt_series_ctf.star of a MotionCorr or later job), whose "
+        "micrographs (stacked in order of tilt angle), angles, pixel size, tilt axis, pre-exposure, defocus, "
+        "even/odd sums (half series), optics and defocus hand are used where no option says otherwise."
     ),
     aretomo_name: Optional[str] = typer.Option(
         None, "--aretomo-name", help="Which tilt series of an AreTomo3 output folder holding several (its X of X.aln)."
+    ),
+    relion_name: Optional[str] = typer.Option(
+        None, "--relion-name", help="Which tilt series of a RELION-5 tilt-series STAR listing several (its "
+        "rlnTomoName)."
     ),
     angles: Optional[Path] = typer.Option(
         None, "--angles", "-a", help="Tilt angles in degrees, IMOD .tlt/.rawtlt (one per line, stack order)."
@@ -274,6 +281,7 @@ def reconstruct(
     from ..reconstruct import summary_lines
 
     folder_line = None
+    source_path, image_names, relion_px, relion_axis = tilt_series, None, None, None
     if tilt_series.is_dir():
         given = dict(angles=angles, mdoc=mdoc, deformations=deformations, xf=xf, aln=aln, defocus=defocus,
                      tilt_axis_angle=tilt_axis_angle, tilt_axis_search=tilt_axis_search, half_series=half_series,
@@ -284,6 +292,24 @@ def reconstruct(
         say(folder_line)
     elif aretomo_name is not None:
         raise IcetideError("--aretomo-name needs an AreTomo3 output folder as TILT_SERIES")
+    if tilt_series.suffix == ".star" and not tilt_series.is_dir():
+        from ..io.relion_project import relion_series
+
+        given = dict(angles=angles, mdoc=mdoc, defocus=defocus, pre_exposure=pre_exposure, half_series=half_series,
+                     half_maps=half_maps)
+        got, folder_line = relion_inputs(relion_series(tilt_series, relion_name), given)
+        tilt_series, angles, defocus, pre_exposure, half_series, source_path, image_names = (
+            got[k] for k in ("tilt_series", "angles", "defocus", "pre_exposure", "half_series", "source_path",
+                             "image_names"))
+        relion_px, relion_axis, optics = got["pixel_size"], got["tilt_axis_angle"], got["ctf"]
+        # The STAR's optics and defocus hand where no option gives them.
+        voltage = optics["voltage_kV"] if voltage is None else voltage
+        cs = optics["spherical_aberration_mm"] if cs is None else cs
+        amplitude_contrast = optics["amplitude_contrast"] if amplitude_contrast is None else amplitude_contrast
+        defocus_hand = optics["defocus_hand"] if defocus_hand is None else defocus_hand
+        say(folder_line)
+    elif relion_name is not None:
+        raise IcetideError("--relion-name needs a RELION-5 tilt-series STAR as TILT_SERIES")
     if renderer is not None and renderer not in ("lattice", "rays"):
         raise IcetideError(f"--renderer must be lattice or rays, got {renderer!r}")
     if loss is not None and loss not in ("l1", "l2", "poisson"):
@@ -358,9 +384,9 @@ def reconstruct(
     held: list[str] = []
     with held_warnings(held):
         series, init, stack = load_inputs(
-            tilt_series, angles, mdoc, cfg.pixel_size_A, cfg.tilt_axis_angle_deg or None, exclude, invert,
-            deformations, xf, aln, fix_nonfinite=fix_nonfinite, defocus=defocus, pre_exposure=pre_exposure,
-            half_series=half_series,
+            tilt_series, angles, mdoc, cfg.pixel_size_A or relion_px, cfg.tilt_axis_angle_deg or relion_axis, exclude,
+            invert, deformations, xf, aln, image_names=image_names, fix_nonfinite=fix_nonfinite, defocus=defocus,
+            pre_exposure=pre_exposure, half_series=half_series,
         )
         if cfg.thickness is not None and cfg.thickness > 4 * max(series.shape):
             raise IcetideError(f"thickness {cfg.thickness} is larger than sensible for a {series.shape} detector")
@@ -376,7 +402,7 @@ def reconstruct(
             log.warning(message)
         progress, on_epoch = progress_printer(cfg.fit.epochs, cfg.fit.max_minutes)
         with progress:
-            report = run(series, cfg, folder, init=init, resume=resume, on_epoch=on_epoch, source_path=tilt_series,
+            report = run(series, cfg, folder, init=init, resume=resume, on_epoch=on_epoch, source_path=source_path,
                          on_phase=lambda name: say(f"[dim]{name}[/]"), input_stack=stack)
     for line in summary_lines(report):  # run() has logged them
         console.print(line, highlight=False, soft_wrap=True)

@@ -5,7 +5,7 @@ from .ctf_files import DefocusTable, read_defocus, read_pre_exposure, write_imod
 from .deformations import read_deformations, write_deformations
 from .imod import imod_view_list, read_tlt, read_xf, write_tlt, write_view_list, write_xf
 from .mdoc import read_mdoc, write_mdoc
-from .mrc import read_mrc, read_mrc_labels, read_volume, write_mrc
+from .mrc import read_mrc, read_mrc_images, read_mrc_labels, read_volume, write_mrc
 from .series import load_series, parse_exclude
 from .relion import (
     RelionTomogram,
@@ -14,10 +14,12 @@ from .relion import (
     write_relion_tilt_series_star,
     write_relion_tomograms_star,
 )
+from .relion_project import RelionTiltSeries, read_relion_project, relion_series
 from .util import atomic_path, write_json
 
 __all__ = [
     "read_mrc",
+    "read_mrc_images",
     "read_mrc_labels",
     "read_volume",
     "write_mrc",
@@ -43,6 +45,9 @@ __all__ = [
     "write_relion_tilt_series_star",
     "read_relion_tomograms_star",
     "write_relion_tomograms_star",
+    "RelionTiltSeries",
+    "read_relion_project",
+    "relion_series",
     "read_deformations",
     "write_deformations",
     "atomic_path",

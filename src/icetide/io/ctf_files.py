@@ -408,12 +408,13 @@ def _star_block(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
     return tables[full[0]]
 
 
-def _star_column(path: Path, block: pd.DataFrame, column: str) -> np.ndarray:
+def _star_column(path: Path, block: pd.DataFrame, column: str, signed: bool = False) -> np.ndarray:
+    """``(rows,)`` the numbers of ``column``: finite, and non-negative unless ``signed`` (or an astigmatism angle)."""
     values = pd.to_numeric(block[column], errors="coerce").to_numpy(dtype=np.float64)
     bad = ~np.isfinite(values)
     if bad.any():
         raise IcetideError(f"{path}: {column} of row {int(np.argmax(bad)) + 1} is not a finite number")
-    if column != "rlnDefocusAngle" and (values < 0).any():
+    if not signed and column != "rlnDefocusAngle" and (values < 0).any():
         k = int(np.argmax(values < 0))
         raise IcetideError(f"{path}: {column} of row {k + 1} is negative ({values[k]:g})")
     return values

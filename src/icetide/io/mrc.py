@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import mrcfile
@@ -42,6 +43,30 @@ def read_mrc(path: str | os.PathLike) -> tuple[np.ndarray, float | None]:
     voxel = float(vs.x)
     voxel_size = None if voxel in (0.0, 1.0) or not np.isfinite(voxel) else voxel
     return data.astype(np.float32, copy=False), voxel_size
+
+
+def read_mrc_images(paths: Sequence[str | os.PathLike]) -> tuple[np.ndarray, float | None]:
+    """One 2-D image per file (e.g. RELION's motion-corrected micrographs, one per tilt), stacked in the given
+    order: float32 ``(M, ny, nx)`` and the first file's pixel size in Angstrom (``None`` when its header holds
+    none). A file holding more than one image, or images of different shapes, raise naming the file."""
+    stack: np.ndarray | None = None
+    pixel_size: float | None = None
+    for k, path in enumerate(paths):
+        image, voxel = read_mrc(path)
+        if image.ndim == 3 and image.shape[0] == 1:  # a one-slice stack
+            image = image[0]
+        if image.ndim != 2:
+            raise IcetideError(f"{path}: expected one 2-D image, got shape {image.shape}")
+        if stack is None:
+            stack = np.empty((len(paths), *image.shape), dtype=np.float32)
+            pixel_size = voxel
+        elif image.shape != stack.shape[1:]:
+            raise IcetideError(f"{path}: image of {image.shape[0]} x {image.shape[1]} pixels, the first of the "
+                               f"series ({paths[0]}) has {stack.shape[1]} x {stack.shape[2]}")
+        stack[k] = image
+    if stack is None:
+        raise IcetideError("no image files to read")
+    return stack, pixel_size
 
 
 def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, float | None]:

@@ -73,12 +73,13 @@ def _write_star(path: str | os.PathLike, blocks: dict[str, pd.DataFrame]) -> Non
         starfile.write(blocks, tmp, float_format="%.6f")
 
 
-def _read_star(path: str | os.PathLike) -> dict:
+def _read_star(path: str | os.PathLike, parse_as_string: Sequence[str] = ()) -> dict:
+    """The data blocks of a STAR file by name; the columns ``parse_as_string`` stay text (names such as ``01``)."""
     path = Path(path)
     if not path.is_file():
         raise IcetideError(f"{path}: no such file")
     try:
-        blocks = starfile.read(path, always_dict=True)
+        blocks = starfile.read(path, always_dict=True, parse_as_string=list(parse_as_string))
     except Exception as exc:  # starfile raises many exception types on malformed text
         raise IcetideError(f"{path}: not a readable STAR file ({type(exc).__name__}: {exc})") from None
     if not blocks:
