@@ -86,7 +86,7 @@ Give the per-view defocus (CTFFIND4 output, IMOD `.defocus`, RELION-5 STAR or th
 phase-flipped before the fit, with the defocus varying across each tilted image; `--ctf-correction model` fits
 the raw images with the CTF in the forward model instead, which gave 0.87-0.91 in CC against 0.69-0.72 for phase
 flipping (docs/RESULTS.md section 9; lattice renderer, one process); on the realistic acquisitions of
-docs/RESULTS.md section 11 (drift, beads, the tilt axis off) phase flipping aligned to 0.3-0.6 px where the
+docs/RESULTS.md section 11 (drift, beads, the tilt axis off) phase flipping aligned to 0.3-0.5 px where the
 forward model stayed 1.1-1.4 px off, so the cryo-ET command above keeps the default. With the exposure before each view
 (`--pre-exposure`, or an `.mdoc` with doses), `--exposure-weighting` weights each view by its accumulated dose: it
 helped the FBP of the aligned series at every SNR and icetide's volume at low SNR (+0.02 to +0.08 in CC at 0 dB;
