@@ -48,7 +48,8 @@ from icetide.io import read_deformations, read_mrc, write_json, write_mrc
 from icetide.metrics import FSC_TAPER_VOX, deformation_errors
 from icetide.prealign import coarse_alignment
 from icetide.recon import align_series, fbp
-from icetide.reconstruct import correct_optics, specimen_centre_z
+from icetide.reconstruct import correct_optics
+from icetide.start import specimen_centre_z
 from icetide.simulate.cryo import CryoAcquisition, cryo_specimen, simulate_cryo, write_cryo
 
 PROTEINS = Path(__file__).resolve().parents[2] / "shared" / "data" / "proteins" / "maps_10A"

@@ -23,7 +23,7 @@ def test_the_even_odd_score_prefers_the_true_alignment():
 
 def test_a_fit_that_ends_worse_than_its_start_keeps_the_start():
     from icetide.data import TiltSeries
-    from icetide.reconstruct import check_against_start
+    from icetide.start import check_against_start
 
     truth = crowded_phantom((16, 48, 48), seed=4)
     angles = np.arange(-60.0, 61.0, 4.0)
@@ -40,7 +40,7 @@ def test_a_fit_that_ends_worse_than_its_start_keeps_the_start():
 
 def test_the_specimen_centre_is_found_and_the_outputs_centred_on_it():
     from icetide.data import TiltSeries
-    from icetide.reconstruct import specimen_centre_z
+    from icetide.start import specimen_centre_z
 
     volume = np.zeros((48, 128, 128), np.float32)
     volume[26:38] = crowded_phantom((12, 128, 128), seed=6)  # slices 27..36 hold it: z = 31.5 - 23.5 = +8

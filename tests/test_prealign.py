@@ -106,7 +106,7 @@ def test_coarse_start_handles_a_rotated_tilt_axis():
     from icetide import TiltSeries
     from icetide.config import ReconstructConfig
     from icetide.deform import Deformations
-    from icetide.reconstruct import coarse_start
+    from icetide.start import coarse_start
 
     angles = np.arange(-60.0, 61.0, 5.0)
     m, psi = len(angles), 85.0
@@ -151,7 +151,7 @@ def test_tilt_axis_from_the_consistency_of_the_profiles_along_it(psi_deg):
 
 def test_search_tilt_axis_moves_the_series_axis_only_to_an_estimate_inside_the_range():
     from icetide import TiltSeries
-    from icetide.reconstruct import search_tilt_axis
+    from icetide.start import search_tilt_axis
 
     from icetide.config import parse_config
 
@@ -210,7 +210,7 @@ def test_refine_tilt_axis_starts_a_second_fit_only_from_a_clear_better_axis():
 
     from icetide import TiltSeries
     from icetide.config import ReconstructConfig
-    from icetide.reconstruct import AXIS_REFIT_MIN_DEG, refine_tilt_axis
+    from icetide.start import AXIS_REFIT_MIN_DEG, refine_tilt_axis
 
     images, true = gold_beads_about(1.5, ANGLES)
     series, config = TiltSeries(images, ANGLES), ReconstructConfig(thickness=48)
@@ -265,7 +265,7 @@ def test_projection_matching_pulls_a_smooth_error_in_and_keeps_a_good_start(drif
                                                    (5.0, 200, 2), (None, 400, 1)])
 def test_sharpness_search_bins_towards_20_angstrom_pixels(pixel_A, side, factor):
     from icetide.data import TiltSeries
-    from icetide.reconstruct import axis_search_bin
+    from icetide.start import axis_search_bin
 
     images = np.random.default_rng(0).standard_normal((3, side, side)).astype(np.float32)
     series = TiltSeries(images, [-10.0, 0.0, 10.0], pixel_A)
@@ -275,7 +275,7 @@ def test_sharpness_search_bins_towards_20_angstrom_pixels(pixel_A, side, factor)
 def test_coarse_start_with_projection_matching_refines_the_shifts(drifted):
     from icetide.config import ReconstructConfig
     from icetide.data import TiltSeries
-    from icetide.reconstruct import coarse_start
+    from icetide.start import coarse_start
 
     _, noisy, true, est = drifted
     series = TiltSeries(noisy, ANGLES)

@@ -120,7 +120,7 @@ def test_the_specimen_height_is_found_from_its_edges_despite_the_beads():
     """Beads on one surface used to pull the estimate onto their own layer (the old centroid gave -22.9 where
     the truth is +20 on the benchmark's 96-pixel case; the edges give 19.9)."""
     from icetide.data import TiltSeries
-    from icetide.reconstruct import specimen_centre_z
+    from icetide.start import specimen_centre_z
 
     settings = CryoAcquisition(field_of_view=(64, 64), n_beads=3, bead_diameter_A=60, specimen_thickness_A=400,
                                z_offset_A=150, snr_db=5.0, drift_max_px=4)

@@ -248,7 +248,8 @@ report = reconstruct(series, ReconstructConfig(thickness=48), out_dir)  # the CL
 | `icetide.render` | the forward model: `lattice` and `rays` renderers |
 | `icetide.intensity` | from recorded intensities to the fitted contrast: per-tilt levels, high-pass |
 | `icetide.consistency` | the even/odd-tilt FSC score of an alignment (no ground truth needed) |
-| `icetide.prealign` | coarse cross-correlation alignment of neighbouring tilts (the default start of the shifts) |
+| `icetide.prealign` | coarse cross-correlation alignment of neighbouring tilts (the default start of the shifts), the sharpness of a tomogram and the tilt-axis estimates built on it |
+| `icetide.start` | where a fit starts and how its result is checked: the series as the fit sees it, the tilt-axis search and refinement, the coarse start, the specimen's height, the check against the start |
 | `icetide.fit` | the joint optimisation, early stopping, checkpoints, rollback on non-finite steps |
 | `icetide.reconstruct` | a whole reconstruction and its output files |
 | `icetide.recon` | explicit-grid projector / backprojector, FBP, SIRT |

@@ -103,7 +103,7 @@ class DeformSettings(_Strict):
     axis_refine_deg: float = Field(
         2.0, ge=0, le=10, description="after a fit that searched or was given the axis (no starting alignment), "
         "score candidate tilt axes within +- this many degrees of the fitted one by the sharpness of the FBP "
-        "with the fitted shifts (icetide.reconstruct.refine_tilt_axis) and, when the sharpest lies 0.25 degrees "
+        "with the fitted shifts (icetide.start.refine_tilt_axis) and, when the sharpest lies 0.25 degrees "
         "or more away, fit again from the fitted alignment about it; 0 = off",
     )
     local_grid: tuple[int, int] = (10, 10)

@@ -21,7 +21,8 @@ from ..fit import Fitter
 from ..metrics import evaluate_reconstruction
 from ..plots import plot_curves
 from ..recon import fbp
-from ..reconstruct import coarse_start, sample_tomogram
+from ..reconstruct import sample_tomogram
+from ..start import coarse_start
 from ..simulate import SimulatedTiltSeries
 from .case import simulate_case
 from .report import fmt, write_report

@@ -48,9 +48,10 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from . import cpu_encoding, triton_encoding
-from .cpu_encoding import CpuLevelConstants, encode_points_cpu
-from .triton_encoding import LevelConstants, encode_points_triton
+from .cpu_encoding import CpuLevelConstants, encode_points_cpu, numba
+from .cpu_encoding import kernel_available as numba_available
+from .triton_encoding import LevelConstants, encode_points_triton, triton
+from .triton_encoding import kernel_available as triton_available
 
 __all__ = ["HASH_PRIMES", "Level", "level_layout", "HashEncoding", "ReferenceHashEncoding"]
 
@@ -487,13 +488,13 @@ class HashEncoding(nn.Module):
             return "torch"
         power_of_two = self.n_features & (self.n_features - 1) == 0
         usable = {
-            "triton": power_of_two and triton_encoding.kernel_available(device),
-            "numba": cpu_encoding.kernel_available(device) and self.table.dtype in (torch.float32, torch.float64),
+            "triton": power_of_two and triton_available(device),
+            "numba": numba_available(device) and self.table.dtype in (torch.float32, torch.float64),
         }
         if self.kernel == "auto":
             return next((k for k, ok in usable.items() if ok), "torch")
         if not usable[self.kernel]:
-            installed = (triton_encoding.triton if self.kernel == "triton" else cpu_encoding.numba) is not None
+            installed = (triton if self.kernel == "triton" else numba) is not None
             raise RuntimeError(
                 f"the {self.kernel.capitalize()} kernels cannot run here (device {device.type}, "
                 f"{self.n_features} features, {str(self.table.dtype).removeprefix('torch.')} table, "

@@ -1,0 +1,257 @@
+"""Where a fit starts and how its alignment is checked: the series as the fit sees it, the tilt axis (searched
+before the fit, refined after it with the fitted shifts), the coarse alignment, the specimen's height, and the
+comparison of a fitted alignment with its start. :func:`icetide.reconstruct.reconstruct` runs these steps in
+order (docs/CLI.md, "What it does"); each works on a :class:`icetide.data.TiltSeries` and
+:class:`icetide.deform.Deformations` and can be used on its own.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+
+from .config import ReconstructConfig
+from .consistency import even_odd_fsc
+from .data import TiltSeries
+from .deform import Deformations, gauge_shifts, remove_gauge
+from .fit import default_thickness
+from .intensity import fit_contrast, has_levels
+from .prealign import (
+    coarse_alignment, estimate_tilt_axis, estimate_tilt_axis_by_sharpness, refine_by_projection_matching,
+    refine_tilt_axis_by_sharpness,
+)
+from .recon import align_series, fbp, standardised
+
+__all__ = [
+    "axis_search_bin", "centre_start", "centred_on_specimen", "check_against_start", "coarse_start",
+    "contrast_series", "refine_tilt_axis", "search_tilt_axis", "specimen_centre_z",
+]
+
+# Specimen heights (voxels) within this of the box's middle are left alone: for simulated specimens filling
+# the box, specimen_centre_z found 2.5-3.2 voxels where the truth is 0 (docs/CONVENTIONS.md "Gauge").
+CENTRE_TOLERANCE_VOX = 4.0
+# Lateral blur (pixels) of the FBP before its slices' structure is measured.
+CENTRE_BLUR_PX = 2.0
+# The sharpness search runs on images binned to about this pixel size (gold beads of 5-15 nm a few pixels
+# wide), as long as they keep AXIS_SEARCH_MIN_SIDE_PX pixels per side.
+AXIS_SEARCH_PIXEL_A = 20.0
+AXIS_SEARCH_MIN_SIDE_PX = 80
+# The tilt-axis refinement proposes a second fit when its estimate differs from the fitted axis by at least this
+# (degrees).
+AXIS_REFIT_MIN_DEG = 0.25
+# How much higher (relative) the start's even/odd score must be for the start to replace the fit's alignment.
+START_MARGIN = 0.02
+
+
+def axis_search_bin(series: TiltSeries) -> int:
+    """Binning of the sharpness search: towards :data:`AXIS_SEARCH_PIXEL_A` per pixel, keeping at least
+    :data:`AXIS_SEARCH_MIN_SIDE_PX` pixels per side; 1 when the pixel size is unknown."""
+    if series.pixel_size_A is None:
+        return 1
+    factor = max(1, int(round(AXIS_SEARCH_PIXEL_A / series.pixel_size_A)))
+    while factor > 1 and min(series.shape) // factor < AXIS_SEARCH_MIN_SIDE_PX:
+        factor -= 1
+    return factor
+
+
+def search_tilt_axis(series: TiltSeries, config: ReconstructConfig) -> tuple[TiltSeries, dict]:
+    """The series with its tilt-axis angle replaced by an estimate within ``+-config.deform.axis_search_deg`` of
+    its own, and the report entry. ``config.deform.axis_search`` picks the measure: ``sharpness`` of the
+    coarsely aligned FBP (:func:`icetide.prealign.estimate_tilt_axis_by_sharpness`, on the series as the fit
+    sees it, :func:`contrast_series`) or the consistency of the ``profiles`` along the axis
+    (:func:`icetide.prealign.estimate_tilt_axis`; an object inside the field of view across the axis). An
+    estimate in the outer step of the range (the measure still improving at the edge), or a sharpness that does
+    not peak (see :func:`icetide.prealign.estimate_tilt_axis_by_sharpness`), is not trusted: the
+    series keeps its angle and the entry says so. For ``profiles`` the entry's ``misfit_contrast`` (1 - min /
+    max of the misfit over the range) says how sharp the choice was (docs/BENCHMARKS.md "Tilt-axis search")."""
+    search_deg = config.deform.axis_search_deg
+    step = min(0.5, search_deg / 4)
+    start = series.tilt_axis_angle_deg
+    entry: dict = {"start_deg": start, "search_deg": search_deg, "method": config.deform.axis_search}
+    if config.deform.axis_search == "sharpness":
+        # Binned towards AXIS_SEARCH_PIXEL_A where the images stay large enough: gold beads a few pixels wide
+        # show a misaligned axis better, and the same number of voxels covers more depth (a specimen off centre).
+        factor = axis_search_bin(series)
+        searched = series.binned(factor) if factor > 1 else series
+        images = contrast_series(searched, config)[0].whole()
+        thickness = config.thickness or default_thickness(series.shape)
+        found = estimate_tilt_axis_by_sharpness(images, series.tilt_angles_deg, start, search_deg, step, thickness)
+        entry.update(candidates_deg=found["candidates_deg"], sharpness=found["sharpness"],
+                     parabola_r2=found["parabola_r2"], bin=factor)
+        best = found["candidates_deg"][int(np.argmax(found["sharpness"]))]
+        if not found["peaked"]:
+            entry.update(estimate_deg=found["tilt_axis_angle_deg"], used=False,
+                         note="the sharpness does not peak over the range (no dense features such as gold beads?): "
+                         "the start angle was kept")
+            return series, entry
+    else:
+        found = estimate_tilt_axis(series.whole(), series.tilt_angles_deg, start, search_deg, step)
+        misfit = np.asarray(found["misfit"])
+        entry.update(candidates_deg=found["candidates_deg"], misfit=found["misfit"],
+                     misfit_contrast=float(1 - misfit.min() / max(misfit.max(), 1e-300)))
+        best = found["tilt_axis_angle_deg"]
+    estimate = found["tilt_axis_angle_deg"]
+    entry["estimate_deg"] = estimate
+    entry["used"] = trusted = abs(best - start) < search_deg - step + 1e-9 and abs(estimate - start) < search_deg
+    if not trusted:
+        entry["note"] = "the best candidate lies at the edge of the search: the start angle was kept"
+        return series, entry
+    moved = copy.copy(series)
+    moved.tilt_axis_angle_deg = estimate
+    return moved, entry
+
+
+def contrast_series(series: TiltSeries, config: ReconstructConfig) -> tuple[TiltSeries, dict]:
+    """The series as the fit sees it (:func:`icetide.intensity.fit_contrast` with ``config.intensity``) and the
+    report entry; the geometry and optics are unchanged."""
+    settings = config.intensity
+    sigma = settings.highpass_px(series.pixel_size_A, has_levels(series.images))
+    images, info = fit_contrast(series.images, settings.levels, sigma)
+    halves = None if series.half_images is None else fit_contrast(series.half_images, settings.levels, sigma)[0]
+    out = TiltSeries(images, series.tilt_angles_deg, series.pixel_size_A, series.tilt_axis_angle_deg,
+                     series.defocus_A, series.pre_exposure_e_per_A2, halves)
+    return out, info
+
+
+def check_against_start(
+    series: TiltSeries, start: Deformations, result: Deformations, thickness: int
+) -> tuple[Deformations, dict]:
+    """The better of a fit's starting and final alignment by :func:`icetide.consistency.even_odd_fsc` of
+    ``series`` (the fit's images), and the report entry. ``start``: the deformations the fit started from, the
+    tilt axis included in its rotations; both are compared with their gauge removed. The start is kept when it
+    scores more than :data:`START_MARGIN` (relative) above the fit: at -10 dB the score of one alignment moves
+    by about 1 % with the noise, and there the fit is the better one by its known errors. A fit never ends
+    worse than its start without saying so: the entry's ``kept`` names the one returned."""
+    residual, _ = remove_gauge(start.shifts_px, start.tilt_angles_deg)
+    start = Deformations(start.tilt_angles_deg, residual, start.angles_deg, start.local_px, start.detector_shape,
+                         start.local_interpolation)
+    images = series.whole()
+    scores = {name: even_odd_fsc(images, d, thickness)["score"] for name, d in (("start", start), ("fit", result))}
+    kept = "start" if scores["start"] > (1 + START_MARGIN) * scores["fit"] else "fit"
+    entry = {"measure": "even/odd-tilt FSC score (icetide.consistency.even_odd_fsc)", "start_score": scores["start"],
+             "fit_score": scores["fit"], "margin": START_MARGIN, "kept": kept}
+    if kept == "fit" and scores["start"] > scores["fit"]:
+        entry["note"] = "the start scored higher, within the margin of the score's noise: the fit was kept"
+    if kept == "start":
+        entry["note"] = ("the fitted alignment scored below its start: the alignment outputs (deformations, .xf, "
+                         "aligned stack, FBP) are the start's; tomogram.mrc is the volume fitted with the rejected one")
+    return (result if kept == "fit" else start), entry
+
+
+def specimen_centre_z(series: TiltSeries, d: Deformations, thickness: int) -> float:
+    """Height of the specimen's centre (voxels) in the frame of the series aligned by ``d``.
+
+    The aligned images (each standardised) are reconstructed by FBP over twice ``thickness`` (the specimen may
+    lie partly outside the tomogram's box). Each slice's structure is its standard deviation over the central
+    88 % of its area, after clipping the voxels to their 1st-99th percentiles (gold beads would otherwise make
+    their own layer the specimen) and a lateral Gaussian blur of :data:`CENTRE_BLUR_PX` (noise). The specimen
+    spans the slices where the structure exceeds half-way from the empty slices' level (the 20th percentile) to
+    its peak; the centre is the middle of that span (its edges, not its centroid: the content of a cell is not
+    spread evenly in depth), at most ``thickness / 2`` from the middle."""
+    from scipy import ndimage
+
+    aligned = standardised(align_series(torch.as_tensor(series.whole(), dtype=torch.float32), d))
+    depth = 2 * thickness
+    volume = fbp(aligned, d.tilt_angles_deg, depth).numpy()
+    ny, nx = volume.shape[1:]
+    r, c = round(0.06 * ny), round(0.06 * nx)
+    core = volume[:, r : ny - r, c : nx - c]
+    core = np.clip(core, *np.percentile(core, [1, 99]))
+    structure = ndimage.gaussian_filter(core, (0, CENTRE_BLUR_PX, CENTRE_BLUR_PX)).std(axis=(1, 2))
+    half = (np.percentile(structure, 20) + structure.max()) / 2
+    above = np.flatnonzero(structure >= half)
+    if above.size == 0 or not structure.max() > np.percentile(structure, 20):
+        return 0.0
+    first, last = int(above[0]), int(above[-1])
+
+    def crossing(inside: int, outside: int) -> float:
+        """Where the structure crosses ``half`` between a slice above it and its neighbour (linear)."""
+        if not 0 <= outside < depth:
+            return float(inside)
+        a, b = structure[inside], structure[outside]
+        return inside + (outside - inside) * float((a - half) / max(a - b, 1e-30))
+
+    middle = (crossing(first, first - 1) + crossing(last, last + 1)) / 2 - (depth - 1) / 2
+    return float(np.clip(middle, -thickness / 2, thickness / 2))  # at a bound: not found
+
+
+def centred_on_specimen(series: TiltSeries, d: Deformations, thickness: int) -> tuple[Deformations, float, float]:
+    """``d`` (rotations holding the tilt axis) moved by the z translation (the gauge) that puts the specimen's
+    height (:func:`specimen_centre_z`) in the middle of a box of ``thickness`` voxels, when it is further off
+    than the estimate's own error (:data:`CENTRE_TOLERANCE_VOX`) and was found inside the box's reach; returns
+    the moved copy, the height found and the height applied (voxels)."""
+    found = specimen_centre_z(series, d, thickness)
+    applied = found if CENTRE_TOLERANCE_VOX < abs(found) < thickness / 2 else 0.0
+    moved = copy.deepcopy(d)
+    moved.shifts_px = d.shifts_px + gauge_shifts([0.0, 0.0, applied], d.tilt_angles_deg)
+    return moved, found, applied
+
+
+def centre_start(series: TiltSeries, start: Deformations, thickness: int) -> tuple[Deformations, dict]:
+    """The starting deformations moved by a z translation (the gauge) that puts the specimen's height, as
+    :func:`specimen_centre_z` finds it in the series aligned by ``start``, in the middle of the fit's box.
+
+    A specimen off the tilt axis' height otherwise sticks out of a box as thick as itself: the fit cannot
+    represent what lies outside. ``start``'s rotations exclude the series' tilt axis (as the fit holds them).
+    Applied under the same conditions as the outputs' centring; returns ``(start, report entry)``."""
+    turned = copy.deepcopy(start)
+    turned.angles_deg = start.angles_deg - series.tilt_axis_angle_deg
+    _, found, applied = centred_on_specimen(series, turned, thickness)
+    moved = copy.deepcopy(start)
+    moved.shifts_px = start.shifts_px + gauge_shifts([0.0, 0.0, applied], start.tilt_angles_deg)
+    return moved, {"estimate": found, "applied": applied}
+
+
+def coarse_start(series: TiltSeries, config: ReconstructConfig) -> Deformations:
+    """Starting deformations with the shifts of :func:`icetide.prealign.coarse_alignment` about the series' tilt
+    axis and no rotation (the fit adds the tilt-axis rotation itself), on ``config.deform``'s local grid."""
+    d = Deformations.identity(
+        series.tilt_angles_deg, series.shape, config.deform.local_grid, config.deform.local_interpolation
+    )
+    coarse = coarse_alignment(series.whole(), series.tilt_angles_deg, series.tilt_axis_angle_deg)
+    rounds = config.deform.projection_matching
+    if rounds > 0:
+        depth = 2 * (config.thickness or default_thickness(series.shape))
+        coarse = refine_by_projection_matching(series.whole(), coarse, depth, rounds)
+    d.shifts_px = coarse.shifts_px
+    return d
+
+
+def refine_tilt_axis(
+    raw: TiltSeries, config: ReconstructConfig, fitted: Deformations
+) -> tuple[Deformations | None, dict]:
+    """The start of a second fit about a better tilt axis, or None, and the report entry.
+
+    :func:`icetide.prealign.refine_tilt_axis_by_sharpness` scores candidate axes within
+    ``+-config.deform.axis_refine_deg`` of the one in ``fitted`` (a fit's deformations of ``raw``, the axis in
+    their rotations) with the fitted shifts, on ``raw`` binned as the tilt-axis search bins it and seen as the
+    fit sees it (:func:`contrast_series`). A fit started from a coarse alignment about a wrong axis absorbs
+    part of the error into its shifts and ends with both wrong; with the axis found here and ``fitted`` as the
+    start, a second fit ends nearer both (docs/RESULTS.md). The estimate is used when the sharpness peaks inside
+    the range and differs from the fitted axis by at least :data:`AXIS_REFIT_MIN_DEG`; the start is ``fitted``
+    with that axis in place of its own (per-tilt rotations, shifts and local fields kept)."""
+    factor = axis_search_bin(raw)
+    binned = raw.binned(factor) if factor > 1 else raw
+    images = contrast_series(binned, config)[0].whole()
+    scaled = fitted.scaled(1 / factor, binned.shape) if factor > 1 else fitted
+    search = config.deform.axis_refine_deg
+    found = refine_tilt_axis_by_sharpness(images, scaled, search, min(0.5, search / 4),
+                                          config.thickness or default_thickness(raw.shape))
+    estimate, before = found["tilt_axis_angle_deg"], found["fitted_axis_deg"]
+    best = found["candidates_deg"][int(np.argmax(found["sharpness"]))]
+    entry = {"measure": "sharpness with the fitted shifts (icetide.prealign.refine_tilt_axis_by_sharpness)",
+             "fitted_deg": before, "estimate_deg": estimate, "candidates_deg": found["candidates_deg"],
+             "sharpness": found["sharpness"], "parabola_r2": found["parabola_r2"], "bin": factor}
+    if abs(best - before) >= search - 1e-9:
+        note = "the best candidate lies at the edge of the range"
+    elif not found["peaked"]:
+        note = "the sharpness does not peak over the range (no dense features such as gold beads?)"
+    elif abs(estimate - before) < AXIS_REFIT_MIN_DEG:
+        note = f"within {AXIS_REFIT_MIN_DEG} deg of the fitted axis"
+    else:
+        start = copy.deepcopy(fitted)
+        start.angles_deg = fitted.angles_deg + before - estimate
+        return start, {**entry, "used": True}
+    return None, {**entry, "used": False, "note": note + ": no second fit"}
