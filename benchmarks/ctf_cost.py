@@ -24,7 +24,8 @@ from icetide.ctf import defocus_offsets_A, defocus_step_A
 from icetide.data import TiltSeries
 from icetide.experiments import machine_info
 from icetide.experiments.case import reconstruction_config
-from icetide.fit import Fitter, resolve_device
+from icetide.fit import Fitter
+from icetide.runtime import resolve_device
 from icetide.reconstruct import correct_optics
 from icetide.simulate import Optics, crowded_phantom, simulate_tilt_series
 from timing import best_times

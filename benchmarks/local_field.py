@@ -26,7 +26,8 @@ from icetide.data import TiltSeries
 from icetide.deform import deform_coords, local_displacement, local_displacement_grid
 from icetide.experiments import machine_info
 from icetide.experiments.case import reconstruction_config
-from icetide.fit import Fitter, resolve_device
+from icetide.fit import Fitter
+from icetide.runtime import resolve_device
 from icetide.geometry import centered_coords
 from icetide.simulate import crowded_phantom, simulate_tilt_series
 from timing import best_times

@@ -36,7 +36,7 @@ from icetide.config import VolumeSettings
 from icetide.experiments import machine_info
 from icetide.experiments.case import Acquisition, load_phantom, reconstruction_config
 from icetide.experiments.epochs import cc_along_fit, plot_cc_along_fit
-from icetide.fit import resolve_device
+from icetide.runtime import resolve_device
 from icetide.memory import PeakMemory
 from icetide.simulate import crowded_phantom, simulate_tilt_series
 from icetide.volume import VolumeConfig

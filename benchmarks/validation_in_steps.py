@@ -21,7 +21,8 @@ import numpy as np
 from icetide.data import TiltSeries
 from icetide.experiments import machine_info
 from icetide.experiments.case import reconstruction_config
-from icetide.fit import Fitter, resolve_device
+from icetide.fit import Fitter
+from icetide.runtime import resolve_device
 from icetide.simulate import crowded_phantom, simulate_tilt_series
 
 

@@ -257,6 +257,7 @@ report = reconstruct(series, ReconstructConfig(thickness=48), out_dir)  # the CL
 | `icetide.metrics`, `icetide.plots` | CC, FSC, registration, deformation errors; figures |
 | `icetide.evaluation` | one scoring procedure for every method (used by `evaluate`, `demo`, `experiment`) |
 | `icetide.memory` | available memory, peak-memory measurement |
+| `icetide.runtime` | the device, and the process's rank in a `torchrun` run |
 | `icetide.experiments` | the paper's experiments (`icetide experiment`) on simulated cases with every method |
 | `icetide.batch` | many tilt series on a Dask cluster (`icetide batch`) |
 | `icetide.demo` | the built-in demonstration |

@@ -53,36 +53,20 @@ from .deform import (
     Deformations, deform_grid, deformation_penalty, local_displacement_grid, remove_gauge, smoothness_penalty,
 )
 from .errors import IcetideError
-from .geometry import centered_coords, deg2rad, slab_padding_px
+from .geometry import centered_coords, default_thickness, deg2rad, slab_padding_px
 from .io.util import atomic_path
 from .memory import available_bytes
 from .render import LatticeRenderer, RaysRenderer, make_renderer
+from .runtime import distributed_rank, resolve_device
 from .volume import ImplicitVolume, VolumeConfig
 
-__all__ = [
-    "FitResult", "Fitter", "resolve_device", "default_thickness", "auto_lattice_rows", "field_bytes_per_point",
-    "robust_spread", "pixel_loss",
-    "distributed_rank",
-]
+__all__ = ["FitResult", "Fitter", "auto_lattice_rows", "field_bytes_per_point", "robust_spread", "pixel_loss"]
 
 log = logging.getLogger(__name__)
 
 
 class _NumericalFailure(Exception):
     """A non-finite step with no rollback left; the message is the stop reason's detail."""
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; anything else is passed to ``torch.device``."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise IcetideError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise IcetideError(f"device {name!r} requested but CUDA is not available")
-    return dev
 
 
 # Voxels evaluated per lattice step when ``lattice_rows`` is not set: about 4.5 GB of CPU memory for the
@@ -167,25 +151,11 @@ def robust_spread(images: torch.Tensor, clip_mads: float = 10.0, keep_fraction: 
     return float(clipped.std()) or 1.0
 
 
-def distributed_rank() -> tuple[int, int]:
-    """``(rank, world size)`` of this process in an initialised ``torch.distributed`` group, else ``(0, 1)``."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _is_out_of_memory(exc: BaseException) -> bool:
     """A failed allocation: CUDA's ``OutOfMemoryError`` or the CPU allocator's ``RuntimeError``."""
     return isinstance(exc, torch.OutOfMemoryError) or (
         isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
     )
-
-
-def default_thickness(detector_shape: tuple[int, int]) -> int:
-    """The default slab thickness in voxels: half the smaller detector side (at least 8)."""
-    return max(8, min(detector_shape) // 2)
 
 
 def _peak_memory_mb(device: torch.device) -> dict:

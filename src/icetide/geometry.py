@@ -20,6 +20,7 @@ import torch
 
 __all__ = [
     "centered_coords",
+    "default_thickness",
     "detector_grid",
     "rotation_y",
     "rotation_2d",
@@ -125,3 +126,8 @@ def slab_padding_px(nx: int, nz: int, max_tilt_deg: float) -> int:
     theta = math.radians(abs(max_tilt_deg))
     half_width = (nx / 2) / math.cos(theta) + (nz / 2) * math.tan(theta)
     return max(0, math.ceil(half_width - nx / 2 - 1e-9))
+
+
+def default_thickness(detector_shape: tuple[int, int]) -> int:
+    """The default slab thickness in voxels: half the smaller detector side (at least 8)."""
+    return max(8, min(detector_shape) // 2)

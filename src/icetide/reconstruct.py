@@ -33,13 +33,15 @@ from .ctf import exposure_weight_series, phase_flip_series, tilt_axis_on_images_
 from .data import InputStack, TiltSeries
 from .deform import Deformations
 from .errors import IcetideError
-from .fit import Fitter, FitResult, default_thickness, distributed_rank
+from .fit import Fitter, FitResult
+from .geometry import default_thickness
 from .intensity import output_polarity
 from .io import imod_view_list, read_deformations, write_deformations, write_json, write_mrc, write_tlt, write_view_list, write_xf
 from .io.relion import RelionTomogram, write_relion_tilt_series_star, write_relion_tomograms_star
 from .metrics import FSC_TAPER_VOX, edge_taper, fsc
 from .plots import plot_fsc
 from .recon import align_series, fbp
+from .runtime import distributed_rank
 from .runlog import LOG_NAME, changed_settings, epoch_lines, run_log
 from .start import (
     centre_start, centred_on_specimen, check_against_start, coarse_start, contrast_series, refine_tilt_axis,
@@ -222,7 +224,7 @@ def reconstruct(
     ``source_path``: the tilt-series file, named in ``alignment.star`` (``k@path``) so RELION finds the images;
     ``tomograms.star`` carries ``config.ctf``'s optics. ``input_stack``: the views of that file the series holds
     and whether it was inverted (default: all of it, as read), for the IMOD files and the polarity. In a
-    ``torch.distributed`` run (see :func:`icetide.fit.distributed_rank`) every rank fits and only rank 0 writes;
+    ``torch.distributed`` run (see :func:`icetide.runtime.distributed_rank`) every rank fits and only rank 0 writes;
     the other ranks return their fit report.
 
     Rank 0 logs into ``out_dir/icetide.log`` (:func:`icetide.runlog.run_log`; into the caller's log when it has

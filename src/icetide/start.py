@@ -16,7 +16,7 @@ from .config import ReconstructConfig
 from .consistency import even_odd_fsc
 from .data import TiltSeries
 from .deform import Deformations, gauge_shifts, remove_gauge
-from .fit import default_thickness
+from .geometry import default_thickness
 from .intensity import fit_contrast, has_levels
 from .prealign import (
     coarse_alignment, estimate_tilt_axis, estimate_tilt_axis_by_sharpness, refine_by_projection_matching,

@@ -155,7 +155,7 @@ def batch(
     OUT/batch_summary.json. Exits 1 when any series failed. Needs dask's distributed: pip install 'icetide[batch]'.
     """
     from ..batch import find_items, run_batch
-    from ..fit import resolve_device
+    from ..runtime import resolve_device
 
     _require_distributed()
     if retries < 0:

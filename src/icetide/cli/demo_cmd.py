@@ -40,7 +40,7 @@ def demo(
         raise IcetideError(f"--size must lie in [32, 1024] voxels, got {size}")
     settings = DemoSettings(shape_zyx=(max(8, size * 3 // 8), size, size), acquisition=Acquisition(seed=seed),
                             max_minutes=minutes, device=device)
-    from ..fit import resolve_device
+    from ..runtime import resolve_device
 
     resolve_device(device)
     check_output_dir(out, force)

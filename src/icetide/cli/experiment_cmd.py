@@ -67,7 +67,7 @@ def experiment(
     with their CSV/JSON, and each case's volumes.
     """
     from ..experiments import EXPERIMENTS, ExperimentSettings, run_experiment
-    from ..fit import resolve_device
+    from ..runtime import resolve_device
 
     if name not in EXPERIMENTS:
         raise IcetideError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")

@@ -187,7 +187,8 @@ def fbp(
     with density bright unless --polarity input (docs/CONVENTIONS.md "Intensity units").
     """
     from ..ctf import tilt_axis_on_images_deg
-    from ..fit import default_thickness, resolve_device
+    from ..geometry import default_thickness
+    from ..runtime import resolve_device
     from ..intensity import POLARITIES, output_polarity
     from ..io import write_mrc
     from ..recon import align_series, fbp_deformed, sirt

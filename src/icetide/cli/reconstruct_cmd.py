@@ -82,25 +82,6 @@ def progress_printer(total_epochs: int, max_minutes: float | None = None):
     return progress, on_epoch
 
 
-def init_distributed(device: Optional[str]) -> tuple[int, Optional[str]]:
-    """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1): NCCL with one GPU per rank
-    (``LOCAL_RANK``), else gloo on the CPU. Returns ``(rank, device for this rank)``."""
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, device
-    import torch
-    import torch.distributed as dist
-
-    cuda = torch.cuda.is_available() and device in (None, "auto", "cuda")
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    if cuda:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        torch.cuda.set_device(device)
-    return dist.get_rank(), device if cuda else (device or "cpu")
-
-
 def aretomo_inputs(folder: Path, name: Optional[str], given: dict) -> tuple[dict, str]:
     """The inputs an AreTomo3 output folder gives (:func:`icetide.io.aretomo.aretomo3_series`) where the options
     ``given`` (``angles``, ``mdoc``, ``deformations``, ``xf``, ``aln``, ``tilt_axis_angle``, ``tilt_axis_search``,
@@ -276,7 +257,7 @@ def reconstruct(
     aligned.mrc and tomogram_fbp.mrc see the corrected images. The volumes are written with density bright
     unless --polarity input (docs/CONVENTIONS.md "Intensity units").
     """
-    from ..fit import resolve_device
+    from ..runtime import init_distributed, resolve_device
     from ..reconstruct import reconstruct as run
     from ..reconstruct import summary_lines
 

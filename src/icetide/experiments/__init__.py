@@ -26,7 +26,7 @@ import torch
 
 from .. import __version__
 from ..errors import IcetideError
-from ..fit import resolve_device
+from ..runtime import resolve_device
 from ..simulate import crowded_phantom
 from ..config import ReconstructConfig
 from .case import Acquisition, load_phantom, reconstruction_config

@@ -20,7 +20,7 @@ import torch
 
 from ..config import ReconstructConfig
 from ..data import TiltSeries
-from ..fit import resolve_device
+from ..runtime import resolve_device
 from ..io import read_mrc, read_tlt, write_mrc
 from ..memory import PeakMemory
 from ..metrics import evaluate_reconstruction
