@@ -211,3 +211,26 @@ def test_the_defocus_gradient_follows_the_tilt_axis_of_a_starting_alignment():
     assert tilt_axis_on_images_deg(12.0) == 12.0
     # An .xf of a series whose axis is at 85 degrees holds rotations of about -85 degrees.
     assert tilt_axis_on_images_deg(0.0, np.array([-85.2, -84.9, -85.0, -85.1, -90.0])) == pytest.approx(85.1)
+
+
+def test_mdoc_and_exclude_go_through_reconstructs_loader(tmp_path, clean):
+    stack, tlt, series = clean
+    sections = "".join(f"[ZValue = {k}]\nTiltAngle = {a}\n\n" for k, a in enumerate(ANGLES))
+    (tmp_path / "ts.mdoc").write_text(f"PixelSpacing = 6.5\nTiltAxisAngle = 0\n\n{sections}")
+    assert _run(stack, "--angles", tlt, "-o", tmp_path / "angles.mrc").exit_code == 0
+    result = _run(stack, "--mdoc", tmp_path / "ts.mdoc", "-o", tmp_path / "mdoc.mrc")
+    assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(read_mrc(tmp_path / "mdoc.mrc")[0], read_mrc(tmp_path / "angles.mrc")[0])
+
+    # --exclude leaves the views out: the same volume as the stack without them
+    kept = [k for k in range(len(ANGLES)) if k not in (0, 1, 12)]
+    write_mrc(tmp_path / "kept.mrc", series[kept], 6.5, stack=True)
+    write_tlt(tmp_path / "kept.tlt", ANGLES[kept])
+    assert _run(tmp_path / "kept.mrc", "--angles", tmp_path / "kept.tlt", "-o", tmp_path / "kept_vol.mrc").exit_code == 0
+    result = _run(stack, "--angles", tlt, "--exclude", "0-1,12", "-o", tmp_path / "excluded.mrc")
+    assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(read_mrc(tmp_path / "excluded.mrc")[0], read_mrc(tmp_path / "kept_vol.mrc")[0])
+    result = _run(stack, "--angles", tlt, "--exclude", "13", "-o", tmp_path / "bad.mrc")
+    assert result.exit_code != 0 and "outside 0..12" in result.output and not (tmp_path / "bad.mrc").exists()
+    result = _run(stack, "-o", tmp_path / "none.mrc")
+    assert result.exit_code != 0 and "exactly one of --angles" in result.output

@@ -15,7 +15,7 @@ from ..data import TiltSeries
 from ..deform import Deformations
 from ..errors import IcetideError
 from ..runlog import run_log
-from .common import check_alignment_options, console, held_warnings, log, one_line_errors, read_alignment, say
+from .common import check_alignment_options, console, held_warnings, load_inputs, log, one_line_errors, say
 
 METHODS = ("fbp", "sirt")
 DEFAULT_ITERATIONS = 30
@@ -63,39 +63,21 @@ def check_options(
         )
 
 
-def load_deformations(
-    series: TiltSeries,
-    deformations: Optional[Path],
-    xf: Optional[Path],
-    aln: Optional[Path],
-    tilt_axis_angle_deg: Optional[float],
-) -> Optional[Deformations]:
-    """The deformations to undo: an alignment file (:func:`read_alignment`), the tilt-axis angle, or none."""
-    d = read_alignment(series.tilt_angles_deg, series.shape, deformations, xf, aln)
-    if d is None and tilt_axis_angle_deg:
-        d = Deformations.identity(series.tilt_angles_deg, series.shape)
-        # A tilt axis drawn at psi degrees counter-clockwise from the image Y axis is alpha = -psi (deform.py).
-        d.angles_deg = np.full(series.n_tilts, -float(tilt_axis_angle_deg))
-    return d
-
-
 def _corrected(
-    series: TiltSeries, defocus: Optional[Path], pre_exposure: Optional[Path], defocus_hand: int,
-    voltage: float, cs: float, amplitude_contrast: float, tilt_axis_angle_deg: float,
+    series: TiltSeries, exposure_weighting: bool, defocus_hand: int, voltage: float, cs: float,
+    amplitude_contrast: float, tilt_axis_angle_deg: float,
 ) -> TiltSeries:
-    """``series`` phase-flipped (``defocus``, the defocus gradient across ``tilt_axis_angle_deg``) and
-    exposure-weighted (``pre_exposure``) as reconstruct does."""
+    """``series`` phase-flipped (with its defocus, the defocus gradient across ``tilt_axis_angle_deg``) and
+    exposure-weighted (with its pre-exposure, when ``exposure_weighting``) as reconstruct does."""
     from ..config import parse_config
-    from ..io import read_defocus, read_pre_exposure
     from ..reconstruct import correct_optics
 
     config = parse_config({"ctf": {
         "voltage_kV": voltage, "spherical_aberration_mm": cs, "amplitude_contrast": amplitude_contrast,
-        "defocus_hand": defocus_hand, "exposure_weighting": pre_exposure is not None,
+        "defocus_hand": defocus_hand, "exposure_weighting": exposure_weighting,
     }}, "options")
-    table = None if defocus is None else read_defocus(defocus, series.n_tilts).rows()
-    dose = None if pre_exposure is None else read_pre_exposure(pre_exposure, series.n_tilts)
-    with_optics = TiltSeries(series.images, series.tilt_angles_deg, series.pixel_size_A, 0.0, table, dose)
+    with_optics = TiltSeries(series.images, series.tilt_angles_deg, series.pixel_size_A, 0.0, series.defocus_A,
+                             series.pre_exposure_e_per_A2)
     return correct_optics(with_optics, config, tilt_axis_angle_deg=tilt_axis_angle_deg)[0]
 
 
@@ -123,7 +105,16 @@ def _sirt_progress(total: int) -> tuple[Progress, Callable[[int, int], None]]:
 @one_line_errors
 def fbp(
     tilt_series: Path = typer.Argument(..., help="Tilt series, MRC stack (n_tilts, ny, nx), any MRC mode."),
-    angles: Path = typer.Option(..., "--angles", "-a", help="Tilt angles in degrees, IMOD .tlt/.rawtlt (one per line)."),
+    angles: Optional[Path] = typer.Option(
+        None, "--angles", "-a", help="Tilt angles in degrees, IMOD .tlt/.rawtlt (one per line)."
+    ),
+    mdoc: Optional[Path] = typer.Option(
+        None, help="SerialEM .mdoc instead of --angles: tilt angles, and the pixel size and tilt-axis angle if given."
+    ),
+    exclude: Optional[str] = typer.Option(
+        None, help="Views of the stack to leave out, 0-based, with ranges (e.g. 0-2,40); alignment files still "
+        "list every view of the stack."
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Output volume, MRC (thickness, ny, nx)."),
     thickness: Optional[int] = typer.Option(
         None, help="Slab thickness in voxels of the output (at the --bin sampling). Default: half the smaller "
@@ -150,7 +141,7 @@ def fbp(
     tilt_axis_angle: Optional[float] = typer.Option(
         None,
         help="Unaligned data only: tilt-axis direction on the images, degrees counter-clockwise from the image "
-        "Y axis; the images are rotated to a vertical axis first. Default 0.",
+        "Y axis; the images are rotated to a vertical axis first. Default: the .mdoc's, else 0.",
     ),
     pixel_size: Optional[float] = typer.Option(None, help="Pixel size in Angstrom (overrides the MRC header)."),
     defocus: Optional[Path] = typer.Option(
@@ -179,7 +170,7 @@ def fbp(
 ) -> None:
     """Reconstruct a tilt series with filtered backprojection (default) or SIRT.
 
-    Reads TILT_SERIES (MRC stack) and --angles; optionally undoes per-tilt deformations first (--deformations
+    Reads TILT_SERIES (MRC stack) and --angles or --mdoc, leaving out --exclude'd views; optionally undoes per-tilt deformations first (--deformations
     --xf or --aln; the aligned images are what gets reconstructed). Writes one MRC volume (thickness, ny, nx) in
     the icetide frame (DESIGN.md) with voxel size = pixel size. FBP weighs each tilt by its angular interval,
     so a full 180-degree range gives the projected density's units. With --defocus and --pre-exposure the
@@ -201,20 +192,24 @@ def fbp(
     dev = resolve_device(device)
     held: list[str] = []
     with held_warnings(held):
-        series = TiltSeries.from_files(tilt_series, angles, pixel_size)
-        if invert:  # before SIRT's positivity, which is not linear
-            series = TiltSeries(-series.images, series.tilt_angles_deg, series.pixel_size_A)
+        # The same loader as reconstruct: angles or .mdoc, --exclude, --invert (before SIRT's positivity, which is
+        # not linear), defocus and exposure per view of the stack, an alignment file for every view of the stack.
+        series, d, _ = load_inputs(tilt_series, angles, mdoc, pixel_size, tilt_axis_angle, exclude, invert,
+                                   deformations, xf, aln, defocus=defocus, pre_exposure=pre_exposure)
         binned_shape = (series.shape[0] // bin, series.shape[1] // bin)
         thick = default_thickness(binned_shape) if thickness is None else thickness
         if not 1 <= thick <= 4 * max(binned_shape):
             raise IcetideError(f"--thickness must be between 1 and {4 * max(binned_shape)} voxels, got {thick}")
-        d = load_deformations(series, deformations, xf, aln, tilt_axis_angle)
+        if d is None and series.tilt_axis_angle_deg:
+            d = Deformations.identity(series.tilt_angles_deg, series.shape)
+            # A tilt axis drawn at psi degrees counter-clockwise from the image Y axis is alpha = -psi (deform.py).
+            d.angles_deg = np.full(series.n_tilts, -float(series.tilt_axis_angle_deg))
         if bin > 1:
             series = series.binned(bin)
             d = None if d is None else d.scaled(1 / bin, series.shape)
         if defocus is not None or pre_exposure is not None:
             axis = tilt_axis_on_images_deg(0.0, None if d is None else d.angles_deg)
-            series = _corrected(series, defocus, pre_exposure, defocus_hand, voltage, cs, amplitude_contrast, axis)
+            series = _corrected(series, pre_exposure is not None, defocus_hand, voltage, cs, amplitude_contrast, axis)
 
     # The log of a single output file is in its folder; opened once the inputs are read, so bad input leaves none.
     with run_log(out.parent):
