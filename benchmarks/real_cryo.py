@@ -3,8 +3,9 @@
 Runs the command of docs/REAL_DATA.md on ``../shared/data/real/empiar10499_00254`` (raw counts, 41 tilts of
 652 x 630 px at 10 A) and prints JSON: the even/odd-tilt FSC score (icetide.consistency.even_odd_fsc, at the
 fit's sampling) of the raw stack, of the stack aligned by the published ``00254.xf`` and by icetide's
-``alignment.xf`` (each applied to the unbinned stack, then binned as the fit was); the mean in-plane rotation of
-both (the tilt axis, degrees); the RMS difference of icetide's shifts to the published ones after the best
+``alignment.xf`` (each applied to the unbinned stack, then binned as the fit was); the bead sharpness of the
+same three (icetide.prealign.sharpness: the 99.99th percentile of the standardised FBP, the gold beads; a
+misalignment blurs them); the mean in-plane rotation of both (the tilt axis, degrees); the RMS difference of icetide's shifts to the published ones after the best
 3-D translation (pixels of 10 A); the fit time. Skips (exit 0, a JSON note) when the data are absent.
 
     python benchmarks/real_cryo.py --out real            # fit (at most --max-minutes) + scores
@@ -29,6 +30,7 @@ from icetide.data import TiltSeries
 from icetide.deform import Deformations, remove_gauge
 from icetide.io import read_mrc, read_tlt
 from icetide.io.imod import read_xf
+from icetide.prealign import sharpness
 from icetide.recon import align_series, fbp, standardised
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "empiar10499_00254"
@@ -125,12 +127,17 @@ def main() -> None:
     stacks = {name: aligned_binned(-stack, angles, xf, args.bin)
               for name, xf in (("raw", None), ("published .xf", published), ("icetide", ours))}
     curves = {name: score(binned, angles, args.thickness) for name, binned in stacks.items()}
+    beads = {name: sharpness(torch.tensor(binned), angles, Deformations.identity(angles, binned.shape[1:]),
+                             args.thickness) for name, binned in stacks.items()}
     if args.figure is not None:
         figure(stacks, curves, angles, args.thickness, args.figure)
     result = {
         "command": " ".join(command),
         "fsc_score": {name: curve["score"] for name, curve in curves.items()},
+        "bead_sharpness": beads,
         "tilt_axis_search": report.get("tilt_axis_search", {}).get("estimate_deg"),
+        "tilt_axis_refinement": {k: report.get("tilt_axis_refinement", {}).get(k)
+                                 for k in ("used", "offset_px", "offset_used", "estimate_deg", "note")},
         "tilt_axis_rotation_deg": {"published_xf": mean_rotation_deg(published), "icetide": mean_rotation_deg(ours)},
         "shift_rms_to_published_px": shift_rms(published, ours, angles),
         "fit_seconds": report["fit_seconds"],

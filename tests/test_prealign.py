@@ -224,10 +224,22 @@ def test_refine_tilt_axis_starts_a_second_fit_only_from_a_clear_better_axis():
     assert abs(entry["estimate_deg"] - 1.5) < 0.3
     assert fitted.angles_deg[0] == pytest.approx(true.angles_deg[0] - 1.4)  # the input is not changed
 
+    assert entry["direction_used"] and not entry["offset_used"]
+
     none, entry = refine_tilt_axis(series, config, true)
-    assert none is None and not entry["used"] and f"within {AXIS_REFIT_MIN_DEG} deg" in entry["note"]
+    assert none is None and not entry["used"] and f"within {AXIS_REFIT_MIN_DEG} deg" in entry["direction_note"]
+    assert "within 1.0 px" in entry["offset_note"] and "no second fit" in entry["note"]
     none, entry = refine_tilt_axis(series, ReconstructConfig(thickness=48, deform={"axis_refine_deg": 1.0}), fitted)
-    assert none is None and "edge of the range" in entry["note"]
+    assert none is None and "edge of the range" in entry["direction_note"]
+
+    # The axis' lateral position: every view shifted by 4 px across the axis
+    across = copy.deepcopy(true)
+    across.shifts_px = true.shifts_px + np.array([4.0, 0.0])
+    start, entry = refine_tilt_axis(series, config, across)
+    assert entry["used"] and entry["offset_used"] and not entry["direction_used"]
+    assert entry["offset_px"] == pytest.approx(-4.0, abs=1.0) and len(entry["offset_candidates_px"]) == 21
+    np.testing.assert_allclose(start.shifts_px, true.shifts_px, atol=1.0)
+    np.testing.assert_array_equal(start.angles_deg, true.angles_deg)
 
 
 def test_second_fit_gets_what_the_first_left_of_the_time_budget():

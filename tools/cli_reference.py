@@ -188,13 +188,14 @@ torchrun --nproc_per_node 4 -m icetide reconstruct sim/tilt_series.mrc --angles 
    coarse_to_fine_epochs: 0}` turns it off; with the rays renderer, pixel half maps or the CTF forward model
    neither applies. Settings for the rest (extra estimates, the data term, penalties)
    are in [CONFIGURATION.md](CONFIGURATION.md).
-5. The tilt-axis refinement (without a given alignment): candidate axes within 2 degrees of the fitted one
-   (`deform.axis_refine_deg`; 0 turns it off) are scored by the sharpness of the FBP with the fitted shifts,
-   binned as the search is. When the sharpest lies 0.25 degrees or more away, inside the range and at a clear
-   peak, a second fit starts from the first's alignment turned to that axis (its start is kept as
-   `refit_start.json`; `--max-minutes` covers both fits). A coarse alignment about a wrong axis hides part of the
-   error in its shifts; once the fit has made the shifts right, the axis shows. On the realistic acquisitions of
-   docs/RESULTS.md section 11 it refitted three of four series (`tilt_axis_refinement` in `report.json`).
+5. The tilt-axis refinement (without a given alignment): with the fitted shifts, the FBP's sharpness (gold
+   beads) scores the axis' lateral position (a shift across it common to every view, within 8 % of the width)
+   and then its direction (within 2 degrees of the fitted one; `deform.axis_refine_deg`, 0 turns both off).
+   When either moves (by a pixel of the search's binning, or 0.25 degrees), clearly peaked inside its range, a
+   second fit starts from the first's alignment so corrected (its start is kept as `refit_start.json`;
+   `--max-minutes` covers both fits). Both are nearly invisible to the fit's pixel loss once the volume has
+   formed about them, and plain in the blur of the beads (`tilt_axis_refinement` in `report.json`; docs/RESULTS.md
+   section 11 and docs/REAL_DATA.md).
 6. The check against the start: the fit compares its alignment with its start by the even/odd-tilt FSC of the
    aligned series and keeps the better (printed as `alignment: kept the fitted one ...`; `start_check` in
    `report.json`; docs/TROUBLESHOOTING.md).

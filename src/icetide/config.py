@@ -102,9 +102,10 @@ class DeformSettings(_Strict):
     )
     axis_refine_deg: float = Field(
         2.0, ge=0, le=10, description="after a fit that searched or was given the axis (no starting alignment), "
-        "score candidate tilt axes within +- this many degrees of the fitted one by the sharpness of the FBP "
-        "with the fitted shifts (icetide.start.refine_tilt_axis) and, when the sharpest lies 0.25 degrees "
-        "or more away, fit again from the fitted alignment about it; 0 = off",
+        "refine the tilt axis by the sharpness of the FBP with the fitted shifts (icetide.start.refine_tilt_axis): "
+        "its lateral position (a shift across it common to every view, within 8 % of the width) and its "
+        "direction within +- this many degrees of the fitted one; when either moves (by 1 pixel of the search's "
+        "binning, or 0.25 degrees), fit again from the fitted alignment so corrected; 0 = off",
     )
     local_grid: tuple[int, int] = (10, 10)
     local_interpolation: Literal["bicubic", "bilinear"] = "bicubic"

@@ -29,7 +29,7 @@ from .recon import _as_series, _check_angles
 
 __all__ = [
     "coarse_alignment", "coarse_shifts", "estimate_tilt_axis", "estimate_tilt_axis_by_sharpness", "refine_by_projection_matching",
-    "refine_tilt_axis_by_sharpness", "sharpness",
+    "refine_axis_offset_by_sharpness", "refine_tilt_axis_by_sharpness", "sharpness",
 ]
 
 # High-pass: an inverted Gaussian whose sigma is this many cycles per image (along the shorter side). It
@@ -50,6 +50,8 @@ SHARPNESS_FIT_DEG = 1.5
 # The sharpness must peak: a parabola over the whole search range explains at least this fraction of its variance
 # (0.96-0.99 with gold beads, real or simulated; 0.1-0.75, or an upward parabola, for specimens without them).
 SHARPNESS_MIN_R2 = 0.8
+# The lateral offset search peaks when both ends of its range score at least this much (relative) below the best.
+OFFSET_MIN_DROP = 0.02
 # Pixels per chunk of image pairs processed at once, to bound memory on large images.
 CHUNK_PIXELS = 1 << 24
 
@@ -390,22 +392,65 @@ def refine_tilt_axis_by_sharpness(
     return {**_sharpest(candidates, np.asarray(scores), fitted), "fitted_axis_deg": fitted}
 
 
-def _sharpest(candidates: np.ndarray, scores: np.ndarray, start_deg: float) -> dict:
-    """The axis estimate from the sharpness ``scores`` of ``candidates`` (degrees, evenly spaced about
-    ``start_deg``): a least-squares parabola through the candidates within :data:`SHARPNESS_FIT_DEG` of the
-    best, kept within the range; ``peaked`` and ``parabola_r2`` as :func:`estimate_tilt_axis_by_sharpness`
-    describes them."""
+def refine_axis_offset_by_sharpness(
+    images: np.ndarray | torch.Tensor,
+    deformations,
+    search_px: float,
+    step_px: float = 1.0,
+    thickness: int | None = None,
+) -> dict:
+    """The lateral position of the tilt axis, as a shift across it common to every view (pixels of ``images``),
+    that gives the sharpest tomogram (:func:`sharpness`) with the shifts and rotations of a fitted alignment.
+
+    A shift ``c`` across the axis in every view (added to each ``tau_m``'s first component, in the frame the
+    rotations turn the axis into) is not a translation of the specimen: the gauge is ``dx cos(theta) + dz
+    sin(theta)``, so what is left, ``c (1 - cos(theta))`` up to the gauge, moves every feature by up to
+    ``c / 2`` at 60 degrees. Its signal in the images is that small difference, against a translation of the
+    whole volume that nearly mimics it, so a fit moves it slowly, while the blur it leaves on dense features
+    (gold beads) is plain. Candidates ``k step_px`` within ``+-search_px``; the local fields are left out.
+    Returns ``{"offset_px", "candidates_px", "sharpness", "peaked", "parabola_r2"}``; ``peaked``: the best
+    candidate lies inside the range and both ends score at least :data:`OFFSET_MIN_DROP` (relative) below it.
+    """
+    import copy
+
+    series = _checked_series(images)
+    angles = _check_angles(deformations.tilt_angles_deg, series.shape[0])
+    if not (search_px > 0 and step_px > 0):
+        raise IcetideError("the tilt-axis offset search needs a positive range and step")
+    thickness = thickness or max(8, min(series.shape[1:]) // 2)
+    candidates = _axis_candidates(0.0, search_px, step_px)
+    scores = []
+    for offset in candidates:
+        trial = copy.deepcopy(deformations)
+        trial.shifts_px = deformations.shifts_px + np.array([offset, 0.0])
+        trial.local_px = np.zeros_like(deformations.local_px)
+        scores.append(sharpness(series, angles, trial, thickness))
+    scores = np.asarray(scores)
+    found = _sharpest(candidates, scores, 0.0, 1.5 * step_px)
+    # A lateral error blurs every bead, so the curve falls steeply on both sides of its peak and then flattens:
+    # no parabola fits the whole range. Peaked here: the best candidate inside the range and both ends of the
+    # range at least OFFSET_MIN_DROP (relative) below it.
     best = int(np.argmax(scores))
-    near = np.abs(candidates - candidates[best]) <= SHARPNESS_FIT_DEG + 1e-9
+    drop = (scores[best] - max(scores[0], scores[-1])) / max(abs(float(scores[best])), 1e-300)
+    found["peaked"] = bool(0 < best < len(scores) - 1 and drop >= OFFSET_MIN_DROP)
+    return {"offset_px": found.pop("tilt_axis_angle_deg"), "candidates_px": found.pop("candidates_deg"), **found}
+
+
+def _sharpest(candidates: np.ndarray, scores: np.ndarray, start: float, fit_halfwidth: float = SHARPNESS_FIT_DEG) -> dict:
+    """The estimate from the sharpness ``scores`` of ``candidates`` (evenly spaced about ``start``): a
+    least-squares parabola through the candidates within ``fit_halfwidth`` of the best, kept within the range;
+    ``peaked`` and ``parabola_r2`` as :func:`estimate_tilt_axis_by_sharpness` describes them."""
+    best = int(np.argmax(scores))
+    near = np.abs(candidates - candidates[best]) <= fit_halfwidth + 1e-9
     estimate = float(candidates[best])
     if near.sum() >= 3:
         a, b, _ = np.polyfit(candidates[near] - candidates[best], scores[near], 2)
         if a < 0:
-            estimate += float(np.clip(-b / (2 * a), -SHARPNESS_FIT_DEG, SHARPNESS_FIT_DEG))
+            estimate += float(np.clip(-b / (2 * a), -fit_halfwidth, fit_halfwidth))
     estimate = float(np.clip(estimate, candidates[0], candidates[-1]))
     # How clearly the sharpness peaks: a parabola over the whole range, its curvature and explained variance.
-    whole = np.polyfit(candidates - start_deg, scores, 2)
-    explained = 1 - float(np.var(scores - np.polyval(whole, candidates - start_deg))) / max(float(np.var(scores)), 1e-300)
+    whole = np.polyfit(candidates - start, scores, 2)
+    explained = 1 - float(np.var(scores - np.polyval(whole, candidates - start))) / max(float(np.var(scores)), 1e-300)
     return {"tilt_axis_angle_deg": estimate, "candidates_deg": candidates.tolist(), "sharpness": scores.tolist(),
             "peaked": bool(whole[0] < 0 and explained >= SHARPNESS_MIN_R2), "parabola_r2": explained}
 

@@ -252,6 +252,11 @@ def summary_lines(report: dict) -> list[str]:
         found = report["tilt_axis_search"]
         lines.append(f"tilt axis: {found['estimate_deg']:.2f} deg from the image Y axis "
                      + ("(used)" if found["used"] else f"(not used: {found.get('note', 'see report.json')})"))
+    if "tilt_axis_refinement" in report and "estimate_deg" in report["tilt_axis_refinement"]:
+        refined = report["tilt_axis_refinement"]
+        lines.append(f"tilt axis after the fit: {refined['estimate_deg']:.2f} deg, "
+                     f"{refined['offset_px'] if refined['offset_used'] else 0.0:+.1f} px across it "
+                     + ("(fitted again from there)" if refined["used"] else f"({refined['note']})"))
     if "start_check" in report:
         check = report["start_check"]
         lines.append(f"alignment: kept the {'fitted' if check['kept'] == 'fit' else 'starting'} one (even/odd FSC "
@@ -388,7 +393,8 @@ def _fit_and_write(
         refit_config = _remaining_budget(config, timings["fit_s"], refinement) if start is not None else None
         _add_time(timings, "axis_refine_s", t0)
         if refit_config is not None:
-            phase(f"fitting again about the tilt axis at {refinement['estimate_deg']:.2f} deg")
+            phase(f"fitting again about the tilt axis at {refinement['estimate_deg']:.2f} deg, "
+                  f"{refinement['offset_px'] if refinement['offset_used'] else 0.0:+.1f} px across it")
             if writer:
                 write_deformations(refit_start, start)
                 ckpt.unlink(missing_ok=True)  # the first fit's: a resumed run continues the second

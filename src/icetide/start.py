@@ -19,8 +19,8 @@ from .deform import Deformations, gauge_shifts, remove_gauge
 from .geometry import default_thickness
 from .intensity import fit_contrast, has_levels
 from .prealign import (
-    coarse_alignment, estimate_tilt_axis, estimate_tilt_axis_by_sharpness, refine_by_projection_matching,
-    refine_tilt_axis_by_sharpness,
+    coarse_alignment, estimate_tilt_axis, estimate_tilt_axis_by_sharpness, refine_axis_offset_by_sharpness,
+    refine_by_projection_matching, refine_tilt_axis_by_sharpness,
 )
 from .recon import align_series, fbp, standardised
 
@@ -38,9 +38,12 @@ CENTRE_BLUR_PX = 2.0
 # wide), as long as they keep AXIS_SEARCH_MIN_SIDE_PX pixels per side.
 AXIS_SEARCH_PIXEL_A = 20.0
 AXIS_SEARCH_MIN_SIDE_PX = 80
-# The tilt-axis refinement proposes a second fit when its estimate differs from the fitted axis by at least this
-# (degrees).
+# The tilt-axis refinement proposes a second fit when its estimate of the axis' direction differs from the fitted
+# one by at least AXIS_REFIT_MIN_DEG (degrees), or its estimate of the axis' lateral position (searched within
+# +-AXIS_OFFSET_RANGE of the width) by at least AXIS_OFFSET_MIN_PX (pixels of the search's binning).
 AXIS_REFIT_MIN_DEG = 0.25
+AXIS_OFFSET_RANGE = 0.08
+AXIS_OFFSET_MIN_PX = 1.0
 # How much higher (relative) the start's even/odd score must be for the start to replace the fit's alignment.
 START_MARGIN = 0.02
 
@@ -222,28 +225,39 @@ def coarse_start(series: TiltSeries, config: ReconstructConfig) -> Deformations:
 def refine_tilt_axis(
     raw: TiltSeries, config: ReconstructConfig, fitted: Deformations
 ) -> tuple[Deformations | None, dict]:
-    """The start of a second fit about a better tilt axis, or None, and the report entry.
+    """The start of a second fit about a better placed tilt axis, or None, and the report entry.
 
-    :func:`icetide.prealign.refine_tilt_axis_by_sharpness` scores candidate axes within
-    ``+-config.deform.axis_refine_deg`` of the one in ``fitted`` (a fit's deformations of ``raw``, the axis in
-    their rotations) with the fitted shifts, on ``raw`` binned as the tilt-axis search bins it and seen as the
-    fit sees it (:func:`contrast_series`). A fit started from a coarse alignment about a wrong axis absorbs
-    part of the error into its shifts and ends with both wrong; with the axis found here and ``fitted`` as the
-    start, a second fit ends nearer both (docs/RESULTS.md). The estimate is used when the sharpness peaks inside
-    the range and differs from the fitted axis by at least :data:`AXIS_REFIT_MIN_DEG`; the start is ``fitted``
-    with that axis in place of its own (per-tilt rotations, shifts and local fields kept)."""
+    On ``raw`` binned as the tilt-axis search bins it and seen as the fit sees it (:func:`contrast_series`),
+    with the shifts and rotations of ``fitted`` (a fit's deformations of ``raw``, the axis in their rotations):
+    first the axis' lateral position, a shift across it common to every view within
+    ``+-`` :data:`AXIS_OFFSET_RANGE` of the width (:func:`icetide.prealign.refine_axis_offset_by_sharpness`),
+    then its direction within ``+-config.deform.axis_refine_deg`` of the fitted one
+    (:func:`icetide.prealign.refine_tilt_axis_by_sharpness`), each by the sharpness of the FBP. Either is
+    nearly invisible to the fit's pixel loss once the volume has formed about it (a coarse alignment about a
+    wrong axis hides part of the error in its shifts), while the blur it leaves on gold beads is plain; a second
+    fit started from the corrected alignment ends nearer both (docs/RESULTS.md). Each estimate is used when the
+    sharpness peaks inside its range and it moves the axis by at least :data:`AXIS_OFFSET_MIN_PX` (binned
+    pixels) or :data:`AXIS_REFIT_MIN_DEG`; the start is ``fitted`` with the offset added to its shifts and the
+    new direction in place of its own (per-tilt rotations, shifts and local fields otherwise kept)."""
     factor = axis_search_bin(raw)
     binned = raw.binned(factor) if factor > 1 else raw
     images = contrast_series(binned, config)[0].whole()
-    scaled = fitted.scaled(1 / factor, binned.shape) if factor > 1 else fitted
+    scaled = fitted.scaled(1 / factor, binned.shape) if factor > 1 else copy.deepcopy(fitted)
+    thickness = config.thickness or default_thickness(raw.shape)
+    entry: dict = {"measure": "sharpness with the fitted shifts (icetide.prealign.refine_axis_offset_by_sharpness, "
+                   "refine_tilt_axis_by_sharpness)", "bin": factor}
+    # The lateral position first: its error, tens of pixels on a thick specimen, blurs more than the direction's.
+    reach = max(1.0, round(AXIS_OFFSET_RANGE * binned.shape[1]))
+    step = max(1.0, round(reach / 10))
+    moved = _offset_used(refine_axis_offset_by_sharpness(images, scaled, reach, step, thickness), reach, entry)
+    offset = moved * factor
+    scaled.shifts_px = scaled.shifts_px + np.array([moved, 0.0])
     search = config.deform.axis_refine_deg
-    found = refine_tilt_axis_by_sharpness(images, scaled, search, min(0.5, search / 4),
-                                          config.thickness or default_thickness(raw.shape))
+    found = refine_tilt_axis_by_sharpness(images, scaled, search, min(0.5, search / 4), thickness)
     estimate, before = found["tilt_axis_angle_deg"], found["fitted_axis_deg"]
     best = found["candidates_deg"][int(np.argmax(found["sharpness"]))]
-    entry = {"measure": "sharpness with the fitted shifts (icetide.prealign.refine_tilt_axis_by_sharpness)",
-             "fitted_deg": before, "estimate_deg": estimate, "candidates_deg": found["candidates_deg"],
-             "sharpness": found["sharpness"], "parabola_r2": found["parabola_r2"], "bin": factor}
+    entry.update(fitted_deg=before, estimate_deg=estimate, candidates_deg=found["candidates_deg"],
+                 sharpness=found["sharpness"], parabola_r2=found["parabola_r2"])
     if abs(best - before) >= search - 1e-9:
         note = "the best candidate lies at the edge of the range"
     elif not found["peaked"]:
@@ -251,7 +265,35 @@ def refine_tilt_axis(
     elif abs(estimate - before) < AXIS_REFIT_MIN_DEG:
         note = f"within {AXIS_REFIT_MIN_DEG} deg of the fitted axis"
     else:
-        start = copy.deepcopy(fitted)
+        note = None
+    entry["direction_used"] = note is None
+    if note is not None:
+        entry["direction_note"] = note
+    if not (entry["direction_used"] or entry["offset_used"]):
+        return None, {**entry, "used": False, "note": "neither the axis' position nor its direction moved: no second fit"}
+    start = copy.deepcopy(fitted)
+    start.shifts_px = fitted.shifts_px + np.array([offset, 0.0])
+    if entry["direction_used"]:
         start.angles_deg = fitted.angles_deg + before - estimate
-        return start, {**entry, "used": True}
-    return None, {**entry, "used": False, "note": note + ": no second fit"}
+    else:
+        entry["estimate_deg"] = before
+    return start, {**entry, "used": True}
+
+
+def _offset_used(found: dict, reach: float, entry: dict) -> float:
+    """The lateral offset of :func:`icetide.prealign.refine_axis_offset_by_sharpness` to apply (binned pixels;
+    0 when not trusted), its part of the report ``entry`` filled in."""
+    best = found["candidates_px"][int(np.argmax(found["sharpness"]))]
+    entry.update(offset_px=found["offset_px"] * entry["bin"], offset_candidates_px=found["candidates_px"],
+                 offset_sharpness=found["sharpness"], offset_parabola_r2=found["parabola_r2"])
+    if abs(best) >= reach - 1e-9:
+        note = "the best candidate lies at the edge of the range"
+    elif not found["peaked"]:
+        note = "the sharpness does not peak over the range"
+    elif abs(found["offset_px"]) < AXIS_OFFSET_MIN_PX:
+        note = f"within {AXIS_OFFSET_MIN_PX} px of the fitted position"
+    else:
+        entry["offset_used"] = True
+        return found["offset_px"]
+    entry.update(offset_used=False, offset_note=note)
+    return 0.0
