@@ -408,8 +408,9 @@ def refine_axis_offset_by_sharpness(
     ``c / 2`` at 60 degrees. Its signal in the images is that small difference, against a translation of the
     whole volume that nearly mimics it, so a fit moves it slowly, while the blur it leaves on dense features
     (gold beads) is plain. Candidates ``k step_px`` within ``+-search_px``; the local fields are left out.
-    Returns ``{"offset_px", "candidates_px", "sharpness", "peaked", "parabola_r2"}``; ``peaked``: the best
-    candidate lies inside the range and both ends score at least :data:`OFFSET_MIN_DROP` (relative) below it.
+    Returns ``{"offset_px", "candidates_px", "sharpness", "peaked", "parabola_r2"}``; ``peaked``: a parabola
+    through all candidates curves down, the best candidate lies inside the range and both ends score at least
+    :data:`OFFSET_MIN_DROP` (relative) below it.
     """
     import copy
 
@@ -428,11 +429,12 @@ def refine_axis_offset_by_sharpness(
     scores = np.asarray(scores)
     found = _sharpest(candidates, scores, 0.0, 1.5 * step_px)
     # A lateral error blurs every bead, so the curve falls steeply on both sides of its peak and then flattens:
-    # no parabola fits the whole range. Peaked here: the best candidate inside the range and both ends of the
-    # range at least OFFSET_MIN_DROP (relative) below it.
+    # a parabola need not explain much of it, but must curve down. Without beads the most extreme voxels are
+    # the streaks a misalignment makes, and the curve has its minimum near the fitted position instead.
     best = int(np.argmax(scores))
     drop = (scores[best] - max(scores[0], scores[-1])) / max(abs(float(scores[best])), 1e-300)
-    found["peaked"] = bool(0 < best < len(scores) - 1 and drop >= OFFSET_MIN_DROP)
+    curves_down = np.polyfit(candidates, scores, 2)[0] < 0
+    found["peaked"] = bool(curves_down and 0 < best < len(scores) - 1 and drop >= OFFSET_MIN_DROP)
     return {"offset_px": found.pop("tilt_axis_angle_deg"), "candidates_px": found.pop("candidates_deg"), **found}
 
 
