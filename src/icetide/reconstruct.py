@@ -254,9 +254,12 @@ def summary_lines(report: dict) -> list[str]:
                      + ("(used)" if found["used"] else f"(not used: {found.get('note', 'see report.json')})"))
     if "tilt_axis_refinement" in report and "estimate_deg" in report["tilt_axis_refinement"]:
         refined = report["tilt_axis_refinement"]
-        lines.append(f"tilt axis after the fit: {refined['estimate_deg']:.2f} deg, "
-                     f"{refined['offset_px'] if refined['offset_used'] else 0.0:+.1f} px across it "
-                     + ("(fitted again from there)" if refined["used"] else f"({refined['note']})"))
+        if refined["used"]:
+            lines.append(f"tilt axis after the fit: {refined['estimate_deg']:.2f} deg, "
+                         f"{refined['offset_px'] if refined['offset_used'] else 0.0:+.1f} px across it "
+                         "(fitted again from there)")
+        else:
+            lines.append(f"tilt axis after the fit: kept at {refined['fitted_deg']:.2f} deg ({refined['note']})")
     if "start_check" in report:
         check = report["start_check"]
         lines.append(f"alignment: kept the {'fitted' if check['kept'] == 'fit' else 'starting'} one (even/odd FSC "
