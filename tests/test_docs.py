@@ -1,6 +1,6 @@
 """The docs follow the code: docs/CLI.md and docs/CONFIGURATION.md are exactly what tools/cli_reference.py and
-tools/config_reference.py write, they cover every option and setting, and every icetide command the front-page
-docs show uses options the command has."""
+tools/config_reference.py write, they cover every option and setting, every icetide command the front-page
+docs show uses options the command has, and the docs and the code refer only to documents in the repository."""
 
 import importlib.util
 import re
@@ -123,3 +123,44 @@ def test_front_page_is_short_and_self_contained():
         text = doc.read_text()
         for internal in ("DESIGN.md", "../shared", "shared/data"):
             assert internal not in text, f"{doc.name} refers to {internal}"
+
+
+# A design document that is not part of the repository; the code and the docs cite docs/ instead.
+OUTSIDE_DOCUMENT = "DESIGN.md"
+# Where a reference to it could be written (and README.md).
+REFERRING_TREES = ("src", "tests", "tools", "benchmarks", "docs")
+# A markdown link or image: ](target), the target up to a space or the closing parenthesis.
+LINK = re.compile(r"\]\(([^)\s]+)")
+
+
+def _repository_files():
+    """README.md and every file under :data:`REFERRING_TREES` but this one, compiled Python and package metadata."""
+    here = Path(__file__).resolve()
+    yield README
+    for tree in REFERRING_TREES:
+        for path in sorted((ROOT / tree).rglob("*")):
+            parts = path.relative_to(ROOT).parts
+            generated = any(part == "__pycache__" or part.endswith(".egg-info") for part in parts)
+            if path.is_file() and not generated and path.resolve() != here:
+                yield path
+
+
+def test_no_reference_to_a_document_outside_the_repository():
+    files = list(_repository_files())
+    assert len(files) > 100
+    citing = [str(p.relative_to(ROOT)) for p in files if OUTSIDE_DOCUMENT.encode() in p.read_bytes()]
+    assert not citing, f"{OUTSIDE_DOCUMENT} is not in the repository; cite docs/ instead in: {', '.join(citing)}"
+
+
+def test_relative_links_point_at_files_in_the_repository():
+    checked = 0
+    for doc in [README, *sorted((ROOT / "docs").rglob("*.md"))]:
+        for target in LINK.findall(doc.read_text()):
+            if target.startswith("#") or re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", target):
+                continue  # an anchor in the same page, or a URL (https:, mailto:)
+            path = (doc.parent / target.split("#", 1)[0]).resolve()
+            where = f"{doc.relative_to(ROOT)}: ]({target})"
+            assert path.is_relative_to(ROOT), f"{where} points outside the repository"
+            assert path.exists(), f"{where} points at nothing"
+            checked += 1
+    assert checked > 30

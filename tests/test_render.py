@@ -134,8 +134,9 @@ def test_slab_padding_covers_the_rays_of_the_highest_tilt():
 
 @pytest.mark.parametrize("renderer", ["lattice", "rays"])
 def test_an_unbounded_slab_projects_to_thickness_over_cos_at_every_pixel(renderer):
-    """A constant slab of thickness t: every pixel sees t / cos(theta) with the padded box (DESIGN.md), while the
-    detector-sized box loses the rays that leave it through its sides at high tilt."""
+    """A constant slab of thickness t: every pixel sees t / cos(theta) with the padded box (docs/CONVENTIONS.md
+    "Lateral extent of the specimen"), while the detector-sized box loses the rays that leave it through its sides at
+    high tilt."""
     from icetide.geometry import slab_padding_px
 
     nz, ny, nx = 16, 8, 32

@@ -1,4 +1,7 @@
-"""Simulation: phantoms, random deformations, ray-integrated projection, noise (DESIGN.md protocol)."""
+"""Simulation: phantoms, random deformations, ray-integrated projection, noise.
+
+The protocol: docs/CONVENTIONS.md "Simulation protocol".
+"""
 
 import math
 

@@ -264,14 +264,17 @@ report = reconstruct(series, ReconstructConfig(thickness=48), out_dir)  # the CL
 | `icetide.demo` | the built-in demonstration |
 | `icetide.cli` | the `icetide` command |
 
+How a reconstruction flows through these modules, every module, and where a change goes:
+[ARCHITECTURE.md](ARCHITECTURE.md).
+
 ## Commands
 """
 
 
 def _paragraphs(help_text: str) -> list[str]:
-    """The help's paragraphs, each on one line; paragraphs that point at internal design notes are left out."""
+    """The help's paragraphs, each on one line."""
     paragraphs = [" ".join(p.split()) for p in (help_text or "").strip().split("\n\n")]
-    return [p for p in paragraphs if p and "DESIGN.md" not in p]
+    return [p for p in paragraphs if p]
 
 
 def command_reference(name: str, command) -> list[str]:

@@ -3,7 +3,7 @@
 Pure math on arrays; file syntax lives in :mod:`icetide.io`. Only the global part of the model travels
 (shift ``tau`` and in-plane rotation ``alpha``); local fields are neither exported nor imported.
 
-icetide (DESIGN.md section 2): an observed pixel at centred coordinates ``x = (u, v)``
+icetide (docs/CONVENTIONS.md "Deformation model"): an observed pixel at centred coordinates ``x = (u, v)``
 (``u = column - (nx-1)/2``, ``v = row - (ny-1)/2``) shows the ideal projection at ``x' = R(alpha) x - tau``,
 so the aligned image is ``a(x') = y(R(-alpha)(x' + tau))``.
 
@@ -26,7 +26,7 @@ RELION-5 (definition read from RELION's ``TomoBackprojectProgram::getProjectMatr
 the tilt-image pixel index ``p = S(c_img) S(s) Rz(ZRot) Ry(YTilt) Rx(XTilt) S(-c_vol) X`` with
 ``c_vol = (int(w/2), int(h/2), int(d/2))``, ``c_img = (int(nx/2), int(ny/2))``, ``s`` = the shifts in
 Angstrom divided by the tilt-series pixel size, and right-handed rotations in degrees (gravis
-``rotation(axis, angle)``), so ``Ry(t)`` gives ``u = x cos t + z sin t`` as in DESIGN.md. With ``XTilt = 0``
+``rotation(axis, angle)``), so ``Ry(t)`` gives ``u = x cos t + z sin t`` as in docs/CONVENTIONS.md. With ``XTilt = 0``
 and RELION's ``c_vol`` taken as icetide's specimen origin, this equals icetide's
 ``p = (n-1)/2 + R(-alpha)(P_theta X + tau)`` when ``YTilt = theta``, ``ZRot = -alpha`` and
 ``s = R(-alpha) tau - delta`` with

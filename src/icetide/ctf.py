@@ -8,12 +8,12 @@ Conventions (docs/CONVENTIONS.md "CTF"):
   ``CTF(k) = sin(chi(k) + arcsin(A))`` with ``chi(k) = pi lambda df k^2 - pi/2 Cs lambda^3 k^4``, so
   ``CTF(0) = A`` (the amplitude contrast) and the first lobe is positive. Raw cryo-EM images (density dark) are
   the negative of that and are inverted (``reconstruct --invert``) like any other dark-on-light data.
-- A tilted specimen is not at one defocus: a point at height ``t`` along the beam (voxel units, DESIGN.md
-  frame: ``t = -x sin(theta) + z cos(theta)``) is at ``df + hand * t * pixel``. ``hand = +1`` puts the
-  electron source on the ``+t`` side (points further from the lens are further underfocus). A point of the
-  specimen's mid-plane seen at ``d`` pixels from the tilt axis (``d = u cos(psi) + v sin(psi)``, ``psi``
-  the tilt-axis angle on the image) has ``t = -d tan(theta)``; a point ``z_c`` above the mid-plane adds
-  ``z_c / cos(theta)``. The defocus a CTF fit reports for a tilt is the one on the tilt axis.
+- A tilted specimen is not at one defocus: a point at height ``t`` along the beam (voxel units, the frame of
+  docs/CONVENTIONS.md: ``t = -x sin(theta) + z cos(theta)``) is at ``df + hand * t * pixel``. ``hand = +1`` puts the
+  electron source on the ``+t`` side (points further from the lens are further underfocus). A point of the specimen's
+  mid-plane seen at ``d`` pixels from the tilt axis (``d = u cos(psi) + v sin(psi)``, ``psi`` the tilt-axis angle on
+  the image) has ``t = -d tan(theta)``; a point ``z_c`` above the mid-plane adds ``z_c / cos(theta)``. The defocus a
+  CTF fit reports for a tilt is the one on the tilt axis.
 
 A filter whose defocus varies across the image is applied as IMOD's ``ctfphaseflip`` does in strips, but with
 the strips replaced by interpolation: the image is filtered at defocus values spaced so that the CTF phase at
@@ -150,8 +150,9 @@ def defocus_offsets_A(
 ) -> torch.Tensor:
     """Defocus of every pixel relative to the tilt's nominal defocus, ``(ny, nx)`` float64, Angstrom.
 
-    ``hand * pixel * (-d tan(theta) + height / cos(theta))`` with ``d`` the pixel's distance from the tilt axis
-    (DESIGN.md detector frame) and ``height_vox`` the specimen height above its mid-plane (module docstring).
+    ``hand * pixel * (-d tan(theta) + height / cos(theta))`` with ``d`` the pixel's distance from the tilt axis (the
+    detector frame of docs/CONVENTIONS.md) and ``height_vox`` the specimen height above its mid-plane (module
+    docstring).
     """
     ny, nx = shape
     v = (torch.arange(ny, dtype=torch.float64, device=device) - (ny - 1) / 2)[:, None]

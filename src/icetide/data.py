@@ -14,7 +14,7 @@ __all__ = ["InputStack", "TiltSeries"]
 
 @dataclass
 class TiltSeries:
-    """A tilt series in DESIGN.md conventions.
+    """A tilt series in icetide's conventions (docs/CONVENTIONS.md).
 
     ``images``: float32 ``(n_tilts, ny, nx)`` in stack order; ``tilt_angles_deg``: ``(n_tilts,)``;
     ``pixel_size_A``: Angstrom per pixel (``None`` if unknown); ``tilt_axis_angle_deg``: the tilt axis'

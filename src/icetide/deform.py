@@ -1,4 +1,4 @@
-"""The per-tilt deformation model (paper eq. 1-5, DESIGN.md section 2).
+"""The per-tilt deformation model (paper eq. 1-5, docs/CONVENTIONS.md "Deformation model").
 
 For tilt ``m`` and detector coordinates ``x = (u, v)`` in pixels, the observed image is
 

@@ -1,9 +1,9 @@
 """The built-in demonstration: simulate a tilt series with known truth, reconstruct it, compare and report.
 
-Needs no data: the phantom is generated (:func:`icetide.simulate.crowded_phantom` with Gaussian-blob proteins).
-The series follows DESIGN.md's simulation protocol (paper deformation profile, 10 dB, 41 tilts) and every
-method of :data:`icetide.experiments.case.METHODS` (icetide, FBP and SIRT of the icetide-aligned series, FBP of
-the raw series, the FBP oracle) is scored against the same truth by :func:`icetide.experiments.case.run_case`.
+Needs no data: the phantom is generated (:func:`icetide.simulate.crowded_phantom` with Gaussian-blob proteins). The
+series follows the simulation protocol of docs/CONVENTIONS.md (paper deformation profile, 10 dB, 41 tilts) and every
+method of :data:`icetide.experiments.case.METHODS` (icetide, FBP and SIRT of the icetide-aligned series, FBP of the
+raw series, the FBP oracle) is scored against the same truth by :func:`icetide.experiments.case.run_case`.
 """
 
 from __future__ import annotations

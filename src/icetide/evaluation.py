@@ -1,4 +1,6 @@
-"""Score several reconstructions against one truth by one procedure and write the figures (DESIGN.md "Evaluation").
+"""Score several reconstructions against one truth by one procedure and write the figures.
+
+The procedure: docs/CONVENTIONS.md "Evaluation".
 
 Shared by ``icetide evaluate`` and ``icetide demo`` so that every number in a table was made the same way.
 """

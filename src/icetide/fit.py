@@ -293,7 +293,7 @@ class Fitter:
             init = Deformations.identity(series.tilt_angles_deg, series.shape, dc.local_grid, dc.local_interpolation)
         self.interpolation = dc.local_interpolation
         start = init.tensors(self.device)
-        # The known tilt-axis direction is part of the in-plane rotation (DESIGN.md): alpha = -psi.
+        # The known tilt-axis direction is part of the in-plane rotation (docs/CONVENTIONS.md): alpha = -psi.
         start["angles_rad"] = start["angles_rad"] - math.radians(series.tilt_axis_angle_deg)
         start["local_px"] = _regrid(start["local_px"], dc.local_grid, series.shape, init.local_interpolation)
         self.start = {k: v.clone() for k, v in start.items()}

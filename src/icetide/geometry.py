@@ -1,4 +1,4 @@
-"""Frames and the single-axis projection geometry (DESIGN.md section 2).
+"""Frames and the single-axis projection geometry (docs/CONVENTIONS.md "Arrays and frames").
 
 Units are pixels of the tilt series (= voxels of the volume). The conventions:
 
@@ -60,7 +60,7 @@ def rotation_y(theta_rad: torch.Tensor | float) -> torch.Tensor:
 
 
 def rotation_2d(alpha_rad: torch.Tensor) -> torch.Tensor:
-    """``R(alpha)`` of DESIGN.md, shape ``alpha.shape + (2, 2)``."""
+    """``R(alpha)`` of docs/CONVENTIONS.md, shape ``alpha.shape + (2, 2)``."""
     c, s = torch.cos(alpha_rad), torch.sin(alpha_rad)
     return torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
 

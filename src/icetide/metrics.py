@@ -1,4 +1,4 @@
-"""Scoring reconstructions and deformations against the truth (DESIGN.md section 2, "Evaluation").
+"""Scoring reconstructions and deformations against the truth (docs/CONVENTIONS.md "Evaluation").
 
 Volumes are numpy arrays ``(nz, ny, nx)``. Every reconstruction is scored the same way: it is registered to
 the truth by the sub-voxel translation that maximises their cross-correlation (no scaling, no other
@@ -112,10 +112,10 @@ def _parabola_peak(values: np.ndarray, index: tuple[int, ...], step: float) -> n
 def register_translation(moving: np.ndarray, reference: np.ndarray, upsample: int = 10) -> np.ndarray:
     """Sub-voxel translation that best aligns ``moving`` onto ``reference`` (maximum cross-correlation).
 
-    The integer peak of the circular cross-correlation (means removed) is refined by evaluating the
-    correlation's Fourier interpolant on a grid of step ``1 / upsample`` voxel over +-0.75 voxel around it,
-    then by a parabola through the best grid point. Returns ``shift_zyx`` ``(ndim,)`` in voxels such that
-    ``apply_translation(moving, shift_zyx)`` matches ``reference``.
+    The integer peak of the circular cross-correlation (means removed) is refined by evaluating the correlation's
+    Fourier interpolant on a grid of step ``1 / upsample`` voxel over ``ceil(0.75 upsample)`` steps either side of it
+    (+-0.8 voxel at the default 10), then by a parabola through the best grid point. Returns ``shift_zyx`` ``(ndim,)``
+    in voxels such that ``apply_translation(moving, shift_zyx)`` matches ``reference``.
     """
     moving, reference = np.asarray(moving, dtype=np.float32), np.asarray(reference, dtype=np.float32)
     _check_same_shape(moving, reference)
@@ -317,7 +317,7 @@ def local_field(d: Deformations, u: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 
 def deformation_errors(true: Deformations, est: Deformations, mesh: int = 32) -> dict:
-    """Errors of estimated deformations against the truth, for the same tilts (DESIGN.md "Evaluation").
+    """Errors of estimated deformations against the truth, for the same tilts (docs/CONVENTIONS.md "Evaluation").
 
     - ``shift_rms_px``: RMS over tilts of ``|r_m|`` where ``r`` is the shift difference ``est - true`` minus
       its best-fitting volume translation ``gauge_translation_xyz_vox`` (:func:`remove_gauge`).
@@ -371,7 +371,7 @@ def edge_taper(shape: tuple[int, ...], width_vox: float) -> np.ndarray:
 
 
 def slab_mask(shape: tuple[int, int, int], thickness: float) -> np.ndarray:
-    """Boolean ``(nz, ny, nx)`` mask of the centred slab ``|z| <= thickness / 2`` (voxels, DESIGN frame)."""
+    """Boolean ``(nz, ny, nx)`` mask of the centred slab ``|z| <= thickness / 2`` (voxels, icetide's frame)."""
     nz = shape[0]
     if not thickness > 0:
         raise IcetideError(f"slab thickness must be positive, got {thickness}")

@@ -3,9 +3,9 @@
 For drifts too large for the joint fit to pull in, :func:`coarse_shifts` measures each tilt's translation
 against its neighbour towards zero tilt and chains the offsets outward from the tilt nearest 0 degrees.
 
-Shifts follow icetide's convention (DESIGN.md section 2, :mod:`icetide.deform`): ``tau_m = [du, dv]`` pixels,
-the observed image is the ideal projection translated by ``+tau_m``, so ``Deformations(shifts_px=...)`` with
-these shifts and :func:`icetide.recon.align_series` undo the drift.
+Shifts follow icetide's convention (:mod:`icetide.deform`, docs/CONVENTIONS.md "Deformation model"):
+``tau_m = [du, dv]`` pixels, the observed image is the ideal projection translated by ``+tau_m``, so
+``Deformations(shifts_px=...)`` with these shifts and :func:`icetide.recon.align_series` undo the drift.
 
 Cosine stretching: a specimen point at ``x`` (thin slab, ``z ~ 0``) projects to ``u = x cos(theta)``. The
 image of the higher ``|theta|`` (the "far" tilt) is stretched along ``u`` about the detector centre by
@@ -154,8 +154,9 @@ def coarse_shifts(
     filter_sigma_px: float = 1.0,
     taper_fraction: float = 0.1,
 ) -> np.ndarray:
-    """Per-tilt shifts ``(M, 2)`` ``[du, dv]`` in pixels in icetide's convention (the `shifts_px` of
-    DESIGN.md: observed image y_m(x) = P[rho](x - tau_m) when there is no rotation/local field), gauge-free.
+    """Per-tilt shifts ``(M, 2)`` ``[du, dv]`` in pixels in icetide's convention (the ``shifts_px`` of
+    :mod:`icetide.deform`: observed image y_m(x) = P[rho](x - tau_m) when there is no rotation/local field),
+    gauge-free.
 
     ``images``: tilt series ``(M, ny, nx)`` in stack order (any intensity scale and offset);
     ``tilt_angles_deg``: ``(M,)``, each within +-90 degrees. Tilts are sorted by angle; starting from the one
@@ -280,8 +281,8 @@ def estimate_tilt_axis(
     max_tilt_deg: float = 60.0,
     margin: float = 0.1,
 ) -> dict:
-    """The tilt axis' direction on the images (degrees counter-clockwise from the image Y axis, DESIGN.md) by
-    the consistency of the profiles along it ("common lines").
+    """The tilt axis' direction on the images (degrees counter-clockwise from the image Y axis, as in
+    docs/CONVENTIONS.md "Deformation model") by the consistency of the profiles along it ("common lines").
 
     Every projection about an axis has the same profile along the axis, the integral across it
     (``int P_theta(u, v) du = int int rho(x, v, z) dx dz``), up to a translation along the axis (drift) and a

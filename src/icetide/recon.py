@@ -1,4 +1,4 @@
-"""Explicit-grid tomography: projector, its exact adjoint, FBP and SIRT (DESIGN.md section 2 geometry).
+"""Explicit-grid tomography: projector, its exact adjoint, FBP and SIRT (geometry: docs/CONVENTIONS.md).
 
 Projection model (distance-driven, the 2-D "box footprint" model of De Man & Basu applied to every ``y`` row):
 at tilt ``theta`` voxel ``(k, j, i)`` projects to detector row ``j`` at ``u = x cos(theta) + z sin(theta)``

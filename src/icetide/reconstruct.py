@@ -1,8 +1,8 @@
 """A whole reconstruction: fit the model to a tilt series and write every output into one folder.
 
 Outputs (``out_dir``): ``tomogram.mrc`` (the implicit volume sampled on the voxel grid, ``(thickness, ny, nx)``,
-DESIGN.md frame), ``deformations.json`` (estimated, gauge removed), ``aligned.mrc`` (the input series with the
-estimated deformations undone), ``tomogram_fbp.mrc`` (FBP of the aligned series), ``alignment.xf`` and
+frame of docs/CONVENTIONS.md), ``deformations.json`` (estimated, gauge removed), ``aligned.mrc`` (the input series
+with the estimated deformations undone), ``tomogram_fbp.mrc`` (FBP of the aligned series), ``alignment.xf`` and
 ``alignment.tlt`` (IMOD, one line per view of the input stack), ``alignment.exclude`` (with views excluded: their
 IMOD list), ``alignment.star`` and ``tomograms.star`` (RELION-5, when the pixel size is known; like ``.xf`` it
 carries the shifts and rotations only, the local fields have no RELION/IMOD equivalent; see

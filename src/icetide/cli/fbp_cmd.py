@@ -170,11 +170,11 @@ def fbp(
 ) -> None:
     """Reconstruct a tilt series with filtered backprojection (default) or SIRT.
 
-    Reads TILT_SERIES (MRC stack) and --angles or --mdoc, leaving out --exclude'd views; optionally undoes per-tilt deformations first (--deformations
-    --xf or --aln; the aligned images are what gets reconstructed). Writes one MRC volume (thickness, ny, nx) in
-    the icetide frame (DESIGN.md) with voxel size = pixel size. FBP weighs each tilt by its angular interval,
-    so a full 180-degree range gives the projected density's units. With --defocus and --pre-exposure the
-    images are phase-flipped and exposure-weighted first, before the alignment is undone. The volume is written
+    Reads TILT_SERIES (MRC stack) and --angles or --mdoc, leaving out --exclude'd views; optionally undoes
+    per-tilt deformations first (--deformations, --xf or --aln; the aligned images are what gets reconstructed). Writes one MRC volume (thickness, ny, nx) in
+    icetide's frame (docs/CONVENTIONS.md) with voxel size = pixel size. FBP weighs each tilt by its angular interval,
+    so a full 180-degree range gives the projected density's units. With --defocus the images are phase-flipped
+    and with --pre-exposure exposure-weighted first, before the alignment is undone. The volume is written
     with density bright unless --polarity input (docs/CONVENTIONS.md "Intensity units").
     """
     from ..ctf import tilt_axis_on_images_deg

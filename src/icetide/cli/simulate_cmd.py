@@ -130,9 +130,10 @@ def simulate(
 ) -> None:
     """Simulate a deformed, noisy tilt series of VOLUME with known truth.
 
-    Follows DESIGN.md "Simulation protocol": the (optionally binned) volume
-    is projected by ray integration at randomly deformed detector coordinates
-    (shift, in-plane rotation, local warp), then i.i.d. Gaussian noise is added.
+    The (optionally binned) volume is projected by ray integration at randomly
+    deformed detector coordinates (shift, in-plane rotation, local warp), then
+    i.i.d. Gaussian noise is added, or Poisson counts drawn with --dose
+    (docs/CONVENTIONS.md "Simulation protocol").
 
     Writes in OUT:
     tilt_series.mrc (noisy, deformed; pixel size = bin x voxel size);

@@ -7,7 +7,7 @@ The methods (the paper's Figs. 4-7 plus SIRT):
 - ``sirt_aligned``: SIRT of the same aligned series;
 - ``fbp_raw``: FBP of the raw, unaligned series;
 - ``fbp_oracle``: FBP of a series with no deformation and its own noise draw at the same level (the best FBP
-  can do; DESIGN.md "Simulation protocol");
+  can do; docs/CONVENTIONS.md "Simulation protocol");
 - ``sirt_oracle``: SIRT of that undeformed series.
 
 Every volume is scored by :func:`icetide.evaluation.evaluate_volumes` (registration to the truth, CC, FSC with
@@ -45,11 +45,11 @@ SIRT_ITERATIONS = 30
 
 @dataclass(frozen=True)
 class Acquisition:
-    """A simulated acquisition: tilts ``tilt_min_deg:tilt_step_deg:tilt_max_deg`` (degrees, inclusive),
-    SNR (dB, DESIGN.md definition), deformation profile and the seed of deformations and noise; with
-    ``dose_per_px``, counting (Poisson) noise at that mean count per pixel instead of the SNR's Gaussian noise;
-    with ``defocus_um``, the CTF at that nominal defocus (:class:`icetide.simulate.Optics` defaults otherwise);
-    with ``exposure_e_per_A2`` > 0, radiation damage from that total exposure."""
+    """A simulated acquisition: tilts ``tilt_min_deg:tilt_step_deg:tilt_max_deg`` (degrees, inclusive), SNR (dB, as
+    defined in docs/CONVENTIONS.md "Simulation protocol"), deformation profile and the seed of deformations and noise;
+    with ``dose_per_px``, counting (Poisson) noise at that mean count per pixel instead of the SNR's Gaussian noise;
+    with ``defocus_um``, the CTF at that nominal defocus (:class:`icetide.simulate.Optics` defaults otherwise); with
+    ``exposure_e_per_A2`` > 0, radiation damage from that total exposure."""
 
     tilt_min_deg: float = -60.0
     tilt_max_deg: float = 60.0

@@ -1,4 +1,4 @@
-"""Phantoms and tilt-series acquisition with known truth (DESIGN.md "Simulation protocol")."""
+"""Phantoms and tilt-series acquisition with known truth (docs/CONVENTIONS.md "Simulation protocol")."""
 
 from .acquire import (
     PROFILES,

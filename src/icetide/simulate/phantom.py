@@ -1,7 +1,7 @@
 """Crowded-cell phantoms with known truth (SHREC'21-like), generated without data files.
 
-A phantom is a float32 volume ``(nz, ny, nx)`` in DESIGN.md conventions, density in about ``[0, 1]``. The
-specimen is the slab ``margin <= k < nz - margin`` of z-slices (``margin = max(1, nz // 16)``); the
+A phantom is a float32 volume ``(nz, ny, nx)`` (docs/CONVENTIONS.md "Arrays and frames"), density in about
+``[0, 1]``. The specimen is the slab ``margin <= k < nz - margin`` of z-slices (``margin = max(1, nz // 16)``); the
 density is zero above and below it. Content, drawn from one ``numpy`` generator seeded by ``seed``:
 
 - membranes: thin shells (about 2.5 voxels FWHM) of randomly oriented ellipsoids, cut by the slab;

@@ -16,7 +16,7 @@ box faces outwards (and has zero gradient with respect to positions there).
 All levels share one flat parameter ``table`` of shape ``(sum of level rows, F)``, initialised uniformly in
 ``+-1e-4``; :attr:`HashEncoding.levels` gives each level's rows.
 
-Speed (DESIGN.md section 5). Points are evaluated by fused kernels where they can run: Triton on CUDA
+Speed (docs/BENCHMARKS.md). Points are evaluated by fused kernels where they can run: Triton on CUDA
 (:mod:`.triton_encoding`), Numba on the CPU (:mod:`.cpu_encoding`); each computes a point's corners, reads
 their features and interpolates without storing anything per corner. Elsewhere (or with ``kernel="torch"``)
 the *PyTorch path* does the same with tensor operations: it evaluates points in chunks (8192 on CPU) whose

@@ -1,4 +1,4 @@
-"""The implicit volume: hash encoding + MLP, a density field over the specimen box (DESIGN.md sections 2, 3)."""
+"""The implicit volume: hash encoding + MLP, a density field over the specimen box (docs/ARCHITECTURE.md)."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ class VolumeConfig:
 
 
 class ImplicitVolume(nn.Module):
-    """Density ``rho(x, y, z)`` over a box of shape ``box_shape_zyx`` (voxel coordinates of DESIGN.md).
+    """Density ``rho(x, y, z)`` over a box of shape ``box_shape_zyx`` (voxel coordinates, docs/CONVENTIONS.md).
 
     Points outside the box get the network's value at the nearest point of the box (the encoding clamps its
     unit coordinates), i.e. the field continues its faces outwards; renderers mask what lies outside.

@@ -1,4 +1,4 @@
-"""The hash encoding's fused GPU kernels, in Triton (DESIGN.md section 3: the optional fused GPU kernel).
+"""The hash encoding's fused GPU kernels, in Triton (the CUDA counterpart of :mod:`.cpu_encoding`).
 
 One program handles ``BLOCK`` points of one level: it computes the 8 corner rows of each point's cell (dense
 row or spatial hash, as :mod:`icetide.volume.encoding` defines them), gathers their ``F`` features straight
