@@ -375,8 +375,6 @@ def refine_tilt_axis_by_sharpness(
     longer hidden under the coarse alignment's own errors, so the measure resolves the axis more finely than
     before the fit. Returns :func:`estimate_tilt_axis_by_sharpness`'s dict plus ``"fitted_axis_deg"``.
     """
-    import copy
-
     series = _checked_series(images)
     angles = _check_angles(deformations.tilt_angles_deg, series.shape[0])
     if not (search_deg > 0 and step_deg > 0):
@@ -384,12 +382,8 @@ def refine_tilt_axis_by_sharpness(
     thickness = thickness or max(8, min(series.shape[1:]) // 2)
     fitted = -float(np.median(deformations.angles_deg))
     candidates = _axis_candidates(fitted, search_deg, step_deg)
-    scores = []
-    for psi in candidates:
-        trial = copy.deepcopy(deformations)
-        trial.angles_deg = deformations.angles_deg + fitted - psi
-        trial.local_px = np.zeros_like(deformations.local_px)
-        scores.append(sharpness(series, angles, trial, thickness))
+    scores = [_rigid_sharpness(series, angles, deformations, thickness, angles_deg=deformations.angles_deg + fitted - p)
+              for p in candidates]
     return {**_sharpest(candidates, np.asarray(scores), fitted), "fitted_axis_deg": fitted}
 
 
@@ -413,21 +407,16 @@ def refine_axis_offset_by_sharpness(
     through all candidates curves down, the best candidate lies inside the range and both ends score at least
     :data:`OFFSET_MIN_DROP` (relative) below it.
     """
-    import copy
-
     series = _checked_series(images)
     angles = _check_angles(deformations.tilt_angles_deg, series.shape[0])
     if not (search_px > 0 and step_px > 0):
         raise IcetideError("the tilt-axis offset search needs a positive range and step")
     thickness = thickness or max(8, min(series.shape[1:]) // 2)
     candidates = _axis_candidates(0.0, search_px, step_px)
-    scores = []
-    for offset in candidates:
-        trial = copy.deepcopy(deformations)
-        trial.shifts_px = deformations.shifts_px + np.array([offset, 0.0])
-        trial.local_px = np.zeros_like(deformations.local_px)
-        scores.append(sharpness(series, angles, trial, thickness))
-    scores = np.asarray(scores)
+    scores = np.asarray([
+        _rigid_sharpness(series, angles, deformations, thickness, shifts_px=deformations.shifts_px + [offset, 0.0])
+        for offset in candidates
+    ])
     found = _sharpest(candidates, scores, 0.0, 1.5 * step_px)
     # A lateral error blurs every bead, so the curve falls steeply on both sides of its peak and then flattens:
     # a parabola need not explain much of it, but must curve down. Without beads the most extreme voxels are
@@ -437,6 +426,21 @@ def refine_axis_offset_by_sharpness(
     curves_down = np.polyfit(candidates, scores, 2)[0] < 0
     found["peaked"] = bool(curves_down and 0 < best < len(scores) - 1 and drop >= OFFSET_MIN_DROP)
     return {"offset_px": found.pop("tilt_axis_angle_deg"), "candidates_px": found.pop("candidates_deg"), **found}
+
+
+def _rigid_sharpness(series: torch.Tensor, angles, deformations, thickness: int, angles_deg=None,
+                     shifts_px=None) -> float:
+    """:func:`sharpness` of ``series`` aligned by ``deformations`` with its rotations ``angles_deg`` and shifts
+    ``shifts_px`` in place of their own where given, and without its local fields."""
+    import copy
+
+    trial = copy.deepcopy(deformations)
+    if angles_deg is not None:
+        trial.angles_deg = angles_deg
+    if shifts_px is not None:
+        trial.shifts_px = shifts_px
+    trial.local_px = np.zeros_like(deformations.local_px)
+    return sharpness(series, angles, trial, thickness)
 
 
 def _sharpest(candidates: np.ndarray, scores: np.ndarray, start: float, fit_halfwidth: float = SHARPNESS_FIT_DEG) -> dict:

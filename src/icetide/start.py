@@ -258,14 +258,8 @@ def refine_tilt_axis(
     best = found["candidates_deg"][int(np.argmax(found["sharpness"]))]
     entry.update(fitted_deg=before, estimate_deg=estimate, candidates_deg=found["candidates_deg"],
                  sharpness=found["sharpness"], parabola_r2=found["parabola_r2"])
-    if abs(best - before) >= search - 1e-9:
-        note = "the best candidate lies at the edge of the range"
-    elif not found["peaked"]:
-        note = "the sharpness does not peak over the range (no dense features such as gold beads?)"
-    elif abs(estimate - before) < AXIS_REFIT_MIN_DEG:
-        note = f"within {AXIS_REFIT_MIN_DEG} deg of the fitted axis"
-    else:
-        note = None
+    note = _not_moved(best - before, estimate - before, search, found["peaked"], AXIS_REFIT_MIN_DEG,
+                      " (no dense features such as gold beads?)", "deg of the fitted axis")
     entry["direction_used"] = note is None
     if note is not None:
         entry["direction_note"] = note
@@ -286,14 +280,24 @@ def _offset_used(found: dict, reach: float, entry: dict) -> float:
     best = found["candidates_px"][int(np.argmax(found["sharpness"]))]
     entry.update(offset_px=found["offset_px"] * entry["bin"], offset_candidates_px=found["candidates_px"],
                  offset_sharpness=found["sharpness"], offset_parabola_r2=found["parabola_r2"])
-    if abs(best) >= reach - 1e-9:
-        note = "the best candidate lies at the edge of the range"
-    elif not found["peaked"]:
-        note = "the sharpness does not peak over the range"
-    elif abs(found["offset_px"]) < AXIS_OFFSET_MIN_PX:
-        note = f"within {AXIS_OFFSET_MIN_PX} px of the fitted position"
-    else:
-        entry["offset_used"] = True
+    note = _not_moved(best, found["offset_px"], reach, found["peaked"], AXIS_OFFSET_MIN_PX, "",
+                      "px of the fitted position")
+    entry["offset_used"] = note is None
+    if note is None:
         return found["offset_px"]
-    entry.update(offset_used=False, offset_note=note)
+    entry["offset_note"] = note
     return 0.0
+
+
+def _not_moved(best: float, estimate: float, reach: float, peaked: bool, min_move: float, no_peak_hint: str,
+               unit: str) -> str | None:
+    """Why a refinement's estimate is not used (None: it is): its best candidate ``best`` at the edge of the
+    range ``+-reach``, a sharpness that does not peak, or an ``estimate`` within ``min_move`` (``unit``) of the
+    fitted value; ``best`` and ``estimate`` relative to the fitted value."""
+    if abs(best) >= reach - 1e-9:
+        return "the best candidate lies at the edge of the range"
+    if not peaked:
+        return "the sharpness does not peak over the range" + no_peak_hint
+    if abs(estimate) < min_move:
+        return f"within {min_move} {unit}"
+    return None
