@@ -5,7 +5,10 @@ Runs the command of docs/REAL_DATA.md on ``../shared/data/real/empiar10499_00254
 fit's sampling) of the raw stack, of the stack aligned by the published ``00254.xf`` and by icetide's
 ``alignment.xf`` (each applied to the unbinned stack, then binned as the fit was); the bead sharpness of the
 same three (icetide.prealign.sharpness: the 99.99th percentile of the standardised FBP, the gold beads; a
-misalignment blurs them); the mean in-plane rotation of both (the tilt axis, degrees); the RMS difference of icetide's shifts to the published ones after the best
+misalignment blurs them); the gold-bead residual of the two aligned stacks (icetide.beads.track_beads: the
+mean distance, in pixels of the fit's sampling, between each bead as seen and its best 3-D position projected,
+with the stack's alignment as it is, and after the best per-view shifts, and the RMS of those shifts in pixels
+of 10 A); the mean in-plane rotation of both (the tilt axis, degrees); the RMS difference of icetide's shifts to the published ones after the best
 3-D translation (pixels of 10 A); the fit time. Skips (exit 0, a JSON note) when the data are absent.
 
     python benchmarks/real_cryo.py --out real            # fit (at most --max-minutes) + scores
@@ -25,6 +28,7 @@ import numpy as np
 import torch
 
 from icetide.alignment import xf_to_deformations
+from icetide.beads import track_beads
 from icetide.consistency import even_odd_fsc
 from icetide.data import TiltSeries
 from icetide.deform import Deformations, remove_gauge
@@ -129,12 +133,19 @@ def main() -> None:
     curves = {name: score(binned, angles, args.thickness) for name, binned in stacks.items()}
     beads = {name: sharpness(torch.tensor(binned), angles, Deformations.identity(angles, binned.shape[1:]),
                              args.thickness) for name, binned in stacks.items()}
+    residuals = {}
+    for name in ("published .xf", "icetide"):
+        found = track_beads(torch.tensor(stacks[name]), angles, args.thickness)
+        residuals[name] = {k: found.get(k) for k in ("beads", "residual_start_px", "residual_px")}
+        if "shifts_px" in found:  # how far the beads' own shifts lie from this alignment, pixels of 10 A
+            residuals[name]["bead_shifts_rms_px"] = float(np.sqrt((found["shifts_px"] ** 2).sum(1).mean()) * args.bin)
     if args.figure is not None:
         figure(stacks, curves, angles, args.thickness, args.figure)
     result = {
         "command": " ".join(command),
         "fsc_score": {name: curve["score"] for name, curve in curves.items()},
         "bead_sharpness": beads,
+        "bead_residual": residuals,
         "tilt_axis_search": report.get("tilt_axis_search", {}).get("estimate_deg"),
         "tilt_axis_refinement": {k: report.get("tilt_axis_refinement", {}).get(k)
                                  for k in ("used", "offset_px", "offset_used", "estimate_deg", "note")},

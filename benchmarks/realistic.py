@@ -178,6 +178,7 @@ def score(case: Path, info: dict, max_minutes: float, extra: list[str]) -> dict:
         "tilt_axis": {"true_deg": info["truth"]["tilt_axis_deg"], "mdoc_deg": info["truth"]["mdoc_tilt_axis_deg"],
                       "search": report.get("tilt_axis_search"), "refinement": report.get("tilt_axis_refinement")},
         "start_check": report.get("start_check"),
+        "beads": {"refinement": report.get("bead_refinement"), "residual": report.get("bead_residual")},
         "specimen_centre_z_vox": {"true": info["truth"]["specimen_centre_z_vox"],
                                   "icetide": report.get("specimen_centre_z_vox")},
         "fit": {k: report.get(k) for k in ("epochs", "stop_reason", "best_epoch", "fit_seconds")},

@@ -98,7 +98,7 @@ def test_a_fit_about_a_wrong_axis_is_followed_by_one_about_the_refined_axis(tmp_
         out / "refit_start.json").angles_deg))
     assert report["start_check"]["kept"] in ("fit", "start") and report["epochs"] == 2  # the second fit's
     log = (out / LOG_NAME).read_text()
-    assert log.count("epoch 2/2") == 2 and "fitting again about the tilt axis at" in log
+    assert log.count("epoch 2/2") == 2 and "fitting again from the alignment corrected by the tilt axis at" in log
     assert -np.median(read_deformations(out / "deformations.json").angles_deg) == pytest.approx(
         refined["estimate_deg"], abs=0.1)
 

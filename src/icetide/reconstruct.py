@@ -7,8 +7,8 @@ with the estimated deformations undone), ``tomogram_fbp.mrc`` (FBP of the aligne
 IMOD list), ``alignment.star`` and ``tomograms.star`` (RELION-5, when the pixel size is known; like ``.xf`` it
 carries the shifts and rotations only, the local fields have no RELION/IMOD equivalent; see
 :func:`write_alignment_files`), ``config.yaml``, ``report.json``, ``checkpoint.pt``, ``icetide.log``
-(:mod:`icetide.runlog`), and ``refit_start.json`` when the tilt-axis refinement started a second fit
-(:func:`icetide.start.refine_tilt_axis`). With ``fit.half_maps``: ``tomogram_half1.mrc`` and ``tomogram_half2.mrc`` (the two half volumes; ``tomogram.mrc`` is
+(:mod:`icetide.runlog`), and ``refit_start.json`` when the refinements after the first fit (tilt axis, gold
+beads: :func:`icetide.start.refine_tilt_axis`, :func:`icetide.start.refine_by_beads`) started a second fit. With ``fit.half_maps``: ``tomogram_half1.mrc`` and ``tomogram_half2.mrc`` (the two half volumes; ``tomogram.mrc`` is
 their mean) and ``fsc_halves.png/.csv``. The volumes and ``aligned.mrc`` have the polarity ``config.polarity``
 asks for, stated in their MRC header label (:func:`icetide.intensity.output_polarity`).
 """
@@ -44,8 +44,8 @@ from .recon import align_series, fbp
 from .runtime import distributed_rank
 from .runlog import LOG_NAME, changed_settings, epoch_lines, run_log
 from .start import (
-    centre_start, centred_on_specimen, check_against_start, coarse_start, contrast_series, refine_tilt_axis,
-    search_tilt_axis,
+    centre_start, centred_on_specimen, check_against_start, coarse_start, contrast_series, refine_by_beads,
+    refine_tilt_axis, search_tilt_axis,
 )
 from .volume import ImplicitVolume
 
@@ -148,7 +148,7 @@ def write_half_maps(
     }
 
 
-# The tilt-axis refinement's second fit runs when at least this fraction of fit.max_minutes is left.
+# The second fit (after the tilt-axis and bead refinements) runs when at least this fraction of fit.max_minutes is left.
 REFIT_MIN_BUDGET = 0.1
 # The start of that second fit, kept in the output folder (a resumed run continues the second fit from it).
 REFIT_START_NAME = "refit_start.json"
@@ -260,6 +260,14 @@ def summary_lines(report: dict) -> list[str]:
                          "(fitted again from there)")
         else:
             lines.append(f"tilt axis after the fit: kept at {refined['fitted_deg']:.2f} deg ({refined['note']})")
+    if report.get("bead_refinement", {}).get("used"):
+        found = report["bead_refinement"]
+        lines.append(f"gold beads after the fit: {found['beads']} followed, shifts moved by {found['shift_rms_px']:.2f} "
+                     "px RMS (fitted again from there)")
+    if report.get("bead_residual", {}).get("residual_px") is not None:
+        found = report["bead_residual"]
+        lines.append(f"gold-bead residual: {found['residual_px']:.2f} px mean over {found['beads']} beads "
+                     f"({found['solved_residual_px']:.2f} px with the best per-view shifts)")
     if "start_check" in report:
         check = report["start_check"]
         lines.append(f"alignment: kept the {'fitted' if check['kept'] == 'fit' else 'starting'} one (even/odd FSC "
@@ -340,15 +348,48 @@ def _without_axis(series: TiltSeries) -> TiltSeries:
     return moved
 
 
-def _remaining_budget(config: ReconstructConfig, fit_seconds: float, refinement: dict) -> ReconstructConfig | None:
-    """``config`` for the second fit, its ``fit.max_minutes`` what the first left; None (and a note in
-    ``refinement``) when that is under :data:`REFIT_MIN_BUDGET` of the whole."""
+def _after_first_fit(
+    series: TiltSeries, config: ReconstructConfig, stage: _FitStage, timings: dict[str, float],
+    phase: Callable[[str], None],
+) -> tuple[Deformations | None, ReconstructConfig | None, dict | None, dict | None]:
+    """The refinements of the first fit's alignment (tilt axis, gold beads; each as ``config.deform`` asks):
+    the start and settings of a second fit (None, None when none is to run) and their report entries (None when
+    off). Adds to ``timings``."""
+    t0 = time.monotonic()
+    # On the specimen's height: the sharpness FBP's box holds the beads on both of its surfaces.
+    start = centred_on_specimen(stage.fit_series, stage.result.deformations, stage.result.volume.box_shape_zyx[0])[0]
+    used, refinement, beads = [], None, None
+    if config.deform.axis_refine_deg > 0:
+        phase("refining the tilt axis")
+        moved, refinement = refine_tilt_axis(series, config, start)
+        if moved is not None:
+            start = moved
+            used.append((refinement, f"the tilt axis at {refinement['estimate_deg']:.2f} deg, "
+                         f"{refinement['offset_px'] if refinement['offset_used'] else 0.0:+.1f} px across it"))
+    if config.deform.bead_refinement:
+        phase("following the gold beads")
+        moved, beads = refine_by_beads(series, config, start)
+        if moved is not None:
+            start = moved
+            used.append((beads, f"{beads['beads']} gold beads ({beads['shift_rms_px']:.1f} px RMS)"))
+    _add_time(timings, "axis_refine_s", t0)
+    refit_config = _remaining_budget(config, timings["fit_s"], [entry for entry, _ in used]) if used else None
+    if refit_config is None:
+        return None, None, refinement, beads
+    phase("fitting again from the alignment corrected by " + " and ".join(what for _, what in used))
+    return start, refit_config, refinement, beads
+
+
+def _remaining_budget(config: ReconstructConfig, fit_seconds: float, entries: list[dict]) -> ReconstructConfig | None:
+    """``config`` for the second fit, its ``fit.max_minutes`` what the first left; None (and a note in each of
+    the report ``entries`` that asked for it) when that is under :data:`REFIT_MIN_BUDGET` of the whole."""
     budget = config.fit.max_minutes
     if budget is None:
         return config
     left = budget - fit_seconds / 60
     if left < REFIT_MIN_BUDGET * budget:
-        refinement.update(used=False, note="fit.max_minutes spent by the first fit: no second fit")
+        for entry in entries:
+            entry.update(used=False, note="fit.max_minutes spent by the first fit: no second fit")
         return None
     refit = config.model_copy(deep=True)
     refit.fit.max_minutes = left
@@ -376,7 +417,7 @@ def _fit_and_write(
     if init is not None and factor != 1:
         init = init.scaled(1 / factor, series.shape)
     ckpt, refit_start = out_dir / "checkpoint.pt", out_dir / REFIT_START_NAME
-    axis_search = refinement = None
+    axis_search = refinement = beads = None
     if resume and refit_start.is_file():  # the run was in its second fit
         init, series = read_deformations(refit_start, series.shape), _without_axis(series)
         refinement = {"used": True, "note": f"resumed the second fit from {REFIT_START_NAME}"}
@@ -386,18 +427,9 @@ def _fit_and_write(
         series, axis_search = search_tilt_axis(series, config)
         _add_time(timings, "axis_search_s", t0)
     stage = _fit_stage(series, config, init, resume, ckpt, on_epoch, phase, timings)
-    if init is None and not resume and config.deform.axis_refine_deg > 0:
-        t0 = time.monotonic()
-        phase("refining the tilt axis")
-        # On the specimen's height: the sharpness FBP's box holds the beads on both of its surfaces.
-        fitted = centred_on_specimen(stage.fit_series, stage.result.deformations,
-                                     stage.result.volume.box_shape_zyx[0])[0]
-        start, refinement = refine_tilt_axis(series, config, fitted)
-        refit_config = _remaining_budget(config, timings["fit_s"], refinement) if start is not None else None
-        _add_time(timings, "axis_refine_s", t0)
+    if init is None and not resume:
+        start, refit_config, refinement, beads = _after_first_fit(series, config, stage, timings, phase)
         if refit_config is not None:
-            phase(f"fitting again about the tilt axis at {refinement['estimate_deg']:.2f} deg, "
-                  f"{refinement['offset_px'] if refinement['offset_used'] else 0.0:+.1f} px across it")
             if writer:
                 write_deformations(refit_start, start)
                 ckpt.unlink(missing_ok=True)  # the first fit's: a resumed run continues the second
@@ -462,12 +494,18 @@ def _fit_and_write(
     report.update(exported)
     report["polarity"] = {"setting": config.polarity, "input_inverted": input_stack.inverted, "label": label}
     report["bin"] = factor
+    if config.deform.bead_refinement:
+        found = refine_by_beads(raw, config, d)[1]
+        report["bead_residual"] = {key: found.get(key) for key in ("measure", "bin", "beads", "residual_px",
+                                                                   "solved_residual_px")}
     if start_check is not None:
         report["start_check"] = start_check
     if axis_search is not None:
         report["tilt_axis_search"] = axis_search
     if refinement is not None:
         report["tilt_axis_refinement"] = refinement
+    if beads is not None:
+        report["bead_refinement"] = beads
     if half_maps is not None:
         report["half_maps"] = half_maps
     report["input"] = {

@@ -12,6 +12,7 @@ import copy
 import numpy as np
 import torch
 
+from .beads import track_beads
 from .config import ReconstructConfig
 from .consistency import even_odd_fsc
 from .data import TiltSeries
@@ -26,7 +27,7 @@ from .recon import align_series, fbp, standardised
 
 __all__ = [
     "axis_search_bin", "centre_start", "centred_on_specimen", "check_against_start", "coarse_start",
-    "contrast_series", "refine_tilt_axis", "search_tilt_axis", "specimen_centre_z",
+    "contrast_series", "refine_by_beads", "refine_tilt_axis", "search_tilt_axis", "specimen_centre_z",
 ]
 
 # Specimen heights (voxels) within this of the box's middle are left alone: for simulated specimens filling
@@ -44,6 +45,12 @@ AXIS_SEARCH_MIN_SIDE_PX = 80
 AXIS_REFIT_MIN_DEG = 0.25
 AXIS_OFFSET_RANGE = 0.08
 AXIS_OFFSET_MIN_PX = 1.0
+# The bead refinement is used when at least BEAD_MIN_COUNT beads are followed, their residual with the solved
+# shifts is at most BEAD_MAX_RESIDUAL_PX and those shifts move the views by at least BEAD_MIN_MOVE_PX RMS (both
+# in pixels of the search's binning, about 20 A: a bead is a few pixels wide there).
+BEAD_MIN_COUNT = 4
+BEAD_MAX_RESIDUAL_PX = 1.0
+BEAD_MIN_MOVE_PX = 0.5
 # How much higher (relative) the start's even/odd score must be for the start to replace the fit's alignment.
 START_MARGIN = 0.02
 
@@ -239,15 +246,13 @@ def refine_tilt_axis(
     sharpness peaks inside its range and it moves the axis by at least :data:`AXIS_OFFSET_MIN_PX` (binned
     pixels) or :data:`AXIS_REFIT_MIN_DEG`; the start is ``fitted`` with the offset added to its shifts and the
     new direction in place of its own (per-tilt rotations, shifts and local fields otherwise kept)."""
-    factor = axis_search_bin(raw)
-    binned = raw.binned(factor) if factor > 1 else raw
-    images = contrast_series(binned, config)[0].whole()
-    scaled = fitted.scaled(1 / factor, binned.shape) if factor > 1 else copy.deepcopy(fitted)
+    factor, images, scaled = _search_view(raw, config, fitted)
+    binned_shape = images.shape[1:]
     thickness = config.thickness or default_thickness(raw.shape)
     entry: dict = {"measure": "sharpness with the fitted shifts (icetide.prealign.refine_axis_offset_by_sharpness, "
                    "refine_tilt_axis_by_sharpness)", "bin": factor}
     # The lateral position first: its error, tens of pixels on a thick specimen, blurs more than the direction's.
-    reach = max(1.0, round(AXIS_OFFSET_RANGE * binned.shape[1]))
+    reach = max(1.0, round(AXIS_OFFSET_RANGE * binned_shape[1]))
     step = max(1.0, round(reach / 10))
     moved = _offset_used(refine_axis_offset_by_sharpness(images, scaled, reach, step, thickness), reach, entry)
     offset = moved * factor
@@ -272,6 +277,49 @@ def refine_tilt_axis(
     else:
         entry["estimate_deg"] = before
     return start, {**entry, "used": True}
+
+
+def refine_by_beads(raw: TiltSeries, config: ReconstructConfig, d: Deformations) -> tuple[Deformations | None, dict]:
+    """``d`` with the per-view shifts that make the gold beads consistent added, or None when they are not used,
+    and the report entry.
+
+    On ``raw`` binned as the tilt-axis search bins it and seen as the fit sees it (:func:`contrast_series`),
+    aligned by ``d`` (deformations of ``raw``, the axis in their rotations, centred on the specimen's height):
+    :func:`icetide.beads.track_beads` finds the beads in the FBP (``config.thickness`` voxels), follows them
+    through the views and solves the shifts. A fit's pixel loss weighs the whole specimen, whose depth and
+    lateral position it trades against the shifts; the beads, small and dense, pin each view (as fiducials do
+    for IMOD's tiltalign). Used when at least :data:`BEAD_MIN_COUNT` beads are followed, their residual with
+    the shifts is at most :data:`BEAD_MAX_RESIDUAL_PX` and below the residual without, and the shifts move the
+    views by at least :data:`BEAD_MIN_MOVE_PX` RMS. The entry gives ``beads``, ``residual_px`` (the mean bead
+    residual of ``d`` as it is), ``solved_residual_px`` (with the shifts) and ``shift_rms_px``, all in pixels
+    of ``raw``, and ``bin``."""
+    factor, images, scaled = _search_view(raw, config, d)
+    thickness = config.thickness or default_thickness(raw.shape)
+    found = track_beads(align_series(torch.as_tensor(images), scaled), d.tilt_angles_deg, thickness)
+    entry: dict = {"measure": "gold beads followed through the aligned views (icetide.beads.track_beads)",
+                   "bin": factor, "beads": found["beads"]}
+    if found["beads"] < BEAD_MIN_COUNT:
+        return None, {**entry, "used": False, "note": f"fewer than {BEAD_MIN_COUNT} beads followed"}
+    move = float(np.sqrt((found["shifts_px"] ** 2).sum(axis=1).mean()))
+    entry.update(residual_px=found["residual_start_px"] * factor, solved_residual_px=found["residual_px"] * factor,
+                 shift_rms_px=move * factor)
+    if not found["residual_px"] <= min(BEAD_MAX_RESIDUAL_PX, found["residual_start_px"]):
+        return None, {**entry, "used": False, "note": "the beads are not followed consistently"}
+    if move < BEAD_MIN_MOVE_PX:
+        return None, {**entry, "used": False, "note": f"the beads move the views by less than {BEAD_MIN_MOVE_PX} "
+                      "px RMS (at the search's binning)"}
+    moved = copy.deepcopy(d)
+    moved.shifts_px = d.shifts_px + found["shifts_px"] * factor
+    return moved, {**entry, "used": True}
+
+
+def _search_view(raw: TiltSeries, config: ReconstructConfig, d: Deformations) -> tuple[int, np.ndarray, Deformations]:
+    """``raw`` as the refinements see it: the binning of the tilt-axis search, the images ``(M, ny, nx)`` at
+    that binning as the fit sees them (:func:`contrast_series`) and a copy of ``d`` scaled to them."""
+    factor = axis_search_bin(raw)
+    binned = raw.binned(factor) if factor > 1 else raw
+    images = contrast_series(binned, config)[0].whole()
+    return factor, images, d.scaled(1 / factor, binned.shape) if factor > 1 else copy.deepcopy(d)
 
 
 def _offset_used(found: dict, reach: float, entry: dict) -> float:

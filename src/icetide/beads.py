@@ -1,0 +1,188 @@
+"""Gold beads as fiducials on an aligned tilt series: find them in its FBP, follow each through the views, and
+solve the per-view shifts that make them consistent with fixed 3-D positions (a shift-only version of what
+IMOD's ``tiltalign`` solves). The mean distance between where a bead is seen and where its fitted 3-D position
+projects (the *bead residual*) measures an alignment without ground truth; the solved shifts refine it.
+
+Positions follow docs/CONVENTIONS.md: a bead at ``(x, y, z)`` voxels (the volume's centre at 0) projects at
+``(u, v) = (x cos(theta) + z sin(theta), y)`` on the aligned image, whose centre is ``(0, 0)``; ``u`` runs along
+columns, ``v`` along rows. Everything is in pixels of the images given.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+from .deform import remove_gauge
+from .recon import fbp, standardised
+
+__all__ = ["detect_beads", "locate_beads", "project_beads", "solve_bead_shifts", "track_beads"]
+
+# A bead is a local maximum of the standardised FBP at least this many standard deviations above its median.
+BEAD_MIN_Z = 6.0
+# At most this many of the strongest maxima are followed (enough to average over; the rest add time).
+MAX_BEADS = 40
+# Maxima closer than this (pixels, at the images' sampling) count as one; also the detection margin's unit.
+BEAD_SEPARATION_PX = 3
+# A bead is looked for within this many pixels of its predicted position in each view.
+WINDOW_PX = 6
+# A bead kept as a fiducial is found in at least this fraction of the views.
+MIN_VIEW_FRACTION = 0.7
+# Measurements further than this multiple of the median residual (and than OUTLIER_FLOOR_PX) from their
+# predicted position are dropped (a neighbouring bead or a dense feature was caught).
+OUTLIER_FACTOR = 3.0
+OUTLIER_FLOOR_PX = 1.5
+# Rounds of locating the beads about the last solution's predictions and solving again.
+PASSES = 3
+
+
+def detect_beads(volume: np.ndarray, max_beads: int = MAX_BEADS, min_z: float = BEAD_MIN_Z,
+                 margin: float = 0.06) -> np.ndarray:
+    """Bead candidates in a tomogram ``volume (nz, ny, nx)`` (dense = bright): ``(J, 3)`` positions ``(x, y, z)``
+    in voxels from the centre, strongest first. Local maxima over ``2 BEAD_SEPARATION_PX + 1`` voxels, at least
+    ``min_z`` standard deviations above the median of the volume without a ``margin`` of each lateral side."""
+    from scipy import ndimage
+
+    nz, ny, nx = volume.shape
+    r, c = int(margin * ny), int(margin * nx)
+    core = volume[:, r : ny - r, c : nx - c]
+    z = (core - np.median(core)) / max(float(core.std()), 1e-30)
+    peaks = np.argwhere((z == ndimage.maximum_filter(z, size=2 * BEAD_SEPARATION_PX + 1)) & (z >= min_z))
+    order = np.argsort(-z[tuple(peaks.T)], kind="stable")[:max_beads]
+    k, j, i = peaks[order].T
+    return np.stack([i + c - (nx - 1) / 2, j + r - (ny - 1) / 2, k - (nz - 1) / 2], 1).astype(np.float64)
+
+
+def project_beads(positions: np.ndarray, tilt_angles_deg) -> np.ndarray:
+    """Where beads at ``positions (J, 3)`` project on the aligned images: ``(M, J, 2)`` as ``(u, v)`` pixels."""
+    t = np.deg2rad(np.asarray(tilt_angles_deg, dtype=np.float64))[:, None]
+    x, y, z = positions.T
+    return np.stack([x * np.cos(t) + z * np.sin(t), np.broadcast_to(y, (t.shape[0], y.size))], -1)
+
+
+def locate_beads(images: np.ndarray, predicted: np.ndarray, window: int = WINDOW_PX) -> np.ndarray:
+    """Where each bead is seen: ``(M, J, 2)`` ``(u, v)`` pixels, NaN where not found, from ``images (M, ny, nx)``
+    (dense = bright) and ``predicted (M, J, 2)``. The brightest pixel of the image, smoothed by a Gaussian of
+    1 pixel, within ``window`` pixels of the prediction, refined to a fraction of a pixel by a parabola through it
+    and its neighbours; not found when that pixel lies on the window's border or the window leaves the image."""
+    from scipy import ndimage
+
+    m_count, ny, nx = images.shape
+    found = np.full(predicted.shape, np.nan)
+    pad = window + 3
+    for m in range(m_count):
+        for j, (u, v) in enumerate(predicted[m]):
+            col, row = int(round(u + (nx - 1) / 2)), int(round(v + (ny - 1) / 2))
+            if not (pad <= row < ny - pad and pad <= col < nx - pad):
+                continue
+            patch = ndimage.gaussian_filter(images[m, row - pad : row + pad + 1, col - pad : col + pad + 1], 1.0)
+            inner = patch[3:-3, 3:-3]
+            a, b = np.unravel_index(int(np.argmax(inner)), inner.shape)
+            if a in (0, inner.shape[0] - 1) or b in (0, inner.shape[1] - 1):
+                continue
+            da = _vertex(inner[a - 1, b], inner[a, b], inner[a + 1, b])
+            db = _vertex(inner[a, b - 1], inner[a, b], inner[a, b + 1])
+            found[m, j] = col - window + b + db - (nx - 1) / 2, row - window + a + da - (ny - 1) / 2
+    return found
+
+
+def _vertex(low: float, mid: float, high: float) -> float:
+    """Offset (within +-0.5) of the vertex of the parabola through three equally spaced values peaking at ``mid``."""
+    curvature = low - 2 * mid + high
+    return 0.0 if curvature >= 0 else float(np.clip(0.5 * (low - high) / curvature, -0.5, 0.5))
+
+
+def _solve(seen: np.ndarray, tilt_angles_deg) -> tuple[np.ndarray, np.ndarray]:
+    """Bead positions ``(J, 3)`` and per-view shifts ``(M, 2)`` that best explain ``seen (M, J, 2)`` (NaN: not
+    seen) by ``seen[m, j] = project(position_j)[m] + shift_m``, jointly by least squares (the model is linear:
+    ``u`` in ``x_j, z_j`` and the shifts' first components, ``v`` in ``y_j`` and their second); the common 3-D
+    translation, which the data cannot tell from the shifts, is moved into the positions."""
+    t = np.deg2rad(np.asarray(tilt_angles_deg, dtype=np.float64))
+    m_count, j_count = seen.shape[:2]
+    views, beads = np.nonzero(np.isfinite(seen[..., 0]))
+    rows = np.arange(views.size)
+    across = np.zeros((views.size, 2 * j_count + m_count))
+    across[rows, 2 * beads], across[rows, 2 * beads + 1] = np.cos(t[views]), np.sin(t[views])
+    across[rows, 2 * j_count + views] = 1.0
+    along = np.zeros((views.size, j_count + m_count))
+    along[rows, beads], along[rows, j_count + views] = 1.0, 1.0
+    # lstsq's minimum-norm answer picks one member of the gauge family; remove_gauge below fixes the convention
+    xz = np.linalg.lstsq(across, seen[views, beads, 0], rcond=None)[0]
+    y = np.linalg.lstsq(along, seen[views, beads, 1], rcond=None)[0]
+    shifts, translation = remove_gauge(np.stack([xz[2 * j_count :], y[j_count:]], 1), t * 180 / np.pi)
+    positions = np.stack([xz[0 : 2 * j_count : 2], y[:j_count], xz[1 : 2 * j_count : 2]], 1) + translation
+    return positions, shifts
+
+
+def solve_bead_shifts(seen: np.ndarray, tilt_angles_deg) -> dict:
+    """Per-view shifts that make beads seen at ``seen (M, J, 2)`` (pixels on aligned images, NaN: not seen)
+    consistent with fixed 3-D positions (:func:`_solve`), solved twice: measurements further than
+    :data:`OUTLIER_FACTOR` times the median residual (and :data:`OUTLIER_FLOOR_PX`) from the first solution's
+    prediction are left out of the second, and so are beads whose median residual is that far above the others'
+    (half the floor).
+
+    Returns ``shifts_px (M, 2)``: where each view's beads lie relative to the fitted model, so adding them to an
+    alignment's shifts (``tau_m`` of docs/CONVENTIONS.md) moves its aligned image onto the model (the common 3-D
+    translation removed); ``residual_start_px`` and ``residual_px``: the mean bead residual (pixels) of the
+    positions alone (no shifts, the alignment as it is) and with ``shifts_px``; ``positions (J, 3)``;
+    ``measurements``: how many the second solution used."""
+    seen = seen.copy()
+    positions, shifts = _solve(seen, tilt_angles_deg)
+    distance = np.linalg.norm(seen - project_beads(positions, tilt_angles_deg) - shifts[:, None], axis=-1)
+    typical = float(np.nanmedian(distance))
+    seen[distance > max(OUTLIER_FACTOR * typical, OUTLIER_FLOOR_PX)] = np.nan
+    # Where the streaks of two beads cross, the FBP has a maximum that follows neither: off as a whole.
+    with warnings.catch_warnings():  # a bead left with no measurement has no median: NaN, never dropped twice
+        warnings.simplefilter("ignore", RuntimeWarning)
+        per_bead = np.nanmedian(distance, axis=0)
+    seen[:, per_bead > max(OUTLIER_FACTOR * float(np.nanmedian(per_bead)), OUTLIER_FLOOR_PX / 2)] = np.nan
+    positions, shifts = _solve(seen, tilt_angles_deg)
+    distance = np.linalg.norm(seen - project_beads(positions, tilt_angles_deg) - shifts[:, None], axis=-1)
+    used = np.isfinite(distance).any(axis=0)
+    return {"shifts_px": shifts, "residual_start_px": _residual_without_shifts(seen, tilt_angles_deg),
+            "residual_px": float(np.nanmean(distance)), "positions": positions[used],
+            "measurements": int(np.isfinite(distance).sum()), "beads": int(used.sum())}
+
+
+def _residual_without_shifts(seen: np.ndarray, tilt_angles_deg) -> float:
+    """Mean bead residual (pixels) of the best positions with every view's shift held at 0."""
+    t = np.deg2rad(np.asarray(tilt_angles_deg, dtype=np.float64))
+    distances = []
+    for j in range(seen.shape[1]):
+        ok = np.isfinite(seen[:, j, 0])
+        if ok.sum() < 3:
+            continue
+        a = np.stack([np.cos(t[ok]), np.sin(t[ok])], 1)
+        (x, z), *_ = np.linalg.lstsq(a, seen[ok, j, 0], rcond=None)
+        du = seen[ok, j, 0] - a @ [x, z]
+        dv = seen[ok, j, 1] - seen[ok, j, 1].mean()
+        distances.append(np.hypot(du, dv))
+    return float(np.concatenate(distances).mean())
+
+
+def track_beads(aligned: torch.Tensor, tilt_angles_deg, thickness: int, max_beads: int = MAX_BEADS,
+                passes: int = PASSES) -> dict:
+    """Beads of an aligned series ``aligned (M, ny, nx)`` (dense = bright), followed and solved.
+
+    Candidates from the FBP (``thickness`` voxels) of the standardised images (:func:`detect_beads`); each
+    located in every view (:func:`locate_beads`); those found in at least :data:`MIN_VIEW_FRACTION` of the views
+    are kept and solved (:func:`solve_bead_shifts`). Then ``passes - 1`` times: located again about the solved
+    model's predictions (a view misaligned by more than :data:`WINDOW_PX` loses its beads on the first pass) and
+    solved again. Returns the last solution's dict, ``residual_start_px`` from the first pass (the alignment as
+    given); only ``beads`` (fewer than 3) when too few beads are followed."""
+    images = standardised(torch.as_tensor(aligned, dtype=torch.float32))
+    positions = detect_beads(fbp(images, tilt_angles_deg, thickness).cpu().numpy(), max_beads)
+    images = images.cpu().numpy()
+    predicted = project_beads(positions, tilt_angles_deg)
+    start = None
+    for _ in range(passes):
+        seen = locate_beads(images, predicted)
+        kept = np.isfinite(seen[..., 0]).mean(axis=0) >= MIN_VIEW_FRACTION
+        if kept.sum() < 3:
+            return {"beads": int(kept.sum())}
+        solution = solve_bead_shifts(seen[:, kept], tilt_angles_deg)
+        start = solution["residual_start_px"] if start is None else start
+        predicted = project_beads(solution["positions"], tilt_angles_deg) + solution["shifts_px"][:, None]
+    return {**solution, "residual_start_px": start}

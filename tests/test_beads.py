@@ -1,0 +1,104 @@
+"""Gold-bead tracking and the shift-only bead alignment (icetide.beads)."""
+
+import numpy as np
+import torch
+
+from icetide.beads import detect_beads, locate_beads, project_beads, solve_bead_shifts, track_beads
+from icetide.deform import remove_gauge
+
+ANGLES = np.arange(-60.0, 61.0, 3.0)
+
+
+def _beads(rng, count=12, half=40.0, depth=12.0):
+    xy = rng.uniform(-half, half, (count, 2))
+    z = rng.choice([-depth, depth], count) + rng.normal(0, 1, count)
+    return np.column_stack([xy, z])
+
+
+def test_project_beads_follows_the_convention():
+    # docs/CONVENTIONS.md: u = x cos(theta) + z sin(theta), v = y
+    p = project_beads(np.array([[2.0, -3.0, 5.0]]), [0.0, 30.0, -90.0])
+    expected = [[2.0, -3.0], [2 * np.cos(np.pi / 6) + 5 * 0.5, -3.0], [-5.0, -3.0]]
+    np.testing.assert_allclose(p[:, 0], expected, atol=1e-12)
+
+
+def test_solve_recovers_shifts_up_to_the_gauge_and_ignores_outliers():
+    rng = np.random.default_rng(0)
+    positions = _beads(rng)
+    shifts = rng.normal(0, 2.0, (ANGLES.size, 2))
+    seen = project_beads(positions, ANGLES) + shifts[:, None]
+    seen[5, 3] += [9.0, -7.0]  # a neighbour caught instead of the bead
+    seen[10:14, 7] = np.nan  # lost in a few views
+    found = solve_bead_shifts(seen, ANGLES)
+    np.testing.assert_allclose(found["shifts_px"], remove_gauge(shifts, ANGLES)[0], atol=1e-9)
+    assert found["residual_px"] < 1e-9
+    assert found["residual_start_px"] > 1.0  # the same beads with every view's shift held at 0
+    assert found["measurements"] == seen.shape[0] * seen.shape[1] - 5
+
+
+def _bead_series(positions, shifts, shape=(96, 96), sigma=1.2):
+    """Dark-field images of Gaussian beads at ``positions`` seen with per-view ``shifts``, plus weak noise."""
+    ny, nx = shape
+    v, u = np.meshgrid(np.arange(ny) - (ny - 1) / 2, np.arange(nx) - (nx - 1) / 2, indexing="ij")
+    images = np.zeros((ANGLES.size, ny, nx))
+    for m, spots in enumerate(project_beads(positions, ANGLES) + shifts[:, None]):
+        for su, sv in spots:
+            images[m] += np.exp(-((u - su) ** 2 + (v - sv) ** 2) / (2 * sigma**2))
+    return images + np.random.default_rng(1).normal(0, 0.02, images.shape)
+
+
+def test_locate_beads_to_a_fraction_of_a_pixel():
+    positions = np.array([[10.3, -7.6, 4.0], [-20.0, 15.2, -6.0]])
+    images = _bead_series(positions, np.zeros((ANGLES.size, 2)))
+    seen = locate_beads(images, project_beads(positions, ANGLES) + 2.0)  # predictions 2 px off
+    assert np.abs(seen - project_beads(positions, ANGLES)).max() < 0.2
+    far = locate_beads(images, project_beads(positions, ANGLES) + 30.0)  # nothing but noise there
+    assert np.isnan(far).mean() > 0.5
+
+
+def test_detect_beads_in_a_volume():
+    volume = np.zeros((20, 60, 60))
+    volume[5, 20, 30] = volume[14, 40, 12] = 10.0
+    volume += np.random.default_rng(2).normal(0, 0.1, volume.shape)
+    found = detect_beads(volume)
+    expected = [[30 - 29.5, 20 - 29.5, 5 - 9.5], [12 - 29.5, 40 - 29.5, 14 - 9.5]]
+    assert sorted(map(tuple, found.tolist())) == sorted(map(tuple, expected))
+
+
+def test_track_beads_finds_the_shifts_of_a_misaligned_series():
+    rng = np.random.default_rng(3)
+    positions = _beads(rng, count=10, half=30.0, depth=10.0)
+    shifts = rng.normal(0, 1.5, (ANGLES.size, 2))
+    images = _bead_series(positions, shifts)
+    found = track_beads(torch.tensor(images, dtype=torch.float32), ANGLES, thickness=40)
+    assert found["beads"] >= 6
+    error = found["shifts_px"] - remove_gauge(shifts, ANGLES)[0]
+    assert np.sqrt((error**2).sum(1).mean()) < 0.15
+    assert found["residual_px"] < 0.15 < 1.0 < found["residual_start_px"]
+
+
+def test_track_beads_without_beads():
+    noise = np.random.default_rng(4).normal(0, 1, (ANGLES.size, 64, 64))
+    assert track_beads(torch.tensor(noise, dtype=torch.float32), ANGLES, thickness=32)["beads"] < 3
+
+
+def test_refine_by_beads_corrects_an_alignment_and_leaves_a_bead_free_one():
+    from icetide.config import ReconstructConfig
+    from icetide.data import TiltSeries
+    from icetide.deform import Deformations
+    from icetide.start import refine_by_beads
+
+    rng = np.random.default_rng(5)
+    positions = _beads(rng, count=10, half=30.0, depth=10.0)
+    shifts = rng.normal(0, 1.5, (ANGLES.size, 2))
+    series = TiltSeries(_bead_series(positions, shifts).astype(np.float32), ANGLES)
+    config = ReconstructConfig(thickness=40)
+    start = Deformations.identity(ANGLES, series.shape)
+    moved, entry = refine_by_beads(series, config, start)
+    assert entry["used"] and entry["beads"] >= 6 and entry["solved_residual_px"] < 0.2 < 1.0 < entry["residual_px"]
+    error = remove_gauge(moved.shifts_px - shifts, ANGLES)[0]
+    assert np.sqrt((error**2).sum(1).mean()) < 0.15
+
+    noise = TiltSeries(rng.normal(0, 1, (ANGLES.size, 64, 64)).astype(np.float32), ANGLES)
+    moved, entry = refine_by_beads(noise, config, Deformations.identity(ANGLES, noise.shape))
+    assert moved is None and not entry["used"] and entry["note"]
