@@ -1,9 +1,10 @@
 """Gold-bead tracking and the shift-only bead alignment (icetide.beads)."""
 
 import numpy as np
+import pytest
 import torch
 
-from icetide.beads import detect_beads, locate_beads, project_beads, solve_bead_shifts, track_beads
+from icetide.beads import detect_beads, locate_beads, project_beads, rotated, solve_bead_shifts, track_beads
 from icetide.deform import remove_gauge
 
 ANGLES = np.arange(-60.0, 61.0, 3.0)
@@ -36,13 +37,16 @@ def test_solve_recovers_shifts_up_to_the_gauge_and_ignores_outliers():
     assert found["measurements"] == seen.shape[0] * seen.shape[1] - 5
 
 
-def _bead_series(positions, shifts, shape=(96, 96), sigma=1.2):
-    """Dark-field images of Gaussian beads at ``positions`` seen with per-view ``shifts``, plus weak noise."""
+def _bead_series(positions, shifts, shape=(96, 96), sigma=1.2, spots=None):
+    """Dark-field images of Gaussian beads at ``positions`` seen with per-view ``shifts`` (or at ``spots (M, J,
+    2)``, detector ``(u, v)``), plus weak noise."""
     ny, nx = shape
     v, u = np.meshgrid(np.arange(ny) - (ny - 1) / 2, np.arange(nx) - (nx - 1) / 2, indexing="ij")
     images = np.zeros((ANGLES.size, ny, nx))
-    for m, spots in enumerate(project_beads(positions, ANGLES) + shifts[:, None]):
-        for su, sv in spots:
+    if spots is None:
+        spots = project_beads(positions, ANGLES) + shifts[:, None]
+    for m, view in enumerate(spots):
+        for su, sv in view:
             images[m] += np.exp(-((u - su) ** 2 + (v - sv) ** 2) / (2 * sigma**2))
     return images + np.random.default_rng(1).normal(0, 0.02, images.shape)
 
@@ -91,14 +95,35 @@ def test_refine_by_beads_corrects_an_alignment_and_leaves_a_bead_free_one():
     rng = np.random.default_rng(5)
     positions = _beads(rng, count=10, half=30.0, depth=10.0)
     shifts = rng.normal(0, 1.5, (ANGLES.size, 2))
-    series = TiltSeries(_bead_series(positions, shifts).astype(np.float32), ANGLES)
+    # Seen through alpha = 0.8 deg and tau = shifts: the ideal point p at R(-alpha)(p + tau) (docs/CONVENTIONS.md).
+    spots = rotated(project_beads(positions, ANGLES) + shifts[:, None], -0.8)
+    series = TiltSeries(_bead_series(None, None, spots=spots).astype(np.float32), ANGLES)
     config = ReconstructConfig(thickness=40)
     start = Deformations.identity(ANGLES, series.shape)
     moved, entry = refine_by_beads(series, config, start)
     assert entry["used"] and entry["beads"] >= 6 and entry["solved_residual_px"] < 0.2 < 1.0 < entry["residual_px"]
+    assert abs(entry["rotation_deg"] - 0.8) < 0.1 and entry["estimate_deg"] == pytest.approx(-entry["rotation_deg"])
+    np.testing.assert_allclose(moved.angles_deg, entry["rotation_deg"])
     error = remove_gauge(moved.shifts_px - shifts, ANGLES)[0]
     assert np.sqrt((error**2).sum(1).mean()) < 0.15
+    # The corrected alignment, applied by icetide's own warp, leaves the beads consistent as they are.
+    from icetide.recon import align_series
+
+    again = track_beads(align_series(torch.tensor(series.images), moved), ANGLES, thickness=40)
+    assert again["residual_start_px"] < 0.2
 
     noise = TiltSeries(rng.normal(0, 1, (ANGLES.size, 64, 64)).astype(np.float32), ANGLES)
     moved, entry = refine_by_beads(noise, config, Deformations.identity(ANGLES, noise.shape))
     assert moved is None and not entry["used"] and entry["note"]
+
+
+def test_solve_bead_rotation_finds_a_turn_of_every_view():
+    from icetide.beads import solve_bead_rotation
+
+    rng = np.random.default_rng(6)
+    positions = _beads(rng, count=15, half=60.0, depth=20.0)
+    shifts = rng.normal(0, 2.0, (ANGLES.size, 2))
+    seen = rotated(project_beads(positions, ANGLES) + shifts[:, None], -0.6)  # the views turned by -0.6 deg
+    found = solve_bead_rotation(seen, ANGLES)
+    assert found["inside"] and abs(found["rotation_deg"] - 0.6) < 0.05
+    np.testing.assert_allclose(rotated(rotated(seen, 0.6), -0.6), seen, atol=1e-12)

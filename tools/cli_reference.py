@@ -196,10 +196,11 @@ torchrun --nproc_per_node 4 -m icetide reconstruct sim/tilt_series.mrc --angles 
    `--max-minutes` covers both fits). Both are nearly invisible to the fit's pixel loss once the volume has
    formed about them, and plain in the blur of the beads (`tilt_axis_refinement` in `report.json`; docs/RESULTS.md
    section 11 and docs/REAL_DATA.md). Then the gold beads (`deform.bead_refinement`): found in the FBP of the
-   aligned series, followed through every view and solved for the per-view shifts that make them consistent with
-   fixed 3-D positions, as fiducial alignment does; when at least 4 beads are followed to within a pixel and
-   the shifts move the views by half a pixel RMS or more (at the search's binning, about 20 A), they join the
-   corrections the second fit starts from (`bead_refinement` in `report.json`). Either way `report.json` gives
+   aligned series, followed through every view and solved for the tilt axis' direction and the per-view shifts
+   that make them consistent with fixed 3-D positions, as fiducial alignment does; when at least 4 beads are
+   followed to within a pixel and the correction is not negligible (shifts of half a pixel RMS at the search's
+   binning, about 20 A, or a turn of 0.05 degrees), it joins the corrections the second fit starts from
+   (`bead_refinement` in `report.json`). Either way `report.json` gives
    the final alignment's gold-bead residual (`bead_residual`: the mean distance between each bead as seen and
    its best 3-D position projected), printed at the end.
 6. The check against the start: the fit compares its alignment with its start by the even/odd-tilt FSC of the

@@ -1,7 +1,8 @@
 """Gold beads as fiducials on an aligned tilt series: find them in its FBP, follow each through the views, and
-solve the per-view shifts that make them consistent with fixed 3-D positions (a shift-only version of what
-IMOD's ``tiltalign`` solves). The mean distance between where a bead is seen and where its fitted 3-D position
-projects (the *bead residual*) measures an alignment without ground truth; the solved shifts refine it.
+solve the per-view shifts and the common in-plane rotation (the tilt axis' direction) that make them consistent
+with fixed 3-D positions (part of what IMOD's ``tiltalign`` solves). The mean distance between where a bead is
+seen and where its fitted 3-D position projects (the *bead residual*) measures an alignment without ground
+truth; the solution refines it.
 
 Positions follow docs/CONVENTIONS.md: a bead at ``(x, y, z)`` voxels (the volume's centre at 0) projects at
 ``(u, v) = (x cos(theta) + z sin(theta), y)`` on the aligned image, whose centre is ``(0, 0)``; ``u`` runs along
@@ -18,7 +19,8 @@ import torch
 from .deform import remove_gauge
 from .recon import fbp, standardised
 
-__all__ = ["detect_beads", "locate_beads", "project_beads", "solve_bead_shifts", "track_beads"]
+__all__ = ["detect_beads", "locate_beads", "project_beads", "rotated", "solve_bead_rotation", "solve_bead_shifts",
+           "track_beads"]
 
 # A bead is a local maximum of the standardised FBP at least this many standard deviations above its median.
 BEAD_MIN_Z = 6.0
@@ -26,14 +28,19 @@ BEAD_MIN_Z = 6.0
 MAX_BEADS = 40
 # Maxima closer than this (pixels, at the images' sampling) count as one; also the detection margin's unit.
 BEAD_SEPARATION_PX = 3
-# A bead is looked for within this many pixels of its predicted position in each view.
+# A bead is looked for within this many pixels of its predicted position in each view: first about its position
+# in the FBP, then (FINE_WINDOW_PX) about the solved model's prediction, which keeps its neighbours out.
 WINDOW_PX = 6
+FINE_WINDOW_PX = 3
 # A bead kept as a fiducial is found in at least this fraction of the views.
 MIN_VIEW_FRACTION = 0.7
 # Measurements further than this multiple of the median residual (and than OUTLIER_FLOOR_PX) from their
 # predicted position are dropped (a neighbouring bead or a dense feature was caught).
 OUTLIER_FACTOR = 3.0
 OUTLIER_FLOOR_PX = 1.5
+# The common in-plane rotation of the views is searched within +-ROTATION_SEARCH_DEG in steps of ROTATION_STEP_DEG.
+ROTATION_SEARCH_DEG = 2.0
+ROTATION_STEP_DEG = 0.25
 # Rounds of locating the beads about the last solution's predictions and solving again.
 PASSES = 3
 
@@ -146,6 +153,36 @@ def solve_bead_shifts(seen: np.ndarray, tilt_angles_deg) -> dict:
             "measurements": int(np.isfinite(distance).sum()), "beads": int(used.sum())}
 
 
+def rotated(points: np.ndarray, angle_deg: float) -> np.ndarray:
+    """``points (..., 2)`` as ``(u, v)`` turned counter-clockwise by ``angle_deg`` about ``(0, 0)``
+    (``R(a)`` of docs/CONVENTIONS.md)."""
+    a = np.deg2rad(angle_deg)
+    u, v = points[..., 0], points[..., 1]
+    return np.stack([np.cos(a) * u - np.sin(a) * v, np.sin(a) * u + np.cos(a) * v], -1)
+
+
+def solve_bead_rotation(seen: np.ndarray, tilt_angles_deg, search_deg: float = ROTATION_SEARCH_DEG,
+                        step_deg: float = ROTATION_STEP_DEG) -> dict:
+    """The rotation ``delta`` (degrees, counter-clockwise) of every aligned image about its centre that lets the
+    beads seen at ``seen (M, J, 2)`` fit fixed 3-D positions and per-view shifts best.
+
+    Turning every view alike is turning the tilt axis: a bead at ``(x, z)`` moves along the axis by
+    ``delta (x cos(theta) + z sin(theta))``, which differs between beads and so no per-view shift absorbs
+    (IMOD's tiltalign solves the same rotation). For candidates ``k step_deg`` within ``+-search_deg`` the
+    beads are turned (:func:`rotated`) and solved (:func:`solve_bead_shifts`); a parabola through the smallest
+    mean residual and its two neighbours gives the estimate. Returns ``rotation_deg``, ``candidates_deg``,
+    ``residual_px`` (per candidate) and ``inside`` (the smallest residual is not at an end of the range)."""
+    candidates = np.arange(-search_deg, search_deg + step_deg / 2, step_deg)
+    residuals = np.array([solve_bead_shifts(rotated(seen, c), tilt_angles_deg)["residual_px"] for c in candidates])
+    best = int(np.argmin(residuals))
+    inside = 0 < best < candidates.size - 1
+    estimate = float(candidates[best])
+    if inside:
+        estimate += step_deg * _vertex(-residuals[best - 1], -residuals[best], -residuals[best + 1])
+    return {"rotation_deg": estimate, "candidates_deg": candidates.tolist(), "residual_px": residuals.tolist(),
+            "inside": bool(inside)}
+
+
 def _residual_without_shifts(seen: np.ndarray, tilt_angles_deg) -> float:
     """Mean bead residual (pixels) of the best positions with every view's shift held at 0."""
     t = np.deg2rad(np.asarray(tilt_angles_deg, dtype=np.float64))
@@ -168,21 +205,22 @@ def track_beads(aligned: torch.Tensor, tilt_angles_deg, thickness: int, max_bead
 
     Candidates from the FBP (``thickness`` voxels) of the standardised images (:func:`detect_beads`); each
     located in every view (:func:`locate_beads`); those found in at least :data:`MIN_VIEW_FRACTION` of the views
-    are kept and solved (:func:`solve_bead_shifts`). Then ``passes - 1`` times: located again about the solved
-    model's predictions (a view misaligned by more than :data:`WINDOW_PX` loses its beads on the first pass) and
-    solved again. Returns the last solution's dict, ``residual_start_px`` from the first pass (the alignment as
-    given); only ``beads`` (fewer than 3) when too few beads are followed."""
+    are kept and solved (:func:`solve_bead_shifts`). Then ``passes - 1`` times: located again within
+    :data:`FINE_WINDOW_PX` of the solved model's predictions (a view misaligned by more than :data:`WINDOW_PX`
+    loses its beads on the first pass; a neighbouring bead pulls less on a smaller window) and solved again. Returns the last solution's dict, ``residual_start_px`` from the first pass (the alignment as
+    given) and ``seen (M, J, 2)``, the last pass's measurements of the beads kept (for
+    :func:`solve_bead_rotation`); only ``beads`` (fewer than 3) when too few beads are followed."""
     images = standardised(torch.as_tensor(aligned, dtype=torch.float32))
     positions = detect_beads(fbp(images, tilt_angles_deg, thickness).cpu().numpy(), max_beads)
     images = images.cpu().numpy()
     predicted = project_beads(positions, tilt_angles_deg)
     start = None
-    for _ in range(passes):
-        seen = locate_beads(images, predicted)
+    for k in range(passes):
+        seen = locate_beads(images, predicted, WINDOW_PX if k == 0 else FINE_WINDOW_PX)
         kept = np.isfinite(seen[..., 0]).mean(axis=0) >= MIN_VIEW_FRACTION
         if kept.sum() < 3:
             return {"beads": int(kept.sum())}
         solution = solve_bead_shifts(seen[:, kept], tilt_angles_deg)
         start = solution["residual_start_px"] if start is None else start
         predicted = project_beads(solution["positions"], tilt_angles_deg) + solution["shifts_px"][:, None]
-    return {**solution, "residual_start_px": start}
+    return {**solution, "residual_start_px": start, "seen": seen[:, kept]}

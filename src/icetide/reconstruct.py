@@ -262,12 +262,13 @@ def summary_lines(report: dict) -> list[str]:
             lines.append(f"tilt axis after the fit: kept at {refined['fitted_deg']:.2f} deg ({refined['note']})")
     if report.get("bead_refinement", {}).get("used"):
         found = report["bead_refinement"]
-        lines.append(f"gold beads after the fit: {found['beads']} followed, shifts moved by {found['shift_rms_px']:.2f} "
-                     "px RMS (fitted again from there)")
+        lines.append(f"gold beads after the fit: {found['beads']} followed, tilt axis {found['estimate_deg']:.2f} deg, "
+                     f"shifts moved by {found['shift_rms_px']:.2f} px RMS (fitted again from there)")
     if report.get("bead_residual", {}).get("residual_px") is not None:
         found = report["bead_residual"]
         lines.append(f"gold-bead residual: {found['residual_px']:.2f} px mean over {found['beads']} beads "
-                     f"({found['solved_residual_px']:.2f} px with the best per-view shifts)")
+                     f"({found['solved_residual_px']:.2f} px with the beads' best shifts and a turn of "
+                     f"{found['rotation_deg']:+.2f} deg)")
     if "start_check" in report:
         check = report["start_check"]
         lines.append(f"alignment: kept the {'fitted' if check['kept'] == 'fit' else 'starting'} one (even/odd FSC "
@@ -371,7 +372,8 @@ def _after_first_fit(
         moved, beads = refine_by_beads(series, config, start)
         if moved is not None:
             start = moved
-            used.append((beads, f"{beads['beads']} gold beads ({beads['shift_rms_px']:.1f} px RMS)"))
+            used.append((beads, f"{beads['beads']} gold beads (axis at {beads['estimate_deg']:.2f} deg, shifts "
+                         f"{beads['shift_rms_px']:.1f} px RMS)"))
     _add_time(timings, "axis_refine_s", t0)
     refit_config = _remaining_budget(config, timings["fit_s"], [entry for entry, _ in used]) if used else None
     if refit_config is None:
@@ -497,7 +499,7 @@ def _fit_and_write(
     if config.deform.bead_refinement:
         found = refine_by_beads(raw, config, d)[1]
         report["bead_residual"] = {key: found.get(key) for key in ("measure", "bin", "beads", "residual_px",
-                                                                   "solved_residual_px")}
+                                                                   "solved_residual_px", "rotation_deg")}
     if start_check is not None:
         report["start_check"] = start_check
     if axis_search is not None:

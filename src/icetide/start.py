@@ -12,7 +12,7 @@ import copy
 import numpy as np
 import torch
 
-from .beads import track_beads
+from .beads import rotated, solve_bead_rotation, track_beads
 from .config import ReconstructConfig
 from .consistency import even_odd_fsc
 from .data import TiltSeries
@@ -51,6 +51,10 @@ AXIS_OFFSET_MIN_PX = 1.0
 BEAD_MIN_COUNT = 4
 BEAD_MAX_RESIDUAL_PX = 1.0
 BEAD_MIN_MOVE_PX = 0.5
+# ... or turn the tilt axis by at least this many degrees (found inside +-2 degrees), in at most BEAD_TURN_ROUNDS
+# turns (each followed by the beads followed again in the turned views).
+BEAD_MIN_TURN_DEG = 0.05
+BEAD_TURN_ROUNDS = 2
 # How much higher (relative) the start's even/odd score must be for the start to replace the fit's alignment.
 START_MARGIN = 0.02
 
@@ -280,37 +284,63 @@ def refine_tilt_axis(
 
 
 def refine_by_beads(raw: TiltSeries, config: ReconstructConfig, d: Deformations) -> tuple[Deformations | None, dict]:
-    """``d`` with the per-view shifts that make the gold beads consistent added, or None when they are not used,
-    and the report entry.
+    """``d`` corrected by the gold beads (the tilt axis' direction and the per-view shifts that make the beads
+    consistent), or None when they are not used, and the report entry.
 
     On ``raw`` binned as the tilt-axis search bins it and seen as the fit sees it (:func:`contrast_series`),
     aligned by ``d`` (deformations of ``raw``, the axis in their rotations, centred on the specimen's height):
     :func:`icetide.beads.track_beads` finds the beads in the FBP (``config.thickness`` voxels), follows them
-    through the views and solves the shifts. A fit's pixel loss weighs the whole specimen, whose depth and
-    lateral position it trades against the shifts; the beads, small and dense, pin each view (as fiducials do
-    for IMOD's tiltalign). Used when at least :data:`BEAD_MIN_COUNT` beads are followed, their residual with
-    the shifts is at most :data:`BEAD_MAX_RESIDUAL_PX` and below the residual without, and the shifts move the
-    views by at least :data:`BEAD_MIN_MOVE_PX` RMS. The entry gives ``beads``, ``residual_px`` (the mean bead
-    residual of ``d`` as it is), ``solved_residual_px`` (with the shifts) and ``shift_rms_px``, all in pixels
-    of ``raw``, and ``bin``."""
-    factor, images, scaled = _search_view(raw, config, d)
+    through the views and solves the shifts; :func:`icetide.beads.solve_bead_rotation` turns the views to the
+    direction that fits the beads best (when inside its range and at least :data:`BEAD_MIN_TURN_DEG`), where
+    they are followed and solved again (up to :data:`BEAD_TURN_ROUNDS` turns). A fit's pixel loss weighs the whole
+    specimen, whose depth and lateral position it trades against the shifts; the beads, small and dense, pin
+    each view (as fiducials do for IMOD's tiltalign). Used when at least :data:`BEAD_MIN_COUNT` beads are
+    followed, their residual is at most :data:`BEAD_MAX_RESIDUAL_PX` and below the residual of ``d`` as it is,
+    and the correction is not negligible (shifts of :data:`BEAD_MIN_MOVE_PX` RMS or the turn). The entry gives
+    ``beads``, ``residual_px`` (the mean bead residual of ``d`` as it is), ``solved_residual_px`` (corrected),
+    ``shift_rms_px`` (pixels of ``raw``), ``rotation_deg`` (the turn found), ``fitted_deg`` and ``estimate_deg``
+    (the tilt axis before and after) and ``bin``."""
+    factor, images, _ = _search_view(raw, config, d)
     thickness = config.thickness or default_thickness(raw.shape)
-    found = track_beads(align_series(torch.as_tensor(images), scaled), d.tilt_angles_deg, thickness)
     entry: dict = {"measure": "gold beads followed through the aligned views (icetide.beads.track_beads)",
-                   "bin": factor, "beads": found["beads"]}
-    if found["beads"] < BEAD_MIN_COUNT:
-        return None, {**entry, "used": False, "note": f"fewer than {BEAD_MIN_COUNT} beads followed"}
+                   "bin": factor}
+    current, turn, start = copy.deepcopy(d), 0.0, None
+    for round_ in range(BEAD_TURN_ROUNDS + 1):
+        scaled = current.scaled(1 / factor, images.shape[1:]) if factor > 1 else current
+        found = track_beads(align_series(torch.as_tensor(images), scaled), d.tilt_angles_deg, thickness)
+        entry["beads"] = found["beads"]
+        if found["beads"] < BEAD_MIN_COUNT:
+            return None, {**entry, "used": False, "note": f"fewer than {BEAD_MIN_COUNT} beads followed"}
+        start = found["residual_start_px"] if start is None else start
+        if round_ == BEAD_TURN_ROUNDS:
+            break
+        # Turned, the beads are followed again: the first measurements were taken about the unturned model.
+        found_turn = solve_bead_rotation(found["seen"], d.tilt_angles_deg)
+        delta = found_turn["rotation_deg"]
+        if not (found_turn["inside"] and abs(delta) >= BEAD_MIN_TURN_DEG):
+            break
+        current, turn = _turned(current, delta), turn + delta
     move = float(np.sqrt((found["shifts_px"] ** 2).sum(axis=1).mean()))
-    entry.update(residual_px=found["residual_start_px"] * factor, solved_residual_px=found["residual_px"] * factor,
-                 shift_rms_px=move * factor)
-    if not found["residual_px"] <= min(BEAD_MAX_RESIDUAL_PX, found["residual_start_px"]):
+    fitted_axis = -float(np.median(d.angles_deg))
+    entry.update(residual_px=start * factor, solved_residual_px=found["residual_px"] * factor,
+                 shift_rms_px=move * factor, rotation_deg=turn, fitted_deg=fitted_axis, estimate_deg=fitted_axis - turn)
+    if not found["residual_px"] <= min(BEAD_MAX_RESIDUAL_PX, start):
         return None, {**entry, "used": False, "note": "the beads are not followed consistently"}
-    if move < BEAD_MIN_MOVE_PX:
+    if move < BEAD_MIN_MOVE_PX and not turn:
         return None, {**entry, "used": False, "note": f"the beads move the views by less than {BEAD_MIN_MOVE_PX} "
-                      "px RMS (at the search's binning)"}
+                      f"px RMS (at the search's binning) and turn them by less than {BEAD_MIN_TURN_DEG} deg"}
+    current.shifts_px = current.shifts_px + found["shifts_px"] * factor
+    return current, {**entry, "used": True}
+
+
+def _turned(d: Deformations, delta_deg: float) -> Deformations:
+    """``d`` with every aligned image turned by ``delta_deg`` counter-clockwise about its centre: ``alpha_m +
+    delta`` and the shifts turned with the frame (docs/CONVENTIONS.md, the ideal point ``p`` seen at
+    ``R(-alpha) (p + tau)``)."""
     moved = copy.deepcopy(d)
-    moved.shifts_px = d.shifts_px + found["shifts_px"] * factor
-    return moved, {**entry, "used": True}
+    moved.angles_deg = d.angles_deg + delta_deg
+    moved.shifts_px = rotated(d.shifts_px, delta_deg)
+    return moved
 
 
 def _search_view(raw: TiltSeries, config: ReconstructConfig, d: Deformations) -> tuple[int, np.ndarray, Deformations]:
