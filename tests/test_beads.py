@@ -127,3 +127,17 @@ def test_solve_bead_rotation_finds_a_turn_of_every_view():
     found = solve_bead_rotation(seen, ANGLES)
     assert found["inside"] and abs(found["rotation_deg"] - 0.6) < 0.05
     np.testing.assert_allclose(rotated(rotated(seen, 0.6), -0.6), seen, atol=1e-12)
+
+
+def test_a_turn_the_halves_of_the_beads_disagree_on_is_not_used():
+    from icetide.beads import solve_bead_rotation
+
+    rng = np.random.default_rng(7)
+    positions = _beads(rng, count=4, half=60.0, depth=20.0)
+    seen = rotated(project_beads(positions, ANGLES), -0.6)
+    assert np.isnan(solve_bead_rotation(seen, ANGLES)["halves_deg"]).all()  # fewer than 6 beads: no halves
+    positions = _beads(rng, count=12, half=60.0, depth=20.0)
+    seen = rotated(project_beads(positions, ANGLES), -0.6)
+    seen[:, 1::2] = rotated(seen[:, 1::2], -0.6)  # every other bead turned twice as far
+    halves = solve_bead_rotation(seen, ANGLES)["halves_deg"]
+    assert abs(halves[0] - 0.6) < 0.05 and abs(halves[1] - 1.2) < 0.05

@@ -170,17 +170,29 @@ def solve_bead_rotation(seen: np.ndarray, tilt_angles_deg, search_deg: float = R
     ``delta (x cos(theta) + z sin(theta))``, which differs between beads and so no per-view shift absorbs
     (IMOD's tiltalign solves the same rotation). For candidates ``k step_deg`` within ``+-search_deg`` the
     beads are turned (:func:`rotated`) and solved (:func:`solve_bead_shifts`); a parabola through the smallest
-    mean residual and its two neighbours gives the estimate. Returns ``rotation_deg``, ``candidates_deg``,
-    ``residual_px`` (per candidate) and ``inside`` (the smallest residual is not at an end of the range)."""
+    mean residual and its two neighbours gives the estimate. The same on each half of the beads (alternate ones,
+    at least 3 each) tells how far a few beads can be trusted. Returns ``rotation_deg``, ``candidates_deg``,
+    ``residual_px`` (per candidate), ``inside`` (the smallest residual is not at an end of the range) and
+    ``halves_deg`` (the two halves' estimates, NaN with fewer than 6 beads)."""
     candidates = np.arange(-search_deg, search_deg + step_deg / 2, step_deg)
+    estimate, residuals, inside = _best_turn(seen, tilt_angles_deg, candidates)
+    halves = [_best_turn(seen[:, k::2], tilt_angles_deg, candidates)[0] if seen.shape[1] >= 6 else np.nan
+              for k in (0, 1)]
+    return {"rotation_deg": estimate, "candidates_deg": candidates.tolist(), "residual_px": residuals.tolist(),
+            "inside": inside, "halves_deg": [float(h) for h in halves]}
+
+
+def _best_turn(seen: np.ndarray, tilt_angles_deg, candidates: np.ndarray) -> tuple[float, np.ndarray, bool]:
+    """:func:`solve_bead_rotation`'s estimate over ``candidates``, the residual of each, and whether the
+    smallest lies inside the range."""
     residuals = np.array([solve_bead_shifts(rotated(seen, c), tilt_angles_deg)["residual_px"] for c in candidates])
     best = int(np.argmin(residuals))
     inside = 0 < best < candidates.size - 1
     estimate = float(candidates[best])
     if inside:
-        estimate += step_deg * _vertex(-residuals[best - 1], -residuals[best], -residuals[best + 1])
-    return {"rotation_deg": estimate, "candidates_deg": candidates.tolist(), "residual_px": residuals.tolist(),
-            "inside": bool(inside)}
+        step = float(candidates[1] - candidates[0])
+        estimate += step * _vertex(-residuals[best - 1], -residuals[best], -residuals[best + 1])
+    return estimate, residuals, bool(inside)
 
 
 def _residual_without_shifts(seen: np.ndarray, tilt_angles_deg) -> float:
