@@ -148,6 +148,7 @@ def test_run_item_applies_the_options_and_a_side_xf(tmp_path):
     assert row["shift_range_px"] >= 2.0 and row["tilt_axis_deg"] == pytest.approx(0.0, abs=1.0)
     assert row["epochs"] == 1 and row["val_loss"] > 0 and 0 < row["even_odd_fsc"] <= 1
     assert row["half_map_fsc143_A"] is None  # no half maps asked for
+    assert row["beads"] == report["bead_residual"]["beads"]  # the tiny phantom has no beads: 0 or a few
     skipped = run_item(item, str(tmp_path / "out"), config.model_dump(mode="json"))
     assert skipped["status"] == "skipped (already done)" and skipped["n_views"] == row["n_views"]
 

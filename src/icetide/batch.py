@@ -38,8 +38,8 @@ MDOC_STACK_SUFFIXES = (".mrc", ".st")
 # Side files beside a stack, ``<stem><ending>``, in order of preference per kind.
 SIDE_FILES = {"xf": (".xf",), "aln": (".aln",), "defocus": ("_CTF.txt", "_ctf.txt", ".defocus")}
 # The per-series quality metrics of the summary (:func:`series_metrics`), in the order of batch_metrics.csv.
-QC_COLUMNS = ("n_views", "bin", "pixel_size_A", "val_loss", "even_odd_fsc", "half_map_fsc143_A", "tilt_axis_deg",
-              "shift_range_px", "epochs", "fit_seconds")
+QC_COLUMNS = ("n_views", "bin", "pixel_size_A", "val_loss", "even_odd_fsc", "half_map_fsc143_A", "beads",
+              "bead_residual_px", "tilt_axis_deg", "shift_range_px", "epochs", "fit_seconds")
 
 
 @dataclass(frozen=True)
@@ -334,7 +334,8 @@ def series_metrics(folder: Path) -> dict:
     """The quality metrics (:data:`QC_COLUMNS`) of a finished series, from its ``report.json`` and
     ``deformations.json``: views fitted, binning, pixel size (A, of the fit), best held-out loss, the even/odd-tilt
     FSC score of the alignment kept by the start check, the half-map resolution at FSC 0.143 (A; ``None`` without
-    half maps, without a pixel size, or beyond Nyquist), the tilt axis on the images (degrees from Y), the range
+    half maps, without a pixel size, or beyond Nyquist), the gold beads followed and their mean residual (pixels
+    of the fit; ``None`` without beads), the tilt axis on the images (degrees from Y), the range
     of the per-view shifts (the larger of x and y, pixels of the input stack), epochs and fitting seconds."""
     from .ctf import tilt_axis_on_images_deg
 
@@ -342,6 +343,7 @@ def series_metrics(folder: Path) -> dict:
     loss = report.get("best_validation_loss")
     check = report.get("start_check")
     half = report.get("half_maps", {}).get("resolution", {}).get("0.143", {})
+    beads = report.get("bead_residual", {})
     row = {
         "n_views": report.get("input", {}).get("n_tilts"),
         "bin": report.get("bin"),
@@ -349,6 +351,8 @@ def series_metrics(folder: Path) -> dict:
         "val_loss": None if loss is None else float(f"{loss:.6g}"),
         "even_odd_fsc": _rounded(check[f"{check['kept']}_score"], 4) if check else None,
         "half_map_fsc143_A": _rounded(half.get("angstrom"), 1),
+        "beads": beads.get("beads"),
+        "bead_residual_px": _rounded(beads.get("residual_px"), 3),
         "tilt_axis_deg": None,
         "shift_range_px": None,
         "epochs": report.get("epochs"),

@@ -79,10 +79,11 @@ def _print_tables(rows: list[dict], seconds: float) -> None:
                       escape(r["side_files"]) or "-")
     console.print(table)
     qc = Table(title="quality (batch_metrics.csv)", caption="val loss: best held-out loss; e/o FSC: even/odd-tilt "
-               "FSC score of the alignment kept; 0.143: half-map resolution, A; axis: tilt axis, deg from Y; shifts: "
-               "range of the per-view shifts, px")
+               "FSC score of the alignment kept; 0.143: half-map resolution, A; beads: gold beads followed, their mean "
+               "residual (px); axis: tilt axis, deg from Y; shifts: range of the per-view shifts, px")
     columns = {"views": ("n_views", ""), "bin": ("bin", ""), "val loss": ("val_loss", ".4g"),
-               "e/o FSC": ("even_odd_fsc", ".3f"), "0.143": ("half_map_fsc143_A", ".1f"),
+               "e/o FSC": ("even_odd_fsc", ".3f"), "0.143": ("half_map_fsc143_A", ".1f"), "beads": ("beads", ""),
+               "bead res.": ("bead_residual_px", ".2f"),
                "axis": ("tilt_axis_deg", ".2f"), "shifts": ("shift_range_px", ".1f"), "epochs": ("epochs", ""),
                "fit (s)": ("fit_seconds", ".0f")}
     qc.add_column("series", no_wrap=True)
@@ -151,7 +152,8 @@ def batch(
     truth/volume.mrc when the series came from icetide simulate, side files), in OUT/batch_summary.csv, and a
     quality table, in OUT/batch_metrics.csv: views, binning, pixel size, the fit's best held-out loss, the
     even/odd-tilt FSC score of the alignment kept, the half-map resolution at FSC 0.143 (with --config
-    fit.half_maps), tilt axis, range of the per-view shifts, epochs and fitting time; both in
+    fit.half_maps), the gold beads followed and their mean residual, tilt axis, range of the per-view shifts,
+    epochs and fitting time; both in
     OUT/batch_summary.json. Exits 1 when any series failed. Needs dask's distributed: pip install 'icetide[batch]'.
     """
     from ..batch import find_items, run_batch
