@@ -247,13 +247,14 @@ def test_second_fit_gets_what_the_first_left_of_the_time_budget():
     from icetide.reconstruct import _remaining_budget
 
     unlimited = ReconstructConfig()
-    assert _remaining_budget(unlimited, 600.0, {}) is unlimited
+    assert _remaining_budget(unlimited, 600.0, []) is unlimited
     config = ReconstructConfig(fit={"max_minutes": 10})
-    refit = _remaining_budget(config, 240.0, {})
+    refit = _remaining_budget(config, 240.0, [])
     assert refit.fit.max_minutes == pytest.approx(6.0) and config.fit.max_minutes == 10
-    entry: dict = {"used": True}
-    assert _remaining_budget(config, 570.0, entry) is None
-    assert not entry["used"] and "spent by the first fit" in entry["note"]
+    axis, beads = {"used": True}, {"used": True}  # each refinement that asked for the second fit is told
+    assert _remaining_budget(config, 570.0, [axis, beads]) is None
+    assert not (axis["used"] or beads["used"]) and axis["note"] == beads["note"]
+    assert "spent by the first fit" in axis["note"]
 
 
 def test_projection_matching_pulls_a_smooth_error_in_and_keeps_a_good_start(drifted):
