@@ -1,0 +1,34 @@
+"""Golden test of the fit: short CPU fits (one per renderer, one with the binned stage, one with the CTF forward
+model; tests/fit_golden_cases.py) give exactly the stored parameters, curves and report.
+
+A refactoring of the fit must keep these bit for bit (same floating-point operations in the same order, same
+random draws). Regenerate tests/golden/ with ``PYTHONPATH=src python tools/make_fit_golden.py`` only when a change
+of behaviour is intended.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fit_golden_cases import CASES, run_case
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+@pytest.fixture(scope="module")
+def golden() -> tuple[dict, dict]:
+    return torch.load(GOLDEN / "fit.pt", weights_only=True), json.loads((GOLDEN / "fit.json").read_text())
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_fit_gives_the_golden_numbers_exactly(golden, case):
+    tensors, report = run_case(case)
+    expected_tensors, expected_reports = golden[0][case], golden[1][case]
+    assert sorted(tensors) == sorted(expected_tensors)
+    for key, value in tensors.items():
+        expected = expected_tensors[key]
+        assert value.dtype == expected.dtype and torch.equal(value, expected), key
+    # through JSON, as stored (tuples become lists)
+    assert json.loads(json.dumps(report)) == expected_reports
