@@ -108,3 +108,8 @@ def run_case(name: str) -> tuple[dict[str, torch.Tensor], dict]:
     report["curves"] = {k: v for k, v in report["curves"].items() if k != "elapsed_s"}
     report["density_scale"] = result.density_scale
     return {k: v.detach().cpu().clone() for k, v in tensors.items()}, _plain(report)
+
+
+def golden_versions() -> dict:
+    """The library versions the golden numbers hold for (other builds of torch or numpy may round differently)."""
+    return {"torch": torch.__version__, "numpy": np.__version__}

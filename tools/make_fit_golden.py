@@ -17,7 +17,7 @@ import torch
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 sys.path.insert(0, str(TESTS))
 
-from fit_golden_cases import CASES, run_case  # noqa: E402
+from fit_golden_cases import CASES, golden_versions, run_case  # noqa: E402
 
 
 def main() -> None:
@@ -28,7 +28,8 @@ def main() -> None:
     out.mkdir(exist_ok=True)
     torch.save(tensors, out / "fit.pt")
     (out / "fit.json").write_text(json.dumps(reports, indent=1, sort_keys=True) + "\n")
-    print(f"wrote {out / 'fit.pt'} and {out / 'fit.json'}")
+    (out / "versions.json").write_text(json.dumps(golden_versions(), indent=1) + "\n")
+    print(f"wrote {out / 'fit.pt'}, {out / 'fit.json'} and {out / 'versions.json'}")
 
 
 if __name__ == "__main__":
