@@ -66,7 +66,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as folder:
             report = reconstruct(series, reconstruction_config(shape[0], 10.0, seed=args.seed, half_maps=split),
                                  Path(folder))
-            tomogram = read_mrc(Path(folder) / "tomogram.mrc")[0]
+            tomogram = read_mrc(Path(folder) / report["outputs"]["tomogram"])[0]
         scored = evaluate_reconstruction(tomogram, truth, 10.0, taper_vox=FSC_TAPER_VOX)
         truth_fsc = np.asarray(scored["fsc"]["fsc"])
         entry = {"cc": scored["cc"], "truth_fsc_0.5_voxels": scored["fsc"]["resolution"]["0.5"]["voxels"],

@@ -87,15 +87,15 @@ def compare(folder: Path) -> None:
     ref_spread, _ = remove_gauge(tau_ref, est.tilt_angles_deg)
 
     images, angles = read_mrc(folder / "ts.mrc")[0], est.tilt_angles_deg
-    thickness = read_mrc(rec / "tomogram.mrc")[0].shape[0]
+    thickness = read_mrc(rec / report["outputs"]["tomogram"])[0].shape[0]
     reference = Deformations(angles, tau_ref, np.rad2deg(alpha_ref), np.zeros((len(angles), 2, 2, 2)),
                              est.detector_shape)
     turn_only = Deformations(angles, np.zeros((len(angles), 2)), np.full(len(angles), -90.0),
                              np.zeros((len(angles), 2, 2, 2)), est.detector_shape)
     series = torch.tensor(images)
     volumes = {
-        "icetide": read_mrc(rec / "tomogram.mrc")[0],
-        "fbp_icetide_aligned": read_mrc(rec / "tomogram_fbp.mrc")[0],
+        "icetide": read_mrc(rec / report["outputs"]["tomogram"])[0],
+        "fbp_icetide_aligned": read_mrc(rec / report["outputs"]["fbp"])[0],
         "fbp_reference_aligned": fbp(align_series(series, reference), angles, thickness).numpy(),
         "fbp_raw (axis turned only)": fbp(align_series(series, turn_only), angles, thickness).numpy(),
     }

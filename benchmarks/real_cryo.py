@@ -3,7 +3,7 @@
 Runs the command of docs/REAL_DATA.md on ``../shared/data/real/empiar10499_00254`` (raw counts, 41 tilts of
 652 x 630 px at 10 A) and prints JSON: the even/odd-tilt FSC score (icetide.consistency.even_odd_fsc, at the
 fit's sampling) of the raw stack, of the stack aligned by the published ``00254.xf`` and by icetide's
-``alignment.xf`` (each applied to the unbinned stack, then binned as the fit was); the bead sharpness of the
+``00254.stack.xf`` (each applied to the unbinned stack, then binned as the fit was); the bead sharpness of the
 same three (icetide.prealign.sharpness: the 99.99th percentile of the standardised FBP, the gold beads; a
 misalignment blurs them); the gold-bead residual of the two aligned stacks (icetide.beads.track_beads: the
 mean distance, in pixels of the fit's sampling, between each bead as seen and its best 3-D position projected,
@@ -126,8 +126,8 @@ def main() -> None:
     stack, _ = read_mrc(stack_path)
     angles = read_tlt(tlt_path)
     published = read_xf(DATA / "00254.xf")
-    ours = read_xf(args.out / "alignment.xf")
     report = json.loads((args.out / "report.json").read_text())
+    ours = read_xf(args.out / f"{report['outputs']['stem']}.xf")
     stacks = {name: aligned_binned(-stack, angles, xf, args.bin)
               for name, xf in (("raw", None), ("published .xf", published), ("icetide", ours))}
     curves = {name: score(binned, angles, args.thickness) for name, binned in stacks.items()}

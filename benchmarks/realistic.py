@@ -13,7 +13,7 @@ the tilt axis, Poisson counts), the counts level set by ``--snr-db`` (the specim
 - ``icetide``: ``icetide reconstruct tilt_series.mrc --mdoc tilt_series.mrc.mdoc --invert --defocus
   tilt_series.defocus --exposure-weighting --thickness NZ`` (the README's command: phase flipping, the default
   CTF correction);
-  ``fbp_aligned``: its ``tomogram_fbp.mrc``;
+  ``fbp_aligned``: its ``tilt_series_fbp.mrc``;
 - ``fbp_oracle``: FBP of the same acquisition without deformations (its own noise draw), made relative contrast
   with the true levels, phase-flipped with the true defocus and exposure-weighted, over the true specimen box;
 - ``fbp_anchor``: the classical anchor: cumulative cross-correlation of neighbouring views (tiltxcorr-like,
@@ -143,9 +143,10 @@ def score(case: Path, info: dict, max_minutes: float, extra: list[str]) -> dict:
     nz = truth.shape[0]
     angles = np.asarray(json.loads((case / "truth" / "deformations.json").read_text())["tilt_angles_deg"])
     wall = run_icetide(case, nz, max_minutes, extra)
+    written = json.loads((case / "icetide" / "report.json").read_text())["outputs"]
     volumes = {
-        "icetide": read_mrc(case / "icetide" / "tomogram.mrc")[0],
-        "fbp_aligned": read_mrc(case / "icetide" / "tomogram_fbp.mrc")[0],
+        "icetide": read_mrc(case / "icetide" / written["tomogram"])[0],
+        "fbp_aligned": read_mrc(case / "icetide" / written["fbp"])[0],
         "fbp_oracle": oracle(case, info, angles, px, nz),
     }
     volumes["fbp_anchor"], anchor_d = anchor(case, info, angles, px, nz)

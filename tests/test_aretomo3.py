@@ -118,9 +118,9 @@ def test_reconstruct_an_aretomo3_folder_uses_all_its_pieces(tmp_path):
     assert line in " ".join(result.output.split()) and line in (out / "icetide.log").read_text()
     report = json.loads((out / "report.json").read_text())
     np.testing.assert_allclose(np.asarray(report["optics"]["defocus_A"])[:, 0], DEFOCUS[:-1], atol=1e-2)
-    assert "half_maps" in report and (out / "tomogram_half2.mrc").is_file()
+    assert "half_maps" in report and (out / f"{NAME}_half2.mrc").is_file()  # named after the series
     assert "half_maps: series" in (out / "config.yaml").read_text()
-    assert (out / "alignment.exclude").read_text().split() == ["8"]
+    assert (out / f"{NAME}.exclude").read_text().split() == ["8"]
     est = read_deformations(out / "deformations.json")
     expected = aln_to_deformations(read_aln(folder / f"{NAME}.aln"), ANGLES, SHAPE[1:])
     np.testing.assert_allclose(est.tilt_angles_deg, ANGLES)

@@ -46,7 +46,7 @@ def test_batch_runs_every_series_reports_the_bad_one_and_skips_finished_ones(ser
     assert set(rows) == {"sim1_tilt_series", "sim2_tilt_series", "broken"}
     for name in ("sim1_tilt_series", "sim2_tilt_series"):
         assert rows[name]["status"] == "done" and rows[name]["epochs"] == 2 and -1 <= rows[name]["cc"] <= 1
-        assert (out / name / "tomogram.mrc").is_file() and (out / name / "report.json").is_file()
+        assert (out / name / f"{name}_rec.mrc").is_file() and (out / name / "report.json").is_file()
     assert rows["broken"]["status"].startswith("failed: ") and "not a readable MRC file" in rows["broken"]["status"]
     assert not (out / "broken").exists() and not list(out.glob(".*partial"))
     assert "broken" in (out / "batch_summary.csv").read_text()
@@ -64,7 +64,7 @@ def test_inputs_from_a_list_and_a_relion_tomograms_star(series_dir, tmp_path):
     assert [i.name for i in items] == ["sim1_tilt_series", "sim2_tilt_series"]
     assert items[0].angles.endswith("tilt_series.tlt") and items[0].truth.endswith("volume.mrc")
 
-    rec = tmp_path / "rec"  # a reconstruction writes alignment.star (k@stack) and tomograms.star
+    rec = tmp_path / "rec"  # a reconstruction writes tilt_series.star (k@stack) and tomograms.star
     result = _run("reconstruct", r / "sim1" / "tilt_series.mrc", "--angles", r / "sim1" / "tilt_series.tlt", "-o", rec,
                   "--thickness", 12, "--epochs", 1, "--config", r / "tiny.yaml", "--device", "cpu")
     assert result.exit_code == 0, result.output

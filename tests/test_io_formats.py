@@ -169,7 +169,7 @@ def test_relion_tomograms_star_round_trip(tmp_path):
     entries = [
         RelionTomogram("TS_01", "tilt_series/TS_01.star", 300.0, 2.7, 0.1, 0.675, 2.7, (1024, 1024, 256), -1),
         RelionTomogram("TS_02", "tilt_series/TS_02.star", 300.0, 2.7, 0.07, 0.675, 5.4, (512, 480, 128), 1,
-                       "rec/TS_02/tomogram.mrc", 4.0),
+                       "rec/TS_02/TS_02_rec.mrc", 4.0),
     ]
     write_relion_tomograms_star(tmp_path / "tomograms.star", entries)
     text = (tmp_path / "tomograms.star").read_text()

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 import sys
 
 import numpy as np
@@ -49,23 +50,25 @@ def test_reconstruct_writes_every_output(series_files, tmp_path, monkeypatch):
     assert "fit.epochs: 2 (default: 500)" in log and "volume.log2_table_size: 10 (default: 19)" in log
     assert "fitting\n" in log and "epoch 2/2  loss" in log  # progress
     assert "done: 2 epochs" in log and "alignment: kept the" in log and "timings: " in log
-    assert "wrote aligned.mrc, alignment.star" in log
+    assert "wrote aligned.mrc, checkpoint.pt, config.yaml, deformations.json, report.json, tomogram.mrc, " \
+        "tomograms.star, ts.star, ts.tlt, ts.xf, ts_ali.mrc, ts_fbp.mrc, ts_rec.mrc" in log
     assert not logging.getLogger("icetide").handlers
-    tomogram, voxel = read_mrc(out / "tomogram.mrc")
+    tomogram, voxel = read_mrc(out / "ts_rec.mrc")  # named after the stack, as IMOD names its outputs
     assert tomogram.shape == SHAPE and voxel == pytest.approx(8.0) and np.isfinite(tomogram).all()
-    assert read_mrc(out / "tomogram_fbp.mrc")[0].shape == SHAPE
-    assert read_mrc(out / "aligned.mrc")[0].shape == (len(ANGLES), *SHAPE[1:])
+    assert read_mrc(out / "ts_fbp.mrc")[0].shape == SHAPE
+    assert read_mrc(out / "ts_ali.mrc")[0].shape == (len(ANGLES), *SHAPE[1:])
+    assert os.readlink(out / "tomogram.mrc") == "ts_rec.mrc" and os.readlink(out / "aligned.mrc") == "ts_ali.mrc"
     est = read_deformations(out / "deformations.json")
     assert est.n_tilts == len(ANGLES) and est.detector_shape == SHAPE[1:]
-    xf = read_xf(out / "alignment.xf")
+    xf = read_xf(out / "ts.xf")
     assert xf.shape == (len(ANGLES), 2, 3)
     back = xf_to_deformations(xf, ANGLES, SHAPE[1:])
     np.testing.assert_allclose(back.shifts_px, est.shifts_px, atol=1e-3)
-    np.testing.assert_allclose(read_tlt(out / "alignment.tlt"), ANGLES)
-    relion = read_relion_tilt_series_star(out / "alignment.star", 8.0, SHAPE[1:])
+    np.testing.assert_allclose(read_tlt(out / "ts.tlt"), ANGLES)
+    relion = read_relion_tilt_series_star(out / "ts.star", 8.0, SHAPE[1:])
     np.testing.assert_allclose(relion.shifts_px, est.shifts_px, atol=1e-4)
     np.testing.assert_allclose(relion.angles_deg, est.angles_deg, atol=1e-6)
-    assert "1@" in (out / "alignment.star").read_text()
+    assert "1@" in (out / "ts.star").read_text()
     report = json.loads((out / "report.json").read_text())
     assert report["epochs"] == 2 and len(report["curves"]["train_loss"]) == 2
     assert report["prealigned"] is True  # no starting alignment given: shifts start from the coarse alignment
@@ -172,9 +175,9 @@ def test_half_maps_write_both_halves_their_fsc_and_the_mean(series_files, tmp_pa
                   "--epochs", 3, "--config", f / "tiny.yaml", "--device", "cpu", "--half-maps", "pixels", "--loss", "l2")
     assert result.exit_code == 0, result.output
     assert "half-map FSC 0.143" in result.output
-    first, second = read_mrc(out / "tomogram_half1.mrc")[0], read_mrc(out / "tomogram_half2.mrc")[0]
+    first, second = read_mrc(out / "ts_half1.mrc")[0], read_mrc(out / "ts_half2.mrc")[0]
     assert first.shape == SHAPE and not np.array_equal(first, second)  # two volumes, fitted apart
-    np.testing.assert_allclose(read_mrc(out / "tomogram.mrc")[0], (first + second) / 2, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(read_mrc(out / "ts_rec.mrc")[0], (first + second) / 2, rtol=1e-5, atol=1e-6)
     half_maps = json.loads((out / "report.json").read_text())["half_maps"]
     assert half_maps["split"] == "pixels" and set(half_maps["resolution"]) == {"0.5", "0.143"}
     assert (out / "fsc_halves.png").is_file() and (out / "fsc_halves.csv").is_file()
@@ -279,21 +282,21 @@ def test_excluded_views_keep_their_lines_in_the_imod_files_and_their_place_in_re
                   "--config", f / "tiny.yaml", "--exclude", "0,6")
     assert result.exit_code == 0, result.output
     est = read_deformations(out / "deformations.json")  # the fitted views 1..5
-    xf = read_xf(out / "alignment.xf")
+    xf = read_xf(out / "ts.xf")
     assert xf.shape == (len(ANGLES), 2, 3)  # one line per view of the input stack
     np.testing.assert_allclose(-xf[1:6, :, 2], est.shifts_px, atol=1e-3)
     # the first and last views take the transform of their fitted neighbour in tilt
     np.testing.assert_allclose(xf[0], xf[1], atol=1e-6)
     np.testing.assert_allclose(xf[6], xf[5], atol=1e-6)
-    np.testing.assert_allclose(read_tlt(out / "alignment.tlt"), ANGLES)
-    assert (out / "alignment.exclude").read_text() == "1,7\n"  # IMOD's EXCLUDELIST, numbered from 1
+    np.testing.assert_allclose(read_tlt(out / "ts.tlt"), ANGLES)
+    assert (out / "ts.exclude").read_text() == "1,7\n"  # IMOD's EXCLUDELIST, numbered from 1
     report = json.loads((out / "report.json").read_text())
     assert report["excluded_views"] == {"stack_indices": [0, 6], "imod_excludelist": "1,7"}
     assert report["input"]["n_tilts"] == 5 and report["input"]["n_stack_views"] == 7
-    names = starfile.read(out / "alignment.star")["rlnMicrographName"].tolist()
+    names = starfile.read(out / "ts.star")["rlnMicrographName"].tolist()
     assert names == [f"{k}@{(f / 'ts.mrc').resolve()}" for k in range(2, 7)]
     (tomo,) = read_relion_tomograms_star(out / "tomograms.star")
-    assert tomo.tomogram_file == str((out / "tomogram.mrc").resolve()) and tomo.binning == 1.0 and tomo.hand == 1
+    assert tomo.tomogram_file == str((out / "ts_rec.mrc").resolve()) and tomo.binning == 1.0 and tomo.hand == 1
     assert tomo.size_xyz == (SHAPE[2], SHAPE[1], SHAPE[0])
     # deformations.json (the fitted views) is read back against the same --exclude
     back = read_alignment(ANGLES, SHAPE[1:], out / "deformations.json", None, None, np.arange(1, 6))
@@ -302,11 +305,11 @@ def test_excluded_views_keep_their_lines_in_the_imod_files_and_their_place_in_re
     with pytest.raises(IcetideError, match="short.xf: 3 transforms for a series of 7 views or the 5 it keeps"):
         read_alignment(ANGLES, SHAPE[1:], None, tmp_path / "short.xf", None, np.arange(1, 6))
 
-    # alignment.xf feeds back, with the same --exclude or with every view
+    # ts.xf feeds back, with the same --exclude or with every view
     for extra in (["--exclude", "0,6"], []):
         again = tmp_path / f"again{len(extra)}"
         result = _run("reconstruct", f / "ts.mrc", "--angles", f / "ts.tlt", "-o", again, "--epochs", 1,
-                      "--thickness", 12, "--config", _warmup_only(tmp_path), "--xf", out / "alignment.xf", *extra)
+                      "--thickness", 12, "--config", _warmup_only(tmp_path), "--xf", out / "ts.xf", *extra)
         assert result.exit_code == 0, result.output
         started = read_deformations(again / "deformations.json")
         assert started.n_tilts == (5 if extra else 7)
@@ -328,7 +331,7 @@ def test_angles_and_pixel_size_from_mdoc_and_inverted_contrast(series_files, tmp
     aligned = read_mrc(out / "aligned.mrc")[0]
     assert np.corrcoef(aligned.ravel(), images.ravel())[0, 1] > 0.5  # the contrast was flipped back
     bright = "icetide: density bright (positive = dense), the input images inverted"
-    for name in ("tomogram.mrc", "tomogram_fbp.mrc", "aligned.mrc"):
+    for name in ("dark_rec.mrc", "dark_fbp.mrc", "dark_ali.mrc"):
         assert bright in read_mrc_labels(out / name)
 
     # --polarity input: the same fit, written as dark as the input images
@@ -336,7 +339,7 @@ def test_angles_and_pixel_size_from_mdoc_and_inverted_contrast(series_files, tmp
     result = _run("reconstruct", tmp_path / "dark.mrc", "--mdoc", tmp_path / "ts.mdoc", "-o", dark, "--epochs", 1,
                   "--thickness", 12, "--config", f / "tiny.yaml", "--invert", "--polarity", "input")
     assert result.exit_code == 0, result.output
-    for name in ("tomogram.mrc", "tomogram_fbp.mrc", "aligned.mrc"):
+    for name in ("dark_rec.mrc", "dark_fbp.mrc", "dark_ali.mrc"):
         np.testing.assert_array_equal(read_mrc(dark / name)[0], -read_mrc(out / name)[0])  # CPU fits are repeatable
         assert "icetide: density dark (negative = dense), as in the input images" in read_mrc_labels(dark / name)
     assert "polarity: input" in (dark / "config.yaml").read_text()
@@ -484,8 +487,8 @@ def test_two_half_series_from_frame_sums(tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["half_maps"]["split"] == "series"
-    first, second = read_mrc(out / "tomogram_half1.mrc")[0], read_mrc(out / "tomogram_half2.mrc")[0]
-    np.testing.assert_allclose(read_mrc(out / "tomogram.mrc")[0], (first + second) / 2, atol=1e-5)
+    first, second = read_mrc(out / "odd_half1.mrc")[0], read_mrc(out / "odd_half2.mrc")[0]
+    np.testing.assert_allclose(read_mrc(out / "odd_rec.mrc")[0], (first + second) / 2, atol=1e-5)
     aligned = read_mrc(out / "aligned.mrc")[0]
     keep = [0, 1, 3, 4, 5, 6]
     assert aligned.shape == (6, *SHAPE[1:])
@@ -527,7 +530,7 @@ def test_bin_fits_the_binned_stack_and_writes_the_alignment_in_input_pixels(seri
     assert est.detector_shape == shape[1:]  # the input stack's pixels
     report = json.loads((out / "report.json").read_text())
     assert report["bin"] == 2 and report["input"]["fit_detector_shape"] == [20, 18]
-    np.testing.assert_allclose(-read_xf(out / "alignment.xf")[:, :, 2], est.shifts_px, atol=1e-3)
+    np.testing.assert_allclose(-read_xf(out / "big.xf")[:, :, 2], est.shifts_px, atol=1e-3)
     # the fit started from its coarse alignment and checked itself against it on the even/odd-tilt FSC
     check = report["start_check"]
     assert check["kept"] in ("fit", "start") and np.isfinite(check["start_score"])

@@ -236,11 +236,11 @@ def test_reconstruct_a_ctffind_star_names_each_views_micrograph(tmp_path):
     assert result.exit_code == 0, result.output
     assert "RELION-5 series TS_01: 7 micrographs in tilt-angle order" in " ".join(result.output.split())
     kept = [k for k in np.argsort(ACQUIRED) if ACQUIRED[k] != ANGLES[1]]  # STAR rows of the views kept
-    block = starfile.read(out / "alignment.star", always_dict=True)["TS_01"]
+    block = starfile.read(out / "TS_01.star", always_dict=True)["TS_01"]
     assert list(block["rlnMicrographName"]) == [str((project / _micrograph("TS_01", k)).resolve()) for k in kept]
     np.testing.assert_allclose(block["rlnTomoNominalStageTiltAngle"], np.delete(ANGLES, 1))
-    np.testing.assert_allclose(read_tlt(out / "alignment.tlt"), ANGLES)  # one line per view, stack order
-    assert (out / "alignment.exclude").read_text().split() == ["2"]
+    np.testing.assert_allclose(read_tlt(out / "TS_01.tlt"), ANGLES)  # one line per view, stack order
+    assert (out / "TS_01.exclude").read_text().split() == ["2"]
     tomograms = starfile.read(out / "tomograms.star")
     assert tomograms["rlnTomoHand"][0] == -1 and tomograms["rlnAmplitudeContrast"][0] == pytest.approx(0.1)
     assert tomograms["rlnTomoTiltSeriesPixelSize"][0] == pytest.approx(8.0)
@@ -273,7 +273,7 @@ def test_batch_runs_every_series_of_the_star(tmp_path):
     rows = {row["name"]: row for row in json.loads((out / "batch_summary.json").read_text())}
     assert set(rows) == {"TS_01", "TS_02"} and all(r["status"] == "done" for r in rows.values())
     for name in ("TS_01", "TS_02"):
-        block = starfile.read(out / name / "alignment.star", always_dict=True)[name]
+        block = starfile.read(out / name / f"{name}.star", always_dict=True)[name]
         assert block["rlnMicrographName"][0].endswith(_micrograph(name, ORDER.index(0)))
         assert json.loads((out / name / "report.json").read_text())["batch"]["relion"] == str(project / CTF_STAR)
 
@@ -283,10 +283,10 @@ def test_batch_still_reads_icetides_own_tomograms_star_as_a_stack(tmp_path):
     stack = tmp_path / "ts.mrc"
     write_mrc(stack, _images(0), 8.0, stack=True)
     d = Deformations.identity(ANGLES, SHAPE[1:])
-    write_relion_tilt_series_star(tmp_path / "alignment.star", d, 8.0, "ts", stack)
-    entry = RelionTomogram("ts", str(tmp_path / "alignment.star"), 300.0, 2.7, 0.07, 8.0, 8.0, SHAPE[::-1])
+    write_relion_tilt_series_star(tmp_path / "ts.star", d, 8.0, "ts", stack)
+    entry = RelionTomogram("ts", str(tmp_path / "ts.star"), 300.0, 2.7, 0.07, 8.0, 8.0, SHAPE[::-1])
     write_relion_tomograms_star(tmp_path / "tomograms.star", [entry])
-    assert names_stack_slices(tmp_path / "alignment.star")
+    assert names_stack_slices(tmp_path / "ts.star")
     (item,) = find_items([str(tmp_path / "tomograms.star")])
     assert item.relion is None and item.stack == str(stack) and item.angles_deg == tuple(ANGLES)
     project = write_project(tmp_path / "p")

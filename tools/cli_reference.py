@@ -61,7 +61,7 @@ icetide reconstruct sim/tilt_series_odd.mrc --angles sim/tilt_series.tlt --half-
 icetide fbp sim/tilt_series.mrc --angles sim/tilt_series.tlt --thickness 48 -o fbp_raw.mrc
 icetide fbp sim/truth/noisy_undeformed.mrc --angles sim/tilt_series.tlt --thickness 48 -o fbp_oracle.mrc
 # score against the truth, with figures
-icetide evaluate --truth sim/truth/volume.mrc rec/tomogram.mrc rec/tomogram_fbp.mrc fbp_raw.mrc fbp_oracle.mrc \\
+icetide evaluate --truth sim/truth/volume.mrc rec/tilt_series_rec.mrc rec/tilt_series_fbp.mrc fbp_raw.mrc fbp_oracle.mrc \\
     --names icetide,fbp_aligned,fbp_raw,fbp_oracle \\
     --truth-deformations sim/truth/deformations.json --deformations rec/deformations.json -o eval
 ```
@@ -130,15 +130,15 @@ Give a job's tilt-series STAR as the tilt series (`--relion-name NAME`, an `rlnT
 `corrected_tilt_series.star` of MotionCorr, `tilt_series_ctf.star` of CtfFind, or that of a later job (ImportTomo's
 `tilt_series.star` only when it imported motion-corrected images: its movies are not read). From each series'
 own STAR come its micrographs (`rlnMicrographName`, one MRC per tilt), stacked in order of tilt angle (RELION keeps
-them in acquisition order; `--exclude` counts views in tilt-angle order, as `aligned.mrc`, `alignment.tlt` and
-`alignment.xf` list them), the angles (`rlnTomoNominalStageTiltAngle`), the tilt axis (`rlnTomoNominalTiltAxisAngle`,
+them in acquisition order; `--exclude` counts views in tilt-angle order, as `TS_01_ali.mrc`, `TS_01.tlt` and
+`TS_01.xf` list them), the angles (`rlnTomoNominalStageTiltAngle`), the tilt axis (`rlnTomoNominalTiltAxisAngle`,
 the same angle as SerialEM's and `--tilt-axis-angle`), the pre-exposure (`rlnMicrographPreExposure`), after CtfFind
 the defocus (`rlnDefocusU`/`V`/`Angle`, as `--defocus`) and, when MotionCorr saved them, the even/odd frame sums
 (`rlnMicrographNameOdd`/`Even`) as the two half series (`--half-maps tilts` or `pixels` uses the micrographs
 instead); from the STAR's `global` block the pixel size (`rlnTomoTiltSeriesPixelSize`), the optics (`rlnVoltage`,
 `rlnSphericalAberration`, `rlnAmplitudeContrast`) and `rlnTomoHand` as `ctf.defocus_hand`. Options given win over
 all of these (the STAR's optics over a `--config` file's). Paths are relative to the RELION project folder: the
-STAR's folder or the first folder above it in which they exist. `alignment.star` names each view's own micrograph.
+STAR's folder or the first folder above it in which they exist. `TS_01.star` names each view's own micrograph.
 `icetide batch STAR` runs every series of the STAR into `OUT/<rlnTomoName>/` (the half series only with
 `fit: {half_maps: series}` in `--config`):
 
@@ -164,7 +164,7 @@ torchrun --nproc_per_node 4 -m icetide reconstruct sim/tilt_series.mrc --angles 
 
 1. Reads the stack and the angles (`--angles` or `--mdoc`), leaves out `--exclude`d views, flips the contrast
    with `--invert`, and bins by `--bin`. With `--defocus` (and `--exposure-weighting`) the series is corrected
-   first; the fit, `aligned.mrc` and `tomogram_fbp.mrc` see the corrected images.
+   first; the fit, `STEM_ali.mrc` and `STEM_fbp.mrc` see the corrected images.
 2. Images recorded on a level (raw counts) become their relative contrast (each image's mean level divided out)
    and are high-passed (features broader than 300 A removed) before the fit (docs/CONVENTIONS.md "Intensity
    units"). The data's scale is their standard deviation after clipping outliers (hot pixels, gold beads) at 10
@@ -212,20 +212,26 @@ When the output is not a terminal (SLURM, nohup), progress comes as a plain line
 
 ### What it writes
 
+Files are named after the series' stem `STEM`, as IMOD names its own (`TS_07.mrc` gives `TS_07_rec.mrc`,
+`TS_07.xf`, ...; a RELION-5 series its `rlnTomoName`, an AreTomo3 folder its series name, `icetide batch` each
+series' name), so that tomograms from many folders can be pooled.
+
 | file | what it is |
 | --- | --- |
-| `tomogram.mrc` | the implicit volume sampled on the voxel grid, `(thickness, ny, nx)` at the `--bin` sampling, in the units of the fitted contrast |
-| `tomogram_fbp.mrc` | FBP of the aligned series (same grid) |
-| `aligned.mrc` | the input series (after `--invert` and any CTF correction) with the estimated deformations undone |
+| `STEM_rec.mrc` | icetide's tomogram: the implicit volume sampled on the voxel grid, `(thickness, ny, nx)` at the `--bin` sampling, in the units of the fitted contrast |
+| `STEM_fbp.mrc` | FBP of the aligned series (same grid) |
+| `STEM_ali.mrc` | the input series (after `--invert` and any CTF correction) with the estimated deformations undone |
+| `tomogram.mrc`, `aligned.mrc` | links to `STEM_rec.mrc` and `STEM_ali.mrc`, the same names in every folder (for scripts) |
 | `deformations.json` | the estimated shifts, rotations and local fields, gauge removed, in the input stack's pixels (docs/CONVENTIONS.md) |
-| `alignment.xf`, `alignment.tlt` | the alignment for IMOD (shifts and rotations only), in the input stack's pixels |
-| `alignment.star`, `tomograms.star` | the alignment for RELION-5 (shifts and rotations only; when the pixel size is known) |
+| `STEM.xf`, `STEM.tlt` | the alignment for IMOD (shifts and rotations only), in the input stack's pixels, one line per view of the stack (excluded views included) |
+| `STEM.exclude` | with `--exclude`: the excluded views as IMOD's `EXCLUDELIST` takes them (numbered from 1, ranges) |
+| `STEM.star`, `tomograms.star` | the alignment for RELION-5 (shifts and rotations only; when the pixel size is known); `rlnMicrographName` names each kept view's own image (`k@stack`, `k` counted in the whole stack) and `tomograms.star` names `STEM_rec.mrc` |
 | `config.yaml` | every setting of the run, defaults included ([CONFIGURATION.md](CONFIGURATION.md)) |
 | `report.json` | the fit's curves, timings and stop reason, the tilt-axis search and refinement, `start_check`, the intensity levels, memory plan |
 | `checkpoint.pt` | the fit's state, for `--resume` |
 | `refit_start.json` | when the tilt-axis refinement started a second fit: its start (deformations about the refined axis); `--resume` continues that fit |
 | `icetide.log` | the version, the command line, the settings that differ from the defaults, progress and warnings |
-| `tomogram_half1.mrc`, `tomogram_half2.mrc`, `fsc_halves.png`/`.csv` | with `--half-maps`/`--half-series`: the half tomograms (`tomogram.mrc` is their mean) and their FSC |
+| `STEM_half1.mrc`, `STEM_half2.mrc`, `fsc_halves.png`/`.csv` | with `--half-maps`/`--half-series`: the half tomograms (`STEM_rec.mrc` is their mean) and their FSC |
 
 Opening them in napari or IMOD: docs/TROUBLESHOOTING.md "Viewing the results".
 

@@ -29,6 +29,7 @@ import numpy as np
 
 from .config import ReconstructConfig
 from .errors import IcetideError
+from .output_files import OutputNames
 
 __all__ = ["QC_COLUMNS", "BatchItem", "find_items", "run_batch", "run_item", "series_metrics"]
 
@@ -395,7 +396,8 @@ def run_item(item: BatchItem, out_root: str, config_json: dict, invert: bool = F
         config = ReconstructConfig.model_validate(config_json)
         config.fit.device = _device_for_worker(config.fit.device)
         series, init, stack = _load_item(item, config, partial, invert, exclude)
-        report = reconstruct(series, config, partial, init=init, source_path=Path(item.stack), input_stack=stack)
+        report = reconstruct(series, config, partial, init=init, source_path=Path(item.stack), input_stack=stack,
+                             names=OutputNames(item.name))
         # What the series was made of, beside what reconstruct reports: the options are not in config.yaml.
         report["batch"] = {"stack": item.stack, "angles": item.angles, "mdoc": item.mdoc, "xf": item.xf,
                            "aln": item.aln, "defocus": item.defocus, "relion": item.relion, "invert": invert,
@@ -406,7 +408,7 @@ def run_item(item: BatchItem, out_root: str, config_json: dict, invert: bool = F
             from .io import read_mrc
 
             truth, _ = read_volume(item.truth)
-            tomogram, _ = read_mrc(partial / "tomogram.mrc")
+            tomogram, _ = read_mrc(partial / report["outputs"]["tomogram"])
             if truth.shape == tomogram.shape:
                 cc = evaluate_reconstruction(tomogram, truth)["cc"]
         metrics = series_metrics(partial)

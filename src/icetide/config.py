@@ -243,7 +243,7 @@ class CtfSettings(_Strict):
         "phaseflip", description="with a known defocus: phaseflip (multiply every frequency by the sign of the "
         "CTF at the defocus of each pixel, which varies across a tilted image), model (fit the raw images with "
         "the CTF in the forward model: each predicted image is filtered by its tilt's CTF; lattice renderer, "
-        "whole images per step, one process; aligned.mrc and the FBP are still phase-flipped) or none",
+        "whole images per step, one process; the aligned stack and the FBP are still phase-flipped) or none",
     )
     defocus_hand: Literal[1, -1] = Field(
         1, description="+1: at a positive tilt the image's -X side (left of the tilt axis) is further underfocus; "
@@ -267,7 +267,7 @@ class CtfSettings(_Strict):
 
 class IntensitySettings(_Strict):
     """How the recorded images become the contrast the model explains (:mod:`icetide.intensity`); the outputs
-    (aligned.mrc, the FBP) keep the input's intensities."""
+    (the aligned stack, the FBP) keep the input's intensities."""
 
     levels: Literal["auto", "per_tilt", "none"] = Field(
         "auto", description="divide each image by its mean level after subtracting it (relative contrast): "
@@ -293,7 +293,7 @@ class ReconstructConfig(_Strict):
 
     bin: int = Field(
         1, ge=1, le=64, description="fit the series binned by this factor (block averages, as IMOD's newstack -bin); "
-        "thickness, tomograms, aligned.mrc and the FBP are at the binned sampling, the alignment files "
+        "thickness, tomograms, the aligned stack and the FBP are at the binned sampling, the alignment files "
         "(deformations.json, .xf, .star) in the input stack's pixels",
     )
     thickness: Optional[int] = Field(

@@ -1,16 +1,18 @@
 """A whole reconstruction: fit the model to a tilt series and write every output into one folder.
 
-Outputs (``out_dir``): ``tomogram.mrc`` (the implicit volume sampled on the voxel grid, ``(thickness, ny, nx)``,
-frame of docs/CONVENTIONS.md), ``deformations.json`` (estimated, gauge removed), ``aligned.mrc`` (the input series
-with the estimated deformations undone), ``tomogram_fbp.mrc`` (FBP of the aligned series), ``alignment.xf`` and
-``alignment.tlt`` (IMOD, one line per view of the input stack), ``alignment.exclude`` (with views excluded: their
-IMOD list), ``alignment.star`` and ``tomograms.star`` (RELION-5, when the pixel size is known; like ``.xf`` it
-carries the shifts and rotations only, the local fields have no RELION/IMOD equivalent; see
-:func:`write_alignment_files`), ``config.yaml``, ``report.json``, ``checkpoint.pt``, ``icetide.log``
-(:mod:`icetide.runlog`), and ``refit_start.json`` when the refinements after the first fit (tilt axis, gold
-beads: :func:`icetide.start.refine_tilt_axis`, :func:`icetide.start.refine_by_beads`) started a second fit. With ``fit.half_maps``: ``tomogram_half1.mrc`` and ``tomogram_half2.mrc`` (the two half volumes; ``tomogram.mrc`` is
-their mean) and ``fsc_halves.png/.csv``. The volumes and ``aligned.mrc`` have the polarity ``config.polarity``
-asks for, stated in their MRC header label (:func:`icetide.intensity.output_polarity`).
+Outputs (``out_dir``), named after the series' stem (:class:`icetide.output_files.OutputNames`, here ``TS``):
+``TS_rec.mrc`` (the implicit volume sampled on the voxel grid, ``(thickness, ny, nx)``, frame of
+docs/CONVENTIONS.md), ``deformations.json`` (estimated, gauge removed), ``TS_ali.mrc`` (the input series with the
+estimated deformations undone), ``TS_fbp.mrc`` (FBP of the aligned series), ``TS.xf`` and ``TS.tlt`` (IMOD, one
+line per view of the input stack), ``TS.exclude`` (with views excluded: their IMOD list), ``TS.star`` and
+``tomograms.star`` (RELION-5, when the pixel size is known; like ``.xf`` it carries the shifts and rotations only,
+the local fields have no RELION/IMOD equivalent; see :func:`write_alignment_files`), the links ``tomogram.mrc`` and
+``aligned.mrc``, ``config.yaml``, ``report.json``, ``checkpoint.pt``, ``icetide.log`` (:mod:`icetide.runlog`), and
+``refit_start.json`` when the refinements after the first fit (tilt axis, gold beads:
+:func:`icetide.start.refine_tilt_axis`, :func:`icetide.start.refine_by_beads`) started a second fit. With
+``fit.half_maps``: ``TS_half1.mrc`` and ``TS_half2.mrc`` (the two half volumes; ``TS_rec.mrc`` is their mean) and
+``fsc_halves.png/.csv``. The volumes and ``TS_ali.mrc`` have the polarity ``config.polarity`` asks for, stated in
+their MRC header label (:func:`icetide.intensity.output_polarity`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from .intensity import output_polarity
 from .io import imod_view_list, read_deformations, write_deformations, write_json, write_mrc, write_tlt, write_view_list, write_xf
 from .io.relion import RelionTomogram, write_relion_tilt_series_star, write_relion_tomograms_star
 from .metrics import FSC_TAPER_VOX, edge_taper, fsc
+from .output_files import OutputNames, link_short_names
 from .plots import plot_fsc
 from .recon import align_series, fbp
 from .runtime import distributed_rank
@@ -57,7 +60,7 @@ log = logging.getLogger(__name__)
 def correct_optics(
     series: TiltSeries, config: ReconstructConfig, for_fit: bool = True, tilt_axis_angle_deg: float | None = None
 ) -> tuple[TiltSeries, dict]:
-    """The series the fit sees (``for_fit``) or the one the outputs (``aligned.mrc``, FBP) are made of:
+    """The series the fit sees (``for_fit``) or the one the outputs (the aligned stack, FBP) are made of:
     phase-flipped when its defocus is known and ``config.ctf.correction`` is phaseflip (for the outputs also
     when it is model: the fit then sees the raw images and applies the CTF itself), exposure-weighted when its
     pre-exposure is known and ``config.ctf.exposure_weighting`` is on (:mod:`icetide.ctf`). The defocus
@@ -128,14 +131,14 @@ def sample_tomogram(
 
 
 def write_half_maps(
-    out_dir: Path, first: np.ndarray, second: np.ndarray, voxel_size_A: float | None, split: str,
-    label: str | None = None,
+    out_dir: Path, names: OutputNames, first: np.ndarray, second: np.ndarray, voxel_size_A: float | None,
+    split: str, label: str | None = None,
 ) -> dict:
-    """Write the half tomograms (MRC header ``label``), their FSC (``fsc_halves.png/.csv``, a soft edge of
+    """Write the half tomograms (``names.half(k)``, MRC header ``label``), their FSC (``fsc_halves.png/.csv``, a soft edge of
     ``FSC_TAPER_VOX``) and return the report entry: the split, the resolution at FSC 0.143 and 0.5 (voxels, and
     Angstrom when the pixel size is known) and the curve."""
-    write_mrc(out_dir / "tomogram_half1.mrc", first, voxel_size_A, label=label)
-    write_mrc(out_dir / "tomogram_half2.mrc", second, voxel_size_A, label=label)
+    write_mrc(out_dir / names.half(1), first, voxel_size_A, label=label)
+    write_mrc(out_dir / names.half(2), second, voxel_size_A, label=label)
     curve = fsc(first, second, voxel_size_A, mask=edge_taper(first.shape, FSC_TAPER_VOX))
     plot_fsc({f"half 1 vs half 2 ({split})": curve}, out_dir / "fsc_halves.png", voxel_size_A,
              title="FSC between the half tomograms (0.143: the full tomogram's resolution)")
@@ -156,6 +159,7 @@ REFIT_START_NAME = "refit_start.json"
 
 def write_alignment_files(
     out_dir: Path,
+    names: OutputNames,
     d: Deformations,
     stack: InputStack,
     config: ReconstructConfig,
@@ -166,41 +170,41 @@ def write_alignment_files(
     """Write the alignment ``d`` of the fitted views (in the input stack's pixels, ``pixel_size_A`` Angstrom or
     ``None``) for IMOD and RELION-5; return the report entries ``exported_alignment`` and ``excluded_views``.
 
-    IMOD: ``alignment.xf`` and ``alignment.tlt`` have one line per view of the input stack, so that ``newstack``
+    IMOD: ``names.xf`` and ``names.tlt`` have one line per view of the input stack, so that ``newstack``
     and ``tilt`` take them with the stack itself; an excluded view has its tilt angle and a shift and rotation
     interpolated in tilt angle from the fitted views (:func:`icetide.alignment.deformations_for_stack`).
-    ``alignment.exclude`` (only with views excluded) lists those views as ``tilt``'s ``EXCLUDELIST`` takes them,
+    ``names.exclude`` (only with views excluded) lists those views as ``tilt``'s ``EXCLUDELIST`` takes them,
     numbered from 1 with ranges (:func:`icetide.io.imod_view_list`); report.json has the same list.
-    RELION-5 (when the pixel size is known): ``alignment.star`` has a row per fitted view, its
+    RELION-5 (when the pixel size is known): ``names.star`` has a row per fitted view, its
     ``rlnMicrographName`` ``k@stack`` naming the view's image in the input stack (``source_path``), or the view's
     own file where the views came one per file (``stack.image_names``), and
-    ``tomograms.star`` names ``tomogram.mrc`` (``tomogram_shape`` ``(nz, ny, nx)`` voxels of ``config.bin``
+    ``tomograms.star`` names the series ``names.stem`` and its tomogram ``names.tomogram`` (``tomogram_shape`` ``(nz, ny, nx)`` voxels of ``config.bin``
     pixels), its binning, ``config.ctf``'s optics and defocus hand.
     """
     excluded = stack.excluded
     every_view = deformations_for_stack(d, stack.kept, stack.tilt_angles_deg)
-    write_xf(out_dir / "alignment.xf", deformations_to_xf(every_view))
-    write_tlt(out_dir / "alignment.tlt", stack.tilt_angles_deg)
-    files = ["alignment.xf", "alignment.tlt"]
+    write_xf(out_dir / names.xf, deformations_to_xf(every_view))
+    write_tlt(out_dir / names.tlt, stack.tilt_angles_deg)
+    files = [names.xf, names.tlt]
     if excluded.size:
-        write_view_list(out_dir / "alignment.exclude", excluded)
-        files.append("alignment.exclude")
+        write_view_list(out_dir / names.exclude, excluded)
+        files.append(names.exclude)
     if pixel_size_A is not None:
-        name = Path(source_path).stem.replace(" ", "_") if source_path is not None else "tilt_series"
+        name = names.stem
         images = str(Path(source_path).resolve()) if source_path is not None else None
         if stack.image_names is not None:
             images = [stack.image_names[k] for k in stack.kept]
-        write_relion_tilt_series_star(out_dir / "alignment.star", d, pixel_size_A, name, images, stack.kept)
+        write_relion_tilt_series_star(out_dir / names.star, d, pixel_size_A, name, images, stack.kept)
         factor = config.bin
         nz, ny, nx = tomogram_shape
         entry = RelionTomogram(
-            name, str((out_dir / "alignment.star").resolve()), config.ctf.voltage_kV,
+            name, str((out_dir / names.star).resolve()), config.ctf.voltage_kV,
             config.ctf.spherical_aberration_mm, config.ctf.amplitude_contrast, pixel_size_A, pixel_size_A,
             (nx * factor, ny * factor, nz * factor), config.ctf.defocus_hand,
-            str((out_dir / "tomogram.mrc").resolve()), float(factor),
+            str((out_dir / names.tomogram).resolve()), float(factor),
         )
         write_relion_tomograms_star(out_dir / "tomograms.star", [entry])
-        files += ["alignment.star", "tomograms.star"]
+        files += [names.star, "tomograms.star"]
     exported = (", ".join(files) + ("" if pixel_size_A is not None else " (no RELION files: pixel size unknown)")
                 + ": shifts and in-plane rotations only; the local fields are in deformations.json")
     return {"exported_alignment": exported,
@@ -217,13 +221,16 @@ def reconstruct(
     on_phase: Callable[[str], None] | None = None,
     source_path: Path | None = None,
     input_stack: InputStack | None = None,
+    names: OutputNames | None = None,
 ) -> dict:
     """Fit ``series`` and write all outputs to ``out_dir`` (which must exist). Returns the report.
 
-    The fit, ``aligned.mrc`` and the FBP see the series after :func:`correct_optics` (CTF, exposure).
-    ``source_path``: the tilt-series file, named in ``alignment.star`` (``k@path``) so RELION finds the images;
+    The fit, the aligned stack and the FBP see the series after :func:`correct_optics` (CTF, exposure).
+    ``source_path``: the tilt-series file, which names the outputs (:class:`icetide.output_files.OutputNames`) and
+    is named in the RELION STAR (``k@path``) so RELION finds the images;
     ``tomograms.star`` carries ``config.ctf``'s optics. ``input_stack``: the views of that file the series holds
-    and whether it was inverted (default: all of it, as read), for the IMOD files and the polarity. In a
+    and whether it was inverted (default: all of it, as read), for the IMOD files and the polarity. ``names``:
+    the output files' names (default: after ``source_path``). In a
     ``torch.distributed`` run (see :func:`icetide.runtime.distributed_rank`) every rank fits and only rank 0 writes;
     the other ranks return their fit report.
 
@@ -235,7 +242,8 @@ def reconstruct(
     with run_log(out_dir, changed_settings(config)) if writer else contextlib.nullcontext():
         on_epoch = on_epoch or epoch_lines(config.fit.epochs, config.fit.max_minutes, log.info)
         report = _fit_and_write(series, config, Path(out_dir), init, resume, on_epoch, on_phase or log.info,
-                                source_path, input_stack or InputStack.whole(series))
+                                source_path, input_stack or InputStack.whole(series),
+                                names or OutputNames.for_source(source_path))
         if writer:
             for line in summary_lines(report):
                 log.info(line)
@@ -408,6 +416,7 @@ def _fit_and_write(
     phase: Callable[[str], None],
     source_path: Path | None,
     input_stack: InputStack,
+    names: OutputNames,
 ) -> dict:
     """:func:`reconstruct` but for its log."""
     timings: dict[str, float] = {}
@@ -466,15 +475,15 @@ def _fit_and_write(
     half_maps = None
     if result.half_volume is not None:
         second = sign * sample_tomogram(result.half_volume, translation, result.density_scale, width)
-        half_maps = write_half_maps(out_dir, tomogram, second, voxel, config.fit.half_maps, label)
+        half_maps = write_half_maps(out_dir, names, tomogram, second, voxel, config.fit.half_maps, label)
         tomogram = (tomogram + second) / 2
-    write_mrc(out_dir / "tomogram.mrc", tomogram, voxel, label=label)
+    write_mrc(out_dir / names.tomogram, tomogram, voxel, label=label)
     timings["sample_s"] = time.monotonic() - t0
     t0 = time.monotonic()
     phase("aligning the series and FBP")
     written = d.scaled(factor, input_shape) if factor != 1 else d
     write_deformations(out_dir / "deformations.json", written)
-    exported = write_alignment_files(out_dir, written, input_stack, config, None if voxel is None else voxel / factor,
+    exported = write_alignment_files(out_dir, names, written, input_stack, config, None if voxel is None else voxel / factor,
                                      tomogram.shape, source_path)
     shown = correct_optics(raw, config, False, axis)[0] if config.ctf.correction == "model" else series
     # Aligned about each image's mean, so that what the warp brings in from outside the field is the mean (as
@@ -482,10 +491,10 @@ def _fit_and_write(
     images = torch.tensor(shown.whole())
     level = images.mean(dim=(-2, -1), keepdim=True)
     aligned = align_series(images - level, d)
-    write_mrc(out_dir / "aligned.mrc", sign * (aligned + level).numpy(), voxel, stack=True, label=label)
+    write_mrc(out_dir / names.aligned, sign * (aligned + level).numpy(), voxel, stack=True, label=label)
     thickness = tomogram.shape[0]
-    write_mrc(out_dir / "tomogram_fbp.mrc", sign * fbp(aligned, d.tilt_angles_deg, thickness).numpy(), voxel,
-              label=label)
+    write_mrc(out_dir / names.fbp, sign * fbp(aligned, d.tilt_angles_deg, thickness).numpy(), voxel, label=label)
+    link_short_names(out_dir, names)
     timings["outputs_s"] = time.monotonic() - t0
 
     report = dict(result.report)
@@ -494,6 +503,8 @@ def _fit_and_write(
     report["gauge_translation_xyz_vox"] = translation.tolist()
     report["specimen_centre_z_vox"] = {"estimate": found_z, "applied": centre_z}
     report.update(exported)
+    report["outputs"] = {"stem": names.stem, "tomogram": names.tomogram, "aligned": names.aligned,
+                         "fbp": names.fbp}
     report["polarity"] = {"setting": config.polarity, "input_inverted": input_stack.inverted, "label": label}
     report["bin"] = factor
     if config.deform.bead_refinement:

@@ -153,7 +153,7 @@ def check_against_start(
         entry["note"] = "the start scored higher, within the margin of the score's noise: the fit was kept"
     if kept == "start":
         entry["note"] = ("the fitted alignment scored below its start: the alignment outputs (deformations, .xf, "
-                         "aligned stack, FBP) are the start's; tomogram.mrc is the volume fitted with the rejected one")
+                         "aligned stack, FBP) are the start's; the tomogram is the volume fitted with the rejected one")
     return (result if kept == "fit" else start), entry
 
 

@@ -130,7 +130,7 @@ def batch(
         "light)."
     ),
     polarity: Optional[str] = typer.Option(
-        None, help="Density polarity of the volumes and aligned.mrc, as icetide reconstruct --polarity: bright "
+        None, help="Density polarity of the volumes and the aligned stacks, as icetide reconstruct --polarity: bright "
         "(default: dense = bright, positive) or input (as in the input images: dense = dark with --invert)."
     ),
     exposure_weighting: bool = typer.Option(

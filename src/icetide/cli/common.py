@@ -100,7 +100,7 @@ def read_alignment(
 
     ``tilt_angles_deg``: of every view of the stack, in stack order; ``detector_shape``: ``(ny, nx)``; ``keep``:
     the 0-based stack indices of the views kept (default all). A deformations.json or ``.xf`` has one entry per
-    view of the stack (as IMOD's files and icetide's ``alignment.xf`` do) or one per kept view (as icetide's
+    view of the stack (as IMOD's files and icetide's ``STEM.xf`` do) or one per kept view (as icetide's
     deformations.json of a run with the same ``--exclude``); deformations.json's tilt angles must match.
     ``.aln`` rows are matched by tilt angle to the kept views.
     """
@@ -169,7 +169,7 @@ def relion_inputs(found: RelionTiltSeries, given: dict) -> tuple[dict, str]:
     """The inputs a RELION-5 tilt series (:class:`icetide.io.relion_project.RelionTiltSeries`) gives where the
     options ``given`` (``angles``, ``mdoc``, ``defocus``, ``pre_exposure``, ``half_series``, ``half_maps``) leave
     them open, plus ``tilt_series`` (one MRC per view, in order of tilt angle), ``image_names`` (each view's
-    micrograph, for alignment.star), ``source_path`` (its per-series STAR, named after the series),
+    micrograph, for the written STAR), ``source_path`` (its per-series STAR, named after the series),
     ``pixel_size`` and ``tilt_axis_angle`` (to use where no option gives them) and ``ctf`` (the STAR's optics
     and defocus hand by :class:`icetide.config.CtfSettings` field); and a line saying what the STAR gave.
     Its even/odd frame sums become the two half series unless other half maps or a half series are asked for."""

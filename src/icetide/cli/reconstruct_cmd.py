@@ -85,14 +85,14 @@ def progress_printer(total_epochs: int, max_minutes: float | None = None):
 def aretomo_inputs(folder: Path, name: Optional[str], given: dict) -> tuple[dict, str]:
     """The inputs an AreTomo3 output folder gives (:func:`icetide.io.aretomo.aretomo3_series`) where the options
     ``given`` (``angles``, ``mdoc``, ``deformations``, ``xf``, ``aln``, ``tilt_axis_angle``, ``tilt_axis_search``,
-    ``defocus``, ``half_series``, ``half_maps``, ``exclude``) leave them open, plus ``tilt_series`` (the stack),
-    and a line saying what the folder gave. Its ODD/EVN halves become the two half series (``--half-series``)
+    ``defocus``, ``half_series``, ``half_maps``, ``exclude``) leave them open, plus ``tilt_series`` (the stack the fit
+    reads) and ``source_path`` (the whole stack, which names the outputs), and a line saying what the folder gave. Its ODD/EVN halves become the two half series (``--half-series``)
     unless other half maps or a half series are asked for; the views at its dark frames' tilts are excluded."""
     from ..io import read_aln, read_tlt
     from ..io.aretomo import aretomo3_series, exclude_dark_views
 
     found = aretomo3_series(folder, name)
-    out = dict(given, tilt_series=found.stack)
+    out = dict(given, tilt_series=found.stack, source_path=found.stack)
     used = [f"AreTomo3 series {found.name}: stack {found.stack.name}"]
     if given["angles"] is None and given["mdoc"] is None:
         out["angles"] = found.angles if found.angles is not None else found.angles_deg()
@@ -145,7 +145,7 @@ def reconstruct(
         "detector side."
     ),
     bin: Optional[int] = typer.Option(
-        None, "--bin", help="Fit the stack binned by N (N x N block averages); the tomograms, aligned.mrc and the "
+        None, "--bin", help="Fit the stack binned by N (N x N block averages); the tomograms, the aligned stack and the "
         "FBP are at that sampling, the .xf, .star and deformations.json in the input stack's pixels. Default 1."
     ),
     pixel_size: Optional[float] = typer.Option(None, help="Pixel size in Angstrom (overrides the MRC header)."),
@@ -159,14 +159,14 @@ def reconstruct(
     ),
     exclude: Optional[str] = typer.Option(
         None, help="Views to leave out: stack indices numbered from 0, single or as ranges, e.g. 0-2,40. The fit, "
-        "aligned.mrc and alignment.star hold the other views; alignment.xf/.tlt keep a line per view of the stack "
-        "and alignment.exclude lists the excluded ones for IMOD's EXCLUDELIST (numbered from 1, e.g. 1-3,41)."
+        "STEM_ali.mrc and STEM.star hold the other views; STEM.xf/.tlt keep a line per view of the stack and "
+        "STEM.exclude lists the excluded ones for IMOD's EXCLUDELIST (numbered from 1, e.g. 1-3,41)."
     ),
     invert: bool = typer.Option(
         False, "--invert", help="Flip the contrast first (raw cryo-EM images show density dark on light)."
     ),
     polarity: Optional[str] = typer.Option(
-        None, help="Density polarity of the volumes and aligned.mrc: bright (default: dense = bright, positive) "
+        None, help="Density polarity of the volumes and STEM_ali.mrc: bright (default: dense = bright, positive) "
         "or input (as in the input images: dense = dark with --invert). The MRC header label states it."
     ),
     fix_nonfinite: bool = typer.Option(
@@ -190,13 +190,13 @@ def reconstruct(
     half_maps: Optional[str] = typer.Option(
         None, "--half-maps", help="tilts, pixels or series: fit two volumes on disjoint halves of the data "
         "(alternate tilts, a random half of every image, or the two half series of --half-series) with the "
-        "deformations from all of it; writes tomogram_half1/2.mrc and fsc_halves.png, the resolution at FSC 0.143 "
-        "in report.json (tomogram.mrc is their mean). About twice the fitting time."
+        "deformations from all of it; writes STEM_half1/2.mrc and fsc_halves.png, the resolution at FSC 0.143 "
+        "in report.json (STEM_rec.mrc is their mean). About twice the fitting time."
     ),
     half_series: Optional[Path] = typer.Option(
         None, "--half-series", help="A second half series of the same acquisition (e.g. TILT_SERIES from the odd "
         "frames, this one from the even frames, both averaged to the full exposure); implies --half-maps series. "
-        "aligned.mrc and the FBP are of their mean."
+        "STEM_ali.mrc and the FBP are of their mean."
     ),
     loss: Optional[str] = typer.Option(
         None, help="Data term: l1 (default, the paper's), l2, or poisson for counting data of very low dose "
@@ -249,12 +249,14 @@ def reconstruct(
 ) -> None:
     """Jointly estimate the 3-D density and the per-tilt deformations (shift, in-plane rotation, local warp).
 
-    Writes OUT/tomogram.mrc (thickness, ny, nx), OUT/deformations.json, OUT/aligned.mrc, OUT/tomogram_fbp.mrc,
-    OUT/alignment.xf + alignment.tlt (IMOD; + alignment.exclude with --exclude), OUT/alignment.star +
-    tomograms.star (RELION-5, when the pixel size is known), OUT/config.yaml, OUT/report.json and
-    OUT/checkpoint.pt. The IMOD and RELION files carry shifts and rotations only; the local fields are in
-    deformations.json. With --defocus (and --exposure-weighting) the series is corrected first: the fit,
-    aligned.mrc and tomogram_fbp.mrc see the corrected images. The volumes are written with density bright
+    Outputs are named after the series' stem STEM (TS_07 for TS_07.mrc), as IMOD names them: OUT/STEM_rec.mrc
+    (the tomogram: thickness, ny, nx), OUT/STEM_ali.mrc (the aligned stack), OUT/STEM_fbp.mrc (its FBP),
+    OUT/STEM.xf + STEM.tlt (IMOD; + STEM.exclude with --exclude), OUT/STEM.star + tomograms.star (RELION-5, when
+    the pixel size is known), OUT/deformations.json, OUT/config.yaml, OUT/report.json, OUT/icetide.log and
+    OUT/checkpoint.pt; OUT/tomogram.mrc and OUT/aligned.mrc link to the tomogram and the aligned stack. The IMOD
+    and RELION files carry shifts and rotations only; the local fields are in deformations.json. With --defocus
+    (and --exposure-weighting) the series is corrected first: the fit, STEM_ali.mrc and STEM_fbp.mrc see the
+    corrected images. The volumes are written with density bright
     unless --polarity input (docs/CONVENTIONS.md "Intensity units").
     """
     from ..runtime import init_distributed, resolve_device
@@ -268,8 +270,8 @@ def reconstruct(
                      tilt_axis_angle=tilt_axis_angle, tilt_axis_search=tilt_axis_search, half_series=half_series,
                      half_maps=half_maps, exclude=exclude)
         got, folder_line = aretomo_inputs(tilt_series, aretomo_name, given)
-        tilt_series, angles, aln, defocus, half_series, exclude = (
-            got[k] for k in ("tilt_series", "angles", "aln", "defocus", "half_series", "exclude"))
+        tilt_series, angles, aln, defocus, half_series, exclude, source_path = (
+            got[k] for k in ("tilt_series", "angles", "aln", "defocus", "half_series", "exclude", "source_path"))
         say(folder_line)
     elif aretomo_name is not None:
         raise IcetideError("--aretomo-name needs an AreTomo3 output folder as TILT_SERIES")

@@ -159,9 +159,10 @@ def run_case(
     timings["reconstruct_s"] = seconds["icetide"] = time.monotonic() - t0
 
     phase("baselines: FBP of the raw series, FBP and SIRT of the aligned and of the undeformed series")
-    volumes = {"icetide": read_mrc(rec_dir / "tomogram.mrc")[0], "fbp_aligned": read_mrc(rec_dir / "tomogram_fbp.mrc")[0]}
-    aligned = torch.tensor(read_mrc(rec_dir / "aligned.mrc")[0])  # already CTF/exposure-corrected
-    # The raw and oracle series get the same correction as aligned.mrc, so that only the alignment differs.
+    names = rec_report["outputs"]
+    volumes = {"icetide": read_mrc(rec_dir / names["tomogram"])[0], "fbp_aligned": read_mrc(rec_dir / names["fbp"])[0]}
+    aligned = torch.tensor(read_mrc(rec_dir / names["aligned"])[0])  # already CTF/exposure-corrected
+    # The raw and oracle series get the same correction as the aligned stack, so that only the alignment differs.
     raw = torch.from_numpy(correct_optics(series, config, for_fit=False)[0].images)
     oracle = TiltSeries(sim.noisy_undeformed, angles, voxel_size_A, defocus_A=sim.defocus_A,
                         pre_exposure_e_per_A2=sim.pre_exposure_e_per_A2)

@@ -24,6 +24,7 @@ from ..runtime import resolve_device
 from ..io import read_mrc, read_tlt, write_mrc
 from ..memory import PeakMemory
 from ..metrics import evaluate_reconstruction
+from ..output_files import TOMOGRAM_LINK
 from ..prealign import coarse_shifts
 from ..recon import fbp, sirt
 from ..reconstruct import reconstruct
@@ -94,7 +95,7 @@ def run(
         budget = config.fit.max_minutes if method.startswith("icetide") else None
         phase(f"{method} in a fresh process" + (f" (at most {budget:g} min)" if budget else ""))
         rows[method] = _in_fresh_process(method, str(out_dir), config.model_dump(mode="json"), settings.device)
-        volume_path = out_dir / method / "tomogram.mrc" if method.startswith("icetide") else out_dir / f"{method}.mrc"
+        volume_path = out_dir / method / TOMOGRAM_LINK if method.startswith("icetide") else out_dir / f"{method}.mrc"
         rows[method]["cc"] = evaluate_reconstruction(read_mrc(volume_path)[0], truth)["cc"] if volume_path.is_file() \
             else None
 

@@ -38,9 +38,9 @@ commit 73f0a3c0; paths below are in that repository):
   the first folder above it in which the relative paths exist (jobs live in ``<project>/<JobType>/jobNNN/``).
 
 How icetide uses it: a series' views are stacked in order of tilt angle (stable), as RELION does when it hands a
-series to IMOD or AreTomo ("Order is important in IMOD, sort by tilt angle"), so that ``aligned.mrc``,
-``alignment.tlt`` and ``alignment.xf`` form an ordinary IMOD tilt series and ``--exclude`` counts views as in an
-IMOD or AreTomo3 stack; ``alignment.star`` names each row's own ``rlnMicrographName``, so its order does not
+series to IMOD or AreTomo ("Order is important in IMOD, sort by tilt angle"), so that the aligned stack,
+``STEM.tlt`` and ``STEM.xf`` form an ordinary IMOD tilt series and ``--exclude`` counts views as in an
+IMOD or AreTomo3 stack; ``STEM.star`` names each row's own ``rlnMicrographName``, so its order does not
 matter to RELION. Defocus (U, V and angle) and pre-exposure follow the views; ``rlnTomoHand`` is icetide's
 ``ctf.defocus_hand`` (:mod:`icetide.io.relion`).
 """
@@ -200,7 +200,7 @@ def _series_block(entry: RelionEntry) -> pd.DataFrame:
         raise IcetideError(f"{star}: no table data_{entry.name} (found {found}), as RELION names it after the series")
     if "rlnMicrographName" in block.columns and any("@" in str(n) for n in block["rlnMicrographName"]):
         raise IcetideError(f"{star}: rlnMicrographName names slices of a stack (k@stack, as icetide's own "
-                           "alignment.star does), not one image per tilt: give that stack to icetide reconstruct")
+                           "STEM.star does), not one image per tilt: give that stack to icetide reconstruct")
     missing = [c for c in _TILT_COLUMNS if c not in block.columns]
     if missing:
         raise IcetideError(f"{star}: lacks {', '.join(missing)} (not a RELION-5 tilt-series STAR?)")
@@ -263,7 +263,7 @@ def relion_series(path: str | os.PathLike, name: str | None = None) -> RelionTil
 
 def names_stack_slices(star: str | os.PathLike) -> bool:
     """Whether the per-series STAR ``star`` names every image as a slice of a stack (``k@stack``, as icetide's
-    own ``alignment.star`` does) rather than one file per tilt; ``False`` when it cannot be read."""
+    own ``STEM.star`` does) rather than one file per tilt; ``False`` when it cannot be read."""
     try:
         blocks = _read_star(star, _TEXT_COLUMNS)
     except IcetideError:
