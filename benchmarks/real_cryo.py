@@ -9,7 +9,10 @@ misalignment blurs them); the gold-bead residual of the two aligned stacks (icet
 mean distance, in pixels of the fit's sampling, between each bead as seen and its best 3-D position projected,
 with the stack's alignment as it is, and after the best per-view shifts, and the RMS of those shifts in pixels
 of 10 A); the mean in-plane rotation of both (the tilt axis, degrees); the RMS difference of icetide's shifts to the published ones after the best
-3-D translation (pixels of 10 A); the fit time. Skips (exit 0, a JSON note) when the data are absent.
+3-D translation (pixels of 10 A), and how much of it is the tilt axis' lateral position
+(``axis_position_to_published_px``: the shift across the axis common to every view by which icetide places the
+axis apart from the published alignment, and the RMS left once it is removed too), with the published
+alignment moved to icetide's axis position scored like the others; the fit time. Skips (exit 0, a JSON note) when the data are absent.
 
     python benchmarks/real_cryo.py --out real            # fit (at most --max-minutes) + scores
     python benchmarks/real_cryo.py --out real --score-only --figure docs/figures/real_cryo.png
@@ -93,6 +96,37 @@ def shift_rms(xf_a: np.ndarray, xf_b: np.ndarray, angles: np.ndarray) -> float:
     return float(np.sqrt((residual**2).sum(axis=1).mean()))
 
 
+def axis_position_offset(xf_a: np.ndarray, xf_b: np.ndarray, angles: np.ndarray) -> tuple[float, float]:
+    """The shift across the tilt axis common to every view (pixels) by which ``xf_b`` places the axis apart from
+    ``xf_a``, and the RMS difference of their shifts once it and the best 3-D translation are removed.
+
+    In each view's axis frame (the shift turned by ``-alpha``), the difference across the axis is fitted by
+    ``c + dx cos(theta) + dz sin(theta)`` and along it by its mean: ``c`` moves the axis sideways, which no
+    translation of the volume undoes (``c (1 - cos(theta))`` is left after the best ``dx``)."""
+    def axis_frame(xf: np.ndarray) -> np.ndarray:
+        a = -np.arctan2(xf[:, 1, 0], xf[:, 0, 0])
+        shift = xf[:, :, 2]
+        return np.stack([np.cos(a) * shift[:, 0] - np.sin(a) * shift[:, 1],
+                         np.sin(a) * shift[:, 0] + np.cos(a) * shift[:, 1]], 1)
+
+    t = np.deg2rad(angles)
+    diff = axis_frame(xf_b) - axis_frame(xf_a)
+    design = np.stack([np.ones_like(t), np.cos(t), np.sin(t)], 1)
+    coef, *_ = np.linalg.lstsq(design, diff[:, 0], rcond=None)
+    across = diff[:, 0] - design @ coef
+    along = diff[:, 1] - diff[:, 1].mean()
+    return float(coef[0]), float(np.sqrt((across**2 + along**2).mean()))
+
+
+def moved_across_axis(xf: np.ndarray, offset_px: float) -> np.ndarray:
+    """``xf`` with every view's shift moved by ``offset_px`` across the tilt axis (its axis frame's x)."""
+    a = np.arctan2(xf[:, 1, 0], xf[:, 0, 0])
+    out = xf.copy()
+    out[:, 0, 2] += offset_px * np.cos(a)
+    out[:, 1, 2] += offset_px * np.sin(a)
+    return out
+
+
 def mean_rotation_deg(xf: np.ndarray) -> float:
     return float(np.degrees(np.arctan2(xf[:, 1, 0], xf[:, 0, 0])).mean())
 
@@ -128,19 +162,23 @@ def main() -> None:
     published = read_xf(DATA / "00254.xf")
     report = json.loads((args.out / "report.json").read_text())
     ours = read_xf(args.out / f"{report['outputs']['stem']}.xf")
+    offset, rms_after_offset = axis_position_offset(published, ours, angles)
+    moved = moved_across_axis(published, offset)
     stacks = {name: aligned_binned(-stack, angles, xf, args.bin)
-              for name, xf in (("raw", None), ("published .xf", published), ("icetide", ours))}
+              for name, xf in (("raw", None), ("published .xf", published), ("icetide", ours),
+                               ("published .xf, axis at icetide's position", moved))}
     curves = {name: score(binned, angles, args.thickness) for name, binned in stacks.items()}
     beads = {name: sharpness(torch.tensor(binned), angles, Deformations.identity(angles, binned.shape[1:]),
                              args.thickness) for name, binned in stacks.items()}
     residuals = {}
-    for name in ("published .xf", "icetide"):
+    for name in ("published .xf", "icetide", "published .xf, axis at icetide's position"):
         found = track_beads(torch.tensor(stacks[name]), angles, args.thickness)
         residuals[name] = {k: found.get(k) for k in ("beads", "residual_start_px", "residual_px")}
         if "shifts_px" in found:  # how far the beads' own shifts lie from this alignment, pixels of 10 A
             residuals[name]["bead_shifts_rms_px"] = float(np.sqrt((found["shifts_px"] ** 2).sum(1).mean()) * args.bin)
     if args.figure is not None:
-        figure(stacks, curves, angles, args.thickness, args.figure)
+        shown = ("raw", "published .xf", "icetide")
+        figure({k: stacks[k] for k in shown}, {k: curves[k] for k in shown}, angles, args.thickness, args.figure)
     result = {
         "command": " ".join(command),
         "fsc_score": {name: curve["score"] for name, curve in curves.items()},
@@ -151,6 +189,8 @@ def main() -> None:
                                  for k in ("used", "offset_px", "offset_used", "estimate_deg", "note")},
         "tilt_axis_rotation_deg": {"published_xf": mean_rotation_deg(published), "icetide": mean_rotation_deg(ours)},
         "shift_rms_to_published_px": shift_rms(published, ours, angles),
+        "axis_position_to_published_px": offset,
+        "shift_rms_to_published_after_axis_position_px": rms_after_offset,
         "fit_seconds": report["fit_seconds"],
         "epochs": report["epochs"],
         "stop_reason": report["stop_reason"],

@@ -129,15 +129,23 @@ def test_solve_bead_rotation_finds_a_turn_of_every_view():
     np.testing.assert_allclose(rotated(rotated(seen, 0.6), -0.6), seen, atol=1e-12)
 
 
-def test_a_turn_the_halves_of_the_beads_disagree_on_is_not_used():
+def test_subsets_of_the_beads_tell_whether_a_turn_can_be_trusted():
     from icetide.beads import solve_bead_rotation
 
     rng = np.random.default_rng(7)
     positions = _beads(rng, count=4, half=60.0, depth=20.0)
     seen = rotated(project_beads(positions, ANGLES), -0.6)
-    assert np.isnan(solve_bead_rotation(seen, ANGLES)["halves_deg"]).all()  # fewer than 6 beads: no halves
+    found = solve_bead_rotation(seen, ANGLES)  # fewer than 6 beads: each left out in turn
+    assert found["subsets"] == "leave one out" and len(found["subsets_deg"]) == 4
+    np.testing.assert_allclose(found["subsets_deg"], 0.6, atol=0.05)
+    seen[:, 2] = rotated(seen[:, 2], -1.0)  # one bead turned further: the estimate without it differs
+    spread = np.ptp(solve_bead_rotation(seen, ANGLES)["subsets_deg"])
+    assert spread > 0.15
+    assert solve_bead_rotation(seen[:, :3], ANGLES)["subsets"] == "none"
     positions = _beads(rng, count=12, half=60.0, depth=20.0)
     seen = rotated(project_beads(positions, ANGLES), -0.6)
     seen[:, 1::2] = rotated(seen[:, 1::2], -0.6)  # every other bead turned twice as far
-    halves = solve_bead_rotation(seen, ANGLES)["halves_deg"]
+    found = solve_bead_rotation(seen, ANGLES)
+    assert found["subsets"] == "halves"
+    halves = found["subsets_deg"]
     assert abs(halves[0] - 0.6) < 0.05 and abs(halves[1] - 1.2) < 0.05

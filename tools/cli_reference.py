@@ -86,7 +86,7 @@ Give the per-view defocus (CTFFIND4 output, IMOD `.defocus`, RELION-5 STAR or th
 phase-flipped before the fit, with the defocus varying across each tilted image; `--ctf-correction model` fits
 the raw images with the CTF in the forward model instead, which gave 0.87-0.91 in CC against 0.69-0.72 for phase
 flipping (docs/RESULTS.md section 9; lattice renderer, one process); on the realistic acquisitions of
-docs/RESULTS.md section 11 (drift, beads, the tilt axis off) phase flipping aligned to 0.3-0.5 px where the
+docs/RESULTS.md section 11 (drift, beads, the tilt axis off) phase flipping aligned to 0.24-0.48 px where the
 forward model stayed 1.1-1.4 px off, so the cryo-ET command above keeps the default. With the exposure before each view
 (`--pre-exposure`, or an `.mdoc` with doses), `--exposure-weighting` weights each view by its accumulated dose: it
 helped the FBP of the aligned series at every SNR and icetide's volume at low SNR (+0.02 to +0.08 in CC at 0 dB;
@@ -199,7 +199,8 @@ torchrun --nproc_per_node 4 -m icetide reconstruct sim/tilt_series.mrc --angles 
    aligned series, followed through every view and solved for the tilt axis' direction and the per-view shifts
    that make them consistent with fixed 3-D positions, as fiducial alignment does; when at least 4 beads are
    followed to within a pixel and the correction is not negligible (shifts of half a pixel RMS at the search's
-   binning, about 20 A, or a turn of 0.05 degrees), it joins the corrections the second fit starts from
+   binning, about 20 A, or a turn of 0.05 degrees; a turn only where subsets of the beads agree on it: the two
+   halves, or each bead left out in turn with 4 or 5 beads), it joins the corrections the second fit starts from
    (`bead_refinement` in `report.json`). Either way `report.json` gives
    the final alignment's gold-bead residual (`bead_residual`: the mean distance between each bead as seen and
    its best 3-D position projected), printed at the end.

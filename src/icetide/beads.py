@@ -170,16 +170,26 @@ def solve_bead_rotation(seen: np.ndarray, tilt_angles_deg, search_deg: float = R
     ``delta (x cos(theta) + z sin(theta))``, which differs between beads and so no per-view shift absorbs
     (IMOD's tiltalign solves the same rotation). For candidates ``k step_deg`` within ``+-search_deg`` the
     beads are turned (:func:`rotated`) and solved (:func:`solve_bead_shifts`); a parabola through the smallest
-    mean residual and its two neighbours gives the estimate. The same on each half of the beads (alternate ones,
-    at least 3 each) tells how far a few beads can be trusted. Returns ``rotation_deg``, ``candidates_deg``,
-    ``residual_px`` (per candidate), ``inside`` (the smallest residual is not at an end of the range) and
-    ``halves_deg`` (the two halves' estimates, NaN with fewer than 6 beads)."""
+    mean residual and its two neighbours gives the estimate. The same on subsets of the beads tells how far a few
+    beads can be trusted: the two halves (alternate beads) from 6 beads on, each bead left out in turn with 4 or 5
+    (3 beads at least in every subset). Returns ``rotation_deg``, ``candidates_deg``, ``residual_px`` (per
+    candidate), ``inside`` (the smallest residual is not at an end of the range), ``subsets`` (``"halves"``,
+    ``"leave one out"`` or ``"none"`` with fewer than 4 beads), ``subsets_deg`` (their estimates) and
+    ``subsets_inside`` (whether each subset's smallest residual lies inside the range: a subset whose beads do
+    not determine the turn, e.g. lying along one line, finds its smallest residual at an end)."""
     candidates = np.arange(-search_deg, search_deg + step_deg / 2, step_deg)
     estimate, residuals, inside = _best_turn(seen, tilt_angles_deg, candidates)
-    halves = [_best_turn(seen[:, k::2], tilt_angles_deg, candidates)[0] if seen.shape[1] >= 6 else np.nan
-              for k in (0, 1)]
+    count = seen.shape[1]
+    if count >= 6:
+        kind, subsets = "halves", [np.arange(k, count, 2) for k in (0, 1)]
+    elif count >= 4:
+        kind, subsets = "leave one out", [np.delete(np.arange(count), k) for k in range(count)]
+    else:
+        kind, subsets = "none", []
+    found = [_best_turn(seen[:, subset], tilt_angles_deg, candidates) for subset in subsets]
     return {"rotation_deg": estimate, "candidates_deg": candidates.tolist(), "residual_px": residuals.tolist(),
-            "inside": inside, "halves_deg": [float(h) for h in halves]}
+            "inside": inside, "subsets": kind, "subsets_deg": [float(f[0]) for f in found],
+            "subsets_inside": [bool(f[2]) for f in found]}
 
 
 def _best_turn(seen: np.ndarray, tilt_angles_deg, candidates: np.ndarray) -> tuple[float, np.ndarray, bool]:

@@ -55,8 +55,10 @@ BEAD_MIN_MOVE_PX = 0.5
 # turns (each followed by the beads followed again in the turned views).
 BEAD_MIN_TURN_DEG = 0.05
 BEAD_TURN_ROUNDS = 2
-# A turn is used only when the two halves of the beads agree on it within this many degrees or half the turn,
-# whichever is larger (a few beads, or beads caught with their neighbours, give a turn that others would not).
+# A turn is used only when more than half of the subsets of the beads (the two halves, or each bead left out with
+# fewer than 6) determine it (their best turn inside the range) and those agree on it within this many degrees or
+# half the turn, whichever is larger (a few beads, or beads caught with their neighbours, give a turn that others
+# would not).
 BEAD_TURN_AGREEMENT_DEG = 0.15
 # How much higher (relative) the start's even/odd score must be for the start to replace the fit's alignment.
 START_MARGIN = 0.02
@@ -295,15 +297,17 @@ def refine_by_beads(raw: TiltSeries, config: ReconstructConfig, d: Deformations)
     :func:`icetide.beads.track_beads` finds the beads in the FBP (``config.thickness`` voxels), follows them
     through the views and solves the shifts; :func:`icetide.beads.solve_bead_rotation` turns the views to the
     direction that fits the beads best (when inside its range, at least :data:`BEAD_MIN_TURN_DEG` and agreed
-    by the two halves of the beads within :data:`BEAD_TURN_AGREEMENT_DEG` or half the turn), where they are followed and solved
-    again (up to :data:`BEAD_TURN_ROUNDS` turns). A fit's pixel loss weighs the whole
+    by the subsets of the beads that determine it within :data:`BEAD_TURN_AGREEMENT_DEG` or half the turn, more
+    than half of the subsets determining it), where they are followed
+    and solved again (up to :data:`BEAD_TURN_ROUNDS` turns). A fit's pixel loss weighs the whole
     specimen, whose depth and lateral position it trades against the shifts; the beads, small and dense, pin
     each view (as fiducials do for IMOD's tiltalign). Used when at least :data:`BEAD_MIN_COUNT` beads are
     followed, their residual is at most :data:`BEAD_MAX_RESIDUAL_PX` and below the residual of ``d`` as it is,
     and the correction is not negligible (shifts of :data:`BEAD_MIN_MOVE_PX` RMS or the turn). The entry gives
     ``beads``, ``residual_px`` (the mean bead residual of ``d`` as it is), ``solved_residual_px`` (corrected),
-    ``shift_rms_px`` (pixels of ``raw``), ``rotation_deg`` (the turn applied), ``turn_halves_deg`` (each
-    round's estimates from the two halves of the beads), ``fitted_deg`` and ``estimate_deg`` (the tilt axis
+    ``shift_rms_px`` (pixels of ``raw``), ``rotation_deg`` (the turn applied), ``turns`` (each round's
+    estimate, ``rotation_deg``, those of the subsets of the beads, ``subsets_deg``, and whether each determined it,
+    ``subsets_inside``), ``fitted_deg`` and ``estimate_deg`` (the tilt axis
     before and after) and ``bin``."""
     factor, images, _ = _search_view(raw, config, d)
     thickness = config.thickness or default_thickness(raw.shape)
@@ -321,10 +325,14 @@ def refine_by_beads(raw: TiltSeries, config: ReconstructConfig, d: Deformations)
             break
         # Turned, the beads are followed again: the first measurements were taken about the unturned model.
         found_turn = solve_bead_rotation(found["seen"], d.tilt_angles_deg)
-        delta, halves = found_turn["rotation_deg"], found_turn["halves_deg"]
-        entry.setdefault("turn_halves_deg", []).append(halves)
+        delta = found_turn["rotation_deg"]
+        entry.setdefault("turns", []).append({key: found_turn[key] for key in (
+            "rotation_deg", "inside", "subsets", "subsets_deg", "subsets_inside")})
+        determined = [t for t, ok in zip(found_turn["subsets_deg"], found_turn["subsets_inside"]) if ok]
+        enough = 2 * len(determined) > len(found_turn["subsets_deg"])
+        spread = max(determined) - min(determined) if enough else np.inf
         if not (found_turn["inside"] and abs(delta) >= BEAD_MIN_TURN_DEG
-                and abs(halves[0] - halves[1]) <= max(BEAD_TURN_AGREEMENT_DEG, abs(delta) / 2)):  # NaN: never
+                and spread <= max(BEAD_TURN_AGREEMENT_DEG, abs(delta) / 2)):
             break
         current, turn = _turned(current, delta), turn + delta
     move = float(np.sqrt((found["shifts_px"] ** 2).sum(axis=1).mean()))
