@@ -138,7 +138,7 @@ def test_options_win_over_the_folder(tmp_path):
     # --half-maps tilts: the full stack; --defocus, --angles and --xf: theirs (a bad --renderer stops the run).
     result = _run("reconstruct", folder, "--aretomo-name", NAME, "--half-maps", "tilts", "--defocus", "my.defocus",
                   "--angles", folder / f"{NAME}_TLT.txt", "--xf", "my.xf", "--renderer", "bad", "-o", tmp_path / "rec")
-    assert result.exit_code == 2 and "--renderer must be" in result.output
+    assert result.exit_code == 2 and "--renderer: Input should be" in result.output
     assert f"AreTomo3 series {NAME}: stack {NAME}.mrc, dark views 7 excluded" in " ".join(result.output.split())
     # --exclude is checked against the folder's 8 views.
     result = _run("reconstruct", folder, "--aretomo-name", NAME, "--exclude", "10", "-o", tmp_path / "rec")

@@ -146,15 +146,16 @@ def test_an_error_in_the_run_is_logged_and_the_log_alone_is_kept(series_files, t
         (["--angles", "ts.tlt", "--renderer", "cones"], "--renderer"),
         (["--angles", "ts.tlt", "--device", "cuda:7"], "CUDA"),
         (["--angles", "ts.tlt", "--config", "ts.tlt"], "ts.tlt"),
-        (["--angles", "ts.tlt", "--half-maps", "frames"], "--half-maps must be tilts, pixels or series"),
+        (["--angles", "ts.tlt", "--half-maps", "frames"], "--half-maps: Input should be 'none', 'tilts', 'pixels' or 'series'"),
         (["--angles", "ts.tlt", "--half-maps", "series"], "needs the second half series"),
         (["--angles", "ts.tlt", "--half-maps", "tilts", "--half-series", "ts.mrc"], "excludes --half-maps tilts"),
-        (["--angles", "ts.tlt", "--loss", "huber"], "--loss must be l1, l2 or poisson"),
-        (["--angles", "ts.tlt", "--ctf-correction", "wiener"], "--ctf-correction must be phaseflip, model or none"),
+        (["--angles", "ts.tlt", "--loss", "huber"], "--loss: Input should be 'l1', 'l2' or 'poisson'"),
+        (["--angles", "ts.tlt", "--defocus", "ts.defocus", "--ctf-correction", "wiener"],
+         "--ctf-correction: Input should be 'phaseflip', 'model' or 'none'"),
         (["--angles", "ts.tlt", "--ctf-correction", "none"], "needs the per-view defocus"),
         (["--angles", "ts.tlt", "--defocus", "long.defocus"], "defocus for 8 views, the stack has 7"),
         (["--angles", "ts.tlt", "--defocus", "ts.tlt"], "not a recognised defocus file"),
-        (["--angles", "ts.tlt", "--defocus", "ts.defocus", "--defocus-hand", "2"], "--defocus-hand must be 1 or -1"),
+        (["--angles", "ts.tlt", "--defocus", "ts.defocus", "--defocus-hand", "2"], "--defocus-hand: Input should be 1 or -1"),
         (["--angles", "ts.tlt", "--exposure-weighting"], "--exposure-weighting needs"),
         (["--angles", "ts.tlt", "--pre-exposure", "short.dose"], "pre-exposure for 6 views"),
     ],
@@ -206,7 +207,7 @@ def test_slab_specimen_models_a_wider_volume_and_writes_the_detector_sized_tomog
     assert report["model_shape_zyx"] == [SHAPE[0], SHAPE[1], SHAPE[2] + 2 * pad] and pad > 0
     assert report["memory_budget_mb"] <= 512
     bad = _run("reconstruct", f / "ts.mrc", "--angles", f / "ts.tlt", "-o", tmp_path / "bad", "--specimen", "ring")
-    assert bad.exit_code == 2 and "--specimen must be box or slab" in bad.output and not (tmp_path / "bad").exists()
+    assert bad.exit_code == 2 and "--specimen: Input should be 'box' or 'slab'" in bad.output and not (tmp_path / "bad").exists()
 
 
 def test_a_seed_makes_cpu_runs_bit_identical(series_files, tmp_path):
@@ -365,7 +366,7 @@ def test_tilt_axis_search_is_reported(series_files, tmp_path):
         (["--exclude", "a"], "--exclude"),
         (["--exclude", "a-b"], "'a-b' is neither a view nor a range"),
         (["--exclude", "0-2,2"], "given more than once"),
-        (["--polarity", "dark"], "--polarity must be bright or input"),
+        (["--polarity", "dark"], "--polarity: Input should be 'bright' or 'input'"),
         (["--exclude", "0,1,2,3,4,5"], "fewer than 2"),
         (["--xf", "ts.tlt", "--aln", "ts.tlt"], "exclude each other"),
         (["--xf", "ts.tlt", "--tilt-axis-search", "3"], "--tilt-axis-search cannot be combined"),

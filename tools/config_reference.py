@@ -15,7 +15,6 @@ when docs/CONFIGURATION.md is not exactly what this writes.
 
 from __future__ import annotations
 
-import ast
 import inspect
 import json
 import re
@@ -167,25 +166,14 @@ Memory and speed: `fit.max_memory_gb` (`--max-memory`), `fit.precision` (`--mixe
 
 
 def _options() -> dict[str, tuple]:
-    """``{dotted key: (reconstruct option, direct)}`` for the options that set a key, read from the overrides
-    that ``reconstruct`` passes to ``build_config``: ``direct`` when the key takes the option's own value
-    (``"bin": bin``), not when the option switches it (``"fit.precision": "mixed" if mixed_precision else None``)."""
-    tree = ast.parse(inspect.getsource(reconstruct_cmd))
-    overrides: dict[str, tuple[str, bool]] = {}
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "build_config":
-            for arg in node.args:
-                if isinstance(arg, ast.Dict):
-                    for key, value in zip(arg.keys, arg.values):
-                        if not isinstance(key, ast.Constant):
-                            continue
-                        if isinstance(value, ast.Name):
-                            overrides[key.value] = (value.id, True)
-                        elif isinstance(value, ast.IfExp) and isinstance(value.test, ast.Name):
-                            overrides[key.value] = (value.test.id, False)
+    """``{dotted key: (reconstruct option, direct)}`` for the options that set a key
+    (``reconstruct_cmd.DIRECT_OPTIONS`` and ``SWITCH_OPTIONS``): ``direct`` when the key takes the option's own
+    value (``--bin``), not when a flag switches it (``--mixed-precision``)."""
     command = typer.main.get_command(app).commands["reconstruct"]
     params = {p.name: p for p in command.get_params(command.context_class(command, info_name="reconstruct"))}
-    return {key: (params[name], direct) for key, (name, direct) in overrides.items() if name in params}
+    found = {key: (params[name], True) for key, name in reconstruct_cmd.DIRECT_OPTIONS.items()}
+    found.update({key: (params[name], False) for key, (name, _) in reconstruct_cmd.SWITCH_OPTIONS.items()})
+    return found
 
 
 def _leaves(model: type[BaseModel], prefix: str = ""):

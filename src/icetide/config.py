@@ -333,13 +333,16 @@ def load_config(path: str | os.PathLike) -> ReconstructConfig:
     return parse_config(data, str(path))
 
 
-def parse_config(data: dict, source: str = "config") -> ReconstructConfig:
-    """Validate a settings mapping; the first problem becomes a one-line ``IcetideError``."""
+def parse_config(data: dict, source: str = "config", names: dict[str, str] | None = None) -> ReconstructConfig:
+    """Validate a settings mapping; the first problem becomes a one-line ``IcetideError``, the setting named as
+    ``names`` (dotted setting -> e.g. its command-line option) has it, else as ``source: dotted.setting``."""
     try:
         return ReconstructConfig.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
+        if names and where in names:
+            raise IcetideError(f"{names[where]}: {err['msg']}") from None
         raise IcetideError(f"{source}: {where}: {err['msg']}") from None
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
-import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..config import ReconstructConfig, load_config, parse_config
@@ -18,14 +18,42 @@ from .common import (
     check_alignment_options, check_output_dir, console, held_warnings, load_inputs, log, one_line_errors,
     output_dir, relion_inputs, say,
 )
+from .reconstruct_options import (
+    AlnOption, AmplitudeContrastOption, AnglesOption, AretomoNameOption, BinOption, ConfigOption, CsOption,
+    CtfCorrectionOption, DefocusHandOption, DefocusOption, DeformationsOption, DeviceOption, EpochsOption,
+    ExcludeOption, ExposureWeightingOption, FixNonfiniteOption, ForceOption, HalfMapsOption, HalfSeriesOption,
+    InvertOption, LossOption, MaxMemoryOption, MaxMinutesOption, MdocOption, MixedPrecisionOption, NoLocalOption,
+    OutOption, PixelSizeOption, PolarityOption, PreExposureOption, ReconstructOptions, RelionNameOption,
+    RendererOption, ResumeOption, SeedOption, SpecimenOption, ThicknessOption, TiltAxisAngleOption,
+    TiltAxisSearchOption, TiltSeriesArg, VoltageOption, XfOption,
+)
+
+
+# The settings the options of ``reconstruct`` set to their own value (dotted setting -> option) ...
+DIRECT_OPTIONS = {
+    "thickness": "thickness", "bin": "bin", "pixel_size_A": "pixel_size", "tilt_axis_angle_deg": "tilt_axis_angle",
+    "deform.axis_search_deg": "tilt_axis_search", "specimen": "specimen", "polarity": "polarity",
+    "fit.epochs": "epochs", "fit.max_minutes": "max_minutes", "fit.max_memory_gb": "max_memory",
+    "fit.renderer": "renderer", "fit.device": "device", "fit.half_maps": "half_maps", "fit.loss": "loss",
+    "fit.seed": "seed", "ctf.correction": "ctf_correction", "ctf.defocus_hand": "defocus_hand",
+    "ctf.voltage_kV": "voltage", "ctf.spherical_aberration_mm": "cs", "ctf.amplitude_contrast": "amplitude_contrast",
+}
+# ... and those a flag switches (dotted setting -> (flag, the setting's value when it is given)).
+SWITCH_OPTIONS = {
+    "fit.precision": ("mixed_precision", "mixed"), "deform.local": ("no_local", False),
+    "ctf.exposure_weighting": ("exposure_weighting", True),
+}
 
 
 def build_config(
     base: Optional[Path],
     resume_dir: Optional[Path],
     overrides: dict,
+    option_names: Optional[dict[str, str]] = None,
 ) -> ReconstructConfig:
-    """Defaults < ``--config`` file (or, on ``--resume``, the run's own ``config.yaml``) < command-line options."""
+    """Defaults < ``--config`` file (or, on ``--resume``, the run's own ``config.yaml``) < command-line options
+    ``overrides`` (dotted setting -> value, ``None``: not given); a value the schema refuses is named by its
+    option where ``option_names`` (dotted setting -> option) has it."""
     if base is not None:
         config = load_config(base)
     elif resume_dir is not None and (resume_dir / "config.yaml").is_file():
@@ -41,7 +69,7 @@ def build_config(
         for key in parents:
             node = node[key]
         node[leaf] = value
-    return parse_config(data, "options")
+    return parse_config(data, "options", option_names)
 
 
 def log_lines(total_epochs: int, max_minutes: float | None, every_epochs: int = 10, every_s: float = 30.0,
@@ -85,9 +113,10 @@ def progress_printer(total_epochs: int, max_minutes: float | None = None):
 def aretomo_inputs(folder: Path, name: Optional[str], given: dict) -> tuple[dict, str]:
     """The inputs an AreTomo3 output folder gives (:func:`icetide.io.aretomo.aretomo3_series`) where the options
     ``given`` (``angles``, ``mdoc``, ``deformations``, ``xf``, ``aln``, ``tilt_axis_angle``, ``tilt_axis_search``,
-    ``defocus``, ``half_series``, ``half_maps``, ``exclude``) leave them open, plus ``tilt_series`` (the stack the fit
-    reads) and ``source_path`` (the whole stack, which names the outputs), and a line saying what the folder gave. Its ODD/EVN halves become the two half series (``--half-series``)
-    unless other half maps or a half series are asked for; the views at its dark frames' tilts are excluded."""
+    ``defocus``, ``half_series``, ``half_maps``, ``exclude``) leave them open, plus ``tilt_series`` (the stack the
+    fit reads) and ``source_path`` (the whole stack, which names the outputs), and a line saying what the folder
+    gave. Its ODD/EVN halves become the two half series (``--half-series``) unless other half maps or a half
+    series are asked for; the views at its dark frames' tilts are excluded."""
     from ..io import read_aln, read_tlt
     from ..io.aretomo import aretomo3_series, exclude_dark_views
 
@@ -118,134 +147,47 @@ def aretomo_inputs(folder: Path, name: Optional[str], given: dict) -> tuple[dict
 
 @one_line_errors
 def reconstruct(
-    tilt_series: Path = typer.Argument(
-        ..., help="Tilt series, MRC stack (n_tilts, ny, nx), any MRC mode; or an AreTomo3 output folder, whose "
-        "stack, _TLT.txt angles, .aln (starting alignment), _CTF.txt (defocus) and _ODD/_EVN.mrc (half series) are "
-        "used where no option says otherwise (views at its dark frames' tilts are excluded); or a RELION-5 "
-        "tilt-series STAR (.star, e.g. CtfFind/job003/tilt_series_ctf.star of a MotionCorr or later job), whose "
-        "micrographs (stacked in order of tilt angle), angles, pixel size, tilt axis, pre-exposure, defocus, "
-        "even/odd sums (half series), optics and defocus hand are used where no option says otherwise."
-    ),
-    aretomo_name: Optional[str] = typer.Option(
-        None, "--aretomo-name", help="Which tilt series of an AreTomo3 output folder holding several (its X of X.aln)."
-    ),
-    relion_name: Optional[str] = typer.Option(
-        None, "--relion-name", help="Which tilt series of a RELION-5 tilt-series STAR listing several (its "
-        "rlnTomoName)."
-    ),
-    angles: Optional[Path] = typer.Option(
-        None, "--angles", "-a", help="Tilt angles in degrees, IMOD .tlt/.rawtlt (one per line, stack order)."
-    ),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder (created; must be empty unless --force/--resume)."),
-    mdoc: Optional[Path] = typer.Option(
-        None, help="SerialEM .mdoc instead of --angles: tilt angles, and the pixel size and tilt-axis angle if given."
-    ),
-    thickness: Optional[int] = typer.Option(
-        None, help="Slab thickness in voxels of the tomogram (at the --bin sampling). Default: half the smaller "
-        "detector side."
-    ),
-    bin: Optional[int] = typer.Option(
-        None, "--bin", help="Fit the stack binned by N (N x N block averages); the tomograms, the aligned stack and the "
-        "FBP are at that sampling, the .xf, .star and deformations.json in the input stack's pixels. Default 1."
-    ),
-    pixel_size: Optional[float] = typer.Option(None, help="Pixel size in Angstrom (overrides the MRC header)."),
-    tilt_axis_angle: Optional[float] = typer.Option(
-        None, help="Tilt-axis direction on the images, degrees counter-clockwise from the image Y axis. Default 0."
-    ),
-    tilt_axis_search: Optional[float] = typer.Option(
-        None, help="Search the tilt-axis direction within +-this many degrees of --tilt-axis-angle (or the .mdoc's) "
-        "before the fit, by the sharpness of the coarsely aligned FBP (deform.axis_search); 0 = off. Default 4. "
-        "The estimate is in report.json."
-    ),
-    exclude: Optional[str] = typer.Option(
-        None, help="Views to leave out: stack indices numbered from 0, single or as ranges, e.g. 0-2,40. The fit, "
-        "STEM_ali.mrc and STEM.star hold the other views; STEM.xf/.tlt keep a line per view of the stack and "
-        "STEM.exclude lists the excluded ones for IMOD's EXCLUDELIST (numbered from 1, e.g. 1-3,41)."
-    ),
-    invert: bool = typer.Option(
-        False, "--invert", help="Flip the contrast first (raw cryo-EM images show density dark on light)."
-    ),
-    polarity: Optional[str] = typer.Option(
-        None, help="Density polarity of the volumes and STEM_ali.mrc: bright (default: dense = bright, positive) "
-        "or input (as in the input images: dense = dark with --invert). The MRC header label states it."
-    ),
-    fix_nonfinite: bool = typer.Option(
-        False, "--fix-nonfinite", help="Replace NaN/Inf pixels by their image's median (warns) instead of refusing."
-    ),
-    config: Optional[Path] = typer.Option(None, help="YAML file with any subset of the settings (see config.yaml of a run)."),
-    epochs: Optional[int] = typer.Option(
-        None, help="Maximum number of epochs (passes over every tilt). Default 500; early stopping usually ends sooner."
-    ),
-    max_minutes: Optional[float] = typer.Option(None, help="Stop after this many minutes of fitting."),
-    max_memory: Optional[float] = typer.Option(
-        None, "--max-memory", help="GiB (2**30 bytes) a fit may plan for (CPU RAM or GPU memory); default 70% of "
-        "what is available. Out-of-memory errors shrink the batch and retry."
-    ),
-    renderer: Optional[str] = typer.Option(None, help="Forward model: lattice (default, fast) or rays (the paper's)."),
-    specimen: Optional[str] = typer.Option(
-        None, help="box (default: nothing outside the field of view) or slab (the specimen extends sideways "
-        "beyond it, as a lamella or ice film does: modelled wider, slower)."
-    ),
-    device: Optional[str] = typer.Option(None, help="auto (default: CUDA if available), cpu, cuda or cuda:N."),
-    half_maps: Optional[str] = typer.Option(
-        None, "--half-maps", help="tilts, pixels or series: fit two volumes on disjoint halves of the data "
-        "(alternate tilts, a random half of every image, or the two half series of --half-series) with the "
-        "deformations from all of it; writes STEM_half1/2.mrc and fsc_halves.png, the resolution at FSC 0.143 "
-        "in report.json (STEM_rec.mrc is their mean). About twice the fitting time."
-    ),
-    half_series: Optional[Path] = typer.Option(
-        None, "--half-series", help="A second half series of the same acquisition (e.g. TILT_SERIES from the odd "
-        "frames, this one from the even frames, both averaged to the full exposure); implies --half-maps series. "
-        "STEM_ali.mrc and the FBP are of their mean."
-    ),
-    loss: Optional[str] = typer.Option(
-        None, help="Data term: l1 (default, the paper's), l2, or poisson for counting data of very low dose "
-        "(below about 1 count per pixel; docs/RESULTS.md)."
-    ),
-    mixed_precision: bool = typer.Option(
-        False, "--mixed-precision", help="On CUDA: hash table read in fp16 and MLP in bf16 (fp32 parameters and "
-        "gradients): 1.4-1.5x faster field evaluation and 40% less GPU memory in docs/BENCHMARKS.md. No effect on CPU."
-    ),
-    seed: Optional[int] = typer.Option(None, help="Random seed (default 0); CPU runs are reproducible for a seed."),
-    no_local: bool = typer.Option(False, "--no-local", help="Do not estimate local deformation fields."),
-    deformations: Optional[Path] = typer.Option(
-        None, help="Starting deformations (deformations.json), e.g. from another run."
-    ),
-    xf: Optional[Path] = typer.Option(
-        None, "--xf", help="Starting alignment from IMOD .xf (shifts and rotations; the tilt axis is in it)."
-    ),
-    aln: Optional[Path] = typer.Option(
-        None, "--aln", help="Starting alignment from AreTomo .aln (global part; rows matched by tilt angle)."
-    ),
-    defocus: Optional[Path] = typer.Option(
-        None, help="Per-view defocus: CTFFIND4 output (.txt), IMOD .defocus, RELION-5 tilt-series .star or SerialEM "
-        ".mdoc (its nominal Defocus). The series is phase-flipped before the fit (--ctf-correction)."
-    ),
-    ctf_correction: Optional[str] = typer.Option(
-        None, help="With --defocus: phaseflip (default; in effect strips parallel to the tilt axis, as the "
-        "defocus varies across a tilted image), model (fit the raw images with the CTF in the forward model: "
-        "0.87-0.91 in CC against 0.69-0.72 for phaseflip in docs/RESULTS.md section 9, default renderer, one process; "
-        "on the realistic acquisitions of section 11 phaseflip aligned better) or none."
-    ),
-    defocus_hand: Optional[int] = typer.Option(
-        None, help="1 (default) or -1: which side of a tilted image is further underfocus (docs/CONVENTIONS.md); "
-        "flip it when the tilt sign of the data is the opposite."
-    ),
-    pre_exposure: Optional[Path] = typer.Option(
-        None, help="Exposure before each view (e/A^2): SerialEM .mdoc (PriorRecordDose, or ExposureDose in "
-        "DateTime order), RELION-5 .star (rlnMicrographPreExposure) or one number per line."
-    ),
-    exposure_weighting: bool = typer.Option(
-        False, "--exposure-weighting", help="Weight each view's spectrum by its accumulated exposure (Grant & "
-        "Grigorieff critical exposure). Needs --pre-exposure, or an --mdoc with doses."
-    ),
-    voltage: Optional[float] = typer.Option(None, help="Acceleration voltage, kV (CTF, tomograms.star). Default 300."),
-    cs: Optional[float] = typer.Option(None, help="Spherical aberration, mm (CTF, tomograms.star). Default 2.7."),
-    amplitude_contrast: Optional[float] = typer.Option(
-        None, help="Amplitude contrast (CTF, tomograms.star). Default 0.07."
-    ),
-    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint.pt with OUT's config.yaml."),
-    force: bool = typer.Option(False, "--force", help="Replace the contents of a non-empty output folder."),
+    tilt_series: TiltSeriesArg,
+    out: OutOption,
+    aretomo_name: AretomoNameOption = None,
+    relion_name: RelionNameOption = None,
+    angles: AnglesOption = None,
+    mdoc: MdocOption = None,
+    thickness: ThicknessOption = None,
+    bin: BinOption = None,
+    pixel_size: PixelSizeOption = None,
+    tilt_axis_angle: TiltAxisAngleOption = None,
+    tilt_axis_search: TiltAxisSearchOption = None,
+    exclude: ExcludeOption = None,
+    invert: InvertOption = False,
+    polarity: PolarityOption = None,
+    fix_nonfinite: FixNonfiniteOption = False,
+    config: ConfigOption = None,
+    epochs: EpochsOption = None,
+    max_minutes: MaxMinutesOption = None,
+    max_memory: MaxMemoryOption = None,
+    renderer: RendererOption = None,
+    specimen: SpecimenOption = None,
+    device: DeviceOption = None,
+    half_maps: HalfMapsOption = None,
+    half_series: HalfSeriesOption = None,
+    loss: LossOption = None,
+    mixed_precision: MixedPrecisionOption = False,
+    seed: SeedOption = None,
+    no_local: NoLocalOption = False,
+    deformations: DeformationsOption = None,
+    xf: XfOption = None,
+    aln: AlnOption = None,
+    defocus: DefocusOption = None,
+    ctf_correction: CtfCorrectionOption = None,
+    defocus_hand: DefocusHandOption = None,
+    pre_exposure: PreExposureOption = None,
+    exposure_weighting: ExposureWeightingOption = False,
+    voltage: VoltageOption = None,
+    cs: CsOption = None,
+    amplitude_contrast: AmplitudeContrastOption = None,
+    resume: ResumeOption = False,
+    force: ForceOption = False,
 ) -> None:
     """Jointly estimate the 3-D density and the per-tilt deformations (shift, in-plane rotation, local warp).
 
@@ -259,134 +201,124 @@ def reconstruct(
     corrected images. The volumes are written with density bright
     unless --polarity input (docs/CONVENTIONS.md "Intensity units").
     """
-    from ..runtime import init_distributed, resolve_device
+    run_reconstruct(ReconstructOptions(**locals()))
+
+
+def run_reconstruct(o: ReconstructOptions) -> None:
+    """The command's work: the inputs an AreTomo3 folder or a RELION-5 STAR gives, the options checked, the
+    settings built (pydantic validates them), the series loaded and reconstructed (rank 0 writes and reports)."""
     from ..reconstruct import reconstruct as run
     from ..reconstruct import summary_lines
+    from ..runtime import init_distributed, resolve_device
 
-    folder_line = None
-    source_path, image_names, relion_px, relion_axis = tilt_series, None, None, None
-    if tilt_series.is_dir():
-        given = dict(angles=angles, mdoc=mdoc, deformations=deformations, xf=xf, aln=aln, defocus=defocus,
-                     tilt_axis_angle=tilt_axis_angle, tilt_axis_search=tilt_axis_search, half_series=half_series,
-                     half_maps=half_maps, exclude=exclude)
-        got, folder_line = aretomo_inputs(tilt_series, aretomo_name, given)
-        tilt_series, angles, aln, defocus, half_series, exclude, source_path = (
-            got[k] for k in ("tilt_series", "angles", "aln", "defocus", "half_series", "exclude", "source_path"))
-        say(folder_line)
-    elif aretomo_name is not None:
-        raise IcetideError("--aretomo-name needs an AreTomo3 output folder as TILT_SERIES")
-    if tilt_series.suffix == ".star" and not tilt_series.is_dir():
-        from ..io.relion_project import relion_series
-
-        given = dict(angles=angles, mdoc=mdoc, defocus=defocus, pre_exposure=pre_exposure, half_series=half_series,
-                     half_maps=half_maps)
-        got, folder_line = relion_inputs(relion_series(tilt_series, relion_name), given)
-        tilt_series, angles, defocus, pre_exposure, half_series, source_path, image_names = (
-            got[k] for k in ("tilt_series", "angles", "defocus", "pre_exposure", "half_series", "source_path",
-                             "image_names"))
-        relion_px, relion_axis, optics = got["pixel_size"], got["tilt_axis_angle"], got["ctf"]
-        # The STAR's optics and defocus hand where no option gives them.
-        voltage = optics["voltage_kV"] if voltage is None else voltage
-        cs = optics["spherical_aberration_mm"] if cs is None else cs
-        amplitude_contrast = optics["amplitude_contrast"] if amplitude_contrast is None else amplitude_contrast
-        defocus_hand = optics["defocus_hand"] if defocus_hand is None else defocus_hand
-        say(folder_line)
-    elif relion_name is not None:
-        raise IcetideError("--relion-name needs a RELION-5 tilt-series STAR as TILT_SERIES")
-    if renderer is not None and renderer not in ("lattice", "rays"):
-        raise IcetideError(f"--renderer must be lattice or rays, got {renderer!r}")
-    if loss is not None and loss not in ("l1", "l2", "poisson"):
-        raise IcetideError(f"--loss must be l1, l2 or poisson, got {loss!r}")
-    if half_maps is not None and half_maps not in ("tilts", "pixels", "series"):
-        raise IcetideError(f"--half-maps must be tilts, pixels or series, got {half_maps!r}")
-    if half_series is not None and half_maps not in (None, "series"):
-        raise IcetideError(f"--half-series splits the data into its two series: it excludes --half-maps {half_maps}")
-    if half_maps == "series" and half_series is None:
-        raise IcetideError("--half-maps series needs the second half series (--half-series)")
-    if half_series is not None:
-        half_maps = "series"
-    if specimen is not None and specimen not in ("box", "slab"):
-        raise IcetideError(f"--specimen must be box or slab, got {specimen!r}")
-    if ctf_correction is not None and ctf_correction not in ("phaseflip", "model", "none"):
-        raise IcetideError(f"--ctf-correction must be phaseflip, model or none, got {ctf_correction!r}")
-    if ctf_correction is not None and defocus is None:
-        raise IcetideError("--ctf-correction needs the per-view defocus (--defocus)")
-    if polarity is not None and polarity not in ("bright", "input"):
-        raise IcetideError(f"--polarity must be bright or input, got {polarity!r}")
-    if defocus_hand is not None and defocus_hand not in (1, -1):
-        raise IcetideError(f"--defocus-hand must be 1 or -1, got {defocus_hand}")
-    if exposure_weighting and pre_exposure is None:
-        if mdoc is None:
-            raise IcetideError("--exposure-weighting needs the exposure before each view (--pre-exposure or --mdoc)")
-        pre_exposure = mdoc
-    if resume and force:
-        raise IcetideError("--resume and --force exclude each other")
-    check_alignment_options(deformations, xf, aln)
-    aligned_start = deformations is not None or xf is not None or aln is not None
-    if tilt_axis_search and aligned_start:
-        raise IcetideError("--tilt-axis-search cannot be combined with --deformations/--xf/--aln (they hold the axis)")
-    if tilt_axis_angle is not None and aligned_start:
-        raise IcetideError(
-            "--tilt-axis-angle cannot be combined with --deformations/--xf/--aln (they hold the rotations)"
-        )
-    rank, device = init_distributed(device)  # rank 0 alone checks and owns the output folder
-    if rank == 0 and not resume:
-        check_output_dir(out, force)
-    elif rank == 0 and not (out / "checkpoint.pt").is_file():
-        raise IcetideError(f"{out}/checkpoint.pt: no checkpoint to resume from")
-    cfg = build_config(
-        config,
-        out if resume else None,
-        {
-            "thickness": thickness,
-            "bin": bin,
-            "pixel_size_A": pixel_size,
-            "tilt_axis_angle_deg": tilt_axis_angle,
-            "deform.axis_search_deg": tilt_axis_search,
-            "specimen": specimen,
-            "polarity": polarity,
-            "fit.epochs": epochs,
-            "fit.max_minutes": max_minutes,
-            "fit.max_memory_gb": max_memory,
-            "fit.renderer": renderer,
-            "fit.device": device,
-            "fit.precision": "mixed" if mixed_precision else None,
-            "fit.half_maps": half_maps,
-            "fit.loss": loss,
-            "fit.seed": seed,
-            "deform.local": False if no_local else None,
-            "ctf.correction": ctf_correction,
-            "ctf.defocus_hand": defocus_hand,
-            "ctf.exposure_weighting": True if exposure_weighting else None,
-            "ctf.voltage_kV": voltage,
-            "ctf.spherical_aberration_mm": cs,
-            "ctf.amplitude_contrast": amplitude_contrast,
-        },
-    )
+    o, found = _folder_inputs(o)
+    o = _checked(o)
+    rank, device = init_distributed(o.device)  # rank 0 alone checks and owns the output folder
+    if rank == 0 and not o.resume:
+        check_output_dir(o.out, o.force)
+    elif rank == 0 and not (o.out / "checkpoint.pt").is_file():
+        raise IcetideError(f"{o.out}/checkpoint.pt: no checkpoint to resume from")
+    cfg = _settings(replace(o, device=device))
     resolve_device(cfg.fit.device)  # here, not in the fit: bad input leaves no folder behind
     held: list[str] = []
     with held_warnings(held):
         series, init, stack = load_inputs(
-            tilt_series, angles, mdoc, cfg.pixel_size_A or relion_px, cfg.tilt_axis_angle_deg or relion_axis, exclude,
-            invert, deformations, xf, aln, image_names=image_names, fix_nonfinite=fix_nonfinite, defocus=defocus,
-            pre_exposure=pre_exposure, half_series=half_series,
+            o.tilt_series, o.angles, o.mdoc, cfg.pixel_size_A or found["pixel_size"],
+            cfg.tilt_axis_angle_deg or found["tilt_axis_angle"], o.exclude, o.invert, o.deformations, o.xf, o.aln,
+            image_names=found["image_names"], fix_nonfinite=o.fix_nonfinite, defocus=o.defocus,
+            pre_exposure=o.pre_exposure, half_series=o.half_series,
         )
         if cfg.thickness is not None and cfg.thickness > 4 * max(series.shape):
             raise IcetideError(f"thickness {cfg.thickness} is larger than sensible for a {series.shape} detector")
 
     if rank != 0:
-        run(series, cfg, out, init=init, resume=resume)
+        run(series, cfg, o.out, init=init, resume=o.resume)
         return
-    context = output_dir(out, force) if not resume else contextlib.nullcontext(out)
+    context = output_dir(o.out, o.force) if not o.resume else contextlib.nullcontext(o.out)
     with context as folder, run_log(folder, changed_settings(cfg)):
-        if folder_line:
-            log.info(folder_line)
+        if found["line"]:
+            log.info(found["line"])
         for message in held:
             log.warning(message)
         progress, on_epoch = progress_printer(cfg.fit.epochs, cfg.fit.max_minutes)
         with progress:
-            report = run(series, cfg, folder, init=init, resume=resume, on_epoch=on_epoch, source_path=source_path,
-                         on_phase=lambda name: say(f"[dim]{name}[/]"), input_stack=stack)
+            report = run(series, cfg, folder, init=init, resume=o.resume, on_epoch=on_epoch,
+                         source_path=found["source_path"], on_phase=lambda name: say(f"[dim]{name}[/]"),
+                         input_stack=stack)
     for line in summary_lines(report):  # run() has logged them
         console.print(line, highlight=False, soft_wrap=True)
-    console.print(f"outputs in {out}", highlight=False, soft_wrap=True)
+    console.print(f"outputs in {o.out}", highlight=False, soft_wrap=True)
+
+
+def _folder_inputs(o: ReconstructOptions) -> tuple[ReconstructOptions, dict]:
+    """``o`` with what an AreTomo3 output folder or a RELION-5 tilt-series STAR given as the tilt series fills
+    in, and what else they give: ``line`` (what was used, or None), ``source_path`` (the file that names the
+    outputs), ``image_names`` (one file per view), ``pixel_size`` and ``tilt_axis_angle``."""
+    found = {"line": None, "source_path": o.tilt_series, "image_names": None, "pixel_size": None,
+             "tilt_axis_angle": None}
+    if o.tilt_series.is_dir():
+        keys = ("angles", "mdoc", "deformations", "xf", "aln", "defocus", "tilt_axis_angle", "tilt_axis_search",
+                "half_series", "half_maps", "exclude")
+        got, found["line"] = aretomo_inputs(o.tilt_series, o.aretomo_name, {k: getattr(o, k) for k in keys})
+        o = replace(o, **{k: got[k] for k in ("tilt_series", "angles", "aln", "defocus", "half_series", "exclude")})
+        found["source_path"] = got["source_path"]
+        say(found["line"])
+    elif o.aretomo_name is not None:
+        raise IcetideError("--aretomo-name needs an AreTomo3 output folder as TILT_SERIES")
+    if o.tilt_series.suffix == ".star" and not o.tilt_series.is_dir():
+        from ..io.relion_project import relion_series
+
+        keys = ("angles", "mdoc", "defocus", "pre_exposure", "half_series", "half_maps")
+        given = {k: getattr(o, k) for k in keys}
+        got, found["line"] = relion_inputs(relion_series(o.tilt_series, o.relion_name), given)
+        optics = got["ctf"]  # the STAR's optics and defocus hand where no option gives them
+        o = replace(
+            o, **{k: got[k] for k in ("tilt_series", "angles", "defocus", "pre_exposure", "half_series")},
+            voltage=optics["voltage_kV"] if o.voltage is None else o.voltage,
+            cs=optics["spherical_aberration_mm"] if o.cs is None else o.cs,
+            amplitude_contrast=optics["amplitude_contrast"] if o.amplitude_contrast is None else o.amplitude_contrast,
+            defocus_hand=optics["defocus_hand"] if o.defocus_hand is None else o.defocus_hand,
+        )
+        found.update(source_path=got["source_path"], image_names=got["image_names"], pixel_size=got["pixel_size"],
+                     tilt_axis_angle=got["tilt_axis_angle"])
+        say(found["line"])
+    elif o.relion_name is not None:
+        raise IcetideError("--relion-name needs a RELION-5 tilt-series STAR as TILT_SERIES")
+    return o, found
+
+
+def _checked(o: ReconstructOptions) -> ReconstructOptions:
+    """``o`` checked for options that exclude or need each other (each value's own range is the settings
+    schema's to check), ``--half-series`` implying ``--half-maps series`` and ``--exposure-weighting`` taking
+    the exposures from ``--mdoc`` without ``--pre-exposure``."""
+    if o.half_series is not None and o.half_maps not in (None, "series"):
+        raise IcetideError(f"--half-series splits the data into its two series: it excludes --half-maps {o.half_maps}")
+    if o.half_maps == "series" and o.half_series is None:
+        raise IcetideError("--half-maps series needs the second half series (--half-series)")
+    if o.ctf_correction is not None and o.defocus is None:
+        raise IcetideError("--ctf-correction needs the per-view defocus (--defocus)")
+    if o.exposure_weighting and o.pre_exposure is None and o.mdoc is None:
+        raise IcetideError("--exposure-weighting needs the exposure before each view (--pre-exposure or --mdoc)")
+    if o.resume and o.force:
+        raise IcetideError("--resume and --force exclude each other")
+    check_alignment_options(o.deformations, o.xf, o.aln)
+    aligned_start = o.deformations is not None or o.xf is not None or o.aln is not None
+    if o.tilt_axis_search and aligned_start:
+        raise IcetideError("--tilt-axis-search cannot be combined with --deformations/--xf/--aln (they hold the axis)")
+    if o.tilt_axis_angle is not None and aligned_start:
+        raise IcetideError(
+            "--tilt-axis-angle cannot be combined with --deformations/--xf/--aln (they hold the rotations)"
+        )
+    return replace(o, half_maps="series" if o.half_series is not None else o.half_maps,
+                   pre_exposure=o.mdoc if o.exposure_weighting and o.pre_exposure is None else o.pre_exposure)
+
+
+def _settings(o: ReconstructOptions) -> ReconstructConfig:
+    """The settings: defaults < ``--config`` (or the run's own on ``--resume``) < the options
+    (:data:`DIRECT_OPTIONS`, :data:`SWITCH_OPTIONS`), each value validated by the schema and a bad one named by
+    its option."""
+    overrides = {key: getattr(o, name) for key, name in DIRECT_OPTIONS.items()}
+    overrides.update({key: value if getattr(o, name) else None for key, (name, value) in SWITCH_OPTIONS.items()})
+    names = {key: "--" + name.replace("_", "-") for key, name in DIRECT_OPTIONS.items()}
+    names.update({key: "--" + name.replace("_", "-") for key, (name, _) in SWITCH_OPTIONS.items()})
+    return build_config(o.config, o.out if o.resume else None, overrides, names)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Callable, Iterator, Optional
 
 import numpy as np
 import typer
@@ -56,77 +57,89 @@ def _load_volume(path: Path, bin_factor: int) -> tuple[np.ndarray, tuple[int, ..
     return volume, volume.shape, header_A
 
 
-@one_line_errors
-def simulate(
-    volume: Optional[Path] = typer.Argument(
-        None, help="Ground-truth density, MRC volume (nz, ny, nx); any MRC mode, .mrc.gz too. With --profile cryo "
-        "optional (default: a generated crowded specimen) and wider than the field of view."
-    ),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder (created; must be empty unless --force)."),
-    profile: str = typer.Option(
-        "paper", help="Deformations: paper (shifts +-6 px, rotations +-0.01 deg, 2-px local fields), hard "
+VolumeArg = Annotated[Optional[Path], typer.Argument(
+    help="Ground-truth density, MRC volume (nz, ny, nx); any MRC mode, .mrc.gz too. With --profile cryo "
+        "optional (default: a generated crowded specimen) and wider than the field of view.")]
+OutOption = Annotated[Path, typer.Option("--out", "-o", help="Output folder (created; must be empty unless --force).")]
+ProfileOption = Annotated[str, typer.Option(
+    help="Deformations: paper (shifts +-6 px, rotations +-0.01 deg, 2-px local fields), hard "
         "(+-20 px, +-0.5 deg plus a common +-1 deg tilt-axis offset, 4-px local fields) or drift (hard, with the "
         "shifts a random walk along the tilt angles, as stage drift in a continuous scheme), or cryo: the series "
         "as a microscope records it (counts on a per-tilt level, dark density, gold beads, dose-symmetric drift, "
         "CTF, damage, an off-centre specimen wider than the field; with an .mdoc and a defocus file; "
-        "docs/CONVENTIONS.md \"Simulated cryo-ET acquisition\")."
-    ),
-    snr_db: Optional[float] = typer.Option(
-        None, "--snr-db", help="SNR in dB: 10 log10(sum(y^2)/sum(noise^2)) over the clean series (default 10). "
-        "With --profile cryo: the specimen's contrast SNR, which sets the counts level (default: 50 counts)."
-    ),
-    dose: Optional[float] = typer.Option(
-        None, help="Counting noise instead of --snr-db: Poisson draws with this mean count per pixel (the series "
-        "are written in counts). With --profile cryo: the counts at 0 degrees."
-    ),
-    tilt_min: float = typer.Option(-60.0, help="First tilt angle, degrees."),
-    tilt_max: float = typer.Option(60.0, help="Last tilt angle (inclusive), degrees."),
-    tilt_step: float = typer.Option(2.0, help="Tilt increment, degrees."),
-    bin_factor: int = typer.Option(1, "--bin", help="Average-pool the volume by this integer factor first."),
-    seed: int = typer.Option(0, help="Random seed; the same seed gives identical outputs."),
-    pixel_size: Optional[float] = typer.Option(
-        None, help="Voxel size of the input volume in Angstrom (overrides the header; default header, else 10)."
-    ),
-    ctf: bool = typer.Option(
-        False, "--ctf", help="Apply the CTF (defocus varying across each tilted image and through the specimen's "
-        "depth); writes the true per-tilt defocus as tilt_series.defocus (IMOD)."
-    ),
-    defocus: Optional[float] = typer.Option(
-        None, help="With --ctf: nominal defocus, micrometres of underfocus (default 3; cryo 4)."
-    ),
-    defocus_spread: Optional[float] = typer.Option(
-        None, help="With --ctf: each tilt's defocus is the nominal one plus a uniform draw within +-this, "
-        "micrometres (default 0.2; cryo 0.3)."
-    ),
-    voltage: float = typer.Option(300.0, help="With --ctf/--exposure: acceleration voltage, kV."),
-    cs: float = typer.Option(2.7, help="With --ctf: spherical aberration, mm."),
-    amplitude_contrast: float = typer.Option(0.07, help="With --ctf: amplitude contrast."),
-    defocus_hand: int = typer.Option(
-        1, help="With --ctf: 1 or -1, which side of a tilted image is further underfocus (docs/CONVENTIONS.md)."
-    ),
-    exposure: Optional[float] = typer.Option(
-        None, help="Radiation damage: total exposure in e/A^2, shared equally by the tilts, taken in a "
+        "docs/CONVENTIONS.md \"Simulated cryo-ET acquisition\").")]
+SnrDbOption = Annotated[Optional[float], typer.Option(
+    "--snr-db", help="SNR in dB: 10 log10(sum(y^2)/sum(noise^2)) over the clean series (default 10). "
+        "With --profile cryo: the specimen's contrast SNR, which sets the counts level (default: 50 counts).")]
+DoseOption = Annotated[Optional[float], typer.Option(
+    help="Counting noise instead of --snr-db: Poisson draws with this mean count per pixel (the series "
+        "are written in counts). With --profile cryo: the counts at 0 degrees.")]
+TiltMinOption = Annotated[float, typer.Option(help="First tilt angle, degrees.")]
+TiltMaxOption = Annotated[float, typer.Option(help="Last tilt angle (inclusive), degrees.")]
+TiltStepOption = Annotated[float, typer.Option(help="Tilt increment, degrees.")]
+BinFactorOption = Annotated[int, typer.Option("--bin", help="Average-pool the volume by this integer factor first.")]
+SeedOption = Annotated[int, typer.Option(help="Random seed; the same seed gives identical outputs.")]
+PixelSizeOption = Annotated[Optional[float], typer.Option(
+    help="Voxel size of the input volume in Angstrom (overrides the header; default header, else 10).")]
+CtfOption = Annotated[bool, typer.Option(
+    "--ctf", help="Apply the CTF (defocus varying across each tilted image and through the specimen's "
+        "depth); writes the true per-tilt defocus as tilt_series.defocus (IMOD).")]
+DefocusOption = Annotated[Optional[float], typer.Option(
+    help="With --ctf: nominal defocus, micrometres of underfocus (default 3; cryo 4).")]
+DefocusSpreadOption = Annotated[Optional[float], typer.Option(
+    help="With --ctf: each tilt's defocus is the nominal one plus a uniform draw within +-this, "
+        "micrometres (default 0.2; cryo 0.3).")]
+VoltageOption = Annotated[float, typer.Option(help="With --ctf/--exposure: acceleration voltage, kV.")]
+CsOption = Annotated[float, typer.Option(help="With --ctf: spherical aberration, mm.")]
+AmplitudeContrastOption = Annotated[float, typer.Option(help="With --ctf: amplitude contrast.")]
+DefocusHandOption = Annotated[int, typer.Option(
+    help="With --ctf: 1 or -1, which side of a tilted image is further underfocus (docs/CONVENTIONS.md).")]
+ExposureOption = Annotated[Optional[float], typer.Option(
+    help="Radiation damage: total exposure in e/A^2, shared equally by the tilts, taken in a "
         "dose-symmetric order (each tilt's signal fades as Grant & Grigorieff's critical exposure says); writes "
-        "the exposure before each tilt as tilt_series_pre_exposure.txt. Default none (cryo: 3 per tilt)."
-    ),
-    frame_halves: bool = typer.Option(
-        False, "--frame-halves", help="Also write two half series with independent noise, as odd and even frame "
+        "the exposure before each tilt as tilt_series_pre_exposure.txt. Default none (cryo: 3 per tilt).")]
+FrameHalvesOption = Annotated[bool, typer.Option(
+    "--frame-halves", help="Also write two half series with independent noise, as odd and even frame "
         "sums would be (tilt_series_odd.mrc, tilt_series_even.mrc; each normalised to the full exposure, "
-        "tilt_series.mrc is their mean): for reconstruct --half-series. Gaussian noise only."
-    ),
-    field_of_view: Optional[int] = typer.Option(
-        None, "--field-of-view", help="With --profile cryo: the detector's width and height, pixels (default 160)."
-    ),
-    proteins: Optional[Path] = typer.Option(
-        None, help="With --profile cryo and no VOLUME: a folder of protein density maps (*.mrc) to fill the "
-        "generated specimen with (default: Gaussian blobs)."
-    ),
-    acquisition: Optional[Path] = typer.Option(
-        None, help="With --profile cryo: a YAML file of acquisition settings (any field of "
+        "tilt_series.mrc is their mean): for reconstruct --half-series. Gaussian noise only.")]
+FieldOfViewOption = Annotated[Optional[int], typer.Option(
+    "--field-of-view", help="With --profile cryo: the detector's width and height, pixels (default 160).")]
+ProteinsOption = Annotated[Optional[Path], typer.Option(
+    help="With --profile cryo and no VOLUME: a folder of protein density maps (*.mrc) to fill the "
+        "generated specimen with (default: Gaussian blobs).")]
+AcquisitionOption = Annotated[Optional[Path], typer.Option(
+    help="With --profile cryo: a YAML file of acquisition settings (any field of "
         "icetide.simulate.cryo.CryoAcquisition, e.g. z_offset_A, n_beads, tilt_axis_deg, drift_max_px, "
-        "specimen_thickness_A); settings that have an option here come from the option."
-    ),
-    force: bool = typer.Option(False, "--force", help="Replace the contents of a non-empty output folder."),
+        "specimen_thickness_A); settings that have an option here come from the option.")]
+ForceOption = Annotated[bool, typer.Option("--force", help="Replace the contents of a non-empty output folder.")]
+
+
+@one_line_errors
+def simulate(
+    out: OutOption,
+    volume: VolumeArg = None,
+    profile: ProfileOption = "paper",
+    snr_db: SnrDbOption = None,
+    dose: DoseOption = None,
+    tilt_min: TiltMinOption = -60.0,
+    tilt_max: TiltMaxOption = 60.0,
+    tilt_step: TiltStepOption = 2.0,
+    bin_factor: BinFactorOption = 1,
+    seed: SeedOption = 0,
+    pixel_size: PixelSizeOption = None,
+    ctf: CtfOption = False,
+    defocus: DefocusOption = None,
+    defocus_spread: DefocusSpreadOption = None,
+    voltage: VoltageOption = 300.0,
+    cs: CsOption = 2.7,
+    amplitude_contrast: AmplitudeContrastOption = 0.07,
+    defocus_hand: DefocusHandOption = 1,
+    exposure: ExposureOption = None,
+    frame_halves: FrameHalvesOption = False,
+    field_of_view: FieldOfViewOption = None,
+    proteins: ProteinsOption = None,
+    acquisition: AcquisitionOption = None,
+    force: ForceOption = False,
 ) -> None:
     """Simulate a deformed, noisy tilt series of VOLUME with known truth.
 
@@ -152,7 +165,7 @@ def simulate(
     (settings, bead positions, the specimen's height, true defocus, levels).
     """
     from ..ctf import Microscope
-    from ..io import write_deformations, write_imod_defocus, write_json, write_mrc, write_pre_exposure, write_tlt
+    from ..io import write_json
     from ..simulate import PROFILES, Optics, bin_volume, simulate_tilt_series
 
     started = time.perf_counter()
@@ -170,21 +183,8 @@ def simulate(
     defocus = 3.0 if defocus is None else defocus
     defocus_spread = 0.2 if defocus_spread is None else defocus_spread
     exposure = 0.0 if exposure is None else exposure
-    for name, given in (("--field-of-view", field_of_view), ("--proteins", proteins), ("--acquisition", acquisition)):
-        if given is not None:
-            raise IcetideError(f"{name} applies to --profile cryo only")
-    if not math.isfinite(snr_db):
-        raise IcetideError(f"--snr-db must be a finite number, got {snr_db}")
-    if dose is not None and not (math.isfinite(dose) and dose > 0):
-        raise IcetideError(f"--dose must be a positive number of counts per pixel, got {dose:g}")
-    if bin_factor < 1:
-        raise IcetideError(f"--bin must be a positive integer, got {bin_factor}")
-    if pixel_size is not None and not (math.isfinite(pixel_size) and pixel_size > 0):
-        raise IcetideError(f"--pixel-size must be positive, got {pixel_size:g}")
-    if dose is not None and ctf:
-        raise IcetideError("--dose (counting noise) cannot be combined with --ctf: CTF images are contrast, not counts")
-    if dose is not None and frame_halves:
-        raise IcetideError("--frame-halves simulates Gaussian noise: it cannot be combined with --dose")
+    _check_plain_options(snr_db, dose, bin_factor, pixel_size, ctf, frame_halves,
+                         {"--field-of-view": field_of_view, "--proteins": proteins, "--acquisition": acquisition})
     angles = tilt_range(tilt_min, tilt_max, tilt_step)
     check_output_dir(out, force)
     data, input_shape, header_A = _load_volume(volume, bin_factor)
@@ -207,35 +207,13 @@ def simulate(
         + (f", {exposure:g} e/A^2 of radiation damage" if exposure else "") + f", seed {seed}"
     )
     with output_dir(out, force) as folder:
-        with Progress(
-            TextColumn("[bold]projecting {task.fields[stage]}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("tilts"), TimeElapsedColumn(), console=console,
-        ) as progress:
-            task = progress.add_task("project", total=2 * n, stage="")
-
-            def on_tilt(stage: str, i: int) -> None:
-                progress.update(task, completed=i + 1 + (n if stage == "undeformed" else 0), stage=stage)
-
+        with _projection_progress(n) as on_tilt:
             sim = simulate_tilt_series(truth, angles, profile, snr_db, seed, on_tilt=on_tilt, dose_per_px=dose,
                                        optics=optics, frame_halves=frame_halves)
         timings.update(sim.timings_s)
 
         start = time.perf_counter()
-        write_mrc(folder / "tilt_series.mrc", sim.noisy, pixel_A, stack=True)
-        write_tlt(folder / "tilt_series.tlt", angles)
-        if sim.noisy_halves is not None:
-            write_mrc(folder / "tilt_series_odd.mrc", sim.noisy_halves[0], pixel_A, stack=True)
-            write_mrc(folder / "tilt_series_even.mrc", sim.noisy_halves[1], pixel_A, stack=True)
-        if sim.defocus_A is not None:
-            write_imod_defocus(folder / "tilt_series.defocus", angles, sim.defocus_A)
-        if sim.pre_exposure_e_per_A2 is not None:
-            write_pre_exposure(folder / "tilt_series_pre_exposure.txt", sim.pre_exposure_e_per_A2)
-        (folder / "truth").mkdir()
-        write_mrc(folder / "truth" / "volume.mrc", truth, pixel_A)
-        write_deformations(folder / "truth" / "deformations.json", sim.deformations)
-        write_mrc(folder / "truth" / "clean_deformed.mrc", sim.clean, pixel_A, stack=True)
-        write_mrc(folder / "truth" / "clean_undeformed.mrc", sim.clean_undeformed, pixel_A, stack=True)
-        write_mrc(folder / "truth" / "noisy_undeformed.mrc", sim.noisy_undeformed, pixel_A, stack=True)
+        _write_series(folder, sim, truth, angles, pixel_A)
         timings["write"] = time.perf_counter() - start
         timings["total"] = time.perf_counter() - started
         write_json(folder / "simulation.json", {
@@ -283,6 +261,65 @@ def simulate(
         f"projection {timings['project_deformed'] + timings['project_undeformed']:.1f} s, "
         f"total {timings['total']:.1f} s"
     )
+
+
+def _check_plain_options(snr_db: float, dose: Optional[float], bin_factor: int, pixel_size: Optional[float],
+                         ctf: bool, frame_halves: bool, cryo_only: dict) -> None:
+    """The options of the non-cryo profiles checked; ``cryo_only``: option -> value of those that apply to
+    ``--profile cryo`` only."""
+    for name, given in cryo_only.items():
+        if given is not None:
+            raise IcetideError(f"{name} applies to --profile cryo only")
+    if not math.isfinite(snr_db):
+        raise IcetideError(f"--snr-db must be a finite number, got {snr_db}")
+    if dose is not None and not (math.isfinite(dose) and dose > 0):
+        raise IcetideError(f"--dose must be a positive number of counts per pixel, got {dose:g}")
+    if bin_factor < 1:
+        raise IcetideError(f"--bin must be a positive integer, got {bin_factor}")
+    if pixel_size is not None and not (math.isfinite(pixel_size) and pixel_size > 0):
+        raise IcetideError(f"--pixel-size must be positive, got {pixel_size:g}")
+    if dose is not None and ctf:
+        raise IcetideError("--dose (counting noise) cannot be combined with --ctf: CTF images are contrast, not counts")
+    if dose is not None and frame_halves:
+        raise IcetideError("--frame-halves simulates Gaussian noise: it cannot be combined with --dose")
+
+
+@contextlib.contextmanager
+def _projection_progress(n_tilts: int) -> Iterator[Callable[[str, int], None]]:
+    """A progress bar over the two projections of ``n_tilts`` tilts (deformed, then undeformed); yields the
+    ``on_tilt(stage, i)`` callback that advances it."""
+    with Progress(
+        TextColumn("[bold]projecting {task.fields[stage]}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("tilts"), TimeElapsedColumn(), console=console,
+    ) as progress:
+        task = progress.add_task("project", total=2 * n_tilts, stage="")
+
+        def on_tilt(stage: str, i: int) -> None:
+            progress.update(task, completed=i + 1 + (n_tilts if stage == "undeformed" else 0), stage=stage)
+
+        yield on_tilt
+
+
+def _write_series(folder: Path, sim, truth: np.ndarray, angles: np.ndarray, pixel_A: float) -> None:
+    """The simulated series ``sim`` (:class:`icetide.simulate.acquire.SimulatedTiltSeries`) and its truth as
+    ``simulate`` writes them into ``folder`` (pixel size ``pixel_A``)."""
+    from ..io import write_deformations, write_imod_defocus, write_mrc, write_pre_exposure, write_tlt
+
+    write_mrc(folder / "tilt_series.mrc", sim.noisy, pixel_A, stack=True)
+    write_tlt(folder / "tilt_series.tlt", angles)
+    if sim.noisy_halves is not None:
+        write_mrc(folder / "tilt_series_odd.mrc", sim.noisy_halves[0], pixel_A, stack=True)
+        write_mrc(folder / "tilt_series_even.mrc", sim.noisy_halves[1], pixel_A, stack=True)
+    if sim.defocus_A is not None:
+        write_imod_defocus(folder / "tilt_series.defocus", angles, sim.defocus_A)
+    if sim.pre_exposure_e_per_A2 is not None:
+        write_pre_exposure(folder / "tilt_series_pre_exposure.txt", sim.pre_exposure_e_per_A2)
+    (folder / "truth").mkdir()
+    write_mrc(folder / "truth" / "volume.mrc", truth, pixel_A)
+    write_deformations(folder / "truth" / "deformations.json", sim.deformations)
+    write_mrc(folder / "truth" / "clean_deformed.mrc", sim.clean, pixel_A, stack=True)
+    write_mrc(folder / "truth" / "clean_undeformed.mrc", sim.clean_undeformed, pixel_A, stack=True)
+    write_mrc(folder / "truth" / "noisy_undeformed.mrc", sim.noisy_undeformed, pixel_A, stack=True)
 
 
 def _cryo(volume, out, snr_db, dose, tilt_min, tilt_max, tilt_step, seed, pixel_size, defocus, defocus_spread,
