@@ -12,7 +12,8 @@ of 10 A); the mean in-plane rotation of both (the tilt axis, degrees); the RMS d
 3-D translation (pixels of 10 A), and how much of it is the tilt axis' lateral position
 (``axis_position_to_published_px``: the shift across the axis common to every view by which icetide places the
 axis apart from the published alignment, and the RMS left once it is removed too), with the published
-alignment moved to icetide's axis position scored like the others; the fit time. Skips (exit 0, a JSON note) when the data are absent.
+alignment moved to icetide's axis position scored like the others; the fit time. Skips (exit 0, a JSON note)
+when the data are absent.
 
     python benchmarks/real_cryo.py --out real            # fit (at most --max-minutes) + scores
     python benchmarks/real_cryo.py --out real --score-only --figure docs/figures/real_cryo.png

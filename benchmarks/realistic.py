@@ -143,10 +143,10 @@ def score(case: Path, info: dict, max_minutes: float, extra: list[str]) -> dict:
     nz = truth.shape[0]
     angles = np.asarray(json.loads((case / "truth" / "deformations.json").read_text())["tilt_angles_deg"])
     wall = run_icetide(case, nz, max_minutes, extra)
-    written = json.loads((case / "icetide" / "report.json").read_text())["outputs"]
+    report = json.loads((case / "icetide" / "report.json").read_text())
     volumes = {
-        "icetide": read_mrc(case / "icetide" / written["tomogram"])[0],
-        "fbp_aligned": read_mrc(case / "icetide" / written["fbp"])[0],
+        "icetide": read_mrc(case / "icetide" / report["outputs"]["tomogram"])[0],
+        "fbp_aligned": read_mrc(case / "icetide" / report["outputs"]["fbp"])[0],
         "fbp_oracle": oracle(case, info, angles, px, nz),
     }
     volumes["fbp_anchor"], anchor_d = anchor(case, info, angles, px, nz)
@@ -158,7 +158,6 @@ def score(case: Path, info: dict, max_minutes: float, extra: list[str]) -> dict:
     scores = evaluate_volumes(volumes, truth, case / "eval", px, mask=bead_free_mask(info, truth.shape),
                               taper_vox=FSC_TAPER_VOX, deformations=(true_d, estimated))
     anchor_errors = deformation_errors(true_d, anchor_d)
-    report = json.loads((case / "icetide" / "report.json").read_text())
     rec = scores["reconstructions"]
     out = {
         name: {"cc": rec[name]["cc"],

@@ -138,10 +138,12 @@ def test_subsets_of_the_beads_tell_whether_a_turn_can_be_trusted():
     found = solve_bead_rotation(seen, ANGLES)  # fewer than 6 beads: each left out in turn
     assert found["subsets"] == "leave one out" and len(found["subsets_deg"]) == 4
     np.testing.assert_allclose(found["subsets_deg"], 0.6, atol=0.05)
+    assert all(found["subsets_inside"]) and found["subsets_spread_deg"] < 0.1
     seen[:, 2] = rotated(seen[:, 2], -1.0)  # one bead turned further: the estimate without it differs
     spread = np.ptp(solve_bead_rotation(seen, ANGLES)["subsets_deg"])
     assert spread > 0.15
-    assert solve_bead_rotation(seen[:, :3], ANGLES)["subsets"] == "none"
+    few = solve_bead_rotation(seen[:, :3], ANGLES)
+    assert few["subsets"] == "none" and few["subsets_spread_deg"] is None  # no subsets: no turn trusted
     positions = _beads(rng, count=12, half=60.0, depth=20.0)
     seen = rotated(project_beads(positions, ANGLES), -0.6)
     seen[:, 1::2] = rotated(seen[:, 1::2], -0.6)  # every other bead turned twice as far

@@ -174,9 +174,11 @@ def solve_bead_rotation(seen: np.ndarray, tilt_angles_deg, search_deg: float = R
     beads can be trusted: the two halves (alternate beads) from 6 beads on, each bead left out in turn with 4 or 5
     (3 beads at least in every subset). Returns ``rotation_deg``, ``candidates_deg``, ``residual_px`` (per
     candidate), ``inside`` (the smallest residual is not at an end of the range), ``subsets`` (``"halves"``,
-    ``"leave one out"`` or ``"none"`` with fewer than 4 beads), ``subsets_deg`` (their estimates) and
+    ``"leave one out"`` or ``"none"`` with fewer than 4 beads), ``subsets_deg`` (their estimates),
     ``subsets_inside`` (whether each subset's smallest residual lies inside the range: a subset whose beads do
-    not determine the turn, e.g. lying along one line, finds its smallest residual at an end)."""
+    not determine the turn, e.g. lying along one line, finds its smallest residual at an end) and
+    ``subsets_spread_deg`` (the range of the estimates of the subsets that determine the turn; ``None`` unless
+    more than half of them do)."""
     candidates = np.arange(-search_deg, search_deg + step_deg / 2, step_deg)
     estimate, residuals, inside = _best_turn(seen, tilt_angles_deg, candidates)
     count = seen.shape[1]
@@ -187,9 +189,11 @@ def solve_bead_rotation(seen: np.ndarray, tilt_angles_deg, search_deg: float = R
     else:
         kind, subsets = "none", []
     found = [_best_turn(seen[:, subset], tilt_angles_deg, candidates) for subset in subsets]
+    determined = [f[0] for f in found if f[2]]
+    spread = float(max(determined) - min(determined)) if 2 * len(determined) > len(found) else None
     return {"rotation_deg": estimate, "candidates_deg": candidates.tolist(), "residual_px": residuals.tolist(),
             "inside": inside, "subsets": kind, "subsets_deg": [float(f[0]) for f in found],
-            "subsets_inside": [bool(f[2]) for f in found]}
+            "subsets_inside": [bool(f[2]) for f in found], "subsets_spread_deg": spread}
 
 
 def _best_turn(seen: np.ndarray, tilt_angles_deg, candidates: np.ndarray) -> tuple[float, np.ndarray, bool]:

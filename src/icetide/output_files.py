@@ -85,4 +85,3 @@ def link_short_names(out_dir: Path, names: OutputNames) -> list[str]:
             continue
         made.append(link)
     return made
-

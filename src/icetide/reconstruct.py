@@ -178,8 +178,8 @@ def write_alignment_files(
     RELION-5 (when the pixel size is known): ``names.star`` has a row per fitted view, its
     ``rlnMicrographName`` ``k@stack`` naming the view's image in the input stack (``source_path``), or the view's
     own file where the views came one per file (``stack.image_names``), and
-    ``tomograms.star`` names the series ``names.stem`` and its tomogram ``names.tomogram`` (``tomogram_shape`` ``(nz, ny, nx)`` voxels of ``config.bin``
-    pixels), its binning, ``config.ctf``'s optics and defocus hand.
+    ``tomograms.star`` names the series ``names.stem`` and its tomogram ``names.tomogram`` (``tomogram_shape``
+    ``(nz, ny, nx)`` voxels of ``config.bin`` pixels), its binning, ``config.ctf``'s optics and defocus hand.
     """
     excluded = stack.excluded
     every_view = deformations_for_stack(d, stack.kept, stack.tilt_angles_deg)
@@ -190,15 +190,14 @@ def write_alignment_files(
         write_view_list(out_dir / names.exclude, excluded)
         files.append(names.exclude)
     if pixel_size_A is not None:
-        name = names.stem
         images = str(Path(source_path).resolve()) if source_path is not None else None
         if stack.image_names is not None:
             images = [stack.image_names[k] for k in stack.kept]
-        write_relion_tilt_series_star(out_dir / names.star, d, pixel_size_A, name, images, stack.kept)
+        write_relion_tilt_series_star(out_dir / names.star, d, pixel_size_A, names.stem, images, stack.kept)
         factor = config.bin
         nz, ny, nx = tomogram_shape
         entry = RelionTomogram(
-            name, str((out_dir / names.star).resolve()), config.ctf.voltage_kV,
+            names.stem, str((out_dir / names.star).resolve()), config.ctf.voltage_kV,
             config.ctf.spherical_aberration_mm, config.ctf.amplitude_contrast, pixel_size_A, pixel_size_A,
             (nx * factor, ny * factor, nz * factor), config.ctf.defocus_hand,
             str((out_dir / names.tomogram).resolve()), float(factor),
@@ -483,8 +482,8 @@ def _fit_and_write(
     phase("aligning the series and FBP")
     written = d.scaled(factor, input_shape) if factor != 1 else d
     write_deformations(out_dir / "deformations.json", written)
-    exported = write_alignment_files(out_dir, names, written, input_stack, config, None if voxel is None else voxel / factor,
-                                     tomogram.shape, source_path)
+    exported = write_alignment_files(out_dir, names, written, input_stack, config,
+                                     None if voxel is None else voxel / factor, tomogram.shape, source_path)
     shown = correct_optics(raw, config, False, axis)[0] if config.ctf.correction == "model" else series
     # Aligned about each image's mean, so that what the warp brings in from outside the field is the mean (as
     # IMOD's newstack fills it), not a zero edge that the FBP of images on a level would streak.

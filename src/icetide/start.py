@@ -298,17 +298,16 @@ def refine_by_beads(raw: TiltSeries, config: ReconstructConfig, d: Deformations)
     through the views and solves the shifts; :func:`icetide.beads.solve_bead_rotation` turns the views to the
     direction that fits the beads best (when inside its range, at least :data:`BEAD_MIN_TURN_DEG` and agreed
     by the subsets of the beads that determine it within :data:`BEAD_TURN_AGREEMENT_DEG` or half the turn, more
-    than half of the subsets determining it), where they are followed
-    and solved again (up to :data:`BEAD_TURN_ROUNDS` turns). A fit's pixel loss weighs the whole
+    than half of the subsets determining it), where they are followed and solved again (up to
+    :data:`BEAD_TURN_ROUNDS` turns). A fit's pixel loss weighs the whole
     specimen, whose depth and lateral position it trades against the shifts; the beads, small and dense, pin
     each view (as fiducials do for IMOD's tiltalign). Used when at least :data:`BEAD_MIN_COUNT` beads are
     followed, their residual is at most :data:`BEAD_MAX_RESIDUAL_PX` and below the residual of ``d`` as it is,
     and the correction is not negligible (shifts of :data:`BEAD_MIN_MOVE_PX` RMS or the turn). The entry gives
     ``beads``, ``residual_px`` (the mean bead residual of ``d`` as it is), ``solved_residual_px`` (corrected),
     ``shift_rms_px`` (pixels of ``raw``), ``rotation_deg`` (the turn applied), ``turns`` (each round's
-    estimate, ``rotation_deg``, those of the subsets of the beads, ``subsets_deg``, and whether each determined it,
-    ``subsets_inside``), ``fitted_deg`` and ``estimate_deg`` (the tilt axis
-    before and after) and ``bin``."""
+    estimate, ``rotation_deg``, and those of the subsets of the beads: ``subsets_deg``, ``subsets_inside``,
+    ``subsets_spread_deg``), ``fitted_deg`` and ``estimate_deg`` (the tilt axis before and after) and ``bin``."""
     factor, images, _ = _search_view(raw, config, d)
     thickness = config.thickness or default_thickness(raw.shape)
     entry: dict = {"measure": "gold beads followed through the aligned views (icetide.beads.track_beads)",
@@ -327,11 +326,9 @@ def refine_by_beads(raw: TiltSeries, config: ReconstructConfig, d: Deformations)
         found_turn = solve_bead_rotation(found["seen"], d.tilt_angles_deg)
         delta = found_turn["rotation_deg"]
         entry.setdefault("turns", []).append({key: found_turn[key] for key in (
-            "rotation_deg", "inside", "subsets", "subsets_deg", "subsets_inside")})
-        determined = [t for t, ok in zip(found_turn["subsets_deg"], found_turn["subsets_inside"]) if ok]
-        enough = 2 * len(determined) > len(found_turn["subsets_deg"])
-        spread = max(determined) - min(determined) if enough else np.inf
-        if not (found_turn["inside"] and abs(delta) >= BEAD_MIN_TURN_DEG
+            "rotation_deg", "inside", "subsets", "subsets_deg", "subsets_inside", "subsets_spread_deg")})
+        spread = found_turn["subsets_spread_deg"]
+        if not (found_turn["inside"] and abs(delta) >= BEAD_MIN_TURN_DEG and spread is not None
                 and spread <= max(BEAD_TURN_AGREEMENT_DEG, abs(delta) / 2)):
             break
         current, turn = _turned(current, delta), turn + delta
