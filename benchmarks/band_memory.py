@@ -64,7 +64,7 @@ def measure(series: TiltSeries, thickness: int, rows: int, piece: int, precision
     torch.cuda.synchronize()
     validation_s = time.perf_counter() - t0
     out = {"lattice_rows": rows, "recompute_voxels": piece, "precision": precision,
-           "steps_per_epoch": len(fitter._epoch_bands()), "epoch_s": min(epochs[:2]) if profile else min(epochs),
+           "steps_per_epoch": len(fitter.epoch_bands(fitter.scale)), "epoch_s": min(epochs[:2]) if profile else min(epochs),
            "validation_s": validation_s, "train_peak_mb": train_peak,
            "validation_peak_mb": torch.cuda.max_memory_allocated() / 2**20}
     print(json.dumps(out), file=sys.stderr, flush=True)

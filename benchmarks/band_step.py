@@ -5,7 +5,7 @@ Usage: ``python benchmarks/band_step.py [--device cpu|cuda] [--size 256] [--rows
 A ``size x size`` detector, 61 tilts (-60..+60 degrees), a 48-voxel slab of the crowded blob phantom, 10 dB,
 paper profile; the fit's lattice bands are ``--rows`` rows (so an epoch is ``size / rows`` steps). After one
 warm-up epoch, each variant's training epoch and validation pass are timed (best of ``--repeats``, the two
-variants interleaved): ``restricted`` is the fit as it runs (:meth:`Fitter._pixel_rows`), ``all_rows`` warps and
+variants interleaved): ``restricted`` is the fit as it runs (:meth:`icetide.fit.problem.SamplingScale.pixel_rows`), ``all_rows`` warps and
 scores every pixel of the detector at every band step (the behaviour before the restriction). Prints one JSON
 object with both timings and their ratios.
 """
@@ -41,12 +41,13 @@ def main() -> None:
     config = reconstruction_config(48, 10.0, device=str(device), lattice_rows=args.rows, warmup_epochs=0)
     fitter = Fitter(series, config)
     fitter.train_epoch()
-    restricted = fitter._pixel_rows
+    scale = fitter.scale
+    restricted = scale.pixel_rows
     everything = lambda rows, reach_px: slice(0, series.shape[0])  # noqa: E731
     best = {name: {"epoch_s": float("inf"), "validation_s": float("inf")} for name in ("restricted", "all_rows")}
     for _ in range(args.repeats):
         for name, rows in (("restricted", restricted), ("all_rows", everything)):
-            fitter._pixel_rows = rows
+            scale.pixel_rows = rows
             t0 = time.perf_counter()
             fitter.train_epoch()
             t1 = time.perf_counter()
@@ -56,7 +57,7 @@ def main() -> None:
             best[name]["validation_s"] = min(best[name]["validation_s"], t2 - t1)
     print(json.dumps({
         "benchmark": "band_step", "detector": [args.size, args.size], "n_tilts": len(angles), "thickness": 48,
-        "lattice_rows": args.rows, "steps_per_epoch": len(fitter._epoch_bands()), **best,
+        "lattice_rows": args.rows, "steps_per_epoch": len(fitter.epoch_bands(scale)), **best,
         "epoch_speedup": best["all_rows"]["epoch_s"] / best["restricted"]["epoch_s"],
         "validation_speedup": best["all_rows"]["validation_s"] / best["restricted"]["validation_s"],
         "machine": machine_info(str(device)),

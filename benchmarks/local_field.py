@@ -21,7 +21,6 @@ import json
 import numpy as np
 import torch
 
-import icetide.fit
 from icetide.data import TiltSeries
 from icetide.deform import deform_coords, local_displacement, local_displacement_grid
 from icetide.experiments import machine_info
@@ -61,15 +60,15 @@ def epoch_times(size: int, tilts: int, repeats: int, device: torch.device) -> di
     truth = crowded_phantom((48, size, size), seed=0)
     series = TiltSeries(simulate_tilt_series(truth, angles, snr_db=10.0, seed=0).noisy, angles, 10.0)
     fitter = Fitter(series, reconstruction_config(48, 10.0, device=str(device), warmup_epochs=0))
-    separable = icetide.fit.deform_grid
+    separable = fitter.deformations.warp
 
     def epoch(fn):
         def run() -> None:
-            icetide.fit.deform_grid = fn
+            fitter.deformations.warp = fn
             try:
                 fitter.train_epoch()
             finally:
-                icetide.fit.deform_grid = separable
+                fitter.deformations.warp = separable
         return run
 
     return best_times({"separable": epoch(separable), "grid_sample": epoch(deform_grid_by_grid_sample)},

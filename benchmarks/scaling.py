@@ -26,7 +26,7 @@ import torch
 from icetide import TiltSeries
 from icetide.config import ReconstructConfig
 from icetide.experiments import machine_info
-from icetide.fit import Fitter
+from icetide.fit import Fitter, run_fit
 from icetide.io import write_mrc, write_tlt
 from icetide.simulate import crowded_phantom, simulate_tilt_series
 
@@ -43,8 +43,8 @@ def _fit(images, epochs: int) -> tuple[float, float]:
                                                                         "device": "cpu"}})
     t0 = time.monotonic()
     fitter = Fitter(TiltSeries(images, ANGLES), config)
-    fitter.run()
-    return time.monotonic() - t0, fitter.best_val
+    run_fit(fitter)
+    return time.monotonic() - t0, fitter.stopping.best
 
 
 def _rank(rank: int, world: int, port: int, path: str, epochs: int, threads: int, out: str) -> None:

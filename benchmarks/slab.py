@@ -22,7 +22,7 @@ from icetide import TiltSeries
 from icetide.config import ReconstructConfig
 from icetide.deform import Deformations
 from icetide.experiments import machine_info
-from icetide.fit import Fitter
+from icetide.fit import Fitter, run_fit
 from icetide.metrics import evaluate_reconstruction
 from icetide.recon import fbp
 from icetide.reconstruct import sample_tomogram
@@ -51,7 +51,7 @@ def main() -> None:
         })
         t0 = time.monotonic()
         fitter = Fitter(TiltSeries(sim.noisy, angles), config)
-        fit = fitter.run()
+        fit = run_fit(fitter)
         tomogram = sample_tomogram(fit.volume, fit.translation_xyz, fit.density_scale, nx)
         result[specimen] = {"cc": evaluate_reconstruction(tomogram, truth)["cc"], "epochs": fit.report["epochs"],
                             "seconds": time.monotonic() - t0, "model_shape_zyx": list(fitter.model_shape_zyx)}

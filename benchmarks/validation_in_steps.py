@@ -42,7 +42,7 @@ def main() -> None:
         t0 = time.perf_counter()
         fitter.train_epoch()
         t1 = time.perf_counter()
-        in_steps.append(fitter._epoch_validation_loss(rolled_back=False))
+        in_steps.append(fitter.epoch_validation_loss(fitter.scale, rolled_back=False))
         t2 = time.perf_counter()
         by_pass.append(fitter.validation_loss())
         t3 = time.perf_counter()

@@ -15,7 +15,7 @@ import torch
 from icetide import TiltSeries
 from icetide.config import ReconstructConfig
 from icetide.deform import Deformations
-from icetide.fit import Fitter
+from icetide.fit import Fitter, run_fit
 from icetide.simulate import crowded_phantom, simulate_tilt_series
 
 SHAPE = (8, 24, 24)
@@ -91,7 +91,7 @@ def run_case(name: str) -> tuple[dict[str, torch.Tensor], dict]:
     torch.set_num_threads(1)
     try:
         fitter = Fitter(_series(ctf), _config(fit, deform, ctf))
-        result = fitter.run()
+        result = run_fit(fitter)
     finally:
         torch.set_num_threads(threads)
     tensors = {}

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from icetide import TiltSeries
 from icetide.config import ReconstructConfig
 from icetide.deform import Deformations
-from icetide.fit import Fitter
+from icetide.fit import Fitter, run_fit
 from icetide.metrics import deformation_errors
 from icetide.simulate import crowded_phantom, simulate_tilt_series
 
@@ -43,9 +43,9 @@ def _config(renderer: str, binned_bands: int = 2) -> ReconstructConfig:
 def _fit(renderer: str, binned_bands: int = 2):
     series, truth = _problem()
     fitter = Fitter(series, _config(renderer, binned_bands))
-    result = fitter.run()
-    params = torch.cat([p.detach().flatten() for p in fitter._parameters()])
-    return params, deformation_errors(truth, result.deformations)["shift_rms_px"], fitter.best_val
+    result = run_fit(fitter)
+    params = torch.cat([p.detach().flatten() for p in fitter.parameters()])
+    return params, deformation_errors(truth, result.deformations)["shift_rms_px"], fitter.stopping.best
 
 
 @contextlib.contextmanager
@@ -100,8 +100,8 @@ def _resume_main(rank: int, world: int, port: int, out: str, epochs: int) -> Non
         checkpoint = os.path.join(out, "checkpoint.pt")
         if os.path.exists(checkpoint):
             fitter.load_checkpoint(checkpoint)
-        fitter.run(checkpoint_path=checkpoint)
-        params = torch.cat([p.detach().flatten() for p in fitter._parameters()])
+        run_fit(fitter, checkpoint_path=checkpoint)
+        params = torch.cat([p.detach().flatten() for p in fitter.parameters()])
         torch.save((fitter.epoch, params), os.path.join(out, f"rank{rank}.pt"))
 
 
@@ -121,8 +121,8 @@ def _half_maps_main(rank: int, world: int, port: int, out: str) -> None:
         config = _config("lattice")
         config.fit.epochs, config.fit.half_maps = 6, "pixels"
         fitter = Fitter(series, config)
-        fitter.run()
-        torch.save(torch.cat([p.detach().flatten() for p in fitter._parameters()]), os.path.join(out, f"rank{rank}.pt"))
+        run_fit(fitter)
+        torch.save(torch.cat([p.detach().flatten() for p in fitter.parameters()]), os.path.join(out, f"rank{rank}.pt"))
 
 
 def test_two_ranks_keep_both_half_volumes_identical(tmp_path):

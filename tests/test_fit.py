@@ -10,7 +10,9 @@ from icetide import TiltSeries
 from icetide.config import ReconstructConfig
 from icetide.deform import Deformations
 from icetide.errors import IcetideError
-from icetide.fit import Fitter, bin_by_two
+from icetide.fit import Fitter, bin_by_two, run_fit
+from icetide.fit.numerics import finite_or_zeroed
+from icetide.fit.result import fit_result
 from icetide.geometry import centered_coords
 from icetide.metrics import deformation_errors
 from icetide.simulate import crowded_phantom, simulate_tilt_series
@@ -47,7 +49,7 @@ def test_fit_recovers_shifts(shifted_series, binned_epochs):
     start = Deformations.identity(ANGLES, SHAPE[1:])
     before = deformation_errors(truth, start)["shift_rms_px"]
     config = _config(epochs=40, patience=40, lr_decay_every=15, binned_epochs=binned_epochs)
-    result = Fitter(series, config).run()
+    result = run_fit(Fitter(series, config))
     after = deformation_errors(truth, result.deformations)["shift_rms_px"]
     assert before > 2.0
     assert after < 0.3, (before, after)  # 0.08 px measured at 40 epochs (0.0x with 20 of them binned)
@@ -56,30 +58,30 @@ def test_fit_recovers_shifts(shifted_series, binned_epochs):
 
 
 def _parameters(fitter: Fitter) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in fitter.volume.parameters()] + [fitter.shifts.detach().clone()]
+    return [p.detach().clone() for p in fitter.volume.parameters()] + [fitter.deformations.shifts.detach().clone()]
 
 
 def test_resume_continues_exactly(shifted_series, tmp_path):
     series, _ = shifted_series
     # Binned epochs planned alike (auto would plan by each run's epochs) and resumed from inside them.
     straight = Fitter(series, _config(epochs=5, binned_epochs=4))
-    straight.run()
+    run_fit(straight)
     first = Fitter(series, _config(epochs=3, binned_epochs=4))
-    first.run(checkpoint_path=tmp_path / "checkpoint.pt")
+    run_fit(first, checkpoint_path=tmp_path / "checkpoint.pt")
     resumed = Fitter(series, _config(epochs=5, binned_epochs=4))
     resumed.load_checkpoint(tmp_path / "checkpoint.pt")
     assert resumed.epoch == 3
-    resumed.run()
+    run_fit(resumed)
     for a, b in zip(_parameters(straight), _parameters(resumed)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert straight.curves["train_loss"] == resumed.curves["train_loss"]
     # On the CPU both optimisers take the fused Adam step, also after loading their state.
-    assert resumed.opt_volume.defaults["fused"] and all(g["fused"] for g in resumed.opt_deform.param_groups)
+    assert resumed.optimisers.volume.defaults["fused"] and all(g["fused"] for g in resumed.optimisers.deform.param_groups)
 
 
 def test_resume_refuses_other_settings(shifted_series, tmp_path):
     series, _ = shifted_series
-    Fitter(series, _config(epochs=1)).run(checkpoint_path=tmp_path / "checkpoint.pt")
+    run_fit(Fitter(series, _config(epochs=1)), checkpoint_path=tmp_path / "checkpoint.pt")
     other = Fitter(series, _config(epochs=1, lr_volume=0.5))
     with pytest.raises(Exception, match="fit.lr_volume"):
         other.load_checkpoint(tmp_path / "checkpoint.pt")
@@ -87,13 +89,13 @@ def test_resume_refuses_other_settings(shifted_series, tmp_path):
 
 def test_time_budget_stops_the_fit(shifted_series):
     series, _ = shifted_series
-    result = Fitter(series, _config(epochs=10_000, max_minutes=1e-3)).run()
+    result = run_fit(Fitter(series, _config(epochs=10_000, max_minutes=1e-3)))
     assert result.report["epochs"] < 10_000 and "time budget" in result.report["stop_reason"]
 
 
 def test_gauge_is_removed(shifted_series):
     series, _ = shifted_series
-    result = Fitter(series, _config(epochs=3)).run()
+    result = run_fit(Fitter(series, _config(epochs=3)))
     from icetide.deform import remove_gauge
 
     residual, translation = remove_gauge(result.deformations.shifts_px, ANGLES)
@@ -105,7 +107,7 @@ def test_local_border_ring_stays_fixed(shifted_series):
     series, _ = shifted_series
     config = _config(epochs=4, warmup_epochs=0, local_delay_epochs=0, lr_local_px=0.5)
     config.deform.local = True
-    result = Fitter(series, config).run()
+    result = run_fit(Fitter(series, config))
     local = result.deformations.local_px
     border = np.concatenate([local[..., 0, :], local[..., -1, :], local[..., 1:-1, 0], local[..., 1:-1, -1]], -1)
     assert np.abs(border).max() == 0
@@ -117,8 +119,8 @@ def test_local_fields_wait_for_their_release(shifted_series):
     config = _config(epochs=4, warmup_epochs=1, local_delay_epochs=10)
     config.deform.local = True
     fitter = Fitter(series, config)
-    fitter.run()
-    assert fitter.local.abs().max() == 0 and fitter.shifts.abs().max() > 0
+    run_fit(fitter)
+    assert fitter.deformations.local.abs().max() == 0 and fitter.deformations.shifts.abs().max() > 0
 
 
 def test_axis_offset_is_one_rotation_added_to_every_tilt(shifted_series):
@@ -128,20 +130,20 @@ def test_axis_offset_is_one_rotation_added_to_every_tilt(shifted_series):
     config.deform.axis_offset = True
     fitter = Fitter(series, config)
     with torch.no_grad():
-        fitter.axis_offset.fill_(np.deg2rad(1.5))
+        fitter.deformations.axis_offset.fill_(np.deg2rad(1.5))
     snap = fitter.snapshot()
     with torch.no_grad():
-        fitter.axis_offset.zero_()
+        fitter.deformations.axis_offset.zero_()
     fitter.restore(snap)
-    result = fitter._result("test")
+    result = fit_result(fitter, "test")
     assert result.report["tilt_axis_offset_deg"] == pytest.approx(1.5)
     np.testing.assert_allclose(result.deformations.angles_deg, 1.5, atol=1e-5)
-    coords = fitter._coords(torch.tensor([0]))
+    coords = fitter.forward.coords(fitter.scale, torch.tensor([0]))
     config.deform.axis_offset = False
     plain = Fitter(series, config)
     with torch.no_grad():
-        plain.angles.fill_(np.deg2rad(1.5))
-    torch.testing.assert_close(coords, plain._coords(torch.tensor([0])))
+        plain.deformations.angles.fill_(np.deg2rad(1.5))
+    torch.testing.assert_close(coords, plain.forward.coords(plain.scale, torch.tensor([0])))
 
 
 def test_per_tilt_gains_are_recovered():
@@ -156,7 +158,7 @@ def test_per_tilt_gains_are_recovered():
     config.deform.shifts = False
     config.deform.rotations = False
     config.deform.gain = True
-    result = Fitter(TiltSeries(sim.noisy * gains[:, None, None].astype(np.float32), ANGLES), config).run()
+    result = run_fit(Fitter(TiltSeries(sim.noisy * gains[:, None, None].astype(np.float32), ANGLES), config))
     expected = gains / np.exp(np.log(gains).mean())
     found = np.asarray(result.report["tilt_gains"])
     assert np.abs(found - expected).max() < 0.04  # 0.018 measured (0.014 with a separate validation pass)
@@ -171,11 +173,11 @@ def test_lattice_bands_bound_memory_and_validation_covers_every_band(shifted_ser
     assert auto_lattice_rows((180, 512, 512), budget_voxels=1) == 4
     series, _ = shifted_series
     whole = Fitter(series, _config(epochs=2))
-    whole.run()
+    run_fit(whole)
     banded = Fitter(series, _config(epochs=2, lattice_rows=8))
     banded.volume.load_state_dict(whole.volume.state_dict())
     with torch.no_grad():
-        banded.shifts.copy_(whole.shifts)
+        banded.deformations.shifts.copy_(whole.deformations.shifts)
     assert banded.validation_loss() == pytest.approx(whole.validation_loss(), rel=0.05)
 
 
@@ -186,10 +188,10 @@ def test_memory_budget_sizes_the_lattice_bands(shifted_series):
     assert auto_lattice_rows((48, 128, 128), memory_bytes=10**12) == 128  # the voxel cap still applies
     series, _ = shifted_series
     small = Fitter(series, _config(epochs=1, max_memory_gb=0.001))
-    assert small.memory_budget <= 2**30 // 1000 and small.lattice_rows == 4
+    assert small.memory.budget_bytes <= 2**30 // 1000 and small.memory.lattice_rows == 4
     rays = Fitter(series, _config(epochs=1, renderer="rays", rays_per_tilt=200, max_memory_gb=0.001))
     assert rays.step_chunks == 4  # every tilt of a step in its own group
-    report = rays.run().report
+    report = run_fit(rays).report
     assert report["step_chunks"] == 4 and report["memory_budget_mb"] <= 1.1
 
 
@@ -213,9 +215,9 @@ def test_the_band_is_planned_for_what_the_memory_holds_besides_the_tables(shifte
     free = Fitter(series, _config(epochs=1))
     nz, _, nx = free.model_shape_zyx
     plane = nz * nx * field_bytes_per_point(free.config.volume)
-    fixed = 8 * 4 * free.volume.encoding.table.numel() + 3 * 4 * free.images.numel()
+    fixed = 8 * 4 * free.volume.encoding.table.numel() + 3 * 4 * free.problem.images.numel()
     fitter = Fitter(series, _config(epochs=1, max_memory_gb=(fixed + 10.5 * plane) / 2**30))
-    assert fitter.lattice_rows == 10
+    assert fitter.memory.lattice_rows == 10
 
 
 def _deterministic_render(fitter: Fitter) -> None:
@@ -230,8 +232,8 @@ def test_gradients_in_groups_of_tilts_equal_one_group(shifted_series):
         fitter = Fitter(series, _config(epochs=1))
         _deterministic_render(fitter)
         fitter.step_chunks = chunks
-        loss, used = fitter._step_gradients(torch.arange(4))
-        grads.append((float(loss), used, torch.cat([p.grad.flatten() for p in fitter._parameters()])))
+        loss, used = fitter.step_gradients(fitter.scale, torch.arange(4))
+        grads.append((float(loss), used, torch.cat([p.grad.flatten() for p in fitter.parameters()])))
     (loss1, used1, g1), (loss3, used3, g3) = grads
     assert used1 == used3 and loss1 == pytest.approx(loss3, rel=1e-6)
     assert torch.allclose(g1, g3, rtol=1e-4, atol=1e-7 * float(g1.abs().max()))
@@ -255,9 +257,9 @@ def _failing_when(fitter: Fitter, too_big) -> list:
 def test_out_of_memory_halves_the_lattice_band_and_retries(shifted_series):
     series, _ = shifted_series
     fitter = Fitter(series, _config(epochs=2))
-    assert fitter.lattice_rows == 40
+    assert fitter.memory.lattice_rows == 40
     _failing_when(fitter, lambda f, coords, rows: rows.stop - rows.start > 10)
-    report = fitter.run().report
+    report = run_fit(fitter).report
     assert report["epochs"] == 2 and report["lattice_rows"] == 10
     assert [e["lattice_rows"] for e in report["memory_events"]] == [20, 10]
 
@@ -268,24 +270,25 @@ def test_an_epoch_covers_every_row_once_in_bands(shifted_series):
     ny = series.shape[0]
     starts = set()
     for _ in range(5):
-        steps = fitter._epoch_bands()
+        steps = fitter.epoch_bands(fitter.scale)
         assert len(steps) == -(-ny // 12)
         rows = [r for step in steps for band in step for r in range(band.start, band.stop)]
         assert sorted(rows) == list(range(ny))  # every row once
         assert all(sum(b.stop - b.start for b in step) <= 12 for step in steps)
         starts.add(min(b.start for step in steps for b in step if b.start > 0))
     assert len(starts) > 1  # the band edges move from epoch to epoch
-    fitter.run()
+    run_fit(fitter)
     groups = -(-len(series.tilt_angles_deg) // fitter.config.fit.tilts_per_step)
     assert fitter.step == 2 * len(steps) * groups
     # All rows fit in a band: one band, but fit.binned_bands (default 2) in a binned epoch.
     fitter = Fitter(series, _config(epochs=4, binned_epochs=2))
-    steps = fitter._epoch_bands()
+    steps = fitter.epoch_bands(fitter.scale)
     assert fitter.scale.factor == 2 and len(steps) == 2
     assert sorted(r for s in steps for b in s for r in range(b.start, b.stop)) == list(range(ny // 2))
     fitter.epoch = 2
-    assert fitter.scale.factor == 1 and fitter._epoch_bands() == [None]
-    assert Fitter(series, _config(epochs=4, binned_epochs=2, binned_bands=1))._epoch_bands() == [None]
+    assert fitter.scale.factor == 1 and fitter.epoch_bands(fitter.scale) == [None]
+    one_band = Fitter(series, _config(epochs=4, binned_epochs=2, binned_bands=1))
+    assert one_band.epoch_bands(one_band.scale) == [None]
 
 
 def test_a_band_step_warps_only_the_rows_that_can_see_the_band(shifted_series):
@@ -293,20 +296,20 @@ def test_a_band_step_warps_only_the_rows_that_can_see_the_band(shifted_series):
     series, _ = shifted_series
     fitter = Fitter(series, _config(epochs=1, lattice_rows=8))
     with torch.no_grad():
-        fitter.shifts += torch.randn_like(fitter.shifts) * 2
-        fitter.angles += 0.02
-        fitter.local += torch.randn_like(fitter.local) * 0.5
+        fitter.deformations.shifts += torch.randn_like(fitter.deformations.shifts) * 2
+        fitter.deformations.angles += 0.02
+        fitter.deformations.local += torch.randn_like(fitter.deformations.local) * 0.5
     tilts, band = torch.arange(len(series.tilt_angles_deg)), [slice(16, 24)]
-    reach = fitter._reach_px()
-    rows = fitter._pixel_rows(band[0], reach)
+    reach = fitter.reach_px()
+    rows = fitter.scale.pixel_rows(band[0], reach)
     assert 0 < rows.start and rows.stop < series.shape[0]  # fewer rows than the detector's
 
     state = fitter.sampler.get_state()
 
     def gradients(reach_px):
         fitter.sampler.set_state(state)  # the same renderer jitter both times
-        loss, count = fitter._step_gradients(tilts, band, reach_px)
-        return float(loss), int(count), [p.grad.clone() for p in fitter._parameters() if p.grad is not None]
+        loss, count = fitter.step_gradients(fitter.scale, tilts, band, reach_px)
+        return float(loss), int(count), [p.grad.clone() for p in fitter.parameters() if p.grad is not None]
 
     restricted = gradients(reach)
     everything = gradients(math.inf)  # every row of the detector
@@ -319,21 +322,21 @@ def test_a_band_step_warps_only_the_rows_that_can_see_the_band(shifted_series):
 def test_half_maps_each_volume_learns_from_its_own_half_only(shifted_series, split, renderer):
     series, _ = shifted_series
     fitter = Fitter(series, _config(epochs=1, half_maps=split, renderer=renderer, rays_per_tilt=200))
-    assert fitter.half_volume is not None and 0.4 < float(fitter.half_mask.float().mean()) < 0.6
+    assert fitter.half_volume is not None and 0.4 < float(fitter.problem.half_mask.float().mean()) < 0.6
     # the halves' encodings sit on different grids, so that they do not share interpolation artefacts
     assert fitter.half_volume.encoding.levels[0].resolution_xyz != fitter.volume.encoding.levels[0].resolution_xyz
     if split == "tilts":  # alternate tilts in angle order
-        assert fitter.half_mask[:, 0, 0].tolist() == [i % 2 == 1 for i in range(len(ANGLES))]
+        assert fitter.problem.half_mask[:, 0, 0].tolist() == [i % 2 == 1 for i in range(len(ANGLES))]
     tilts, state = torch.arange(len(ANGLES)), fitter.sampler.get_state()
 
     def gradients():
         fitter.sampler.set_state(state)
-        fitter._step_gradients(tilts)
+        fitter.step_gradients(fitter.scale, tilts)
         return [[p.grad.clone() for p in v.parameters()] for v in fitter.volumes]
 
     before = gradients()
     with torch.no_grad():  # change only the data of the second half
-        fitter.images += torch.where(fitter.half_mask, 1.0, 0.0)
+        fitter.problem.images += torch.where(fitter.problem.half_mask, 1.0, 0.0)
     after = gradients()
     for a, b in zip(before[0], after[0]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)  # the first volume does not see it
@@ -344,11 +347,11 @@ def test_coarse_to_fine_releases_the_levels_one_after_another(shifted_series):
     series, _ = shifted_series
     fitter = Fitter(series, _config(epochs=1, coarse_to_fine_epochs=6))
     n_levels = fitter.volume.encoding.n_levels  # 4: a level enters every 2 epochs
-    fitter._set_level_weights(0)
+    fitter.set_level_weights(0)
     assert fitter.volume.level_weights.tolist() == [1.0, 0.0, 0.0, 0.0]
-    fitter._set_level_weights(3)  # a = 2.5: level 1 in, level 2 half way
+    fitter.set_level_weights(3)  # a = 2.5: level 1 in, level 2 half way
     torch.testing.assert_close(fitter.volume.level_weights, torch.tensor([1.0, 1.0, 0.5, 0.0]))
-    fitter._set_level_weights(6)
+    fitter.set_level_weights(6)
     assert fitter.volume.level_weights is None and n_levels == 4
     points = torch.rand(20, 3) * 8
     fitter.volume.level_weights = torch.tensor([1.0, 0.0, 0.0, 0.0])
@@ -384,7 +387,7 @@ def test_poisson_fit_on_counting_data():
     volume = crowded_phantom(SHAPE, seed=3)
     sim = simulate_tilt_series(volume, ANGLES, dose_per_px=3.0, seed=0, samples_per_voxel=1.0)
     assert np.array_equal(sim.noisy, np.round(sim.noisy)) and abs(sim.noisy.mean() - 3.0) < 0.1
-    result = Fitter(TiltSeries(sim.noisy, ANGLES), _config(epochs=4, loss="poisson")).run()
+    result = run_fit(Fitter(TiltSeries(sim.noisy, ANGLES), _config(epochs=4, loss="poisson")))
     assert np.isfinite(result.report["best_validation_loss"]) and result.report["best_validation_loss"] > 0
 
 
@@ -392,28 +395,28 @@ def test_pixel_rows_cover_what_a_large_rotation_can_bring_into_the_band(shifted_
     series, _ = shifted_series
     fitter = Fitter(series, _config(epochs=1, lattice_rows=8))
     band = slice(16, 24)
-    narrow = fitter._pixel_rows(band, fitter._reach_px())
+    narrow = fitter.scale.pixel_rows(band, fitter.reach_px())
     assert narrow != slice(0, series.shape[0])  # small deformations: a narrow window
     # An epoch's window allows for the steps to come: about twice a learning rate per step and parameter.
     fitter.epoch = fitter.config.fit.warmup_epochs
-    fitter._set_learning_rates()
+    fitter.optimisers.set_learning_rates(fitter.epoch, fitter.config.fit, fitter.lr_factor)
     per_step = math.sqrt(2) * fitter.config.fit.lr_shift_px  # only shifts are fitted here
-    assert fitter._reach_px(steps=3) - fitter._reach_px() == pytest.approx(2 * 3 * per_step)
+    assert fitter.reach_px(steps=3) - fitter.reach_px() == pytest.approx(2 * 3 * per_step)
     with torch.no_grad():
-        fitter.angles += math.pi / 2  # a tilt axis along x: any row can see the band
-    assert fitter._pixel_rows(band, fitter._reach_px()) == slice(0, series.shape[0])
+        fitter.deformations.angles += math.pi / 2  # a tilt axis along x: any row can see the band
+    assert fitter.scale.pixel_rows(band, fitter.reach_px()) == slice(0, series.shape[0])
 
 
 def test_out_of_memory_splits_the_rays_batch_and_gives_up_clearly(shifted_series):
     series, _ = shifted_series
     fitter = Fitter(series, _config(epochs=1, renderer="rays", rays_per_tilt=100))
     calls = _failing_when(fitter, lambda f, coords, rows: coords.shape[0] > 1)
-    report = fitter.run().report
+    report = run_fit(fitter).report
     assert report["step_chunks"] == 4 and max(calls[-5:]) == 1
     hopeless = Fitter(series, _config(epochs=1, renderer="rays", rays_per_tilt=100))
     _failing_when(hopeless, lambda f, coords, rows: True)
     with pytest.raises(IcetideError, match="out of memory on cpu even with the smallest batch"):
-        hopeless.run()
+        run_fit(hopeless)
 
 
 def test_robust_spread_ignores_outliers_and_equals_std_without_them():
@@ -439,7 +442,7 @@ def test_intensity_offset_is_recovered(shifted_series):
     config = _config(epochs=30, patience=30, lr_offset=0.2)
     config.deform.offset = True
     config.deform.shifts = False
-    report = Fitter(shifted, config).run().report
+    report = run_fit(Fitter(shifted, config)).report
     assert report["intensity_offset"] == pytest.approx(4 * spread, rel=0.1)
 
 
@@ -452,7 +455,7 @@ def test_per_tilt_intensity_levels_are_recovered(shifted_series):
     config = _config(epochs=40, patience=40, lr_offset=0.2)
     config.deform.offset = "per_tilt"
     config.deform.shifts = False
-    report = Fitter(shifted, config).run().report
+    report = run_fit(Fitter(shifted, config)).report
     found = np.asarray(report["intensity_offset"])
     assert found.shape == (len(ANGLES),)
     # A constant density c projects to c t / cos(theta): it trades with levels a + b / cos(theta), which the
@@ -468,12 +471,12 @@ def test_cos_tilt_weighting_weights_each_tilt_by_its_cosine(shifted_series):
     series, _ = shifted_series
     fitter = Fitter(series, _config(epochs=1, tilt_weighting="cos"))
     cos = np.cos(np.deg2rad(ANGLES))
-    np.testing.assert_allclose(fitter.tilt_weights.numpy(), cos / cos.mean(), rtol=1e-6)
+    np.testing.assert_allclose(fitter.problem.tilt_weights.numpy(), cos / cos.mean(), rtol=1e-6)
     plain = Fitter(series, _config(epochs=1))
     for f in (fitter, plain):
         _deterministic_render(f)
     high = torch.tensor([0])  # -60 degrees
-    ratio = float(fitter._step_gradients(high)[0]) / float(plain._step_gradients(high)[0])
+    ratio = float(fitter.step_gradients(fitter.scale, high)[0]) / float(plain.step_gradients(plain.scale, high)[0])
     assert ratio == pytest.approx(0.5 / cos.mean(), rel=1e-5)
 
 
@@ -486,13 +489,13 @@ def test_ctf_forward_model_filters_each_whole_predicted_image_and_learns_through
     config = _config(epochs=2)
     config.ctf.correction = "model"
     fitter = Fitter(with_ctf, config)
-    assert fitter.ctf is not None
+    assert fitter.forward.ctf is not None
     tilts = torch.tensor([1, 7])
     rows = slice(0, SHAPE[1])
     torch.manual_seed(0)
-    values, _, pick = fitter._predict(tilts, jitter=False, rows=rows)
-    fitter.ctf = None
-    plain, _, _ = fitter._predict(tilts, jitter=False, rows=rows)
+    values, _, pick = fitter.forward.predict(fitter.scale, tilts, jitter=False, rows=rows)
+    fitter.forward.ctf = None
+    plain, _, _ = fitter.forward.predict(fitter.scale, tilts, jitter=False, rows=rows)
     assert pick == rows
     scale = with_ctf.images.std()  # the fit's normalisation only scales; the filter is linear
     ctf = SeriesCtf(ANGLES, 3.0, defocus, Microscope())
@@ -500,9 +503,9 @@ def test_ctf_forward_model_filters_each_whole_predicted_image_and_learns_through
         expected = ctf(plain[b].view(SHAPE[1:]).double(), m).reshape(-1)
         torch.testing.assert_close(values[b].double(), expected.to(values.dtype).double(), atol=1e-5 * scale, rtol=1e-4)
     # Gradients reach the volume through the filter.
-    fitter.ctf = ctf
-    fitter._zero_grads()
-    values, _, _ = fitter._predict(tilts, jitter=False, rows=rows)
+    fitter.forward.ctf = ctf
+    fitter.optimisers.zero_grad()
+    values, _, _ = fitter.forward.predict(fitter.scale, tilts, jitter=False, rows=rows)
     values.square().sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in fitter.volume.parameters())
     config.fit.renderer = "rays"
@@ -517,18 +520,18 @@ def test_two_half_series_each_volume_learns_from_its_own_series_only(shifted_ser
     halves = TiltSeries(series.images + rng.normal(0, 0.1, series.images.shape), ANGLES,
                         half_images=series.images - rng.normal(0, 0.1, series.images.shape))
     fitter = Fitter(halves, _config(epochs=1, half_maps="series", renderer=renderer, rays_per_tilt=200))
-    assert fitter.half_mask is None and fitter.half_volume is not None
+    assert fitter.problem.half_mask is None and fitter.half_volume is not None
     tilts, state = torch.arange(len(ANGLES)), fitter.sampler.get_state()
 
     def gradients():
         fitter.sampler.set_state(state)
-        loss, count = fitter._step_gradients(tilts)
-        return loss, [[p.grad.clone() for p in v.parameters()] for v in fitter.volumes], fitter.shifts.grad.clone()
+        loss, count = fitter.step_gradients(fitter.scale, tilts)
+        return loss, [[p.grad.clone() for p in v.parameters()] for v in fitter.volumes], fitter.deformations.shifts.grad.clone()
 
     loss, before, shift_grad = gradients()
     assert float(loss) > 0 and shift_grad.abs().sum() > 0  # the shared deformations learn from both series
     with torch.no_grad():  # change only the second series
-        fitter.half_images += 1.0
+        fitter.problem.half_images += 1.0
     _, after, _ = gradients()
     for a, b in zip(before[0], after[0]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)  # the first volume does not see it
@@ -548,15 +551,15 @@ def test_a_training_step_never_waits_for_the_gpu(shifted_series, renderer, preci
     fitter = Fitter(series, _config(epochs=2, device="cuda", renderer=renderer, precision=precision,
                                     lattice_rows=16, warmup_epochs=0, tilts_per_step=16,
                                     recompute_field=precision == "mixed"))
-    bands = fitter._epoch_bands()[0] if renderer == "lattice" else None
+    bands = fitter.epoch_bands(fitter.scale)[0] if renderer == "lattice" else None
     tilts = torch.randperm(len(ANGLES))
-    reach = fitter._reach_px(steps=1)
+    reach = fitter.reach_px(steps=1)
 
     def step():
-        loss, _ = fitter._step_gradients(tilts, bands, reach)
-        fitter._finite_or_zeroed(loss)
-        fitter.opt_volume.step()
-        fitter.opt_deform.step()
+        loss, _ = fitter.step_gradients(fitter.scale, tilts, bands, reach)
+        finite_or_zeroed(loss, fitter.parameters())
+        fitter.optimisers.volume.step()
+        fitter.optimisers.deform.step()
 
     step()  # first use: kernels compile, the projector's matrices are built (both wait, once)
     torch.cuda.set_sync_debug_mode("error")
@@ -577,8 +580,8 @@ def test_validation_scores_the_held_out_pixels_in_the_steps_or_by_a_pass(shifted
     fitter = Fitter(series, config)
     calls = []
     separate = fitter.validation_loss
-    monkeypatch.setattr(fitter, "validation_loss", lambda: calls.append(1) or separate())
-    result = fitter.run()
+    monkeypatch.setattr(fitter, "validation_loss", lambda scale=None: calls.append(1) or separate(scale))
+    result = run_fit(fitter)
     assert len(calls) == passes
     vals = result.report["curves"]["val_loss"]
     assert len(vals) == 6 and all(math.isfinite(v) for v in vals)
@@ -591,10 +594,10 @@ def test_the_held_out_loss_of_the_steps_tracks_a_separate_pass(shifted_series):
     fitter = Fitter(series, _config(epochs=12))
     for _ in range(12):
         fitter.train_epoch()
-    in_steps = fitter._epoch_validation_loss(rolled_back=False)
+    in_steps = fitter.epoch_validation_loss(fitter.scale, rolled_back=False)
     by_pass = fitter.validation_loss()
     assert in_steps == pytest.approx(by_pass, rel=0.15)
-    assert fitter._epoch_validation_loss(rolled_back=True) == by_pass
+    assert fitter.epoch_validation_loss(fitter.scale, rolled_back=True) == by_pass
 
 
 # ----------------------------------------------------------------- binned epochs (fit.binned_epochs)
@@ -638,17 +641,17 @@ def test_a_binned_epoch_predicts_the_binned_series(shifted_series):
     fitter = Fitter(series, _config(epochs=4, binned_epochs=1))
     fitter.volume = _Blob(fitter.model_shape_zyx)
     with torch.no_grad():
-        fitter.shifts.copy_(torch.tensor([[3.0, -1.5]]).expand_as(fitter.shifts))
-        fitter.angles.add_(math.radians(7.0))
+        fitter.deformations.shifts.copy_(torch.tensor([[3.0, -1.5]]).expand_as(fitter.deformations.shifts))
+        fitter.deformations.angles.add_(math.radians(7.0))
     tilts = torch.tensor([0, 6, 11])
-    ny, nx = fitter.detector_shape
+    ny, nx = fitter.problem.detector_shape
     predictions = []
     for epoch in (0, 1):  # binned, then not
         fitter.epoch = epoch
         scale = fitter.scale
         assert scale.factor == 2 - epoch and scale.shape == (ny // scale.factor, nx // scale.factor)
         with torch.no_grad():
-            values, valid, _ = fitter._predict(tilts, jitter=False, rows=slice(0, scale.shape[0]))
+            values, valid, _ = fitter.forward.predict(fitter.scale, tilts, jitter=False, rows=slice(0, scale.shape[0]))
         predictions.append((values.view(3, *scale.shape), valid.view(3, *scale.shape)))
     (binned, binned_valid), (full, full_valid) = predictions
     expected = bin_by_two(full)
@@ -663,8 +666,8 @@ def test_binned_epochs_come_first_and_are_validated_on_their_own(shifted_series,
     fitter = Fitter(series, _config(epochs=5, binned_epochs=2))
     assert [s.factor for s in fitter.scales] == [1, 2] and fitter.scale.factor == 2
     binned = fitter.scales[1]
-    assert torch.equal(binned.held_out, bin_by_two(fitter.validation_mask, "any"))
-    result = fitter.run(checkpoint_path=tmp_path / "checkpoint.pt")
+    assert torch.equal(binned.held_out, bin_by_two(fitter.problem.validation_mask, "any"))
+    result = run_fit(fitter, checkpoint_path=tmp_path / "checkpoint.pt")
     val, binned_val = result.report["curves"]["val_loss"], result.report["curves"]["binned_val_loss"]
     assert all(math.isnan(v) for v in val[:2]) and all(math.isfinite(v) for v in val[2:])
     assert all(math.isfinite(v) for v in binned_val[:2]) and all(math.isnan(v) for v in binned_val[2:])
@@ -675,8 +678,8 @@ def test_binned_epochs_come_first_and_are_validated_on_their_own(shifted_series,
     assert torch.equal(resumed.scales[1].held_out, binned.held_out)
     # Half maps of alternate tilts: the binned mask of each tilt is its half's.
     halves = Fitter(series, _config(epochs=3, binned_epochs=2, half_maps="tilts"))
-    assert torch.equal(halves.scales[1].half_mask[:, 0, 0], halves.half_mask[:, 0, 0])
-    assert math.isfinite(halves.run().report["curves"]["val_loss"][-1])
+    assert torch.equal(halves.scales[1].half_mask[:, 0, 0], halves.problem.half_mask[:, 0, 0])
+    assert math.isfinite(run_fit(halves).report["curves"]["val_loss"][-1])
     for bad in ({"renderer": "rays"}, {"half_maps": "pixels"}):
         with pytest.raises(IcetideError, match="binned_epochs"):
             Fitter(series, _config(epochs=5, binned_epochs=2, **bad))
@@ -694,12 +697,12 @@ def test_the_binned_stage_ends_early_at_its_best_state(shifted_series):
     series, _ = shifted_series
     fitter = Fitter(series, _config(epochs=2, binned_epochs=10, patience=1, warmup_epochs=0))
     losses, kept = iter([1.0, 2.0]), []
-    fitter._epoch_validation_loss = lambda rolled_back: next(losses)
-    result = fitter.run(on_epoch=lambda info: kept.append(fitter.snapshot()))
+    fitter.epoch_validation_loss = lambda scale, rolled_back: next(losses)
+    result = run_fit(fitter, on_epoch=lambda info: kept.append(fitter.snapshot()))
     assert result.report["binned_epochs"] == 2 and result.report["curves"]["binned_val_loss"] == [1.0, 2.0]
-    assert fitter.best_binned_val == 1.0
-    assert not torch.equal(kept[0]["shifts_px"], fitter.start["shifts_px"])  # epoch 1 moved them
-    assert torch.equal(fitter.shifts.detach(), kept[0]["shifts_px"])
+    assert fitter.binned_stopping.best == 1.0
+    assert not torch.equal(kept[0]["shifts_px"], fitter.deformations.start["shifts_px"])  # epoch 1 moved them
+    assert torch.equal(fitter.deformations.shifts.detach(), kept[0]["shifts_px"])
     for name, value in fitter.volume.state_dict().items():
         assert torch.equal(value, kept[0]["volume"][name]), name
 
@@ -714,7 +717,7 @@ def test_early_stopping_counts_from_the_release_of_the_last_deformation(shifted_
     config.deform = config.deform.model_copy(update={"local": local})
     fitter = Fitter(series, config)
     losses = iter([1.0] + [2.0] * 19)
-    fitter._epoch_validation_loss = lambda rolled_back: next(losses)
-    result = fitter.run()
+    fitter.epoch_validation_loss = lambda scale, rolled_back: next(losses)
+    result = run_fit(fitter)
     assert result.report["epochs"] == stopped_after and result.report["best_epoch"] == 1
     assert result.report["stop_reason"] == "early stopping (validation loss stopped improving)"

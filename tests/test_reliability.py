@@ -15,7 +15,8 @@ import torch
 from icetide import TiltSeries
 from icetide.config import ReconstructConfig
 from icetide.errors import IcetideError
-from icetide.fit import Fitter
+from icetide.fit import Fitter, run_fit
+from icetide.fit.numerics import finite_or_zeroed
 from icetide.io import write_mrc, write_tlt
 from icetide.simulate import crowded_phantom, simulate_tilt_series
 
@@ -75,13 +76,13 @@ def _break_training_calls(fitter: Fitter, bad, kind: str = "loss") -> None:
 
 
 def _state(fitter: Fitter) -> list[torch.Tensor]:
-    opt = fitter.opt_volume.state_dict()["state"]
+    opt = fitter.optimisers.volume.state_dict()["state"]
     moments = [s[k].clone() for s in opt.values() for k in ("exp_avg", "exp_avg_sq")]
     return [p.detach().clone() for p in _parameters(fitter)] + moments
 
 
 def _parameters(fitter: Fitter) -> list[torch.Tensor]:
-    return [*fitter.volume.parameters(), fitter.shifts, fitter.angles]
+    return [*fitter.volume.parameters(), fitter.deformations.shifts, fitter.deformations.angles]
 
 
 def test_a_failed_step_rolls_the_epoch_back(series):
@@ -101,9 +102,9 @@ def test_a_non_finite_step_takes_no_gradient(series):
     epoch's end rolls the epoch back."""
     fitter = Fitter(series, _config())
     _break_training_calls(fitter, lambda call: True, "gradients")
-    loss, _ = fitter._step_gradients(torch.arange(4))
-    assert fitter._finite_or_zeroed(loss).tolist() == [True, False]
-    grads = [p.grad for p in fitter._parameters() if p.grad is not None]
+    loss, _ = fitter.step_gradients(fitter.scale, torch.arange(4))
+    assert finite_or_zeroed(loss, fitter.parameters()).tolist() == [True, False]
+    grads = [p.grad for p in fitter.parameters() if p.grad is not None]
     assert grads and all((g == 0).all() for g in grads)
 
 
@@ -112,12 +113,12 @@ def test_the_fit_recovers_from_one_failed_step(series, kind, reason):
     config = _config(epochs=5)
     fitter = Fitter(series, config)
     _break_training_calls(fitter, lambda call: call == 4, kind)  # the first step of epoch 3
-    result = fitter.run()
+    result = run_fit(fitter)
     report = result.report
     assert report["stop_reason"] == "epochs" and report["epochs"] == 5
     assert report["rollbacks"] == [{"epoch": 3, "step": 5, "reason": reason, "lr_factor": 0.5}]
     fit = config.fit
-    lrs = [g["lr"] for g in fitter.opt_volume.param_groups + fitter.opt_deform.param_groups]
+    lrs = [g["lr"] for g in fitter.optimisers.volume.param_groups + fitter.optimisers.deform.param_groups]
     assert lrs == pytest.approx([0.5 * fit.lr_volume, 0.5 * fit.lr_shift_px, 0.5 * math.radians(fit.lr_rotation_deg)])
     assert all(torch.isfinite(p).all() for p in _parameters(fitter))
     assert np.isfinite(report["curves"]["train_loss"]).all()
@@ -126,7 +127,7 @@ def test_the_fit_recovers_from_one_failed_step(series, kind, reason):
 def test_repeated_failures_end_the_fit_with_the_best_state(series):
     fitter = Fitter(series, _config(epochs=20, max_rollbacks=2))
     _break_training_calls(fitter, lambda call: call >= 4)  # every step from epoch 3 on
-    result = fitter.run()
+    result = run_fit(fitter)
     report = result.report
     # epochs 3 and 4 are rolled back (their first steps 5 and 7 failed), the failure in epoch 5 ends the fit
     assert report["stop_reason"] == "numerical failure: non-finite loss at epoch 5, step 9 after 2 rollbacks"
@@ -140,20 +141,20 @@ def test_failures_from_the_first_step_raise(series):
     fitter = Fitter(series, _config(epochs=5, max_rollbacks=3))
     _break_training_calls(fitter, lambda call: True)
     with pytest.raises(IcetideError, match="never took a finite step .*after 3 rollbacks"):
-        fitter.run()
+        run_fit(fitter)
 
 
 def test_rollbacks_resume_exactly(series, tmp_path):
     straight = Fitter(series, _config(epochs=5))
     _break_training_calls(straight, lambda call: call == 2)
-    straight.run()
+    run_fit(straight)
     first = Fitter(series, _config(epochs=3))
     _break_training_calls(first, lambda call: call == 2)
-    first.run(checkpoint_path=tmp_path / "checkpoint.pt")
+    run_fit(first, checkpoint_path=tmp_path / "checkpoint.pt")
     resumed = Fitter(series, _config(epochs=5))
     resumed.load_checkpoint(tmp_path / "checkpoint.pt")
     assert resumed.lr_factor == 0.5 and resumed.rollbacks == straight.rollbacks and len(straight.rollbacks) == 1
-    resumed.run()
+    run_fit(resumed)
     for a, b in zip(_state(straight), _state(resumed)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 

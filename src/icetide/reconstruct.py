@@ -35,7 +35,7 @@ from .ctf import exposure_weight_series, phase_flip_series, tilt_axis_on_images_
 from .data import InputStack, TiltSeries
 from .deform import Deformations
 from .errors import IcetideError
-from .fit import Fitter, FitResult
+from .fit import Fitter, FitResult, run_fit
 from .geometry import default_thickness
 from .intensity import output_polarity
 from .io import imod_view_list, read_deformations, write_deformations, write_json, write_mrc, write_tlt, write_view_list, write_xf
@@ -339,7 +339,7 @@ def _fit_stage(
     _add_time(timings, "setup_s", t0)
     phase("fitting")
     t0 = time.monotonic()
-    result = fitter.run(checkpoint_path=checkpoint, on_epoch=on_epoch)  # only rank 0 saves checkpoints
+    result = run_fit(fitter, checkpoint_path=checkpoint, on_epoch=on_epoch)  # only rank 0 saves checkpoints
     _add_time(timings, "fit_s", t0)
     return _FitStage(series, fit_series, axis, init, result, entries)
 

@@ -14,6 +14,12 @@ pixels (from :func:`icetide.deform.deform_coords`) and return ``P_theta[rho](x')
 
 Both return ``(values (B, P), valid (B, P))``; ``valid`` is false where the model cannot predict the pixel
 (outside the rendered band or the projected box) and those pixels must not enter the loss.
+
+Both offer the same interface to the fit (:mod:`icetide.fit`): besides ``render``, how an epoch is cut into
+steps (:meth:`epoch_bands`, :meth:`row_pieces`), which pixels a step predicts (:meth:`random_pixels`,
+:meth:`held_out_pixels`), how a step is shared between ranks (:meth:`share`), the field evaluations of a step
+(:meth:`evaluations_per_step`), and three capabilities (``bins``, ``predicts_whole_rows``,
+``recomputes_activations``); the fit never asks which renderer it holds.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from .deform import sample_images
 from .geometry import ray_points, slab_ray_interval
 from .recon import project
 
-__all__ = ["LatticeRenderer", "RaysRenderer", "make_renderer"]
+__all__ = ["LatticeRenderer", "RaysRenderer", "RENDERERS", "make_renderer"]
 
 
 def _on(tilt_angles_rad, like: torch.Tensor) -> torch.Tensor:
@@ -42,6 +48,14 @@ def _inside(coords: torch.Tensor, n_rows: int, nx: int, margin: float = 0.5) -> 
 
 class LatticeRenderer:
     """Lattice evaluation + explicit projection + 2-D resampling at the deformed coordinates."""
+
+    # Renders the series binned by 2 from every other voxel (the fit's binned stage).
+    bins = True
+    # A step predicts every pixel of the rows it renders: the held-out pixels can be scored in the training
+    # steps, whole images can be filtered (the CTF forward model), and ranks can split the rows.
+    predicts_whole_rows = True
+    # The lattice's activations can be recomputed in the backward pass (fit.recompute_field).
+    recomputes_activations = True
 
     def __init__(
         self,
@@ -77,10 +91,11 @@ class LatticeRenderer:
         coords: torch.Tensor,
         tilt_angles_rad: torch.Tensor,
         generator: torch.Generator | None = None,
-        rows: slice | None = None,
         jitter: bool = True,
+        rows: slice | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``coords (B, P, 2)`` ideal-projection coordinates, ``tilt_angles_rad (B,)`` -> ``(B, P)`` values, mask.
+        """``coords (B, P, 2)`` ideal-projection coordinates, ``tilt_angles_rad (B,)`` -> ``(B, P)`` values, mask;
+        ``rows``: the band of lattice rows to render (default a random band of ``band_rows``).
 
         Angles given on the host (a CPU tensor) keep the call free of host synchronisations on CUDA."""
         nz, ny, nx = self.shape
@@ -107,9 +122,64 @@ class LatticeRenderer:
         values = sample_images(proj, local[:, None], mode="bilinear")[:, 0]
         return values / nz, valid
 
+    def epoch_bands(
+        self, lo: int, hi: int, band_rows: int, least: int, one_step: bool, generator: torch.Generator
+    ) -> list[list[slice] | None]:
+        """The rows of each step of an epoch over the rows ``lo:hi``: ``[None]`` (every row in one step) or bands.
+
+        The rows are cut into ``n`` bands of equal height, one optimiser step each: at least ``least``, and as
+        many as bands of at most ``band_rows`` rows need unless ``one_step`` (under torch.distributed a rank's
+        rows beyond its memory are pieces of one step, :meth:`row_pieces`). The band edges are shifted by a
+        random fraction of a band, so that band edges, where warped pixels fall outside the band and are not
+        scored, move from epoch to epoch; the two partial end pieces form one step together. The steps come in
+        random order; together they cover every row once.
+        """
+        needed = 1 if one_step else math.ceil((hi - lo) / band_rows)
+        n = min(hi - lo, max(least, needed))
+        if n <= 1:
+            return [None]
+        shift = float(torch.rand((), generator=generator))
+        edges = [lo + round((i + shift) * (hi - lo) / n) for i in range(n)]
+        steps = [[slice(a, b)] for a, b in zip(edges[:-1], edges[1:])]
+        steps.append([band for band in (slice(lo, edges[0]), slice(edges[-1], hi)) if band.stop > band.start])
+        return [steps[i] for i in torch.randperm(len(steps), generator=generator).tolist()]
+
+    def row_pieces(self, bands: list[slice] | None, n_rows: int, band_rows: int) -> list[slice | None]:
+        """``bands`` (None: all ``n_rows`` rows) cut into pieces of at most ``band_rows`` rows, rendered one after
+        another within a step."""
+        return [slice(r, min(r + band_rows, band.stop))
+                for band in (bands or [slice(0, n_rows)]) for r in range(band.start, band.stop, band_rows)]
+
+    def random_pixels(self, n_pixels: int, n_tilts: int, per_tilt: int, generator: torch.Generator) -> None:
+        """Which pixels a training step predicts: every pixel of its rows (None)."""
+        return None
+
+    def held_out_pixels(self, held_out: torch.Tensor) -> None:
+        """Which pixels a validation pass predicts: every pixel of its rows (None)."""
+        return None
+
+    def share(self, tilts: torch.Tensor, rank: int, world: int, rank_rows: slice | None):
+        """This rank's part of a step: every tilt, in its band of rows ``rank_rows``."""
+        return tilts, rank_rows
+
+    def evaluations_per_step(self, band_rows: int, tilts_per_step: int, rays_per_tilt: int,
+                             largest_tilt_rad: float) -> int:
+        """Field evaluations of a training step: the lattice of a band of ``band_rows`` rows."""
+        nz, ny, nx = self.shape
+        return nz * min(band_rows, ny) * nx
+
+    def tilt_groups(self, step_bytes: int | None, point_bytes: int, tilts_per_step: int, rays_per_tilt: int,
+                    largest_tilt_rad: float) -> int:
+        """In how many groups the tilts of a step are rendered: one; the band's rows set a step's memory."""
+        return 1
+
 
 class RaysRenderer:
     """The paper's ray sampler, restricted to the specimen slab."""
+
+    bins = False
+    predicts_whole_rows = False
+    recomputes_activations = False
 
     def __init__(self, volume_shape_zyx: tuple[int, int, int], samples_per_voxel: float = 1.0):
         self.shape = volume_shape_zyx
@@ -128,8 +198,10 @@ class RaysRenderer:
         tilt_angles_rad: torch.Tensor,
         generator: torch.Generator | None = None,
         jitter: bool = True,
+        rows: None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``coords (B, P, 2)``, ``tilt_angles_rad (B,)`` -> line integrals / thickness ``(B, P)``, mask.
+        """``coords (B, P, 2)``, ``tilt_angles_rad (B,)`` -> line integrals / thickness ``(B, P)``, mask. Every
+        ray is cast whole: ``rows`` (the lattice's bands) must be None.
 
         Angles given on the host (a CPU tensor) keep the call free of host synchronisations on CUDA."""
         nz, ny, nx = self.shape
@@ -153,13 +225,62 @@ class RaysRenderer:
         valid = (v[..., 0].abs() <= (ny - 1) / 2) & (u[..., 0].abs() <= (nx - 1) / 2)
         return values, valid
 
+    def epoch_bands(
+        self, lo: int, hi: int, band_rows: int, least: int, one_step: bool, generator: torch.Generator
+    ) -> list[None]:
+        """Every step samples rays over the whole detector: one "band" per step."""
+        return [None]
+
+    def row_pieces(self, bands: None, n_rows: int, band_rows: int) -> list[None]:
+        return [None]
+
+    def random_pixels(self, n_pixels: int, n_tilts: int, per_tilt: int, generator: torch.Generator) -> torch.Tensor:
+        """Which pixels a training step predicts: ``(n_tilts, min(per_tilt, n_pixels))`` random pixel indices of
+        each tilt (``fit.rays_per_tilt``)."""
+        n = min(per_tilt, n_pixels)
+        return torch.stack([torch.randperm(n_pixels, generator=generator)[:n] for _ in range(n_tilts)])
+
+    def held_out_pixels(self, held_out: torch.Tensor) -> torch.Tensor:
+        """Which pixels a validation pass predicts: the first held-out pixels of each tilt of ``held_out (B, P)``,
+        as many as the tilt with the fewest has, ``(B, n)``."""
+        n = int(held_out.sum(1).min())
+        return torch.stack([torch.nonzero(row)[:n, 0] for row in held_out])
+
+    def share(self, tilts: torch.Tensor, rank: int, world: int, rank_rows: slice | None):
+        """This rank's part of a step: its share of the tilts, every row."""
+        return tilts.tensor_split(world)[rank], None
+
+    def evaluations_per_step(self, band_rows: int, tilts_per_step: int, rays_per_tilt: int,
+                             largest_tilt_rad: float) -> int:
+        """Field evaluations of a training step: the samples of every ray of ``tilts_per_step`` tilts."""
+        return tilts_per_step * rays_per_tilt * self.n_samples(torch.tensor(largest_tilt_rad))
+
+    def tilt_groups(self, step_bytes: int | None, point_bytes: int, tilts_per_step: int, rays_per_tilt: int,
+                    largest_tilt_rad: float) -> int:
+        """In how many groups the tilts of a step are rendered (gradients accumulated: the same step, less
+        memory) so that each group's field evaluations, ``point_bytes`` each, fit ``step_bytes`` (None: one)."""
+        if step_bytes is None:
+            return 1
+        points = self.evaluations_per_step(0, tilts_per_step, rays_per_tilt, largest_tilt_rad) * point_bytes
+        return int(min(tilts_per_step, max(1, math.ceil(points / max(step_bytes, 1)))))
+
+
+RENDERERS = {"lattice": LatticeRenderer, "rays": RaysRenderer}
+
 
 def make_renderer(
-    name: str, volume_shape_zyx, band_rows=None, samples_per_voxel=1.0, detector_nx=None, recompute_voxels=None,
-    step=1,
-):
+    name: str,
+    volume_shape_zyx: tuple[int, int, int],
+    *,
+    band_rows: int | None = None,
+    samples_per_voxel: float = 1.0,
+    detector_nx: int | None = None,
+    recompute_voxels: int | None = None,
+    step: int = 1,
+) -> LatticeRenderer | RaysRenderer:
     """The renderer called ``name`` (``"lattice"`` or ``"rays"``); ``detector_nx``: detector width when the
-    volume is wider (default: the volume's); ``recompute_voxels``, ``step``: see :class:`LatticeRenderer`."""
+    volume is wider (default: the volume's); ``band_rows``, ``recompute_voxels``, ``step``: see
+    :class:`LatticeRenderer`; ``samples_per_voxel``: see :class:`RaysRenderer`. Each takes what applies to it."""
     if name == "lattice":
         return LatticeRenderer(volume_shape_zyx, band_rows, detector_nx, recompute_voxels, step)
     if name == "rays":

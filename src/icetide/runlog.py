@@ -142,7 +142,7 @@ def epoch_lines(
     total_epochs: int, max_minutes: float | None, emit: Callable[[str], None], every_epochs: int = 10,
     every_s: float = 30.0, clock: Callable[[], float] = time.monotonic,
 ) -> Callable[[dict], None]:
-    """``on_epoch`` of :meth:`icetide.fit.Fitter.run` passing a plain line to ``emit`` every ``every_epochs``
+    """``on_epoch`` of :func:`icetide.fit.run_fit` passing a plain line to ``emit`` every ``every_epochs``
     epochs or ``every_s`` seconds and at the last epoch: epoch, losses, elapsed time and the time left (the
     time budget's, or at the current rate the epoch limit's; early stopping usually ends sooner)."""
     last = {"t": -math.inf, "epoch": 0}

@@ -17,7 +17,7 @@ import torch
 
 from ..config import ReconstructConfig
 from ..data import TiltSeries
-from ..fit import Fitter
+from ..fit import Fitter, run_fit
 from ..metrics import evaluate_reconstruction
 from ..plots import plot_curves
 from ..recon import fbp
@@ -73,7 +73,7 @@ def cc_along_fit(
         if on_score is not None:
             on_score(curve[-1])
 
-    report = fitter.run(on_epoch=score).report
+    report = run_fit(fitter, on_epoch=score).report
     best_epoch = int(fitter.curves["epoch"][int(np.nanargmin(fitter.curves["val_loss"]))])
     reached = next((c for c in curve if c["cc"] >= oracle_cc), None)
     nearest = min(curve, key=lambda c: abs(c["epoch"] - best_epoch))
