@@ -29,13 +29,12 @@ from icetide.experiments import machine_info
 from icetide.experiments.case import load_phantom, reconstruction_config
 from icetide.fit import Fitter
 from icetide.simulate import crowded_phantom, simulate_tilt_series
-from icetide.volume import VolumeConfig
 
 
 def measure(series: TiltSeries, thickness: int, rows: int, piece: int, precision: str, profile: bool) -> dict:
     config = reconstruction_config(thickness, 10.0, device="cuda", lattice_rows=rows, warmup_epochs=0,
                                    precision=precision, recompute_field=bool(piece))
-    paper = VolumeConfig.paper()
+    paper = VolumeSettings.paper()
     config.volume = VolumeSettings(**{k: getattr(paper, k) for k in VolumeSettings.model_fields})
     fitter = Fitter(series, config)
     if piece:

@@ -4,7 +4,7 @@ Usage: ``python benchmarks/throughput.py [--device cpu|cuda] [--n N] [--repeats 
 
 Prints one JSON object. A *sample* is one point through encoding + MLP, forward and backward (the training
 step of the rays renderer: loss = mean squared density, gradients for every parameter). ``samples_per_s`` /
-``baseline_samples_per_s`` / ``ratio`` are the default configuration (:class:`icetide.volume.VolumeConfig`)
+``baseline_samples_per_s`` / ``ratio`` are the default configuration (:class:`icetide.config.VolumeSettings`)
 with :class:`HashEncoding` as a fit uses it (``kernel`` says which: the Triton kernels on CUDA when Triton
 imports, the Numba kernels on CPU, else the PyTorch path) / :class:`ReferenceHashEncoding` (the
 straightforward PyTorch hash grid; same parameters, same points, same run); ``torch_path_*`` is the PyTorch
@@ -40,7 +40,8 @@ import torch
 
 from icetide.geometry import box_to_unit
 from icetide.memory import PeakMemory
-from icetide.volume import ImplicitVolume, ReferenceHashEncoding, VolumeConfig
+from icetide.config import VolumeSettings
+from icetide.volume import ImplicitVolume, ReferenceHashEncoding
 from timing import best_times
 
 BOX_ZYX = {"cpu": (48, 128, 128), "cuda": (180, 512, 512)}
@@ -91,7 +92,7 @@ def random_points(n: int, box_zyx: tuple[int, int, int], device: torch.device, r
     return ((torch.rand(n, 3, device=device) * 2 - 1) * half).requires_grad_(requires_grad)
 
 
-def point_throughput(cfg: VolumeConfig, box_zyx, n: int, repeats: int, device: torch.device) -> dict:
+def point_throughput(cfg: VolumeSettings, box_zyx, n: int, repeats: int, device: torch.device) -> dict:
     """Samples/s of every variant, with and without position gradients, and the ratios to the reference."""
     volumes = variants(ImplicitVolume.from_config(cfg, box_zyx).to(device))
     points = random_points(n, box_zyx, device)
@@ -124,7 +125,7 @@ def point_throughput(cfg: VolumeConfig, box_zyx, n: int, repeats: int, device: t
     return out
 
 
-def lattice_throughput(cfg: VolumeConfig, box_zyx, rows: int | None, repeats: int, device: torch.device) -> dict:
+def lattice_throughput(cfg: VolumeSettings, box_zyx, rows: int | None, repeats: int, device: torch.device) -> dict:
     """Voxels/s of the lattice path (forward + backward, a band of ``rows`` rows) of each variant but the
     reference, and of ``sample_grid`` over the whole box."""
     volumes = variants(ImplicitVolume.from_config(cfg, box_zyx).to(device))
@@ -151,7 +152,7 @@ def lattice_throughput(cfg: VolumeConfig, box_zyx, rows: int | None, repeats: in
     return out
 
 
-def mlp_layout_times(cfg: VolumeConfig, box_zyx, repeats: int, device: torch.device) -> dict:
+def mlp_layout_times(cfg: VolumeSettings, box_zyx, repeats: int, device: torch.device) -> dict:
     """Seconds of the MLP alone, forward + backward, on the features of every voxel of the box: channels first
     (``MLP.forward_channels_first``, what the lattice path runs) and channels last (``MLP.forward``, the points
     path)."""
@@ -174,7 +175,7 @@ def mlp_layout_times(cfg: VolumeConfig, box_zyx, repeats: int, device: torch.dev
     return {"mlp_columns_s": t["columns"], "mlp_rows_s": t["rows"]}
 
 
-def adam_step_times(cfg: VolumeConfig, box_zyx, repeats: int, device: torch.device) -> dict:
+def adam_step_times(cfg: VolumeSettings, box_zyx, repeats: int, device: torch.device) -> dict:
     """Seconds per Adam step over the volume's parameters (random gradients), as a fit runs it (CPU: the fused
     kernel) and with PyTorch's default implementation and its ``foreach`` one; 10 steps per timed run."""
     params = list(ImplicitVolume.from_config(cfg, box_zyx).to(device).parameters())
@@ -205,7 +206,7 @@ def main() -> None:
     box = tuple(int(v) for v in args.box.split(",")) if args.box else BOX_ZYX[device.type]
     rows = args.lattice_rows or LATTICE_ROWS[device.type]
 
-    default, paper = VolumeConfig(), VolumeConfig.paper()
+    default, paper = VolumeSettings(), VolumeSettings.paper()
     result: dict = {"n": n, "box_shape_zyx": list(box), "config": asdict(default)}
     with PeakMemory(device) as used:
         result.update(point_throughput(default, box, n, args.repeats, device))

@@ -39,7 +39,6 @@ from icetide.experiments.epochs import cc_along_fit, plot_cc_along_fit
 from icetide.runtime import resolve_device
 from icetide.memory import PeakMemory
 from icetide.simulate import crowded_phantom, simulate_tilt_series
-from icetide.volume import VolumeConfig
 
 PROTEINS = Path(__file__).resolve().parents[2] / "shared" / "data" / "proteins" / "maps_10A"
 
@@ -92,7 +91,7 @@ def main() -> None:
                                    binned_epochs=args.binned_epochs,
                                    **({} if args.binned_bands is None else {"binned_bands": args.binned_bands}))
     if args.volume == "paper":
-        paper = VolumeConfig.paper()
+        paper = VolumeSettings.paper()
         config.volume = VolumeSettings(**{k: getattr(paper, k) for k in VolumeSettings.model_fields})
     with PeakMemory(device) as used:
         every = {int(e) for e in args.score_epochs.split(",")} if args.score_epochs else args.every

@@ -16,7 +16,8 @@ import torch
 
 from icetide.config import ReconstructConfig
 from icetide.errors import IcetideError
-from icetide.volume import HashEncoding, ImplicitVolume, ReferenceHashEncoding, VolumeConfig
+from icetide.config import VolumeSettings
+from icetide.volume import HashEncoding, ImplicitVolume, ReferenceHashEncoding
 from icetide.volume.triton_encoding import kernel_available, triton
 
 needs_triton = pytest.mark.skipif(triton is None, reason="Triton is not installed")
@@ -132,7 +133,7 @@ def test_fit_asking_for_the_kernel_on_cpu_is_a_clear_error():
 
 
 def test_mixed_precision_is_a_no_op_on_cpu():
-    volume = ImplicitVolume((8, 16, 16), VolumeConfig(n_levels=3, log2_table_size=10))
+    volume = ImplicitVolume((8, 16, 16), VolumeSettings(n_levels=3, log2_table_size=10))
     points = torch.rand(50, 3) * 8 - 4
     before = volume(points)
     volume.set_execution("auto", mixed_precision=True)
@@ -161,7 +162,7 @@ def test_cuda_half_precision_table_reads_are_close():
 
 @needs_cuda_kernel
 def test_cuda_lattice_and_mixed_precision_volume():
-    volume = ImplicitVolume((32, 64, 64), VolumeConfig(log2_table_size=12)).cuda()
+    volume = ImplicitVolume((32, 64, 64), VolumeSettings(log2_table_size=12)).cuda()
     offset = torch.tensor([0.2, -0.1, 0.3], device="cuda")
     fast = volume.lattice(offset)
     volume.set_execution("torch")
@@ -178,7 +179,7 @@ def test_cuda_lattice_and_mixed_precision_volume():
 def test_cuda_recomputed_lattice_matches_the_kept_one(mixed):
     """Activation checkpointing with the Triton kernels: the same densities and gradients, up to the order of
     the kernels' atomic additions (and, in mixed precision, the bf16 rounding of each piece's MLP gradients)."""
-    volume = ImplicitVolume((32, 64, 64), VolumeConfig(log2_table_size=12)).cuda()
+    volume = ImplicitVolume((32, 64, 64), VolumeSettings(log2_table_size=12)).cuda()
     volume.set_execution("auto", mixed_precision=mixed)
     offset = torch.tensor([0.2, -0.1, 0.3], device="cuda")
     weights = torch.randn(32, 40, 64, device="cuda")

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
+from icetide.config import VolumeSettings
 from icetide.geometry import box_to_unit, centered_coords
 from icetide.volume import cpu_encoding
 from icetide.volume import (
@@ -15,7 +16,6 @@ from icetide.volume import (
     HashEncoding,
     ImplicitVolume,
     ReferenceHashEncoding,
-    VolumeConfig,
     level_layout,
 )
 
@@ -70,7 +70,7 @@ def test_levels_dense_while_they_fit_and_hashed_tables_first():
 
 
 def test_paper_configuration_layout_on_a_cpu_sized_box():
-    cfg = VolumeConfig.paper()
+    cfg = VolumeSettings.paper()
     assert (cfg.n_levels, cfg.n_features, cfg.log2_table_size, cfg.hidden, cfg.n_hidden_layers) == (8, 4, 22, 64, 3)
     levels = level_layout(cfg.n_levels, cfg.log2_table_size, cfg.base_resolution, cfg.per_level_scale, (48, 128, 128))
     assert [lv.dense for lv in levels] == [True] * 5 + [False] * 3
@@ -78,7 +78,7 @@ def test_paper_configuration_layout_on_a_cpu_sized_box():
 
 
 def test_default_configuration_finest_level_resolves_about_a_voxel():
-    cfg = VolumeConfig()
+    cfg = VolumeSettings()
     levels = level_layout(cfg.n_levels, cfg.log2_table_size, cfg.base_resolution, cfg.per_level_scale, (48, 128, 128))
     finest = levels[-1].resolution_xyz
     assert 1.0 <= finest[0] / 128 <= 1.2 and 1.0 <= finest[2] / 48 <= 1.2
@@ -193,7 +193,7 @@ def test_forward_lattice_rows_and_empty_inputs():
 
 
 def test_outside_the_box_continues_the_faces():
-    vol = ImplicitVolume(BOX, VolumeConfig(n_levels=3, log2_table_size=8, base_resolution=3.0)).double()
+    vol = ImplicitVolume(BOX, VolumeSettings(n_levels=3, log2_table_size=8, base_resolution=3.0)).double()
     face = torch.tensor([[4.5, 0.3, -1.0]], dtype=torch.float64)  # on the +x face (nx = 9)
     beyond = face + torch.tensor([[3.0, 0.0, 0.0]], dtype=torch.float64)
     torch.testing.assert_close(vol(beyond), vol(face))
@@ -229,7 +229,7 @@ def test_mlp_channels_first_and_input_scale_match_the_row_layout(n):
 
 
 def test_implicit_volume_forward_and_lattice_agree():
-    cfg = VolumeConfig(n_levels=4, n_features=2, log2_table_size=8, base_resolution=3.0, per_level_scale=1.8,
+    cfg = VolumeSettings(n_levels=4, n_features=2, log2_table_size=8, base_resolution=3.0, per_level_scale=1.8,
                        hidden=8, n_hidden_layers=2)
     vol = ImplicitVolume.from_config(cfg, BOX).double()
     nz, ny, nx = BOX
@@ -245,7 +245,7 @@ def test_implicit_volume_forward_and_lattice_agree():
 
 def _random_volume(seed: int) -> ImplicitVolume:
     """A small float64 volume of the box with a random (normal) table."""
-    cfg = VolumeConfig(n_levels=4, n_features=2, log2_table_size=8, base_resolution=3.0, per_level_scale=1.8,
+    cfg = VolumeSettings(n_levels=4, n_features=2, log2_table_size=8, base_resolution=3.0, per_level_scale=1.8,
                        hidden=8, n_hidden_layers=2)
     torch.manual_seed(seed)
     vol = ImplicitVolume.from_config(cfg, BOX).double()
@@ -289,7 +289,7 @@ def test_recomputed_lattice_has_the_same_values_and_gradients():
 
 
 def test_sample_grid_chunks_and_shapes():
-    vol = ImplicitVolume(BOX, VolumeConfig(n_levels=4, log2_table_size=8, base_resolution=3.0, hidden=8))
+    vol = ImplicitVolume(BOX, VolumeSettings(n_levels=4, log2_table_size=8, base_resolution=3.0, hidden=8))
     with torch.no_grad():
         vol.encoding.table.normal_()
     whole = vol.sample_grid()
@@ -307,8 +307,3 @@ def test_sample_grid_chunks_and_shapes():
         expected = vol.mlp(vol.encoding(unit))[0, 0]
     torch.testing.assert_close(fine[k, j, i], expected, rtol=0, atol=1e-6)
 
-
-def test_volume_config_defaults_match_the_reconstruct_settings():
-    from icetide.config import VolumeSettings
-
-    assert VolumeSettings().model_dump() == VolumeConfig().__dict__

@@ -39,7 +39,13 @@ class _Strict(BaseModel):
 
 
 class VolumeSettings(_Strict):
-    """Hash-grid encoding and MLP of the implicit volume (Instant-NGP style)."""
+    """Hash-grid encoding and MLP of the implicit volume (Instant-NGP style).
+
+    The defaults suit CPU problems of about 128 x 128 x 48 voxels: 8 levels from 8 to 8 * 1.5**7 = 137 cells
+    along the longest axis, so the finest level resolves about one voxel; 2 features per level; 2**19 rows per
+    level, so that every level but the finest is dense; MLP 2 x 32 (docs/BENCHMARKS.md "Implicit volume
+    throughput"). :meth:`paper` is the paper's configuration.
+    """
 
     n_levels: int = Field(8, ge=1, le=32)
     n_features: int = Field(2, ge=1, le=16)
@@ -49,6 +55,17 @@ class VolumeSettings(_Strict):
     interpolation: Literal["linear", "smoothstep"] = "linear"
     hidden: int = Field(32, ge=4, le=512)
     n_hidden_layers: int = Field(2, ge=1, le=8)
+
+    def encoding_args(self) -> dict:
+        """The keyword arguments of a hash encoding (:class:`icetide.volume.HashEncoding` or its reference)."""
+        return self.model_dump(include={"n_levels", "n_features", "log2_table_size", "base_resolution",
+                                        "per_level_scale", "interpolation"})
+
+    @classmethod
+    def paper(cls) -> "VolumeSettings":
+        """ICE-TIDE's configuration: 8 levels x 4 features, 2**22 rows, base 8, scale 2, MLP 3 x 64."""
+        return cls(n_levels=8, n_features=4, log2_table_size=22, base_resolution=8.0, per_level_scale=2.0,
+                   hidden=64, n_hidden_layers=3)
 
 
 class DeformSettings(_Strict):

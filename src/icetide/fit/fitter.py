@@ -24,7 +24,7 @@ from ..errors import IcetideError
 from ..geometry import default_thickness, slab_padding_px
 from ..render import RENDERERS
 from ..runtime import distributed_rank, resolve_device
-from ..volume import ImplicitVolume, VolumeConfig
+from ..volume import ImplicitVolume
 from .checkpoint import read_checkpoint, write_checkpoint
 from .deformation_model import DeformationModel
 from .forward import ForwardModel, forward_ctf
@@ -425,9 +425,8 @@ def new_volume(config: ReconstructConfig, shape_zyx: tuple[int, int, int], devic
     """A freshly initialised implicit volume of ``config.volume`` over ``shape_zyx`` (its encoding's base
     resolution times ``grid_scale``), on ``device``, with the kernel and precision of ``config.fit``."""
     fit = config.fit
-    settings = config.volume.model_dump()
-    settings["base_resolution"] *= grid_scale
-    volume = ImplicitVolume.from_config(VolumeConfig(**settings), shape_zyx).to(device)
+    settings = config.volume.model_copy(update={"base_resolution": config.volume.base_resolution * grid_scale})
+    volume = ImplicitVolume.from_config(settings, shape_zyx).to(device)
     try:
         volume.set_execution(fit.kernel, fit.precision == "mixed" and device.type == "cuda")
     except RuntimeError as exc:

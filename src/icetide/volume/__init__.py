@@ -2,7 +2,7 @@
 and the field built on them."""
 
 from .encoding import HASH_PRIMES, HashEncoding, Level, ReferenceHashEncoding, level_layout
-from .field import ImplicitVolume, VolumeConfig
+from .field import ImplicitVolume
 from .mlp import MLP
 
 __all__ = [
@@ -12,6 +12,5 @@ __all__ = [
     "ReferenceHashEncoding",
     "level_layout",
     "ImplicitVolume",
-    "VolumeConfig",
     "MLP",
 ]

@@ -3,61 +3,20 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
-from typing import Literal
-
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..config import VolumeSettings
 from ..geometry import box_to_unit
 from .encoding import HashEncoding, Kernel
 from .mlp import MLP
 
-__all__ = ["VolumeConfig", "ImplicitVolume", "EVALUATION_PIECE_VOXELS"]
+__all__ = ["ImplicitVolume", "EVALUATION_PIECE_VOXELS"]
 
 # Voxels per piece when a lattice band is evaluated without gradients (validation, sampling): bounds the
 # transient activations (about 0.4 GB for the paper's volume in fp32).
 EVALUATION_PIECE_VOXELS = 2**20
-
-
-@dataclass(frozen=True)
-class VolumeConfig:
-    """Sizes of the encoding and the MLP.
-
-    The defaults suit CPU problems of about 128 x 128 x 48 voxels: 8 levels from 8 to 8 * 1.5**7 = 137
-    cells along the longest axis, so the finest level resolves about one voxel; 2 features per level; 2**19
-    rows per level, so that every level but the finest is dense; MLP 2 x 32. Fitted directly to a 48 x 128 x
-    128 phantom crop for 40 s on a 2-core CPU they reach a correlation of 0.999 (0.32 s per whole-box step);
-    a finest level of 65 cells reaches 0.990, the paper's configuration 0.969 (2.5 s per step).
-    :meth:`paper` is the paper's configuration.
-    """
-
-    n_levels: int = 8
-    n_features: int = 2
-    log2_table_size: int = 19
-    base_resolution: float = 8.0
-    per_level_scale: float = 1.5
-    interpolation: Literal["linear", "smoothstep"] = "linear"
-    hidden: int = 32
-    n_hidden_layers: int = 2
-
-    def encoding_args(self) -> dict:
-        """The keyword arguments of a hash encoding (:class:`HashEncoding` or its reference) of this config."""
-        return {
-            "n_levels": self.n_levels,
-            "n_features": self.n_features,
-            "log2_table_size": self.log2_table_size,
-            "base_resolution": self.base_resolution,
-            "per_level_scale": self.per_level_scale,
-            "interpolation": self.interpolation,
-        }
-
-    @classmethod
-    def paper(cls) -> "VolumeConfig":
-        """ICE-TIDE's configuration: 8 levels x 4 features, 2**22 rows, base 8, scale 2, MLP 3 x 64."""
-        return cls(n_levels=8, n_features=4, log2_table_size=22, base_resolution=8.0, per_level_scale=2.0,
-                   hidden=64, n_hidden_layers=3)
 
 
 class ImplicitVolume(nn.Module):
@@ -71,9 +30,9 @@ class ImplicitVolume(nn.Module):
     returned densities stay fp32).
     """
 
-    def __init__(self, box_shape_zyx: tuple[int, int, int], config: VolumeConfig | None = None):
+    def __init__(self, box_shape_zyx: tuple[int, int, int], config: VolumeSettings | None = None):
         super().__init__()
-        config = config or VolumeConfig()
+        config = config or VolumeSettings()
         self.config = config
         self.box_shape_zyx = tuple(int(n) for n in box_shape_zyx)
         self.encoding = HashEncoding(**config.encoding_args(), box_shape_zyx=self.box_shape_zyx)
@@ -105,12 +64,12 @@ class ImplicitVolume(nn.Module):
         return mlp(features, scale).squeeze(channel)
 
     @classmethod
-    def from_config(cls, config: VolumeConfig, box_shape_zyx: tuple[int, int, int]) -> "ImplicitVolume":
+    def from_config(cls, config: VolumeSettings, box_shape_zyx: tuple[int, int, int]) -> "ImplicitVolume":
         """A freshly initialised volume of this configuration over the box ``box_shape_zyx``."""
         return cls(box_shape_zyx, config)
 
     def extra_repr(self) -> str:
-        return f"box_shape_zyx={self.box_shape_zyx}, config={asdict(self.config)}"
+        return f"box_shape_zyx={self.box_shape_zyx}, config={self.config.model_dump()}"
 
     def forward(self, xyz_vox: torch.Tensor) -> torch.Tensor:
         """Density at points ``(N, 3)`` (voxel coordinates ``(x, y, z)``, box centre at 0); returns ``(N,)``."""
