@@ -241,11 +241,11 @@ Opening them in napari or IMOD: docs/TROUBLESHOOTING.md "Viewing the results".
 ```python
 from pathlib import Path
 
-from icetide import TiltSeries
 from icetide.config import ReconstructConfig
+from icetide.io import read_series
 from icetide.reconstruct import reconstruct
 
-series = TiltSeries.from_files("sim/tilt_series.mrc", "sim/tilt_series.tlt")
+series = read_series("sim/tilt_series.mrc", "sim/tilt_series.tlt")  # a TiltSeries
 out_dir = Path("rec_py")
 out_dir.mkdir()
 report = reconstruct(series, ReconstructConfig(thickness=48), out_dir)  # the CLI's files

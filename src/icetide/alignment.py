@@ -38,15 +38,12 @@ translation, harmless for averaging).
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
 from .deform import Deformations
 from .errors import IcetideError
-
-if TYPE_CHECKING:
-    from .io.aretomo import AlnFile
 
 __all__ = [
     "deformations_for_stack",
@@ -56,6 +53,23 @@ __all__ = [
     "deformations_to_relion",
     "relion_to_deformations",
 ]
+
+
+
+class AlnRows(Protocol):
+    """What :func:`aln_to_deformations` reads of an AreTomo ``.aln`` (:class:`icetide.io.aretomo.AlnFile`): per-row
+    arrays ``(R,)`` in file order, the raw stack's ``(nx, ny, nz)`` or None, the ``AlphaOffset`` (deg) and the
+    removed dark frames ``(frame, section, tilt_deg)``."""
+
+    tilt_deg: np.ndarray
+    rot_deg: np.ndarray
+    gmag: np.ndarray
+    tx_px: np.ndarray
+    ty_px: np.ndarray
+    raw_size: tuple[int, int, int] | None
+    alpha_offset_deg: float
+    dark_frames: list[tuple[int, int, float]]
+
 
 # IMOD prints A to 7 decimals, AreTomo to 3: a rotation read back from a file deviates by up to ~1e-3.
 ROTATION_TOLERANCE = 2e-3
@@ -187,7 +201,7 @@ def _raw_to_detector_scale(raw_size, detector_shape: tuple[int, int]) -> float:
 
 
 def aln_to_deformations(
-    aln: "AlnFile",
+    aln: AlnRows,
     tilt_angles_deg,
     detector_shape: tuple[int, int],
     grid: tuple[int, int] = (2, 2),

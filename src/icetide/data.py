@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -136,21 +135,6 @@ class TiltSeries:
             self.tilt_axis_angle_deg, self.defocus_A, self.pre_exposure_e_per_A2,
             None if self.half_images is None else bin_stack(self.half_images),
         )
-
-    @classmethod
-    def from_files(
-        cls,
-        stack_path: str | os.PathLike,
-        angles_path: str | os.PathLike,
-        pixel_size_A: float | None = None,
-        tilt_axis_angle_deg: float = 0.0,
-    ) -> "TiltSeries":
-        """Read an MRC stack and an IMOD angle file; ``pixel_size_A`` overrides the header's value."""
-        from .io import read_mrc, read_tlt
-
-        images, header_px = read_mrc(stack_path)
-        angles = read_tlt(angles_path)
-        return cls(images, angles, pixel_size_A if pixel_size_A is not None else header_px, tilt_axis_angle_deg)
 
 
 @dataclass(frozen=True)

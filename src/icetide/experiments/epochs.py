@@ -26,6 +26,7 @@ from ..start import coarse_start
 from ..simulate import SimulatedTiltSeries
 from .case import simulate_case
 from .report import fmt, write_report
+from .settings import machine_info, phantoms
 
 DEFAULT_EPOCHS = 250
 # What of the fit's report.json the result keeps: how the fit ran.
@@ -111,7 +112,6 @@ def plot_cc_along_fit(result: dict, path: Path, n_tilts: int) -> None:
 def run(
     settings, out_dir: Path, phase: Callable[[str], None], on_epoch: Callable[[dict], None] | None = None
 ) -> dict:
-    from . import machine_info, phantoms
 
     phantom = phantoms(settings, first_only=True)[0]
     nz = phantom.volume.shape[0]

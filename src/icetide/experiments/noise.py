@@ -8,12 +8,12 @@ from typing import Callable
 from ..plots import plot_curves
 from .case import METHODS, run_case
 from .report import markdown_table, write_report
+from .settings import machine_info, phantoms
 
 
 def run(
     settings, out_dir: Path, phase: Callable[[str], None], on_epoch: Callable[[dict], None] | None = None
 ) -> dict:
-    from . import machine_info, phantoms
 
     phantom = phantoms(settings, first_only=True)[0]
     nz = phantom.volume.shape[0]

@@ -7,6 +7,7 @@ from typing import Callable
 
 from .case import run_case
 from .report import cc_table, fmt, write_report
+from .settings import machine_info, phantoms
 
 FIGURES = {
     "fsc.png": "FSC of every method against the truth (Fig. 4)",
@@ -20,7 +21,6 @@ FIGURES = {
 def run(
     settings, out_dir: Path, phase: Callable[[str], None], on_epoch: Callable[[dict], None] | None = None
 ) -> dict:
-    from . import machine_info, phantoms
 
     phantom = phantoms(settings, first_only=True)[0]
     config = settings.reconstruction_config(phantom)

@@ -30,6 +30,7 @@ from ..recon import fbp, sirt
 from ..reconstruct import reconstruct
 from .case import SIRT_ITERATIONS, simulate_case
 from .report import fmt, markdown_table, write_report
+from .settings import machine_info, phantoms
 
 # The rays renderer does not reach early stopping in a CPU-sized budget; it gets this many minutes by default.
 RAYS_MINUTES_DEFAULT = 5.0
@@ -73,7 +74,6 @@ def _in_fresh_process(*args) -> dict:
 def run(
     settings, out_dir: Path, phase: Callable[[str], None], on_epoch: Callable[[dict], None] | None = None
 ) -> dict:
-    from . import machine_info, phantoms
 
     phantom = phantoms(settings, first_only=True)[0]
     truth, voxel = phantom.volume, phantom.voxel_size_A

@@ -10,12 +10,12 @@ import numpy as np
 from ..plots import plot_bars
 from .case import METHODS, run_case
 from .report import markdown_table, write_report
+from .settings import machine_info, phantoms
 
 
 def run(
     settings, out_dir: Path, phase: Callable[[str], None], on_epoch: Callable[[dict], None] | None = None
 ) -> dict:
-    from . import machine_info, phantoms
 
     # Given phantoms are read once and simulated with every seed; without them each seed makes its own phantom.
     given = phantoms(settings) if settings.phantoms else None

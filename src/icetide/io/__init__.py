@@ -3,10 +3,10 @@
 from .aretomo import AlnFile, AreTomo3Series, aretomo3_series, read_aln
 from .ctf_files import DefocusTable, read_defocus, read_pre_exposure, write_imod_defocus, write_pre_exposure
 from .deformations import read_deformations, write_deformations
-from .imod import imod_view_list, read_tlt, read_xf, write_tlt, write_view_list, write_xf
+from .imod import imod_view_list, parse_exclude, read_tlt, read_xf, write_tlt, write_view_list, write_xf
 from .mdoc import read_mdoc, write_mdoc
 from .mrc import read_mrc, read_mrc_images, read_mrc_labels, read_volume, write_mrc
-from .series import load_series, parse_exclude
+from .series import load_series, read_series
 from .relion import (
     RelionTomogram,
     read_relion_tilt_series_star,
@@ -53,5 +53,6 @@ __all__ = [
     "atomic_path",
     "write_json",
     "load_series",
+    "read_series",
     "parse_exclude",
 ]

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import IcetideError
+from .imod import parse_exclude
 
 __all__ = ["AlnFile", "AreTomo3Series", "aretomo3_series", "dark_views", "exclude_dark_views", "read_aln"]
 
@@ -167,8 +168,6 @@ def dark_views(aln: AlnFile, tilt_angles_deg) -> list[int]:
 
 def exclude_dark_views(exclude: str | None, aln: AlnFile, tilt_angles_deg) -> tuple[str | None, list[int]]:
     """The ``--exclude`` text ``exclude`` with the :func:`dark_views` added (each once), and those views."""
-    from .series import parse_exclude
-
     dark = dark_views(aln, tilt_angles_deg)
     if not dark:
         return exclude, []

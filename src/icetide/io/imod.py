@@ -6,13 +6,16 @@
   (see :mod:`icetide.alignment` for the exact centre and axis conventions and the conversion).
 - view lists: the views ``tilt`` leaves out (its ``EXCLUDELIST``, IMOD's ``autodoc/tilt.adoc``) are numbered
   from 1, single views or ranges separated by commas, e.g. ``1-3,41``; ``newstack -exclude`` takes the same list
-  with ``-fromone`` (it counts from 0 otherwise).
+  with ``-fromone`` (it counts from 0 otherwise). icetide's ``--exclude`` takes the same syntax counted from 0,
+  as ``newstack -exclude`` does (:func:`parse_exclude`).
 """
 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -98,3 +101,35 @@ def write_view_list(path: str | os.PathLike, indices) -> None:
     """Write the 0-based stack ``indices`` as one line of :func:`imod_view_list` (e.g. for ``EXCLUDELIST``)."""
     with atomic_path(path) as tmp:
         tmp.write_text(imod_view_list(indices) + "\n")
+
+
+def parse_exclude(text: Optional[str], n_tilts: int) -> np.ndarray:
+    """``"0-2,40"`` -> the sorted 0-based stack indices to drop (single views and inclusive ranges, comma-separated),
+    checked against ``n_tilts``. Not a number or range, a view given twice, a view outside the stack or fewer
+    than 2 views left raise a one-line :class:`IcetideError`."""
+    if not text:
+        return np.zeros(0, dtype=int)
+    indices: list[int] = []
+    outside: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        first, dash, last = part.partition("-")
+        try:
+            start, stop = int(first), int(last if dash else first)
+        except ValueError:
+            raise IcetideError(f"--exclude: {part!r} is neither a view nor a range of views (0-based, e.g. 0-2,40)") from None
+        if stop < start:
+            raise IcetideError(f"--exclude: range {part!r} runs backwards")
+        if stop >= n_tilts:  # checked before the range is expanded: a typo must not allocate millions of views
+            outside.append(part)
+            continue
+        indices.extend(range(start, stop + 1))
+    if outside:
+        raise IcetideError(f"--exclude: view(s) {', '.join(outside)} outside 0..{n_tilts - 1}")
+    twice = sorted(i for i, n in Counter(indices).items() if n > 1)
+    if twice:
+        raise IcetideError(f"--exclude: view(s) {', '.join(map(str, twice))} given more than once")
+    if n_tilts - len(indices) < 2:
+        raise IcetideError("--exclude leaves fewer than 2 views")
+    return np.asarray(sorted(indices), dtype=int)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
@@ -15,43 +14,11 @@ import numpy as np
 from ..data import TiltSeries, replace_nonfinite
 from ..errors import IcetideError
 from .ctf_files import read_defocus, read_pre_exposure
-from .imod import read_tlt
+from .imod import parse_exclude, read_tlt
 from .mdoc import read_mdoc
 from .mrc import read_mrc, read_mrc_images
 
-__all__ = ["load_series", "parse_exclude"]
-
-
-def parse_exclude(text: Optional[str], n_tilts: int) -> np.ndarray:
-    """``"0-2,40"`` -> the sorted 0-based stack indices to drop (single views and inclusive ranges, comma-separated),
-    checked against ``n_tilts``. Not a number or range, a view given twice, a view outside the stack or fewer
-    than 2 views left raise a one-line :class:`IcetideError`."""
-    if not text:
-        return np.zeros(0, dtype=int)
-    indices: list[int] = []
-    outside: list[str] = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        first, dash, last = part.partition("-")
-        try:
-            start, stop = int(first), int(last if dash else first)
-        except ValueError:
-            raise IcetideError(f"--exclude: {part!r} is neither a view nor a range of views (0-based, e.g. 0-2,40)") from None
-        if stop < start:
-            raise IcetideError(f"--exclude: range {part!r} runs backwards")
-        if stop >= n_tilts:  # checked before the range is expanded: a typo must not allocate millions of views
-            outside.append(part)
-            continue
-        indices.extend(range(start, stop + 1))
-    if outside:
-        raise IcetideError(f"--exclude: view(s) {', '.join(outside)} outside 0..{n_tilts - 1}")
-    twice = sorted(i for i, n in Counter(indices).items() if n > 1)
-    if twice:
-        raise IcetideError(f"--exclude: view(s) {', '.join(map(str, twice))} given more than once")
-    if n_tilts - len(indices) < 2:
-        raise IcetideError("--exclude leaves fewer than 2 views")
-    return np.asarray(sorted(indices), dtype=int)
+__all__ = ["load_series", "read_series"]
 
 
 def _read_images(source: Path | Sequence[Path]) -> tuple[np.ndarray, float | None]:
@@ -131,3 +98,16 @@ def load_series(
     series = TiltSeries(images, tilt_angles, pixel_size_A if pixel_size_A is not None else header_px,
                         tilt_axis_angle_deg or 0.0, defocus_A, dose, second)
     return series, keep, all_angles
+
+
+def read_series(
+    stack_path: str | os.PathLike,
+    angles_path: str | os.PathLike,
+    pixel_size_A: float | None = None,
+    tilt_axis_angle_deg: float = 0.0,
+) -> TiltSeries:
+    """A tilt series from an MRC stack and an IMOD angle file, as they are (no view left out, no inversion);
+    ``pixel_size_A`` overrides the header's value. :func:`load_series` reads everything the CLI accepts."""
+    images, header_px = read_mrc(stack_path)
+    return TiltSeries(images, read_tlt(angles_path), pixel_size_A if pixel_size_A is not None else header_px,
+                      tilt_axis_angle_deg)
