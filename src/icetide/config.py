@@ -29,8 +29,8 @@ __all__ = [
 ]
 
 
-# The high-pass of images recorded on a level when none is set (IntensitySettings.highpass_A): on EMPIAR-10499 at
-# 20 A, 150 A and 1200 A left shift errors of 4.5 and 10 px where 300 A gave 3.3 (docs/REAL_DATA.md).
+# The high-pass of images recorded on a level when none is set (IntensitySettings.highpass_A); chosen on
+# EMPIAR-10499 against finer and coarser ones (docs/REAL_DATA.md).
 AUTO_HIGHPASS_A = 300.0
 
 
@@ -86,8 +86,7 @@ class DeformSettings(_Strict):
     offset: Literal["none", "common", "per_tilt"] = Field(
         "none", description="additive intensity level of the predicted images: none (the images hold the "
         "projections alone; raw images are made zero-mean first, see intensity.levels), common (one for the whole "
-        "series, a detector or vacuum level) or per_tilt (one per tilt; it lowered the CC at -10 dB and had no "
-        "consistent effect on EMPIAR-10499, docs/BENCHMARKS.md \"Raw-data defaults\")",
+        "series, a detector or vacuum level) or per_tilt (one per tilt; compared in docs/BENCHMARKS.md \"Raw-data defaults\")",
     )
 
     @field_validator("offset", mode="before")
@@ -157,8 +156,8 @@ class FitSettings(_Strict):
     max_minutes: Optional[float] = Field(None, gt=0)
     tilts_per_step: int = Field(64, ge=1, description="tilts per Adam step (lattice: one field evaluation each)")
     lattice_rows: Optional[int] = Field(
-        None, ge=4, description="rows per lattice band; None = all rows up to 8 M voxels per step (about 4.5 GB "
-        "on CPU), fewer for larger volumes",
+        None, ge=4, description="rows per lattice band; None = all rows up to 8 M voxels per step, fewer when "
+        "the memory available holds less (docs/BENCHMARKS.md \"Memory: batches sized to what is available\")",
     )
     max_memory_gb: Optional[float] = Field(
         None, gt=0, description="memory a fit may plan for (CPU RAM or GPU memory), GiB (2**30 bytes); None = 70% of "
@@ -237,8 +236,9 @@ class FitSettings(_Strict):
     )
     recompute_field: bool = Field(
         False, description="lattice renderer: evaluate each band of the field in pieces whose activations the "
-        "backward pass recomputes instead of keeping: the least memory (2.7 GB at the paper's scale on a GPU) for "
-        "about 2.7 times the epoch time there; smaller bands (max_memory_gb) cost less time for the same memory",
+        "backward pass recomputes instead of keeping: the least memory for "
+        "a longer epoch; smaller bands (max_memory_gb) cost less time for the same memory (docs/BENCHMARKS.md "
+        "\"Memory and time at the paper's scale\")",
     )
     max_rollbacks: int = Field(
         5,

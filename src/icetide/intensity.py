@@ -5,8 +5,8 @@ cross the specimen unscattered; it falls with the path length, roughly ``1 / cos
 contrast is a small modulation of that level, proportional to it. The smooth part of each image (the beam's
 illumination profile, thickness and ice gradients across the field, the specimen parts outside the modelled
 box) is fixed to the detector or to the tilt, not to the specimen, so no density explains it; fitted as it is,
-the deformations move the images to explain it instead (docs/REAL_DATA.md measures this on EMPIAR-10499: the
-shifts drift by tens of pixels along the tilt axis). So the fit sees
+the deformations move the images to explain it instead (on EMPIAR-10499 the shifts drift along the tilt axis,
+docs/REAL_DATA.md). So the fit sees
 
     c_m = d_m - G_sigma * d_m,    d_m = (I_m - L_m) / |L_m|
 

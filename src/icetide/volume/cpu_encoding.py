@@ -9,8 +9,8 @@ gradient is the analytic derivative of the interpolation (zero outside ``[0, 1]`
 
 Each kernel computes a point's cell ``_AHEAD`` points before its turn and asks the memory system for the
 cell's rows then (an LLVM prefetch): in a level of tens of MB the rows of random points are scattered over
-memory, and the lookups that waited for each row in turn spent most of their time waiting (the paper's
-configuration: the forward and the position gradient 1.6x, the table gradient 1.5x faster on one thread).
+memory, and the lookups that waited for each row in turn spent most of their time waiting
+(docs/BENCHMARKS.md "Rows requested ahead").
 
 Reals are computed in float64 whatever the table's dtype (outputs and gradients are stored in it). A NaN
 coordinate is read as 0, as the Triton kernels do, so that a row index is never out of range.

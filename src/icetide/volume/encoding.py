@@ -31,8 +31,8 @@ straightforward autograd version, kept as the baseline that the tests and ``benc
 compare against.
 
 On a regular lattice (:meth:`HashEncoding.forward_lattice`) a dense level is a separable resampling of its
-vertex grid: three matrix products with ``(m, G)`` interpolation matrices, one per axis, about 7x faster than
-``grid_sample`` on CPU; hashed levels go through the point path. The lattice's features come channels first,
+vertex grid: three matrix products with ``(m, G)`` interpolation matrices, one per axis, in place of
+``grid_sample``, which is slower on CPU; hashed levels go through the point path. The lattice's features come channels first,
 ``(L * F, nz, ny, nx)``: the products then leave each level's block contiguous, joining the levels is a plain
 copy, and the MLP reads every feature as one contiguous row (:meth:`icetide.volume.MLP.forward_channels_first`).
 """

@@ -15,7 +15,7 @@ from .mlp import MLP
 __all__ = ["ImplicitVolume", "EVALUATION_PIECE_VOXELS"]
 
 # Voxels per piece when a lattice band is evaluated without gradients (validation, sampling): bounds the
-# transient activations (about 0.4 GB for the paper's volume in fp32).
+# transient activations.
 EVALUATION_PIECE_VOXELS = 2**20
 
 
