@@ -30,7 +30,7 @@ from pydantic import BaseModel
 
 from icetide.cli import reconstruct_cmd
 from icetide.cli.main import app
-from icetide.config import ReconstructConfig
+from icetide.config import FIT_GROUPS, ReconstructConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "CONFIGURATION.md"
@@ -235,6 +235,12 @@ def described(key: str, field, options: dict) -> str:
     return FALLBACK.get(key, "")
 
 
+def _fit_group(key: str) -> str:
+    """The concern (``icetide.config.FIT_GROUPS``) of the ``fit`` key ``key``."""
+    name = key.split(".", 1)[1]
+    return next(title for title, names in FIT_GROUPS.items() if name in names)
+
+
 def render() -> str:
     """The whole of docs/CONFIGURATION.md."""
     keys = schema_keys()
@@ -245,7 +251,8 @@ def render() -> str:
     options = _options()
     defaults = ReconstructConfig().model_dump(mode="json")
     parts = [HEADER.rstrip("\n")]
-    section = None
+    section = group = None
+    table = "| key | default | type | unit | description |\n| --- | --- | --- | --- | --- |"
     for key, field, model in _leaves(ReconstructConfig):
         where = key.rsplit(".", 1)[0] if "." in key else ""
         if where != section:
@@ -253,7 +260,12 @@ def render() -> str:
             title = f"`{where}`" if where else "Top level"
             doc = _rst_to_markdown(" ".join(inspect.cleandoc(model.__doc__ or "").split())) if where else TOP_LEVEL
             parts.append(f"\n## {title}\n\n{doc}\n")
-            parts.append("| key | default | type | unit | description |\n| --- | --- | --- | --- | --- |")
+            if where != "fit":
+                parts.append(table)
+        if where == "fit" and _fit_group(key) != group:
+            gap = "" if group is None else "\n"  # a blank line after the previous group's table
+            group = _fit_group(key)
+            parts.append(f"{gap}### `fit`: {group}\n\n{table}")
         value = defaults
         for part in key.split("."):
             value = value[part]

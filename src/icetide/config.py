@@ -24,8 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import IcetideError
 
 __all__ = [
-    "VolumeSettings", "DeformSettings", "FitSettings", "CtfSettings", "IntensitySettings", "ReconstructConfig",
-    "load_config", "parse_config", "save_config",
+    "VolumeSettings", "DeformSettings", "FitSettings", "FIT_GROUPS", "CtfSettings", "IntensitySettings",
+    "ReconstructConfig", "load_config", "parse_config", "save_config",
 ]
 
 
@@ -149,30 +149,13 @@ class DeformSettings(_Strict):
 
 
 class FitSettings(_Strict):
-    """The optimisation: renderer, batches, learning rates, schedule, early stopping, checkpoints."""
+    """The optimisation, its settings grouped by concern (``FIT_GROUPS``): the model and its data term, the
+    schedule, the learning rates, validation and stopping, and execution (device, memory, kernels, checkpoints)."""
 
+    # the model and its data term
     renderer: Literal["lattice", "rays"] = "lattice"
-    epochs: int = Field(500, ge=1, description="at most this many epochs; early stopping usually ends sooner")
-    max_minutes: Optional[float] = Field(None, gt=0)
-    tilts_per_step: int = Field(64, ge=1, description="tilts per Adam step (lattice: one field evaluation each)")
-    lattice_rows: Optional[int] = Field(
-        None, ge=4, description="rows per lattice band; None = all rows up to 8 M voxels per step, fewer when "
-        "the memory available holds less (docs/BENCHMARKS.md \"Memory: batches sized to what is available\")",
-    )
-    max_memory_gb: Optional[float] = Field(
-        None, gt=0, description="memory a fit may plan for (CPU RAM or GPU memory), GiB (2**30 bytes); None = 70% of "
-        "what is available at the start. Lattice bands and ray batches are sized to fit; an out-of-memory error "
-        "still shrinks them and retries the step",
-    )
     rays_per_tilt: int = Field(1500, ge=1, description="rays renderer: random pixels per tilt per epoch")
     samples_per_voxel: float = Field(1.0, gt=0, description="rays renderer: samples per voxel along each ray")
-    lr_volume: float = Field(1e-2, gt=0)
-    lr_shift_px: float = Field(0.3, ge=0, description="Adam step for shifts, pixels")
-    lr_rotation_deg: float = Field(0.005, ge=0, description="Adam step for in-plane rotations, degrees")
-    lr_local_px: float = Field(0.05, ge=0, description="Adam step for local control points, pixels")
-    lr_axis_deg: float = Field(0.05, ge=0, description="Adam step for the common tilt-axis offset, degrees")
-    lr_gain: float = Field(0.005, ge=0, description="Adam step for the per-tilt log gains")
-    lr_offset: float = Field(0.1, ge=0, description="Adam step for the intensity offset, in units of the data's spread")
     loss: Literal["l1", "l2", "poisson"] = Field(
         "l1", description="data term per pixel: l1 |pred - obs| (the paper's), l2 (pred - obs)^2, or poisson, the "
         "Poisson deviance mu - obs - obs log(mu / obs), mu = softplus(10 pred) / 10, for counting data "
@@ -182,12 +165,16 @@ class FitSettings(_Strict):
         "none", description="weight of each tilt's pixels in the loss: none, or cos(tilt) (the high tilts see a "
         "longer path through the specimen and carry less signal per pixel); weights have mean 1",
     )
-    warmup_epochs: int = Field(5, ge=0, description="volume-only epochs before deformations are released")
-    coarse_to_fine_epochs: Optional[int] = Field(
-        None, ge=0, description="release the encoding's levels from coarse to fine over this many epochs (BARF-style: "
-        "level l enters with weight (1 - cos(pi clamp(a - l, 0, 1))) / 2, a = 1 + (L - 1) epoch / this); 0 = every "
-        "level from the start; None (auto): over the binned epochs planned (see binned_epochs; 0 where none are)",
+    half_maps: Literal["none", "tilts", "pixels", "series"] = Field(
+        "none", description="fit two volumes on disjoint halves of the data, the deformations on all of it: "
+        "tilts (alternate tilts in angle order), pixels (a random half of every image) or series (two half series "
+        "of the same acquisition, e.g. odd and even frame sums; reconstruct --half-series); the half tomograms "
+        "give a resolution estimate without ground truth (FSC 0.143), the tomogram is their mean",
     )
+    # the schedule
+    epochs: int = Field(500, ge=1, description="at most this many epochs; early stopping usually ends sooner")
+    max_minutes: Optional[float] = Field(None, gt=0)
+    warmup_epochs: int = Field(5, ge=0, description="volume-only epochs before deformations are released")
     local_delay_epochs: int = Field(
         40, ge=0, description="further epochs before the local fields are released (shifts and rotations first)"
     )
@@ -203,8 +190,22 @@ class FitSettings(_Strict):
         2, ge=1, description="the binned epochs cut their rows into at least this many bands, one Adam step each: "
         "more steps for the same field evaluations (2 against 1, 3 and 4 in docs/BENCHMARKS.md)",
     )
+    coarse_to_fine_epochs: Optional[int] = Field(
+        None, ge=0, description="release the encoding's levels from coarse to fine over this many epochs (BARF-style: "
+        "level l enters with weight (1 - cos(pi clamp(a - l, 0, 1))) / 2, a = 1 + (L - 1) epoch / this); 0 = every "
+        "level from the start; None (auto): over the binned epochs planned (see binned_epochs; 0 where none are)",
+    )
+    # learning rates
+    lr_volume: float = Field(1e-2, gt=0)
+    lr_shift_px: float = Field(0.3, ge=0, description="Adam step for shifts, pixels")
+    lr_rotation_deg: float = Field(0.005, ge=0, description="Adam step for in-plane rotations, degrees")
+    lr_local_px: float = Field(0.05, ge=0, description="Adam step for local control points, pixels")
+    lr_axis_deg: float = Field(0.05, ge=0, description="Adam step for the common tilt-axis offset, degrees")
+    lr_gain: float = Field(0.005, ge=0, description="Adam step for the per-tilt log gains")
+    lr_offset: float = Field(0.1, ge=0, description="Adam step for the intensity offset, in units of the data's spread")
     lr_decay_every: int = Field(60, ge=1, description="halve every learning rate every this many epochs")
     lr_decay_factor: float = Field(0.5, gt=0, le=1)
+    # validation and stopping
     validation_fraction: float = Field(0.05, ge=0, lt=0.5)
     validation: Literal["steps", "pass"] = Field(
         "steps", description="how the held-out pixels are scored: steps (lattice renderer), from the training "
@@ -216,14 +217,24 @@ class FitSettings(_Strict):
         10, ge=1, description="validations without improvement before stopping, counted once every deformation is "
         "released (after warmup_epochs and, with local fields, local_delay_epochs)",
     )
-    checkpoint_minutes: float = Field(5.0, gt=0)
-    seed: int = 0
+    max_rollbacks: int = Field(
+        5,
+        ge=0,
+        description="epochs with a non-finite step the fit recovers from (the epoch rolled back, every learning "
+        "rate halved); the next one ends it",
+    )
+    # execution
     device: str = "auto"
-    half_maps: Literal["none", "tilts", "pixels", "series"] = Field(
-        "none", description="fit two volumes on disjoint halves of the data, the deformations on all of it: "
-        "tilts (alternate tilts in angle order), pixels (a random half of every image) or series (two half series "
-        "of the same acquisition, e.g. odd and even frame sums; reconstruct --half-series); the half tomograms "
-        "give a resolution estimate without ground truth (FSC 0.143), the tomogram is their mean",
+    seed: int = 0
+    tilts_per_step: int = Field(64, ge=1, description="tilts per Adam step (lattice: one field evaluation each)")
+    lattice_rows: Optional[int] = Field(
+        None, ge=4, description="rows per lattice band; None = all rows up to 8 M voxels per step, fewer when "
+        "the memory available holds less (docs/BENCHMARKS.md \"Memory: batches sized to what is available\")",
+    )
+    max_memory_gb: Optional[float] = Field(
+        None, gt=0, description="memory a fit may plan for (CPU RAM or GPU memory), GiB (2**30 bytes); None = 70% of "
+        "what is available at the start. Lattice bands and ray batches are sized to fit; an out-of-memory error "
+        "still shrinks them and retries the step",
     )
     kernel: Literal["auto", "triton", "numba", "torch"] = Field(
         "auto", description="hash encoding: fused kernels, Triton on CUDA (auto: when Triton is installed, as "
@@ -240,12 +251,23 @@ class FitSettings(_Strict):
         "a longer epoch; smaller bands (max_memory_gb) cost less time for the same memory (docs/BENCHMARKS.md "
         "\"Memory and time at the paper's scale\")",
     )
-    max_rollbacks: int = Field(
-        5,
-        ge=0,
-        description="epochs with a non-finite step the fit recovers from (the epoch rolled back, every learning "
-        "rate halved); the next one ends it",
-    )
+    checkpoint_minutes: float = Field(5.0, gt=0)
+
+# The fit's settings by concern, in the order of FitSettings (docs/CONFIGURATION.md shows them so).
+FIT_GROUPS: dict[str, tuple[str, ...]] = {
+    "the model and its data term": (
+        "renderer", "rays_per_tilt", "samples_per_voxel", "loss", "tilt_weighting", "half_maps"),
+    "the schedule": (
+        "epochs", "max_minutes", "warmup_epochs", "local_delay_epochs", "binned_epochs", "binned_bands",
+        "coarse_to_fine_epochs"),
+    "learning rates": (
+        "lr_volume", "lr_shift_px", "lr_rotation_deg", "lr_local_px", "lr_axis_deg", "lr_gain", "lr_offset",
+        "lr_decay_every", "lr_decay_factor"),
+    "validation and stopping": ("validation_fraction", "validation", "validate_every", "patience", "max_rollbacks"),
+    "execution": (
+        "device", "seed", "tilts_per_step", "lattice_rows", "max_memory_gb", "kernel", "precision",
+        "recompute_field", "checkpoint_minutes"),
+}
 
 
 class CtfSettings(_Strict):
