@@ -26,7 +26,7 @@ from icetide.experiments import machine_info
 from icetide.experiments.case import reconstruction_config
 from icetide.fit import Fitter
 from icetide.runtime import resolve_device
-from icetide.reconstruct import correct_optics
+from icetide.correction import correct_optics
 from icetide.simulate import Optics, crowded_phantom, simulate_tilt_series
 from timing import best_times
 

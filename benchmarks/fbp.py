@@ -1,12 +1,12 @@
-"""Speed of the explicit-grid tomography in :mod:`icetide.recon`.
+"""Speed of the explicit-grid tomography in :mod:`icetide.classical`.
 
 Usage: ``python benchmarks/fbp.py [--device cpu|cuda] [--repeats 3] [--threads N]``
 
 Prints one JSON object:
 
-- ``fbp_s``: :func:`icetide.recon.fbp` of a 512 x 512 detector, 61 tilts (-60..+60 in 2-degree steps),
+- ``fbp_s``: :func:`icetide.classical.fbp` of a 512 x 512 detector, 61 tilts (-60..+60 in 2-degree steps),
   thickness 180 (random data; the cost does not depend on the values); ``sirt_iteration_s``: one SIRT
-  iteration on the same problem (:func:`icetide.recon.sirt` with 2 iterations minus 1, setup included once).
+  iteration on the same problem (:func:`icetide.classical.sirt` with 2 iterations minus 1, setup included once).
 - ``engine``: the engine's per-step projector cost, a 128 x 128 x 48 volume and 8 tilts:
   ``project_s`` (forward), ``backproject_s``, and ``project_grad_s`` (forward + autograd backward of a
   ``requires_grad`` volume, as in a training step); the system matrices are cached after the first call, as in
@@ -30,8 +30,8 @@ import resource
 import numpy as np
 import torch
 
-from icetide import recon
-from icetide.recon import backproject, fbp, project, sirt
+from icetide import classical
+from icetide.classical import backproject, fbp, project, sirt
 from timing import best_time
 
 
@@ -86,7 +86,7 @@ def band_timings(device: torch.device, repeats: int) -> dict:
     def step(cold: bool):
         def run() -> None:
             if cold:
-                recon._MATRIX_CACHE.clear()
+                classical._MATRIX_CACHE.clear()
             order = torch.randperm(len(theta), generator=gen).to(device)
             project(leaf, theta[order]).square().sum().backward()
             leaf.grad = None

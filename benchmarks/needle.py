@@ -66,7 +66,7 @@ def compare(folder: Path) -> None:
     from icetide.deform import Deformations, remove_gauge
     from icetide.io import read_deformations, read_mrc
     from icetide.plots import plot_orthoslices
-    from icetide.recon import align_series, fbp
+    from icetide.classical import align_series, fbp
 
     rec = folder / "rec"
     est = read_deformations(rec / "deformations.json")

@@ -39,7 +39,7 @@ from icetide.deform import Deformations, remove_gauge
 from icetide.io import read_mrc, read_tlt
 from icetide.io.imod import read_xf
 from icetide.prealign import sharpness
-from icetide.recon import align_series, fbp, standardised
+from icetide.classical import align_series, fbp, standardised
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "empiar10499_00254"
 

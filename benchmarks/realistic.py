@@ -47,8 +47,8 @@ from icetide.evaluation import evaluate_volumes
 from icetide.io import read_deformations, read_mrc, write_json, write_mrc
 from icetide.metrics import FSC_TAPER_VOX, deformation_errors
 from icetide.prealign import coarse_alignment
-from icetide.recon import align_series, fbp
-from icetide.reconstruct import correct_optics
+from icetide.classical import align_series, fbp
+from icetide.correction import correct_optics
 from icetide.start import specimen_centre_z
 from icetide.simulate.cryo import CryoAcquisition, cryo_specimen, simulate_cryo, write_cryo
 

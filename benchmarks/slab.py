@@ -24,8 +24,8 @@ from icetide.deform import Deformations
 from icetide.experiments import machine_info
 from icetide.fit import Fitter, run_fit
 from icetide.metrics import evaluate_reconstruction
-from icetide.recon import fbp
-from icetide.reconstruct import sample_tomogram
+from icetide.classical import fbp
+from icetide.tomogram import sample_tomogram
 from icetide.simulate import crowded_phantom, simulate_tilt_series
 
 

@@ -107,7 +107,7 @@ def test_refine_by_beads_corrects_an_alignment_and_leaves_a_bead_free_one():
     error = remove_gauge(moved.shifts_px - shifts, ANGLES)[0]
     assert np.sqrt((error**2).sum(1).mean()) < 0.15
     # The corrected alignment, applied by icetide's own warp, leaves the beads consistent as they are.
-    from icetide.recon import align_series
+    from icetide.classical import align_series
 
     again = track_beads(align_series(torch.tensor(series.images), moved), ANGLES, thickness=40)
     assert again["residual_start_px"] < 0.2

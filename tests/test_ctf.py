@@ -178,7 +178,7 @@ def test_simulated_ctf_keeps_the_deformations_and_scales_the_mean_by_the_amplitu
 def test_correct_optics_applies_only_what_is_known_and_asked_for():
     from icetide import TiltSeries
     from icetide.config import ReconstructConfig
-    from icetide.reconstruct import correct_optics
+    from icetide.correction import correct_optics
 
     images = np.random.default_rng(0).standard_normal((3, 16, 16)).astype(np.float32)
     angles = np.array([-30.0, 0.0, 30.0])

@@ -14,8 +14,8 @@ from icetide.cli.main import app
 from icetide.deform import Deformations, warp_images
 from icetide.io import read_mrc, read_mrc_labels, write_deformations, write_mrc, write_tlt
 from icetide.io.imod import write_xf
-from icetide.recon import fbp as fbp_volume
-from icetide.recon import project
+from icetide.classical import fbp as fbp_volume
+from icetide.classical import project
 from icetide.runlog import LOG_NAME
 
 runner = CliRunner()

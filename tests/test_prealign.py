@@ -9,7 +9,7 @@ from icetide.deform import Deformations
 from icetide.errors import IcetideError
 from icetide.metrics import apply_translation, cc, deformation_errors, register_translation
 from icetide.prealign import coarse_shifts, estimate_tilt_axis
-from icetide.recon import align_series, fbp
+from icetide.classical import align_series, fbp
 from icetide.simulate import crowded_phantom, simulate_tilt_series
 
 SHAPE = (24, 96, 96)

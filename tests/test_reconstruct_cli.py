@@ -471,7 +471,7 @@ def test_defocus_and_pre_exposure_correct_the_series_before_the_fit(series_files
 
 
 def test_two_half_series_from_frame_sums(tmp_path):
-    from icetide.recon import align_series
+    from icetide.classical import align_series
     from icetide.simulate import simulate_tilt_series
 
     f = tmp_path

@@ -267,7 +267,7 @@ report = reconstruct(series, ReconstructConfig(thickness=48), out_dir)  # the CL
 | `icetide.start` | where a fit starts and how its result is checked: the series as the fit sees it, the tilt-axis search and refinement, the coarse start, the specimen's height, the check against the start |
 | `icetide.fit` | the joint optimisation, early stopping, checkpoints, rollback on non-finite steps |
 | `icetide.reconstruct` | a whole reconstruction and its output files |
-| `icetide.recon` | explicit-grid projector / backprojector, FBP, SIRT |
+| `icetide.classical` | explicit-grid projector / backprojector, FBP, SIRT |
 | `icetide.simulate` | phantoms and tilt-series acquisition with known truth |
 | `icetide.metrics`, `icetide.plots` | CC, FSC, registration, deformation errors; figures |
 | `icetide.evaluation` | one scoring procedure for every method (used by `evaluate`, `demo`, `experiment`) |

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .deform import remove_gauge
-from .recon import fbp, standardised
+from .classical import fbp, standardised
 
 __all__ = ["detect_beads", "locate_beads", "project_beads", "rotated", "solve_bead_rotation", "solve_bead_shifts",
            "track_beads"]

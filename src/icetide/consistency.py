@@ -1,6 +1,6 @@
 """How well an alignment explains a tilt series without ground truth: the even/odd-tilt FSC score.
 
-The series is aligned (:func:`icetide.recon.align_series`), its tilts are split by angle order into the even
+The series is aligned (:func:`icetide.classical.align_series`), its tilts are split by angle order into the even
 and the odd ones, each half is reconstructed by FBP, and the Fourier shell correlation of the two half
 tomograms is averaged over the shells up to half Nyquist. The halves share no image, so their noise is
 independent; a misaligned view puts its features in different places in each half's reconstruction and lowers
@@ -14,7 +14,7 @@ import torch
 
 from .deform import Deformations
 from .metrics import edge_taper, fsc
-from .recon import align_series, fbp, standardised
+from .classical import align_series, fbp, standardised
 
 __all__ = ["even_odd_fsc"]
 

@@ -5,7 +5,7 @@ against its neighbour towards zero tilt and chains the offsets outward from the 
 
 Shifts follow icetide's convention (:mod:`icetide.deform`, docs/CONVENTIONS.md "Deformation model"):
 ``tau_m = [du, dv]`` pixels, the observed image is the ideal projection translated by ``+tau_m``, so
-``Deformations(shifts_px=...)`` with these shifts and :func:`icetide.recon.align_series` undo the drift.
+``Deformations(shifts_px=...)`` with these shifts and :func:`icetide.classical.align_series` undo the drift.
 
 Cosine stretching: a specimen point at ``x`` (thin slab, ``z ~ 0``) projects to ``u = x cos(theta)``. The
 image of the higher ``|theta|`` (the "far" tilt) is stretched along ``u`` about the detector centre by
@@ -25,7 +25,7 @@ from .deform import remove_gauge, sample_images
 from .errors import IcetideError
 from .geometry import detector_grid
 from .metrics import _parabola_peak, edge_taper
-from .recon import _as_series, _check_angles
+from .classical import _as_series, _check_angles
 
 __all__ = [
     "coarse_alignment", "coarse_shifts", "estimate_tilt_axis", "estimate_tilt_axis_by_sharpness", "refine_by_projection_matching",
@@ -217,7 +217,7 @@ def coarse_alignment(images: np.ndarray | torch.Tensor, tilt_angles_deg, tilt_ax
     by it (the axis along Y, as the correlation needs). In that frame a remaining translation is exactly the
     model's ``tau`` (``x' = R(alpha) x - tau``), so the shifts carry over unchanged."""
     from .deform import Deformations
-    from .recon import align_series
+    from .classical import align_series
 
     series = _checked_series(images)
     d = Deformations.identity(tilt_angles_deg, series.shape[1:])
@@ -232,7 +232,7 @@ def _axis_profiles(series: torch.Tensor, psi_deg: float, margin: float) -> np.nd
     (``alpha = -psi``), summed across it (over columns) in the central part (``margin`` of each side left out,
     where turning brings in empty corners), each divided by its sum. Returns ``(M, rows)``."""
     from .deform import Deformations
-    from .recon import align_series
+    from .classical import align_series
 
     n_tilts, ny, nx = series.shape
     turn = Deformations.identity(np.zeros(n_tilts), (ny, nx))
@@ -313,7 +313,7 @@ def sharpness(images: torch.Tensor, tilt_angles_deg, deformations, thickness: in
     :data:`SHARPNESS_QUANTILE` quantile of the tomogram's voxels after standardising it (mean 0, standard
     deviation 1; each aligned image standardised first), a ``margin`` of each side left out (the turned images'
     empty corners). A misaligned view spreads a gold bead or a membrane over more voxels and lowers it."""
-    from .recon import align_series, fbp, standardised
+    from .classical import align_series, fbp, standardised
 
     volume = fbp(standardised(align_series(images, deformations)), tilt_angles_deg, thickness)
     ny, nx = volume.shape[1:]
@@ -484,7 +484,7 @@ def refine_by_projection_matching(
     import copy
 
     from .geometry import deg2rad
-    from .recon import align_series, fbp, project, standardised
+    from .classical import align_series, fbp, project, standardised
 
     series = _checked_series(images)
     n_tilts, ny, nx = series.shape

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,124 +30,28 @@ import torch
 
 from .alignment import deformations_for_stack, deformations_to_xf
 from .config import ReconstructConfig, save_config
-from .ctf import exposure_weight_series, phase_flip_series, tilt_axis_on_images_deg
+from .correction import correct_optics
+from .ctf import tilt_axis_on_images_deg
 from .data import InputStack, TiltSeries
 from .deform import Deformations
-from .errors import IcetideError
 from .fit import Fitter, FitResult, run_fit
 from .geometry import default_thickness
 from .intensity import output_polarity
 from .io import imod_view_list, read_deformations, write_deformations, write_json, write_mrc, write_tlt, write_view_list, write_xf
 from .io.relion import RelionTomogram, write_relion_tilt_series_star, write_relion_tomograms_star
-from .metrics import FSC_TAPER_VOX, edge_taper, fsc
 from .output_files import OutputNames, link_short_names
-from .plots import plot_fsc
-from .recon import align_series, fbp
+from .classical import align_series, fbp
 from .runtime import distributed_rank
 from .runlog import LOG_NAME, changed_settings, epoch_lines, run_log
 from .start import (
     centre_start, centred_on_specimen, check_against_start, coarse_start, contrast_series, refine_by_beads,
     refine_tilt_axis, search_tilt_axis,
 )
-from .volume import ImplicitVolume
+from .tomogram import sample_tomogram, write_half_maps
 
-__all__ = ["correct_optics", "reconstruct", "sample_tomogram", "summary_lines", "write_alignment_files", "write_half_maps"]
+__all__ = ["reconstruct", "summary_lines", "write_alignment_files"]
 
 log = logging.getLogger(__name__)
-
-
-def correct_optics(
-    series: TiltSeries, config: ReconstructConfig, for_fit: bool = True, tilt_axis_angle_deg: float | None = None
-) -> tuple[TiltSeries, dict]:
-    """The series the fit sees (``for_fit``) or the one the outputs (the aligned stack, FBP) are made of:
-    phase-flipped when its defocus is known and ``config.ctf.correction`` is phaseflip (for the outputs also
-    when it is model: the fit then sees the raw images and applies the CTF itself), exposure-weighted when its
-    pre-exposure is known and ``config.ctf.exposure_weighting`` is on (:mod:`icetide.ctf`). The defocus
-    gradient follows ``tilt_axis_angle_deg`` (default: the series'; see
-    :func:`icetide.ctf.tilt_axis_on_images_deg` when a starting alignment holds the axis). Returns
-    ``(series, report entry)``; the series is the input when nothing applies."""
-    settings = config.ctf
-    flip = series.defocus_A is not None and (
-        settings.correction == "phaseflip" or (settings.correction == "model" and not for_fit)
-    )
-    weight = series.pre_exposure_e_per_A2 is not None and settings.exposure_weighting
-    info: dict = {
-        "correction": settings.correction if series.defocus_A is not None else "none",
-        "exposure_weighting": weight,
-    }
-    if series.defocus_A is not None:
-        info["defocus_A"] = series.defocus_A.tolist()
-    if series.pre_exposure_e_per_A2 is not None:
-        info["pre_exposure_e_per_A2"] = series.pre_exposure_e_per_A2.tolist()
-    if settings.exposure_weighting and series.pre_exposure_e_per_A2 is None:
-        info["note"] = "exposure weighting asked for, but no pre-exposure per tilt is known: not applied"
-    if (flip or weight or info["correction"] == "model") and series.pixel_size_A is None:
-        raise IcetideError("CTF or exposure correction needs the pixel size (--pixel-size or the MRC header)")
-    if not (flip or weight):
-        return series, info
-    axis = series.tilt_axis_angle_deg if tilt_axis_angle_deg is None else tilt_axis_angle_deg
-
-    def corrected(stack: np.ndarray) -> np.ndarray:
-        images = torch.tensor(stack)  # a copy: the input may be a read-only memory map
-        if flip:
-            images = phase_flip_series(
-                images, series.tilt_angles_deg, series.pixel_size_A, series.defocus_A, settings.microscope(),
-                axis, settings.defocus_hand, math.radians(settings.phase_tolerance_deg),
-            )
-        if weight:
-            images = exposure_weight_series(images, series.pixel_size_A, series.pre_exposure_e_per_A2,
-                                            settings.voltage_kV)
-        return images.numpy()
-
-    halves = None if series.half_images is None else corrected(series.half_images)
-    out = TiltSeries(corrected(series.images), series.tilt_angles_deg, series.pixel_size_A,
-                     series.tilt_axis_angle_deg, series.defocus_A, series.pre_exposure_e_per_A2, halves)
-    return out, info
-
-
-@torch.no_grad()
-def sample_tomogram(
-    volume: ImplicitVolume, translation_xyz, density_scale: float, width_x: int | None = None,
-    rows_per_chunk: int = 32,
-) -> np.ndarray:
-    """The fitted density on the voxel grid, float32 ``(nz, ny, width_x)``, in the units of the input data.
-
-    ``translation_xyz`` (voxels): the gauge translation; the volume is sampled as ``rho(p - d)`` so that it
-    matches the reported, gauge-free deformations. ``density_scale``: the fit's data scale (see
-    :class:`icetide.fit.FitResult`). ``width_x``: keep the central columns of a volume modelled wider than the
-    detector (a laterally unbounded slab); default all. Sampled in bands of rows to bound memory.
-    """
-    nz, ny, nx = volume.box_shape_zyx
-    width_x = nx if width_x is None else int(width_x)
-    keep = slice((nx - width_x) // 2, (nx - width_x) // 2 + width_x)
-    device = next(volume.parameters()).device
-    offset = -torch.as_tensor(translation_xyz, dtype=torch.float32, device=device)
-    bands = [
-        volume.lattice(offset, rows=slice(r, min(r + rows_per_chunk, ny)))[..., keep].float().cpu()
-        for r in range(0, ny, rows_per_chunk)
-    ]
-    return (torch.cat(bands, dim=1) * density_scale).numpy()
-
-
-def write_half_maps(
-    out_dir: Path, names: OutputNames, first: np.ndarray, second: np.ndarray, voxel_size_A: float | None,
-    split: str, label: str | None = None,
-) -> dict:
-    """Write the half tomograms (``names.half(k)``, MRC header ``label``), their FSC (``fsc_halves.png/.csv``, a soft edge of
-    ``FSC_TAPER_VOX``) and return the report entry: the split, the resolution at FSC 0.143 and 0.5 (voxels, and
-    Angstrom when the pixel size is known) and the curve."""
-    write_mrc(out_dir / names.half(1), first, voxel_size_A, label=label)
-    write_mrc(out_dir / names.half(2), second, voxel_size_A, label=label)
-    curve = fsc(first, second, voxel_size_A, mask=edge_taper(first.shape, FSC_TAPER_VOX))
-    plot_fsc({f"half 1 vs half 2 ({split})": curve}, out_dir / "fsc_halves.png", voxel_size_A,
-             title="FSC between the half tomograms (0.143: the full tomogram's resolution)")
-    return {
-        "split": split,
-        "resolution": curve["resolution"],
-        "frequency_cycles_per_voxel": curve["frequency"].tolist(),
-        "fsc": curve["fsc"].tolist(),
-        "taper_vox": FSC_TAPER_VOX,
-    }
 
 
 # The second fit (after the tilt-axis and bead refinements) runs when at least this fraction of fit.max_minutes is left.

@@ -9,7 +9,7 @@ pixels (from :func:`icetide.deform.deform_coords`) and return ``P_theta[rho](x')
   sample positions.
 - :class:`LatticeRenderer`: evaluate the field once on the voxel lattice (shifted by a random sub-voxel offset
   each call) for a band of rows, project the band for the batch of tilts with the explicit projector of
-  :mod:`icetide.recon`, and sample the 2-D projections at ``x'`` (bilinear). Same model up to interpolation,
+  :mod:`icetide.classical`, and sample the 2-D projections at ``x'`` (bilinear). Same model up to interpolation,
   with one field evaluation per voxel instead of one per ray sample.
 
 Both return ``(values (B, P), valid (B, P))``; ``valid`` is false where the model cannot predict the pixel
@@ -30,7 +30,7 @@ import torch
 
 from .deform import sample_images
 from .geometry import ray_points, slab_ray_interval
-from .recon import project
+from .classical import project
 
 __all__ = ["LatticeRenderer", "RaysRenderer", "RENDERERS", "make_renderer"]
 

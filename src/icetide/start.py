@@ -23,7 +23,7 @@ from .prealign import (
     coarse_alignment, estimate_tilt_axis, estimate_tilt_axis_by_sharpness, refine_axis_offset_by_sharpness,
     refine_by_projection_matching, refine_tilt_axis_by_sharpness,
 )
-from .recon import align_series, fbp, standardised
+from .classical import align_series, fbp, standardised
 
 __all__ = [
     "axis_search_bin", "centre_start", "centred_on_specimen", "check_against_start", "coarse_start",

@@ -44,7 +44,7 @@ def check_options(
     tilt_axis_angle: Optional[float],
 ) -> None:
     """Reject option combinations that do not make sense, before reading any data."""
-    from ..recon import FILTERS
+    from ..classical import FILTERS
 
     if method not in METHODS:
         raise IcetideError(f"--method must be fbp or sirt, got {method!r}")
@@ -70,7 +70,7 @@ def _corrected(
     """``series`` phase-flipped (with its defocus, the defocus gradient across ``tilt_axis_angle_deg``) and
     exposure-weighted (with its pre-exposure, when ``exposure_weighting``) as reconstruct does."""
     from ..config import parse_config
-    from ..reconstruct import correct_optics
+    from ..correction import correct_optics
 
     config = parse_config({"ctf": {
         "voltage_kV": voltage, "spherical_aberration_mm": cs, "amplitude_contrast": amplitude_contrast,
@@ -182,7 +182,7 @@ def fbp(
     from ..runtime import resolve_device
     from ..intensity import POLARITIES, output_polarity
     from ..io import write_mrc
-    from ..recon import align_series, fbp_deformed, sirt
+    from ..classical import align_series, fbp_deformed, sirt
 
     check_options(method, iterations, filter_name, positivity, deformations, xf, aln, tilt_axis_angle)
     if polarity not in POLARITIES:

@@ -31,8 +31,9 @@ from ..errors import IcetideError
 from ..evaluation import evaluate_volumes
 from ..io import read_deformations, read_mrc, read_volume, write_deformations, write_mrc, write_tlt
 from ..metrics import FSC_TAPER_VOX
-from ..recon import fbp, sirt
-from ..reconstruct import correct_optics, reconstruct
+from ..classical import fbp, sirt
+from ..correction import correct_optics
+from ..reconstruct import reconstruct
 from ..simulate import Optics, SimulatedTiltSeries, bin_volume, simulate_tilt_series
 
 __all__ = [

@@ -20,8 +20,8 @@ from ..data import TiltSeries
 from ..fit import Fitter, run_fit
 from ..metrics import evaluate_reconstruction
 from ..plots import plot_curves
-from ..recon import fbp
-from ..reconstruct import sample_tomogram
+from ..classical import fbp
+from ..tomogram import sample_tomogram
 from ..start import coarse_start
 from ..simulate import SimulatedTiltSeries
 from .case import simulate_case

@@ -26,7 +26,7 @@ from ..memory import PeakMemory
 from ..metrics import evaluate_reconstruction
 from ..output_files import TOMOGRAM_LINK
 from ..prealign import coarse_shifts
-from ..recon import fbp, sirt
+from ..classical import fbp, sirt
 from ..reconstruct import reconstruct
 from .case import SIRT_ITERATIONS, simulate_case
 from .report import fmt, markdown_table, write_report

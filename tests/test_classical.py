@@ -1,4 +1,4 @@
-"""Explicit-grid projector/backprojector, FBP, SIRT and alignment of deformed series (icetide.recon)."""
+"""Explicit-grid projector/backprojector, FBP, SIRT and alignment of deformed series (icetide.classical)."""
 
 import math
 
@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from icetide import recon
+from icetide import classical
 from icetide.deform import Deformations, warp_images
 from icetide.errors import IcetideError
 from icetide.geometry import project_points
-from icetide.recon import (
+from icetide.classical import (
     align_series,
     angular_weights,
     backproject,
@@ -159,9 +159,9 @@ def test_chunking_over_tilts_gives_the_same_result(monkeypatch):
     vol = torch.randn(5, 3, 8, generator=gen)
     proj = torch.randn(len(ANGLES_RAD), 3, 8, generator=gen)
     whole = project(vol, ANGLES_RAD), backproject(proj, ANGLES_RAD, 5, 8)
-    monkeypatch.setattr(recon, "CHUNK_VOXEL_TILTS", 3 * 5 * 8)  # 3 tilts per chunk
-    recon._MATRIX_CACHE.clear()  # else the matrices built above would be reused
-    assert len(recon._tilt_chunks(len(ANGLES_RAD), 5 * 8)) == 3
+    monkeypatch.setattr(classical, "CHUNK_VOXEL_TILTS", 3 * 5 * 8)  # 3 tilts per chunk
+    classical._MATRIX_CACHE.clear()  # else the matrices built above would be reused
+    assert len(classical._tilt_chunks(len(ANGLES_RAD), 5 * 8)) == 3
     torch.testing.assert_close(project(vol, ANGLES_RAD), whole[0])
     torch.testing.assert_close(backproject(proj, ANGLES_RAD, 5, 8), whole[1])
 
@@ -170,17 +170,17 @@ def test_projector_is_cached_by_geometry_and_takes_tilts_in_any_order():
     gen = torch.Generator().manual_seed(4)
     vol = torch.randn(5, 3, 8, generator=gen, dtype=torch.float64)
     proj = torch.randn(len(ANGLES_RAD), 3, 8, generator=gen, dtype=torch.float64)
-    recon._MATRIX_CACHE.clear()
+    classical._MATRIX_CACHE.clear()
     expected = project(vol, ANGLES_RAD), backproject(proj, ANGLES_RAD, 5, 8)
-    assert len(recon._MATRIX_CACHE) == 1  # one geometry: project and backproject share it
+    assert len(classical._MATRIX_CACHE) == 1  # one geometry: project and backproject share it
     order = torch.randperm(len(ANGLES_RAD), generator=gen)
     shuffled = torch.as_tensor(ANGLES_RAD)[order]
     torch.testing.assert_close(project(vol, shuffled), expected[0][order])
     torch.testing.assert_close(backproject(proj[order], shuffled, 5, 8), expected[1])
-    assert len(recon._MATRIX_CACHE) == 1  # the same tilts in another order: the same matrices
-    for nx in range(9, 9 + recon.MATRIX_CACHE_SIZE + 2):
+    assert len(classical._MATRIX_CACHE) == 1  # the same tilts in another order: the same matrices
+    for nx in range(9, 9 + classical.MATRIX_CACHE_SIZE + 2):
         project(torch.zeros(5, 1, nx, dtype=torch.float64), ANGLES_RAD)
-    assert len(recon._MATRIX_CACHE) == recon.MATRIX_CACHE_SIZE
+    assert len(classical._MATRIX_CACHE) == classical.MATRIX_CACHE_SIZE
 
 
 # --- skimage cross-checks (2-D slices, ny = 1) ---------------------------------------------------------------
