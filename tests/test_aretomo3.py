@@ -13,7 +13,7 @@ from cli_helpers import ANGLES, SHAPE, TINY_VOLUME_YAML
 from cli_helpers import run_cli as _run
 
 from icetide.alignment import aln_to_deformations
-from icetide.batch import _load_item, find_items
+from icetide.batch import load_item, find_items
 from icetide.config import ReconstructConfig
 from icetide.errors import IcetideError
 from icetide.io import aretomo3_series, read_aln, read_deformations, write_mrc
@@ -150,6 +150,6 @@ def test_batch_lists_one_series_per_aln_and_excludes_its_dark_views(tmp_path):
     (item,) = find_items([str(folder)])
     assert item.name == NAME and item.stack == str(folder / f"{NAME}.mrc")
     assert item.angles == str(folder / f"{NAME}_TLT.txt") and item.side_files() == f"{NAME}.aln, {NAME}_CTF.txt"
-    series, init, stack = _load_item(item, ReconstructConfig(), tmp_path, False, None)
+    series, init, stack = load_item(item, ReconstructConfig(), tmp_path, False, None)
     np.testing.assert_allclose(series.tilt_angles_deg, ANGLES)
     assert init.n_tilts == len(ANGLES) and list(stack.kept) == list(range(len(ANGLES)))

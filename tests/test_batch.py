@@ -81,6 +81,10 @@ def test_bad_inputs(tmp_path):
     result = _run("batch", tmp_path / "none.mrc", "-o", tmp_path / "out", "--retries", -1)
     assert result.exit_code == 2 and "--retries must be 0 or more" in result.output
     assert not (tmp_path / "out").exists()
+    result = _run("batch", tmp_path / "none.mrc", "-o", tmp_path / "out", "--polarity", "dark")
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and "--polarity" in lines[0] and "'bright'" in lines[0]
+    assert not (tmp_path / "out").exists()
 
 
 def test_batch_without_dask_says_how_to_install_it(tmp_path, monkeypatch):

@@ -244,15 +244,15 @@ def test_refine_tilt_axis_starts_a_second_fit_only_from_a_clear_better_axis():
 
 def test_second_fit_gets_what_the_first_left_of_the_time_budget():
     from icetide.config import ReconstructConfig
-    from icetide.reconstruct import _remaining_budget
+    from icetide.reconstruct import remaining_budget
 
     unlimited = ReconstructConfig()
-    assert _remaining_budget(unlimited, 600.0, []) is unlimited
+    assert remaining_budget(unlimited, 600.0, []) is unlimited
     config = ReconstructConfig(fit={"max_minutes": 10})
-    refit = _remaining_budget(config, 240.0, [])
+    refit = remaining_budget(config, 240.0, [])
     assert refit.fit.max_minutes == pytest.approx(6.0) and config.fit.max_minutes == 10
     axis, beads = {"used": True}, {"used": True}  # each refinement that asked for the second fit is told
-    assert _remaining_budget(config, 570.0, [axis, beads]) is None
+    assert remaining_budget(config, 570.0, [axis, beads]) is None
     assert not (axis["used"] or beads["used"]) and axis["note"] == beads["note"]
     assert "spent by the first fit" in axis["note"]
 

@@ -273,7 +273,7 @@ def test_starting_alignment_from_xf_and_excluded_views(series_files, tmp_path):
 def test_excluded_views_keep_their_lines_in_the_imod_files_and_their_place_in_relion_names(series_files, tmp_path):
     import starfile
 
-    from icetide.cli.common import read_alignment
+    from icetide.inputs import read_alignment
     from icetide.errors import IcetideError
     from icetide.io import read_relion_tomograms_star, write_xf
 

@@ -15,8 +15,8 @@ import starfile
 from cli_helpers import ANGLES, SHAPE, TINY_VOLUME_YAML
 from cli_helpers import run_cli as _run
 
-from icetide.batch import _load_item, find_items
-from icetide.cli.common import load_inputs, relion_inputs
+from icetide.batch import load_item, find_items
+from icetide.inputs import load_inputs, relion_inputs
 from icetide.config import ReconstructConfig
 from icetide.deform import Deformations
 from icetide.errors import IcetideError
@@ -261,7 +261,7 @@ def test_batch_runs_every_series_of_the_star(tmp_path):
     assert [(i.name, i.relion, i.side_files()) for i in items] == [
         ("TS_01", str(project / CTF_STAR), ""), ("TS_02", str(project / CTF_STAR), "")]
     config = ReconstructConfig()
-    series, _, stack = _load_item(items[1], config, tmp_path, False, "0")
+    series, _, stack = load_item(items[1], config, tmp_path, False, "0")
     assert series.n_tilts == 6 and config.ctf.defocus_hand == -1 and config.ctf.amplitude_contrast == 0.1
     assert stack.image_names[0].endswith(_micrograph("TS_02", ORDER.index(0)))
 

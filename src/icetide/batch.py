@@ -31,7 +31,7 @@ from .config import ReconstructConfig
 from .errors import IcetideError
 from .output_files import OutputNames
 
-__all__ = ["QC_COLUMNS", "BatchItem", "find_items", "run_batch", "run_item", "series_metrics"]
+__all__ = ["QC_COLUMNS", "BatchItem", "find_items", "load_item", "run_batch", "run_item", "series_metrics"]
 
 STACK_SUFFIXES = (".mrc", ".st", ".mrcs", ".ali")
 # Where ``X.mdoc`` has no stack suffix in its name, its stack is one of these beside it (SerialEM, IMOD).
@@ -273,11 +273,11 @@ def _device_for_worker(device: str) -> str:
 
 
 def _load_relion_item(item: BatchItem, config: ReconstructConfig, invert: bool, exclude: str | None):
-    """:func:`_load_item` of a series of a RELION-5 tilt-series STAR; sets ``config.ctf``'s optics and defocus hand
+    """:func:`load_item` of a series of a RELION-5 tilt-series STAR; sets ``config.ctf``'s optics and defocus hand
     from the STAR. Its even/odd sums are the two half series when ``config.fit.half_maps`` is series."""
     import warnings
 
-    from .cli.common import load_inputs, relion_inputs
+    from .inputs import load_inputs, relion_inputs
     from .io.relion_project import relion_series
 
     given = dict(angles=None, mdoc=None, defocus=None, pre_exposure=None, half_series=None,
@@ -293,12 +293,12 @@ def _load_relion_item(item: BatchItem, config: ReconstructConfig, invert: bool, 
                            pre_exposure=got["pre_exposure"], half_series=got["half_series"])
 
 
-def _load_item(item: BatchItem, config: ReconstructConfig, folder: Path, invert: bool, exclude: str | None):
+def load_item(item: BatchItem, config: ReconstructConfig, folder: Path, invert: bool, exclude: str | None):
     """The series of ``item`` as ``icetide reconstruct`` loads it, its starting alignment (or ``None``) and the
     views of its stack it holds."""
     import warnings
 
-    from .cli.common import load_inputs
+    from .inputs import load_inputs
     from .io import read_aln, read_tlt, write_tlt
     from .io.aretomo import exclude_dark_views
 
@@ -395,7 +395,7 @@ def run_item(item: BatchItem, out_root: str, config_json: dict, invert: bool = F
     try:
         config = ReconstructConfig.model_validate(config_json)
         config.fit.device = _device_for_worker(config.fit.device)
-        series, init, stack = _load_item(item, config, partial, invert, exclude)
+        series, init, stack = load_item(item, config, partial, invert, exclude)
         report = reconstruct(series, config, partial, init=init, source_path=Path(item.stack), input_stack=stack,
                              names=OutputNames(item.name))
         # What the series was made of, beside what reconstruct reports: the options are not in config.yaml.

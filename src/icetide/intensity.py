@@ -104,7 +104,7 @@ def output_polarity(polarity: str, inverted: bool) -> tuple[float, str]:
     ``inverted`` the two agree: the input is taken to show density bright.
     """
     if polarity not in POLARITIES:
-        raise IcetideError(f"polarity must be bright or input, got {polarity!r}")
+        raise IcetideError(f"--polarity must be bright or input, got {polarity!r}")
     if polarity == "input" and inverted:
         return -1.0, "icetide: density dark (negative = dense), as in the input images"
     if inverted:

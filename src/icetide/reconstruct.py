@@ -285,14 +285,14 @@ def _after_first_fit(
             used.append((beads, f"{beads['beads']} gold beads (axis at {beads['estimate_deg']:.2f} deg, shifts "
                          f"{beads['shift_rms_px']:.1f} px RMS)"))
     _add_time(timings, "axis_refine_s", t0)
-    refit_config = _remaining_budget(config, timings["fit_s"], [entry for entry, _ in used]) if used else None
+    refit_config = remaining_budget(config, timings["fit_s"], [entry for entry, _ in used]) if used else None
     if refit_config is None:
         return None, None, refinement, beads
     phase("fitting again from the alignment corrected by " + " and ".join(what for _, what in used))
     return start, refit_config, refinement, beads
 
 
-def _remaining_budget(config: ReconstructConfig, fit_seconds: float, entries: list[dict]) -> ReconstructConfig | None:
+def remaining_budget(config: ReconstructConfig, fit_seconds: float, entries: list[dict]) -> ReconstructConfig | None:
     """``config`` for the second fit, its ``fit.max_minutes`` what the first left; None (and a note in each of
     the report ``entries`` that asked for it) when that is under :data:`REFIT_MIN_BUDGET` of the whole."""
     budget = config.fit.max_minutes

@@ -16,6 +16,10 @@ from ..errors import IcetideError
 from .common import console, one_line_errors
 from .reconstruct_cmd import build_config
 
+# The options that set a setting, by the setting's dotted name: pydantic's refusal names the option.
+BATCH_OPTIONS = {"thickness": "--thickness", "bin": "--bin", "pixel_size_A": "--pixel-size", "polarity": "--polarity",
+                 "fit.epochs": "--epochs", "fit.max_minutes": "--max-minutes", "fit.device": "--device"}
+
 
 def _require_distributed() -> None:
     """Fail in one line, before any work, where dask's distributed is missing: it is an extra, not a dependency."""
@@ -164,14 +168,13 @@ def batch(
         raise IcetideError(f"--retries must be 0 or more, got {retries}")
     if workers is not None and workers < 1:
         raise IcetideError(f"--workers must be at least 1, got {workers}")
-    if polarity is not None and polarity not in ("bright", "input"):
-        raise IcetideError(f"--polarity must be bright or input, got {polarity!r}")
     if out.exists() and not out.is_dir():
         raise IcetideError(f"{out}: exists and is not a folder")
     resolve_device(device)
     cfg = build_config(config, None, {"thickness": thickness, "bin": bin, "pixel_size_A": pixel_size,
-                                      "polarity": polarity, "fit.epochs": epochs, "fit.max_minutes": max_minutes, "fit.device": device,
-                                      "ctf.exposure_weighting": True if exposure_weighting else None})
+                                      "polarity": polarity, "fit.epochs": epochs, "fit.max_minutes": max_minutes,
+                                      "fit.device": device, "ctf.exposure_weighting": True if exposure_weighting else None},
+                       BATCH_OPTIONS)
     items = find_items(inputs, side_files=not no_side_files)
     started = time.monotonic()
     client, cluster, where = _cluster(workers, scheduler, device)

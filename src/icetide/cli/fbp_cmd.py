@@ -14,8 +14,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ..data import TiltSeries
 from ..deform import Deformations
 from ..errors import IcetideError
+from ..inputs import load_inputs
 from ..runlog import run_log
-from .common import check_alignment_options, console, held_warnings, load_inputs, log, one_line_errors, say
+from .common import check_alignment_options, console, held_warnings, log, one_line_errors, say
 
 METHODS = ("fbp", "sirt")
 DEFAULT_ITERATIONS = 30
@@ -180,14 +181,12 @@ def fbp(
     from ..ctf import tilt_axis_on_images_deg
     from ..geometry import default_thickness
     from ..runtime import resolve_device
-    from ..intensity import POLARITIES, output_polarity
+    from ..intensity import output_polarity
     from ..io import write_mrc
     from ..classical import align_series, fbp_deformed, sirt
 
     check_options(method, iterations, filter_name, positivity, deformations, xf, aln, tilt_axis_angle)
-    if polarity not in POLARITIES:
-        raise IcetideError(f"--polarity must be bright or input, got {polarity!r}")
-    sign, label = output_polarity(polarity, invert)
+    sign, label = output_polarity(polarity, invert)  # refuses a polarity other than bright or input
     check_output_file(out, force)
     dev = resolve_device(device)
     held: list[str] = []

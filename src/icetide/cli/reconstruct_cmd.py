@@ -13,15 +13,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..config import ReconstructConfig, load_config, parse_config
 from ..errors import IcetideError
+from ..inputs import load_inputs, relion_inputs
 from ..runlog import changed_settings, epoch_lines, run_log
 from .common import (
-    check_alignment_options, check_output_dir, console, held_warnings, load_inputs, log, one_line_errors,
-    output_dir, relion_inputs, say,
+    ForceOption, check_alignment_options, check_output_dir, console, held_warnings, log, one_line_errors,
+    output_dir, say,
 )
 from .reconstruct_options import (
     AlnOption, AmplitudeContrastOption, AnglesOption, AretomoNameOption, BinOption, ConfigOption, CsOption,
     CtfCorrectionOption, DefocusHandOption, DefocusOption, DeformationsOption, DeviceOption, EpochsOption,
-    ExcludeOption, ExposureWeightingOption, FixNonfiniteOption, ForceOption, HalfMapsOption, HalfSeriesOption,
+    ExcludeOption, ExposureWeightingOption, FixNonfiniteOption, HalfMapsOption, HalfSeriesOption,
     InvertOption, LossOption, MaxMemoryOption, MaxMinutesOption, MdocOption, MixedPrecisionOption, NoLocalOption,
     OutOption, PixelSizeOption, PolarityOption, PreExposureOption, ReconstructOptions, RelionNameOption,
     RendererOption, ResumeOption, SeedOption, SpecimenOption, ThicknessOption, TiltAxisAngleOption,

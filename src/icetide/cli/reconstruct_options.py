@@ -112,7 +112,6 @@ CsOption = Annotated[Optional[float], typer.Option(help="Spherical aberration, m
 AmplitudeContrastOption = Annotated[Optional[float], typer.Option(
     help="Amplitude contrast (CTF, tomograms.star). Default 0.07.")]
 ResumeOption = Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoint.pt with OUT's config.yaml.")]
-ForceOption = Annotated[bool, typer.Option("--force", help="Replace the contents of a non-empty output folder.")]
 
 
 @dataclass

@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .. import __version__
 from ..errors import IcetideError
-from .common import check_output_dir, console, one_line_errors, output_dir
+from .common import ForceOption, check_output_dir, console, one_line_errors, output_dir
 
 DEFAULT_VOXEL_SIZE_A = 10.0
 
@@ -111,7 +111,6 @@ AcquisitionOption = Annotated[Optional[Path], typer.Option(
     help="With --profile cryo: a YAML file of acquisition settings (any field of "
         "icetide.simulate.cryo.CryoAcquisition, e.g. z_offset_A, n_beads, tilt_axis_deg, drift_max_px, "
         "specimen_thickness_A); settings that have an option here come from the option.")]
-ForceOption = Annotated[bool, typer.Option("--force", help="Replace the contents of a non-empty output folder.")]
 
 
 @one_line_errors
