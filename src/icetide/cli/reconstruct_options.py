@@ -79,7 +79,7 @@ LossOption = Annotated[Optional[str], typer.Option(
         "(below about 1 count per pixel; docs/RESULTS.md).")]
 MixedPrecisionOption = Annotated[bool, typer.Option(
     "--mixed-precision", help="On CUDA: hash table read in fp16 and MLP in bf16 (fp32 parameters and "
-        "gradients): 1.4-1.5x faster field evaluation and 40% less GPU memory in docs/BENCHMARKS.md. No effect on CPU.")]
+        "gradients): faster and less GPU memory (docs/BENCHMARKS.md \"GPU\"). No effect on CPU.")]
 SeedOption = Annotated[Optional[int], typer.Option(
     help="Random seed (default 0); CPU runs are reproducible for a seed.")]
 NoLocalOption = Annotated[bool, typer.Option("--no-local", help="Do not estimate local deformation fields.")]
