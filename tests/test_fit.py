@@ -87,6 +87,30 @@ def test_resume_refuses_other_settings(shifted_series, tmp_path):
         other.load_checkpoint(tmp_path / "checkpoint.pt")
 
 
+def test_a_checkpoint_of_the_first_format_resumes_and_a_newer_one_is_refused(shifted_series, tmp_path):
+    """Format 1 had no format_version and, in its earliest files, no binned stage, rollbacks or intensity offset:
+    it is read with their defaults. A format newer than this icetide's is refused in one line."""
+    series, _ = shifted_series
+    first = Fitter(series, _config(epochs=2))
+    run_fit(first, checkpoint_path=tmp_path / "checkpoint.pt")
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert state["format_version"] == 2
+    old = {k: v for k, v in state.items() if k not in (
+        "format_version", "binned_epochs", "level_epochs", "best_binned_val", "best_binned_state",
+        "bad_binned_validations", "lr_factor", "rollbacks")}
+    old["model"] = {k: v for k, v in state["model"].items() if k != "offset"}
+    torch.save(old, tmp_path / "old.pt")
+    resumed = Fitter(series, _config(epochs=3))
+    resumed.load_checkpoint(tmp_path / "old.pt")
+    assert (resumed.epoch, resumed.binned_epochs, resumed.lr_factor, resumed.rollbacks) == (2, 0, 1.0, [])
+    torch.testing.assert_close(resumed.deformations.shifts, first.deformations.shifts, rtol=0, atol=0)
+    run_fit(resumed)
+    assert resumed.epoch == 3
+    torch.save({**state, "format_version": 3}, tmp_path / "new.pt")
+    with pytest.raises(IcetideError, match="format 3 is newer"):
+        Fitter(series, _config(epochs=3)).load_checkpoint(tmp_path / "new.pt")
+
+
 def test_time_budget_stops_the_fit(shifted_series):
     series, _ = shifted_series
     result = run_fit(Fitter(series, _config(epochs=10_000, max_minutes=1e-3)))
