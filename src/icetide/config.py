@@ -25,8 +25,11 @@ from .errors import IcetideError
 
 __all__ = [
     "VolumeSettings", "DeformSettings", "FitSettings", "FIT_GROUPS", "CtfSettings", "IntensitySettings",
-    "ReconstructConfig", "load_config", "parse_config", "save_config",
+    "ReconstructConfig", "Polarity", "load_config", "parse_config", "save_config",
 ]
+
+# The density polarities of the written volumes and aligned stacks (icetide.intensity.output_polarity).
+Polarity = Literal["bright", "input"]
 
 
 # The high-pass of images recorded on a level when none is set (IntensitySettings.highpass_A); chosen on
@@ -346,7 +349,7 @@ class ReconstructConfig(_Strict):
         "whole width that the rays of the highest tilt cross and the tomogram is its central part (costs "
         "about 1/cos(max tilt) + thickness/width * tan(max tilt) times more voxels)",
     )
-    polarity: Literal["bright", "input"] = Field(
+    polarity: Polarity = Field(
         "bright", description="density polarity of the volumes and the aligned stack written: bright (dense = "
         "bright, positive) or input (as in the input images: dense = dark when they were inverted with --invert); "
         "each volume's MRC header label states it (docs/CONVENTIONS.md \"Intensity units\")",

@@ -23,16 +23,19 @@ and the header label that states it.
 
 from __future__ import annotations
 
+from typing import get_args
+
 import numpy as np
 import torch
 
+from .config import Polarity
 from .errors import IcetideError
 
 __all__ = ["has_levels", "image_levels", "highpass", "fit_contrast", "output_polarity", "POLARITIES"]
 
-# Output polarities: bright (dense = bright, positive; the input images are taken to show it so unless inverted)
-# or input (as the input images: dense = dark when they were inverted).
-POLARITIES = ("bright", "input")
+# Output polarities, the settings schema's (config.Polarity): bright (dense = bright, positive; the input images are
+# taken to show it so unless inverted) or input (as the input images: dense = dark when they were inverted).
+POLARITIES = get_args(Polarity)
 
 # Data whose every image's mean lies this many standard deviations of its pixels away from zero are taken as
 # recorded on a level (counts, or any positive intensity): a zero-mean or already normalised series does not.
@@ -104,7 +107,7 @@ def output_polarity(polarity: str, inverted: bool) -> tuple[float, str]:
     ``inverted`` the two agree: the input is taken to show density bright.
     """
     if polarity not in POLARITIES:
-        raise IcetideError(f"--polarity must be bright or input, got {polarity!r}")
+        raise IcetideError(f"polarity must be bright or input, got {polarity!r}")
     if polarity == "input" and inverted:
         return -1.0, "icetide: density dark (negative = dense), as in the input images"
     if inverted:

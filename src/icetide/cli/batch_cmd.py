@@ -6,7 +6,7 @@ import csv
 import importlib
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import typer
 from rich.markup import escape
@@ -15,6 +15,37 @@ from rich.table import Table
 from ..errors import IcetideError
 from .common import console, one_line_errors
 from .reconstruct_cmd import build_config
+from .reconstruct_options import (
+    BinOption, EpochsOption, InvertOption, MaxMinutesOption, PixelSizeOption, PolarityOption, ThicknessOption,
+)
+
+# The options of batch; those that mean for every series what reconstruct's mean for one (--thickness, --bin,
+# --pixel-size, --epochs, --max-minutes, --invert, --polarity) are reconstruct's (reconstruct_options.py).
+InputsArg = Annotated[List[str], typer.Argument(
+    help="Tilt series: stack files (.mrc/.st with .tlt/.rawtlt or .mdoc beside them), SerialEM .mdoc files (the "
+        "stack beside each: X.mrc for X.mrc.mdoc, X.mrc or X.st for X.mdoc, else the mdoc's ImageFile), folders, glob "
+        "patterns, text files listing stacks or mdocs, or RELION-5 tilt-series STAR files (one series per "
+        "rlnTomoName, in OUT/<rlnTomoName>/: a project job's, e.g. CtfFind/job003/tilt_series_ctf.star, with its "
+        "optics, defocus and pre-exposure, or icetide's own tomograms.star).")]
+OutOption = Annotated[Path, typer.Option(
+    "--out", "-o", help="Output folder: one subfolder per series (finished ones are skipped).")]
+WorkersOption = Annotated[Optional[int], typer.Option(help="Local workers (default: one per GPU, else 1).")]
+SchedulerOption = Annotated[Optional[str], typer.Option(
+    help="Address of a running Dask scheduler (e.g. of a dask-jobqueue SLURM cluster) instead of a local one.")]
+RetriesOption = Annotated[int, typer.Option(help="Times a failed series is tried again.")]
+ConfigOption = Annotated[Optional[Path], typer.Option(
+    help="YAML settings for every series (see config.yaml of a run).")]
+DeviceOption = Annotated[str, typer.Option(help="auto (each worker its GPU, else CPU), cpu, cuda or cuda:N.")]
+ExcludeOption = Annotated[Optional[str], typer.Option(
+    help="Views to leave out of every series, 0-based stack indices and ranges as icetide reconstruct --exclude "
+        "(e.g. 0-2,40). A series they do not fit fails with the reason.")]
+ExposureWeightingOption = Annotated[bool, typer.Option(
+    "--exposure-weighting", help="Weight each view's spectrum by its accumulated exposure, from the series' .mdoc "
+        "(PriorRecordDose or ExposureDose); a series without an .mdoc is not weighted (report.json).")]
+NoSideFilesOption = Annotated[bool, typer.Option(
+    "--no-side-files", help="Ignore the files beside each stack with its stem: <stem>.xf (IMOD) or <stem>.aln "
+        "(AreTomo) as the starting alignment (as --xf/--aln; the .xf when both), <stem>_CTF.txt, <stem>_ctf.txt "
+        "(CTFFIND) or <stem>.defocus (IMOD) as the per-view defocus (as --defocus: phase-flipped).")]
 
 # The options that set a setting, by the setting's dotted name: pydantic's refusal names the option.
 BATCH_OPTIONS = {"thickness": "--thickness", "bin": "--bin", "pixel_size_A": "--pixel-size", "polarity": "--polarity",
@@ -100,52 +131,23 @@ def _print_tables(rows: list[dict], seconds: float) -> None:
 
 @one_line_errors
 def batch(
-    inputs: List[str] = typer.Argument(
-        ..., help="Tilt series: stack files (.mrc/.st with .tlt/.rawtlt or .mdoc beside them), SerialEM .mdoc files "
-        "(the stack beside each: X.mrc for X.mrc.mdoc, X.mrc or X.st for X.mdoc, else the mdoc's ImageFile), "
-        "folders, glob patterns, text files listing stacks or mdocs, or RELION-5 tilt-series STAR files (one series "
-        "per rlnTomoName, in OUT/<rlnTomoName>/: a project job's, e.g. CtfFind/job003/tilt_series_ctf.star, with its "
-        "optics, defocus and pre-exposure, or icetide's own tomograms.star)."
-    ),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder: one subfolder per series (finished ones are skipped)."),
-    workers: Optional[int] = typer.Option(None, help="Local workers (default: one per GPU, else 1)."),
-    scheduler: Optional[str] = typer.Option(
-        None, help="Address of a running Dask scheduler (e.g. of a dask-jobqueue SLURM cluster) instead of a local one."
-    ),
-    retries: int = typer.Option(1, help="Times a failed series is tried again."),
-    config: Optional[Path] = typer.Option(None, help="YAML settings for every series (see config.yaml of a run)."),
-    thickness: Optional[int] = typer.Option(
-        None, help="Tomogram thickness in voxels, at the --bin sampling (default: half the smaller side)."
-    ),
-    bin: Optional[int] = typer.Option(
-        None, "--bin", help="Fit every stack binned by N (N x N block averages), as icetide reconstruct --bin. "
-        "Default 1."
-    ),
-    pixel_size: Optional[float] = typer.Option(None, help="Pixel size in Angstrom (default: each file's header)."),
-    epochs: Optional[int] = typer.Option(None, help="Maximum epochs per series (default 500, early stopping)."),
-    max_minutes: Optional[float] = typer.Option(None, help="Fitting time budget per series, minutes."),
-    device: str = typer.Option("auto", help="auto (each worker its GPU, else CPU), cpu, cuda or cuda:N."),
-    exclude: Optional[str] = typer.Option(
-        None, help="Views to leave out of every series, 0-based stack indices and ranges as icetide reconstruct "
-        "--exclude (e.g. 0-2,40). A series they do not fit fails with the reason."
-    ),
-    invert: bool = typer.Option(
-        False, "--invert", help="Flip the contrast of every series first (raw cryo-EM images show density dark on "
-        "light)."
-    ),
-    polarity: Optional[str] = typer.Option(
-        None, help="Density polarity of the volumes and the aligned stacks, as icetide reconstruct --polarity: bright "
-        "(default: dense = bright, positive) or input (as in the input images: dense = dark with --invert)."
-    ),
-    exposure_weighting: bool = typer.Option(
-        False, "--exposure-weighting", help="Weight each view's spectrum by its accumulated exposure, from the "
-        "series' .mdoc (PriorRecordDose or ExposureDose); a series without an .mdoc is not weighted (report.json)."
-    ),
-    no_side_files: bool = typer.Option(
-        False, "--no-side-files", help="Ignore the files beside each stack with its stem: <stem>.xf (IMOD) or "
-        "<stem>.aln (AreTomo) as the starting alignment (as --xf/--aln; the .xf when both), <stem>_CTF.txt, "
-        "<stem>_ctf.txt (CTFFIND) or <stem>.defocus (IMOD) as the per-view defocus (as --defocus: phase-flipped)."
-    ),
+    inputs: InputsArg,
+    out: OutOption,
+    workers: WorkersOption = None,
+    scheduler: SchedulerOption = None,
+    retries: RetriesOption = 1,
+    config: ConfigOption = None,
+    thickness: ThicknessOption = None,
+    bin: BinOption = None,
+    pixel_size: PixelSizeOption = None,
+    epochs: EpochsOption = None,
+    max_minutes: MaxMinutesOption = None,
+    device: DeviceOption = "auto",
+    exclude: ExcludeOption = None,
+    invert: InvertOption = False,
+    polarity: PolarityOption = None,
+    exposure_weighting: ExposureWeightingOption = False,
+    no_side_files: NoSideFilesOption = False,
 ) -> None:
     """Reconstruct many tilt series with icetide on a Dask cluster.
 
