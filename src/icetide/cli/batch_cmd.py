@@ -14,7 +14,7 @@ from rich.table import Table
 
 from ..errors import IcetideError
 from .common import console, one_line_errors
-from .reconstruct_cmd import build_config
+from .reconstruct_cmd import build_config, option_flags
 from .reconstruct_options import (
     BinOption, EpochsOption, InvertOption, MaxMinutesOption, PixelSizeOption, PolarityOption, ThicknessOption,
 )
@@ -47,9 +47,9 @@ NoSideFilesOption = Annotated[bool, typer.Option(
         "(AreTomo) as the starting alignment (as --xf/--aln; the .xf when both), <stem>_CTF.txt, <stem>_ctf.txt "
         "(CTFFIND) or <stem>.defocus (IMOD) as the per-view defocus (as --defocus: phase-flipped).")]
 
-# The options that set a setting, by the setting's dotted name: pydantic's refusal names the option.
-BATCH_OPTIONS = {"thickness": "--thickness", "bin": "--bin", "pixel_size_A": "--pixel-size", "polarity": "--polarity",
-                 "fit.epochs": "--epochs", "fit.max_minutes": "--max-minutes", "fit.device": "--device"}
+# The settings the options of batch set to their own value (dotted setting -> parameter name).
+BATCH_OPTIONS = {"thickness": "thickness", "bin": "bin", "pixel_size_A": "pixel_size", "polarity": "polarity",
+                 "fit.epochs": "epochs", "fit.max_minutes": "max_minutes", "fit.device": "device"}
 
 
 def _require_distributed() -> None:
@@ -173,10 +173,10 @@ def batch(
     if out.exists() and not out.is_dir():
         raise IcetideError(f"{out}: exists and is not a folder")
     resolve_device(device)
-    cfg = build_config(config, None, {"thickness": thickness, "bin": bin, "pixel_size_A": pixel_size,
-                                      "polarity": polarity, "fit.epochs": epochs, "fit.max_minutes": max_minutes,
-                                      "fit.device": device, "ctf.exposure_weighting": True if exposure_weighting else None},
-                       BATCH_OPTIONS)
+    given = locals()
+    overrides = {key: given[name] for key, name in BATCH_OPTIONS.items()}
+    overrides["ctf.exposure_weighting"] = True if exposure_weighting else None
+    cfg = build_config(config, None, overrides, option_flags(BATCH_OPTIONS))
     items = find_items(inputs, side_files=not no_side_files)
     started = time.monotonic()
     client, cluster, where = _cluster(workers, scheduler, device)

@@ -19,7 +19,7 @@ from ..errors import IcetideError
 from ..inputs import load_inputs
 from ..runlog import run_log
 from .common import check_alignment_options, console, held_warnings, log, one_line_errors, say
-from .reconstruct_cmd import build_config
+from .reconstruct_cmd import build_config, option_flags
 from .reconstruct_options import AnglesOption, DeviceOption, InvertOption, MdocOption, PixelSizeOption
 
 METHODS = ("fbp", "sirt")
@@ -150,8 +150,7 @@ def settings(o: FbpOptions) -> ReconstructConfig:
     ``--pre-exposure``) over its defaults, each value validated by its schema and a bad one named by its option."""
     overrides = {key: getattr(o, name) for key, name in SETTING_OPTIONS.items()}
     overrides["ctf.exposure_weighting"] = True if o.pre_exposure is not None else None
-    names = {key: "--" + name.replace("_", "-") for key, name in SETTING_OPTIONS.items()}
-    return build_config(None, None, overrides, names)
+    return build_config(None, None, overrides, option_flags(SETTING_OPTIONS))
 
 
 def _corrected(series: TiltSeries, cfg: ReconstructConfig, tilt_axis_angle_deg: float) -> TiltSeries:

@@ -46,6 +46,12 @@ SWITCH_OPTIONS = {
 }
 
 
+def option_flags(options: dict[str, str]) -> dict[str, str]:
+    """``{dotted setting: parameter name}`` -> ``{dotted setting: its option}`` (``max_minutes`` -> ``--max-minutes``),
+    the names :func:`build_config` gives a value the schema refuses."""
+    return {key: "--" + name.replace("_", "-") for key, name in options.items()}
+
+
 def build_config(
     base: Optional[Path],
     resume_dir: Optional[Path],
@@ -320,6 +326,5 @@ def _settings(o: ReconstructOptions) -> ReconstructConfig:
     its option."""
     overrides = {key: getattr(o, name) for key, name in DIRECT_OPTIONS.items()}
     overrides.update({key: value if getattr(o, name) else None for key, (name, value) in SWITCH_OPTIONS.items()})
-    names = {key: "--" + name.replace("_", "-") for key, name in DIRECT_OPTIONS.items()}
-    names.update({key: "--" + name.replace("_", "-") for key, (name, _) in SWITCH_OPTIONS.items()})
+    names = option_flags({**DIRECT_OPTIONS, **{key: name for key, (name, _) in SWITCH_OPTIONS.items()}})
     return build_config(o.config, o.out if o.resume else None, overrides, names)
