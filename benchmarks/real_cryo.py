@@ -11,8 +11,9 @@ with the stack's alignment as it is, and after the best per-view shifts, and the
 of 10 A); the mean in-plane rotation of both (the tilt axis, degrees); the RMS difference of icetide's shifts to the published ones after the best
 3-D translation (pixels of 10 A), and how much of it is the tilt axis' lateral position
 (``axis_position_to_published_px``: the shift across the axis common to every view by which icetide places the
-axis apart from the published alignment, and the RMS left once it is removed too), with the published
-alignment moved to icetide's axis position scored like the others; the fit time. Skips (exit 0, a JSON note)
+axis apart from the published alignment, and the RMS left once it is removed too; the per-view difference
+across and along the axis), with the published alignment moved to icetide's axis position and icetide's moved to
+the published one, each scored like the others; the fit time. Skips (exit 0, a JSON note)
 when the data are absent.
 
     python benchmarks/real_cryo.py --out real            # fit (at most --max-minutes) + scores
@@ -97,9 +98,10 @@ def shift_rms(xf_a: np.ndarray, xf_b: np.ndarray, angles: np.ndarray) -> float:
     return float(np.sqrt((residual**2).sum(axis=1).mean()))
 
 
-def axis_position_offset(xf_a: np.ndarray, xf_b: np.ndarray, angles: np.ndarray) -> tuple[float, float]:
+def axis_position_offset(xf_a: np.ndarray, xf_b: np.ndarray, angles: np.ndarray) -> tuple[float, float, np.ndarray]:
     """The shift across the tilt axis common to every view (pixels) by which ``xf_b`` places the axis apart from
-    ``xf_a``, and the RMS difference of their shifts once it and the best 3-D translation are removed.
+    ``xf_a``, the RMS difference of their shifts once it and the best 3-D translation are removed, and that
+    difference per view ``(M, 2)``: across the axis, along it.
 
     In each view's axis frame (the shift turned by ``-alpha``), the difference across the axis is fitted by
     ``c + dx cos(theta) + dz sin(theta)`` and along it by its mean: ``c`` moves the axis sideways, which no
@@ -116,7 +118,7 @@ def axis_position_offset(xf_a: np.ndarray, xf_b: np.ndarray, angles: np.ndarray)
     coef, *_ = np.linalg.lstsq(design, diff[:, 0], rcond=None)
     across = diff[:, 0] - design @ coef
     along = diff[:, 1] - diff[:, 1].mean()
-    return float(coef[0]), float(np.sqrt((across**2 + along**2).mean()))
+    return float(coef[0]), float(np.sqrt((across**2 + along**2).mean())), np.stack([across, along], 1)
 
 
 def moved_across_axis(xf: np.ndarray, offset_px: float) -> np.ndarray:
@@ -163,16 +165,16 @@ def main() -> None:
     published = read_xf(DATA / "00254.xf")
     report = json.loads((args.out / "report.json").read_text())
     ours = read_xf(args.out / f"{report['outputs']['stem']}.xf")
-    offset, rms_after_offset = axis_position_offset(published, ours, angles)
-    moved = moved_across_axis(published, offset)
+    offset, rms_after_offset, by_view = axis_position_offset(published, ours, angles)
+    moved = {"published .xf, axis at icetide's position": moved_across_axis(published, offset),
+             "icetide, axis at the published position": moved_across_axis(ours, -offset)}
     stacks = {name: aligned_binned(-stack, angles, xf, args.bin)
-              for name, xf in (("raw", None), ("published .xf", published), ("icetide", ours),
-                               ("published .xf, axis at icetide's position", moved))}
+              for name, xf in (("raw", None), ("published .xf", published), ("icetide", ours), *moved.items())}
     curves = {name: score(binned, angles, args.thickness) for name, binned in stacks.items()}
     beads = {name: sharpness(torch.tensor(binned), angles, Deformations.identity(angles, binned.shape[1:]),
                              args.thickness) for name, binned in stacks.items()}
     residuals = {}
-    for name in ("published .xf", "icetide", "published .xf, axis at icetide's position"):
+    for name in ("published .xf", "icetide", *moved):
         found = track_beads(torch.tensor(stacks[name]), angles, args.thickness)
         residuals[name] = {k: found.get(k) for k in ("beads", "residual_start_px", "residual_px")}
         if "shifts_px" in found:  # how far the beads' own shifts lie from this alignment, pixels of 10 A
@@ -192,6 +194,9 @@ def main() -> None:
         "shift_rms_to_published_px": shift_rms(published, ours, angles),
         "axis_position_to_published_px": offset,
         "shift_rms_to_published_after_axis_position_px": rms_after_offset,
+        "shift_difference_by_view_px": {"tilt_deg": angles.round(2).tolist(),
+                                        "across_axis": by_view[:, 0].round(2).tolist(),
+                                        "along_axis": by_view[:, 1].round(2).tolist()},
         "fit_seconds": report["fit_seconds"],
         "epochs": report["epochs"],
         "stop_reason": report["stop_reason"],

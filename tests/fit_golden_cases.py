@@ -111,5 +111,9 @@ def run_case(name: str) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def golden_versions() -> dict:
-    """The library versions the golden numbers hold for (other builds of torch or numpy may round differently)."""
-    return {"torch": torch.__version__, "numpy": np.__version__}
+    """The library versions and CPU the golden numbers hold for: other builds of torch or numpy, or a CPU with other
+    instruction sets (whose kernels the libraries pick at run time), may round differently."""
+    features = np._core._multiarray_umath.__cpu_features__
+    return {"torch": torch.__version__, "numpy": np.__version__,
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_features": sorted(name for name, present in features.items() if present)}

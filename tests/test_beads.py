@@ -151,3 +151,37 @@ def test_subsets_of_the_beads_tell_whether_a_turn_can_be_trusted():
     assert found["subsets"] == "halves"
     halves = found["subsets_deg"]
     assert abs(halves[0] - 0.6) < 0.05 and abs(halves[1] - 1.2) < 0.05
+
+
+def test_turn_standard_error_matches_the_scatter_and_grows_as_the_lever_shrinks():
+    from icetide.beads import solve_bead_rotation, turn_standard_error
+
+    rng = np.random.default_rng(8)
+    positions = _beads(rng, count=15, half=60.0, depth=20.0)
+    exact = rotated(project_beads(positions, ANGLES) + rng.normal(0, 2.0, (ANGLES.size, 2))[:, None], -0.3)
+    assert turn_standard_error(exact, ANGLES) < 1e-6  # exact projections: the turn is pinned
+    estimates, errors = [], []
+    for _ in range(40):
+        seen = exact + rng.normal(0, 0.3, exact.shape)
+        found = solve_bead_rotation(seen, ANGLES)
+        estimates.append(found["rotation_deg"])
+        errors.append(found["standard_error_deg"])
+    assert abs(np.mean(estimates) - 0.3) < 0.05
+    assert 0.6 < np.std(estimates) / np.mean(errors) < 1.5
+    # Four beads near the centre, all at one depth: the same scatter pins the turn far less well.
+    near = np.column_stack([rng.uniform(-8, 8, (4, 2)), np.full(4, 5.0)])
+    loose = project_beads(near, ANGLES) + rng.normal(0, 0.3, (ANGLES.size, 4, 2))
+    assert turn_standard_error(loose, ANGLES) > 5 * np.mean(errors)
+    assert turn_standard_error(np.full((ANGLES.size, 1, 2), np.nan), ANGLES) == float("inf")  # never seen
+
+
+def test_a_turn_is_trusted_only_when_significant_inside_and_agreed():
+    from icetide.start import BEAD_TURN_MIN_SIGMA, turn_trusted
+
+    found = {"rotation_deg": 0.5, "inside": True, "standard_error_deg": 0.05, "subsets_spread_deg": 0.1}
+    assert turn_trusted(found)
+    assert not turn_trusted({**found, "standard_error_deg": 0.5 / BEAD_TURN_MIN_SIGMA + 0.01})  # too loose
+    assert not turn_trusted({**found, "inside": False})
+    assert not turn_trusted({**found, "subsets_spread_deg": None})  # most subsets do not determine it
+    assert not turn_trusted({**found, "subsets_spread_deg": 0.3})  # the subsets disagree
+    assert not turn_trusted({**found, "rotation_deg": 0.02, "standard_error_deg": 0.001})  # negligible

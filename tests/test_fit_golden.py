@@ -3,8 +3,9 @@ model; tests/fit_golden_cases.py) give exactly the stored parameters, curves and
 
 A refactoring of the fit must keep these bit for bit (same floating-point operations in the same order, same
 random draws). Regenerate tests/golden/ with ``PYTHONPATH=src python tools/make_fit_golden.py`` only when a change
-of behaviour is intended. Skipped where torch or numpy is not the build the numbers were made with
-(tests/golden/versions.json): another build may round differently.
+of behaviour is intended. Skipped where torch or numpy is not the build the numbers were made with, or the CPU's
+instruction sets differ (tests/golden/versions.json): the libraries pick their kernels by both and may round
+differently.
 """
 
 import json

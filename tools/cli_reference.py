@@ -199,8 +199,9 @@ torchrun --nproc_per_node 4 -m icetide reconstruct sim/tilt_series.mrc --angles 
    aligned series, followed through every view and solved for the tilt axis' direction and the per-view shifts
    that make them consistent with fixed 3-D positions, as fiducial alignment does; when at least 4 beads are
    followed to within a pixel and the correction is not negligible (shifts of half a pixel RMS at the search's
-   binning, about 20 A, or a turn of 0.05 degrees; a turn only where subsets of the beads agree on it: the two
-   halves, or each bead left out in turn with 4 or 5 beads), it joins the corrections the second fit starts from
+   binning, about 20 A, or a turn of 0.05 degrees; a turn only where subsets of the beads agree on it, the two
+   halves or each bead left out in turn with 4 or 5 beads, and where it is at least three times its standard
+   error, which grows as the beads' lever arm shrinks: few beads, near the centre, at one depth), it joins the corrections the second fit starts from
    (`bead_refinement` in `report.json`). Either way `report.json` gives
    the final alignment's gold-bead residual (`bead_residual`: the mean distance between each bead as seen and
    its best 3-D position projected), printed at the end.

@@ -20,7 +20,7 @@ from .deform import remove_gauge
 from .classical import fbp, standardised
 
 __all__ = ["detect_beads", "locate_beads", "project_beads", "rotated", "solve_bead_rotation", "solve_bead_shifts",
-           "track_beads"]
+           "track_beads", "turn_standard_error"]
 
 # A bead is a local maximum of the standardised FBP at least this many standard deviations above its median.
 BEAD_MIN_Z = 6.0
@@ -173,7 +173,8 @@ def solve_bead_rotation(seen: np.ndarray, tilt_angles_deg, search_deg: float = R
     mean residual and its two neighbours gives the estimate. The same on subsets of the beads tells how far a few
     beads can be trusted: the two halves (alternate beads) from 6 beads on, each bead left out in turn with 4 or 5
     (3 beads at least in every subset). Returns ``rotation_deg``, ``candidates_deg``, ``residual_px`` (per
-    candidate), ``inside`` (the smallest residual is not at an end of the range), ``subsets`` (``"halves"``,
+    candidate), ``inside`` (the smallest residual is not at an end of the range), ``standard_error_deg``
+    (:func:`turn_standard_error` about the estimate), ``subsets`` (``"halves"``,
     ``"leave one out"`` or ``"none"`` with fewer than 4 beads), ``subsets_deg`` (their estimates),
     ``subsets_inside`` (whether each subset's smallest residual lies inside the range: a subset whose beads do
     not determine the turn, e.g. lying along one line, finds its smallest residual at an end) and
@@ -192,8 +193,44 @@ def solve_bead_rotation(seen: np.ndarray, tilt_angles_deg, search_deg: float = R
     determined = [f[0] for f in found if f[2]]
     spread = float(max(determined) - min(determined)) if 2 * len(determined) > len(found) else None
     return {"rotation_deg": estimate, "candidates_deg": candidates.tolist(), "residual_px": residuals.tolist(),
-            "inside": inside, "subsets": kind, "subsets_deg": [float(f[0]) for f in found],
+            "inside": inside, "standard_error_deg": turn_standard_error(rotated(seen, estimate), tilt_angles_deg),
+            "subsets": kind, "subsets_deg": [float(f[0]) for f in found],
             "subsets_inside": [bool(f[2]) for f in found], "subsets_spread_deg": spread}
+
+
+def turn_standard_error(seen: np.ndarray, tilt_angles_deg) -> float:
+    """Standard error (degrees) of a common turn of the views estimated from beads seen at ``seen (M, J, 2)``
+    (pixels, NaN: not seen), the turn solved jointly with the positions and per-view shifts.
+
+    Linearised about no turn, turning the views by ``delta`` (radians) adds ``delta (-v, u)`` to each seen
+    point, so ``u = x cos(theta) + z sin(theta) + s_u - delta v`` and ``v = y + s_v + delta u`` are one linear
+    least-squares problem; the error is ``sigma sqrt((A^T A)^+_dd)`` with ``sigma`` the residual scatter, once
+    the measurements further than :data:`OUTLIER_FACTOR` times the median residual (and
+    :data:`OUTLIER_FLOOR_PX`) are left out. It measures how well the beads' lever arm pins a turn: a few beads
+    near the centre of a small field leave it loose however consistent they are; ``inf`` without enough
+    measurements."""
+    t = np.deg2rad(np.asarray(tilt_angles_deg, dtype=np.float64))
+    m_count, j_count = seen.shape[:2]
+    views, beads = np.nonzero(np.isfinite(seen[..., 0]))
+    n = views.size
+    if n == 0:
+        return float("inf")
+    rows = np.arange(n)
+    design = np.zeros((2 * n, 3 * j_count + 2 * m_count + 1))
+    design[rows, 3 * beads], design[rows, 3 * beads + 2] = np.cos(t[views]), np.sin(t[views])
+    design[rows, 3 * j_count + views], design[rows, -1] = 1.0, -seen[views, beads, 1]
+    design[n + rows, 3 * beads + 1], design[n + rows, 3 * j_count + m_count + views] = 1.0, 1.0
+    design[n + rows, -1] = seen[views, beads, 0]
+    observed = np.concatenate([seen[views, beads, 0], seen[views, beads, 1]])
+    distance = np.hypot(*(observed - design @ np.linalg.lstsq(design, observed, rcond=None)[0]).reshape(2, n))
+    keep = np.tile(distance <= max(OUTLIER_FACTOR * float(np.median(distance)), OUTLIER_FLOOR_PX), 2)
+    a, b = design[keep], observed[keep]
+    residual = b - a @ np.linalg.lstsq(a, b, rcond=None)[0]
+    freedom = a.shape[0] - np.linalg.matrix_rank(a)
+    if freedom <= 0:
+        return float("inf")
+    variance = float(residual @ residual) / freedom * np.linalg.pinv(a.T @ a)[-1, -1]
+    return float(np.degrees(np.sqrt(max(variance, 0.0))))
 
 
 def _best_turn(seen: np.ndarray, tilt_angles_deg, candidates: np.ndarray) -> tuple[float, np.ndarray, bool]:

@@ -28,6 +28,7 @@ from .classical import align_series, fbp, standardised
 __all__ = [
     "axis_search_bin", "centre_start", "centred_on_specimen", "check_against_start", "coarse_start",
     "contrast_series", "refine_by_beads", "refine_tilt_axis", "search_tilt_axis", "specimen_centre_z",
+    "turn_trusted",
 ]
 
 # Specimen heights (voxels) within this of the box's middle are left alone: for simulated specimens filling
@@ -60,6 +61,9 @@ BEAD_TURN_ROUNDS = 2
 # half the turn, whichever is larger (a few beads, or beads caught with their neighbours, give a turn that others
 # would not).
 BEAD_TURN_AGREEMENT_DEG = 0.15
+# ... and only when it is at least this many of its standard errors (icetide.beads.turn_standard_error): a few
+# beads near the centre of a small field, or all at one depth, pin a turn loosely however well they agree.
+BEAD_TURN_MIN_SIGMA = 3.0
 # How much higher (relative) the start's even/odd score must be for the start to replace the fit's alignment.
 START_MARGIN = 0.02
 
@@ -296,18 +300,17 @@ def refine_by_beads(raw: TiltSeries, config: ReconstructConfig, d: Deformations)
     aligned by ``d`` (deformations of ``raw``, the axis in their rotations, centred on the specimen's height):
     :func:`icetide.beads.track_beads` finds the beads in the FBP (``config.thickness`` voxels), follows them
     through the views and solves the shifts; :func:`icetide.beads.solve_bead_rotation` turns the views to the
-    direction that fits the beads best (when inside its range, at least :data:`BEAD_MIN_TURN_DEG` and agreed
-    by the subsets of the beads that determine it within :data:`BEAD_TURN_AGREEMENT_DEG` or half the turn, more
-    than half of the subsets determining it), where they are followed and solved again (up to
-    :data:`BEAD_TURN_ROUNDS` turns). A fit's pixel loss weighs the whole
+    direction that fits the beads best (when :func:`turn_trusted`), where they are followed and solved again
+    (up to :data:`BEAD_TURN_ROUNDS` turns). A fit's pixel loss weighs the whole
     specimen, whose depth and lateral position it trades against the shifts; the beads, small and dense, pin
     each view (as fiducials do for IMOD's tiltalign). Used when at least :data:`BEAD_MIN_COUNT` beads are
     followed, their residual is at most :data:`BEAD_MAX_RESIDUAL_PX` and below the residual of ``d`` as it is,
     and the correction is not negligible (shifts of :data:`BEAD_MIN_MOVE_PX` RMS or the turn). The entry gives
     ``beads``, ``residual_px`` (the mean bead residual of ``d`` as it is), ``solved_residual_px`` (corrected),
     ``shift_rms_px`` (pixels of ``raw``), ``rotation_deg`` (the turn applied), ``turns`` (each round's
-    estimate, ``rotation_deg``, and those of the subsets of the beads: ``subsets_deg``, ``subsets_inside``,
-    ``subsets_spread_deg``), ``fitted_deg`` and ``estimate_deg`` (the tilt axis before and after) and ``bin``."""
+    estimate, ``rotation_deg``, its ``standard_error_deg``, and those of the subsets of the beads:
+    ``subsets_deg``, ``subsets_inside``, ``subsets_spread_deg``), ``fitted_deg`` and ``estimate_deg`` (the tilt
+    axis before and after) and ``bin``."""
     factor, images, _ = _search_view(raw, config, d)
     thickness = config.thickness or default_thickness(raw.shape)
     entry: dict = {"measure": "gold beads followed through the aligned views (icetide.beads.track_beads)",
@@ -326,10 +329,9 @@ def refine_by_beads(raw: TiltSeries, config: ReconstructConfig, d: Deformations)
         found_turn = solve_bead_rotation(found["seen"], d.tilt_angles_deg)
         delta = found_turn["rotation_deg"]
         entry.setdefault("turns", []).append({key: found_turn[key] for key in (
-            "rotation_deg", "inside", "subsets", "subsets_deg", "subsets_inside", "subsets_spread_deg")})
-        spread = found_turn["subsets_spread_deg"]
-        if not (found_turn["inside"] and abs(delta) >= BEAD_MIN_TURN_DEG and spread is not None
-                and spread <= max(BEAD_TURN_AGREEMENT_DEG, abs(delta) / 2)):
+            "rotation_deg", "inside", "standard_error_deg", "subsets", "subsets_deg", "subsets_inside",
+            "subsets_spread_deg")})
+        if not turn_trusted(found_turn):
             break
         current, turn = _turned(current, delta), turn + delta
     move = float(np.sqrt((found["shifts_px"] ** 2).sum(axis=1).mean()))
@@ -343,6 +345,17 @@ def refine_by_beads(raw: TiltSeries, config: ReconstructConfig, d: Deformations)
                       f"px RMS (at the search's binning) and turn them by less than {BEAD_MIN_TURN_DEG} deg"}
     current.shifts_px = current.shifts_px + found["shifts_px"] * factor
     return current, {**entry, "used": True}
+
+
+def turn_trusted(found: dict) -> bool:
+    """Whether a turn of :func:`icetide.beads.solve_bead_rotation` (its returned dict) is used: inside the search
+    range, at least :data:`BEAD_MIN_TURN_DEG` and :data:`BEAD_TURN_MIN_SIGMA` standard errors, and the subsets of
+    the beads that determine it (more than half of them) agree within :data:`BEAD_TURN_AGREEMENT_DEG` or half the
+    turn."""
+    delta, spread = abs(found["rotation_deg"]), found["subsets_spread_deg"]
+    significant = delta >= max(BEAD_MIN_TURN_DEG, BEAD_TURN_MIN_SIGMA * found["standard_error_deg"])
+    agreed = spread is not None and spread <= max(BEAD_TURN_AGREEMENT_DEG, delta / 2)
+    return bool(found["inside"] and significant and agreed)
 
 
 def _turned(d: Deformations, delta_deg: float) -> Deformations:
