@@ -179,8 +179,11 @@ def score(case: Path, info: dict, max_minutes: float, extra: list[str]) -> dict:
                       "search": report.get("tilt_axis_search"), "refinement": report.get("tilt_axis_refinement")},
         "start_check": report.get("start_check"),
         "beads": {"refinement": report.get("bead_refinement"), "residual": report.get("bead_residual")},
+        # found: the height icetide found, in its own frame; outputs_centre: where its outputs' centre lies in the
+        # truth's frame (the z translation between its deformations and the true ones), the true height if centred
         "specimen_centre_z_vox": {"true": info["truth"]["specimen_centre_z_vox"],
-                                  "icetide": report.get("specimen_centre_z_vox")},
+                                  "found": report.get("specimen_centre_z_vox"),
+                                  "outputs_centre": float(scores["deformations"]["gauge_translation_xyz_vox"][2])},
         "fit": {k: report.get(k) for k in ("epochs", "stop_reason", "best_epoch", "fit_seconds")},
         "icetide_wall_seconds": wall,
     }
