@@ -1,6 +1,7 @@
 """Memory measurement: RSS, available memory, and the peak of a block of work."""
 
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,10 @@ def no_proc(monkeypatch):
 
 def _touch_64_mb() -> None:
     block = np.ones(64 * 2**20 // 8)
+    block += 1.0
+    # Held while the sampler certainly runs: on a busy machine its thread may not be scheduled during the
+    # few milliseconds of the work itself, and the block is freed before the exit's last reading.
+    time.sleep(0.1)
     block += 1.0
 
 
