@@ -101,11 +101,11 @@ def _vertex(low: float, mid: float, high: float) -> float:
     return 0.0 if curvature >= 0 else float(np.clip(0.5 * (low - high) / curvature, -0.5, 0.5))
 
 
-def _solve(seen: np.ndarray, tilt_angles_deg) -> tuple[np.ndarray, np.ndarray]:
-    """Bead positions ``(J, 3)`` and per-view shifts ``(M, 2)`` that best explain ``seen (M, J, 2)`` (NaN: not
-    seen) by ``seen[m, j] = project(position_j)[m] + shift_m``, jointly by least squares (the model is linear:
-    ``u`` in ``x_j, z_j`` and the shifts' first components, ``v`` in ``y_j`` and their second); the common 3-D
-    translation, which the data cannot tell from the shifts, is moved into the positions."""
+def _designs(seen: np.ndarray, tilt_angles_deg) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The linear model of the beads seen at ``seen (M, J, 2)`` (NaN: not seen): for each measurement (view
+    ``views[k]``, bead ``beads[k]``) a row of ``across`` (columns ``x_j, z_j`` interleaved, then the shifts' first
+    components: ``u = x cos(theta) + z sin(theta) + s_u``) and of ``along`` (``y_j``, then the shifts' second
+    components: ``v = y + s_v``)."""
     t = np.deg2rad(np.asarray(tilt_angles_deg, dtype=np.float64))
     m_count, j_count = seen.shape[:2]
     views, beads = np.nonzero(np.isfinite(seen[..., 0]))
@@ -115,10 +115,26 @@ def _solve(seen: np.ndarray, tilt_angles_deg) -> tuple[np.ndarray, np.ndarray]:
     across[rows, 2 * j_count + views] = 1.0
     along = np.zeros((views.size, j_count + m_count))
     along[rows, beads], along[rows, j_count + views] = 1.0, 1.0
+    return across, along, views, beads
+
+
+def _too_far(distance: np.ndarray, floor_px: float) -> np.ndarray:
+    """Which ``distance`` values (NaN: none) exceed :data:`OUTLIER_FACTOR` times their median and ``floor_px``."""
+    return distance > max(OUTLIER_FACTOR * float(np.nanmedian(distance)), floor_px)
+
+
+def _solve(seen: np.ndarray, tilt_angles_deg) -> tuple[np.ndarray, np.ndarray]:
+    """Bead positions ``(J, 3)`` and per-view shifts ``(M, 2)`` that best explain ``seen (M, J, 2)`` (NaN: not
+    seen) by ``seen[m, j] = project(position_j)[m] + shift_m``, jointly by least squares (the model is linear:
+    ``u`` in ``x_j, z_j`` and the shifts' first components, ``v`` in ``y_j`` and their second); the common 3-D
+    translation, which the data cannot tell from the shifts, is moved into the positions."""
+    j_count = seen.shape[1]
+    across, along, views, beads = _designs(seen, tilt_angles_deg)
     # lstsq's minimum-norm answer picks one member of the gauge family; remove_gauge below fixes the convention
     xz = np.linalg.lstsq(across, seen[views, beads, 0], rcond=None)[0]
     y = np.linalg.lstsq(along, seen[views, beads, 1], rcond=None)[0]
-    shifts, translation = remove_gauge(np.stack([xz[2 * j_count :], y[j_count:]], 1), t * 180 / np.pi)
+    shifts, translation = remove_gauge(np.stack([xz[2 * j_count :], y[j_count:]], 1),
+                                       np.asarray(tilt_angles_deg, dtype=np.float64))
     positions = np.stack([xz[0 : 2 * j_count : 2], y[:j_count], xz[1 : 2 * j_count : 2]], 1) + translation
     return positions, shifts
 
@@ -138,13 +154,12 @@ def solve_bead_shifts(seen: np.ndarray, tilt_angles_deg) -> dict:
     seen = seen.copy()
     positions, shifts = _solve(seen, tilt_angles_deg)
     distance = np.linalg.norm(seen - project_beads(positions, tilt_angles_deg) - shifts[:, None], axis=-1)
-    typical = float(np.nanmedian(distance))
-    seen[distance > max(OUTLIER_FACTOR * typical, OUTLIER_FLOOR_PX)] = np.nan
+    seen[_too_far(distance, OUTLIER_FLOOR_PX)] = np.nan
     # Where the streaks of two beads cross, the FBP has a maximum that follows neither: off as a whole.
     with warnings.catch_warnings():  # a bead left with no measurement has no median: NaN, never dropped twice
         warnings.simplefilter("ignore", RuntimeWarning)
         per_bead = np.nanmedian(distance, axis=0)
-    seen[:, per_bead > max(OUTLIER_FACTOR * float(np.nanmedian(per_bead)), OUTLIER_FLOOR_PX / 2)] = np.nan
+    seen[:, _too_far(per_bead, OUTLIER_FLOOR_PX / 2)] = np.nan
     positions, shifts = _solve(seen, tilt_angles_deg)
     distance = np.linalg.norm(seen - project_beads(positions, tilt_angles_deg) - shifts[:, None], axis=-1)
     used = np.isfinite(distance).any(axis=0)
@@ -204,26 +219,21 @@ def turn_standard_error(seen: np.ndarray, tilt_angles_deg) -> float:
 
     Linearised about no turn, turning the views by ``delta`` (radians) adds ``delta (-v, u)`` to each seen
     point, so ``u = x cos(theta) + z sin(theta) + s_u - delta v`` and ``v = y + s_v + delta u`` are one linear
-    least-squares problem; the error is ``sigma sqrt((A^T A)^+_dd)`` with ``sigma`` the residual scatter, once
-    the measurements further than :data:`OUTLIER_FACTOR` times the median residual (and
-    :data:`OUTLIER_FLOOR_PX`) are left out. It measures how well the beads' lever arm pins a turn: a few beads
-    near the centre of a small field leave it loose however consistent they are; ``inf`` without enough
-    measurements."""
-    t = np.deg2rad(np.asarray(tilt_angles_deg, dtype=np.float64))
-    m_count, j_count = seen.shape[:2]
-    views, beads = np.nonzero(np.isfinite(seen[..., 0]))
+    least-squares problem (:func:`_designs` and a column for ``delta``); the error is
+    ``sigma sqrt((A^T A)^+_dd)`` with ``sigma`` the residual scatter, once the measurements further than
+    :data:`OUTLIER_FACTOR` times the median residual (and :data:`OUTLIER_FLOOR_PX`) are left out. It measures how
+    well the beads' lever arm pins a turn: a few beads near the centre of a small field leave it loose however
+    consistent they are; ``inf`` without enough measurements."""
+    across, along, views, beads = _designs(seen, tilt_angles_deg)
     n = views.size
     if n == 0:
         return float("inf")
-    rows = np.arange(n)
-    design = np.zeros((2 * n, 3 * j_count + 2 * m_count + 1))
-    design[rows, 3 * beads], design[rows, 3 * beads + 2] = np.cos(t[views]), np.sin(t[views])
-    design[rows, 3 * j_count + views], design[rows, -1] = 1.0, -seen[views, beads, 1]
-    design[n + rows, 3 * beads + 1], design[n + rows, 3 * j_count + m_count + views] = 1.0, 1.0
-    design[n + rows, -1] = seen[views, beads, 0]
-    observed = np.concatenate([seen[views, beads, 0], seen[views, beads, 1]])
+    u, v = seen[views, beads, 0], seen[views, beads, 1]
+    design = np.block([[across, np.zeros((n, along.shape[1])), -v[:, None]],
+                       [np.zeros((n, across.shape[1])), along, u[:, None]]])
+    observed = np.concatenate([u, v])
     distance = np.hypot(*(observed - design @ np.linalg.lstsq(design, observed, rcond=None)[0]).reshape(2, n))
-    keep = np.tile(distance <= max(OUTLIER_FACTOR * float(np.median(distance)), OUTLIER_FLOOR_PX), 2)
+    keep = np.tile(~_too_far(distance, OUTLIER_FLOOR_PX), 2)
     a, b = design[keep], observed[keep]
     residual = b - a @ np.linalg.lstsq(a, b, rcond=None)[0]
     freedom = a.shape[0] - np.linalg.matrix_rank(a)

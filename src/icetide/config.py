@@ -131,8 +131,9 @@ class DeformSettings(_Strict):
         "gold beads through the aligned views and solve the tilt axis' direction and the per-view shifts that make "
         "them consistent (icetide.start.refine_by_beads); when at least 4 beads are followed, their residual ends "
         "under 1 pixel of the search's binning and the shifts move by 0.5 pixel RMS or the axis turns by 0.05 "
-        "degrees or more (a turn that subsets of the beads agree on, at least three standard errors), fit again from the alignment so corrected (with the tilt-axis refinement's); report.json "
-        "gives the final alignment's bead residual either way",
+        "degrees or more (a turn that subsets of the beads agree on, at least three standard errors), fit again "
+        "from the alignment so corrected (with the tilt-axis refinement's); report.json gives the final "
+        "alignment's bead residual either way",
     )
     local_grid: tuple[int, int] = (10, 10)
     local_interpolation: Literal["bicubic", "bilinear"] = "bicubic"
