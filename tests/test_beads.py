@@ -69,6 +69,24 @@ def test_detect_beads_in_a_volume():
     assert sorted(map(tuple, found.tolist())) == sorted(map(tuple, expected))
 
 
+def test_detect_beads_leaves_out_maxima_much_weaker_than_the_beads():
+    # Four beads of one strength, a brighter outlier, and dense specimen features at 0.4 of the beads: the
+    # features stand well above the noise but are not beads (the threshold follows the third strongest).
+    volume = np.random.default_rng(4).normal(0, 0.1, (20, 60, 60))
+    beads = [(4, 10, 10), (4, 10, 50), (15, 50, 10), (15, 50, 50)]
+    for k, j, i in beads:
+        volume[k, j, i] = 10.0
+    volume[10, 30, 30] = 25.0
+    features = [(10, 20, 30), (10, 40, 30)]
+    for k, j, i in features:
+        volume[k, j, i] = 4.0
+    found = detect_beads(volume)
+    assert len(found) == 5
+    assert found[0].tolist() == [0.5, 0.5, 0.5]
+    weak = detect_beads(np.where(volume > 5, 0.0, volume))  # only the features left: they are the strongest
+    assert len(weak) == 2
+
+
 def test_track_beads_finds_the_shifts_of_a_misaligned_series():
     rng = np.random.default_rng(3)
     positions = _beads(rng, count=10, half=30.0, depth=10.0)

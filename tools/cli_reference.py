@@ -196,7 +196,8 @@ torchrun --nproc_per_node 4 -m icetide reconstruct sim/tilt_series.mrc --angles 
    `--max-minutes` covers both fits). Both are nearly invisible to the fit's pixel loss once the volume has
    formed about them, and plain in the blur of the beads (`tilt_axis_refinement` in `report.json`; docs/RESULTS.md
    section 11 and docs/REAL_DATA.md). Then the gold beads (`deform.bead_refinement`): found in the FBP of the
-   aligned series, followed through every view and solved for the tilt axis' direction and the per-view shifts
+   aligned series (its strongest maxima, a bead's being at least 0.6 of the third strongest: weaker maxima are
+   dense specimen or crossing streaks), followed through every view and solved for the tilt axis' direction and the per-view shifts
    that make them consistent with fixed 3-D positions, as fiducial alignment does; when at least 4 beads are
    followed to within a pixel and the correction is not negligible (shifts of half a pixel RMS at the search's
    binning, about 20 A, or a turn of 0.05 degrees; a turn only where subsets of the beads agree on it, the two

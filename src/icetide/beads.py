@@ -24,6 +24,9 @@ __all__ = ["detect_beads", "locate_beads", "project_beads", "rotated", "solve_be
 
 # A bead is a local maximum of the standardised FBP at least this many standard deviations above its median.
 BEAD_MIN_Z = 6.0
+# Gold beads stand out alike; a maximum weaker than this fraction of the third strongest (the beads' level,
+# robust to one or two brighter outliers) is a dense feature of the specimen or where two beads' streaks cross.
+BEAD_RELATIVE_Z = 0.6
 # At most this many of the strongest maxima are followed (enough to average over; the rest add time).
 MAX_BEADS = 40
 # Maxima closer than this (pixels, at the images' sampling) count as one; also the detection margin's unit.
@@ -49,7 +52,8 @@ def detect_beads(volume: np.ndarray, max_beads: int = MAX_BEADS, min_z: float = 
                  margin: float = 0.06) -> np.ndarray:
     """Bead candidates in a tomogram ``volume (nz, ny, nx)`` (dense = bright): ``(J, 3)`` positions ``(x, y, z)``
     in voxels from the centre, strongest first. Local maxima over ``2 BEAD_SEPARATION_PX + 1`` voxels, at least
-    ``min_z`` standard deviations above the median of the volume without a ``margin`` of each lateral side."""
+    ``min_z`` standard deviations above the median of the volume without a ``margin`` of each lateral side, and
+    at least :data:`BEAD_RELATIVE_Z` times the third strongest."""
     from scipy import ndimage
 
     nz, ny, nx = volume.shape
@@ -57,8 +61,11 @@ def detect_beads(volume: np.ndarray, max_beads: int = MAX_BEADS, min_z: float = 
     core = volume[:, r : ny - r, c : nx - c]
     z = (core - np.median(core)) / max(float(core.std()), 1e-30)
     peaks = np.argwhere((z == ndimage.maximum_filter(z, size=2 * BEAD_SEPARATION_PX + 1)) & (z >= min_z))
-    order = np.argsort(-z[tuple(peaks.T)], kind="stable")[:max_beads]
-    k, j, i = peaks[order].T
+    strength = z[tuple(peaks.T)]
+    order = np.argsort(-strength, kind="stable")
+    if order.size:
+        order = order[strength[order] >= BEAD_RELATIVE_Z * strength[order[min(2, order.size - 1)]]]
+    k, j, i = peaks[order[:max_beads]].T
     return np.stack([i + c - (nx - 1) / 2, j + r - (ny - 1) / 2, k - (nz - 1) / 2], 1).astype(np.float64)
 
 
