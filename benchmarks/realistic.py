@@ -1,6 +1,6 @@
 """Realistic cryo-ET acquisitions with known truth: icetide run as a cryo-ET user would, against the oracle.
 
-Usage: ``python benchmarks/realistic.py --out DIR [--snr-db 0 -10] [--seeds 0 1] [--field-of-view 160]
+Usage: ``python benchmarks/realistic.py --out DIR [--snr-db 0 -10] [--seeds 0 1] [--field-of-view 160 | NY NX] [--tilt-axis-deg 3]
 [--max-minutes 10] [--reconstruct-args "..."]``; a case whose ``DIR/<case>/icetide/report.json`` exists is
 scored again without a new fit.
 
@@ -44,6 +44,7 @@ import torch
 from icetide.config import ReconstructConfig
 from icetide.data import TiltSeries
 from icetide.evaluation import evaluate_volumes
+from icetide.geometry import frame_quarter_turns
 from icetide.io import read_deformations, read_mrc, write_json, write_mrc
 from icetide.metrics import FSC_TAPER_VOX, deformation_errors
 from icetide.prealign import coarse_alignment
@@ -56,12 +57,13 @@ PROTEINS = Path(__file__).resolve().parents[2] / "shared" / "data" / "proteins" 
 METHODS = ("icetide", "fbp_aligned", "fbp_anchor", "fbp_oracle")
 
 
-def simulate(case: Path, snr_db: float, seed: int, field_of_view: int) -> dict:
-    """Simulate one case into ``case`` (skipped when ``simulation.json`` is there); returns its truth."""
+def simulate(case: Path, snr_db: float, seed: int, field_of_view: tuple[int, int], tilt_axis_deg: float) -> dict:
+    """Simulate one case into ``case`` (skipped when ``simulation.json`` is there); returns its truth.
+    ``field_of_view``: ``(ny, nx)`` px."""
     if (case / "simulation.json").is_file():
         return json.loads((case / "simulation.json").read_text())
     case.mkdir(parents=True, exist_ok=True)
-    settings = CryoAcquisition(field_of_view=(field_of_view, field_of_view), snr_db=snr_db)
+    settings = CryoAcquisition(field_of_view=field_of_view, snr_db=snr_db, tilt_axis_deg=tilt_axis_deg)
     proteins = PROTEINS if PROTEINS.is_dir() else None
     t0 = time.monotonic()
     sim = simulate_cryo(cryo_specimen(settings, seed, proteins), settings, seed)
@@ -107,12 +109,15 @@ def oracle(case: Path, info: dict, angles: np.ndarray, px: float, nz: int) -> np
 
 
 def anchor(case: Path, info: dict, angles: np.ndarray, px: float, nz: int) -> tuple[np.ndarray, object]:
-    """The classical anchor's tomogram (centred on the specimen) and its deformations."""
+    """The classical anchor's tomogram (centred on the specimen) and its deformations (on the detector)."""
     t = info["truth"]
     counts, _ = read_mrc(case / "tilt_series.mrc")
     contrast = 1 - counts / counts.mean(axis=(1, 2), keepdims=True)
     axis = float(t["mdoc_tilt_axis_deg"])
     defocus = np.asarray(t["defocus_file_A"])
+    # In the frame icetide reconstructs in: Y along the tilt axis.
+    turns = frame_quarter_turns(axis)
+    contrast, axis = np.rot90(contrast, turns, axes=(1, 2)), axis - 90 * turns
     images = _corrected(contrast, angles, px, axis, defocus, t["pre_exposure_e_per_A2"])
     d = coarse_alignment(images, angles, axis)
     series = TiltSeries(images.numpy(), angles, px, axis)
@@ -122,7 +127,7 @@ def anchor(case: Path, info: dict, angles: np.ndarray, px: float, nz: int) -> tu
     volume = fbp(aligned, angles, depth).numpy()
     start = int(round(centre + (depth - 1) / 2 - (nz - 1) / 2))
     start = min(max(start, 0), depth - nz)
-    return volume[start : start + nz], d
+    return volume[start : start + nz], d.quarter_turned(-turns)
 
 
 def bead_free_mask(info: dict, shape: tuple[int, int, int]) -> np.ndarray:
@@ -194,21 +199,27 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="cases are simulated and reconstructed here (kept)")
     parser.add_argument("--snr-db", type=float, nargs="+", default=[0.0, -10.0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--field-of-view", type=int, default=160)
+    parser.add_argument("--field-of-view", type=int, nargs="+", default=[160],
+                        help="the detector in px: one size (square) or ny nx")
+    parser.add_argument("--tilt-axis-deg", type=float, default=3.0,
+                        help="the true tilt axis, counter-clockwise from the image Y axis (the .mdoc says 1 deg more)")
     parser.add_argument("--max-minutes", type=float, default=10.0, help="icetide's fitting budget per case")
     parser.add_argument("--reconstruct-args", default="", help="extra arguments for icetide reconstruct")
     args = parser.parse_args()
     extra = shlex.split(args.reconstruct_args)
+    if len(args.field_of_view) not in (1, 2):
+        parser.error("--field-of-view takes one size or two (ny nx)")
+    field = (args.field_of_view[0], args.field_of_view[-1])
     cases = []
     for snr_db in args.snr_db:
         for seed in args.seeds:
             case = args.out / f"snr{snr_db:g}_seed{seed}"
-            info = simulate(case, snr_db, seed, args.field_of_view)
+            info = simulate(case, snr_db, seed, field, args.tilt_axis_deg)
             cases.append(score(case, info, args.max_minutes, extra))
             print(json.dumps(cases[-1]), file=sys.stderr)
     print(json.dumps({
         "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(), "torch": torch.__version__},
-        "field_of_view": args.field_of_view, "reconstruct_args": args.reconstruct_args, "cases": cases,
+        "field_of_view": list(field), "tilt_axis_deg": args.tilt_axis_deg, "reconstruct_args": args.reconstruct_args, "cases": cases,
     }, indent=1))
 
 

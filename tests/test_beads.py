@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from icetide.beads import detect_beads, locate_beads, project_beads, rotated, solve_bead_shifts, track_beads
+from icetide.beads import bead_separation_px, detect_beads, locate_beads, project_beads, rotated, solve_bead_shifts, track_beads
+from icetide.classical import fbp, standardised
 from icetide.deform import remove_gauge
 
 ANGLES = np.arange(-60.0, 61.0, 3.0)
@@ -85,6 +86,21 @@ def test_detect_beads_leaves_out_maxima_much_weaker_than_the_beads():
     assert found[0].tolist() == [0.5, 0.5, 0.5]
     weak = detect_beads(np.where(volume > 5, 0.0, volume))  # only the features left: they are the strongest
     assert len(weak) == 2
+
+
+def test_a_bead_many_pixels_wide_is_one_candidate_when_its_diameter_is_known():
+    assert bead_separation_px(None) == bead_separation_px(5.0) == 3 and bead_separation_px(12.0) == 10
+    positions = np.array([[-25.0, -20.0, 10.0], [22.0, -18.0, -10.0], [-20.0, 24.0, -10.0], [24.0, 22.0, 10.0]])
+    v, u = np.meshgrid(np.arange(96) - 47.5, np.arange(96) - 47.5, indexing="ij")
+    images = np.random.default_rng(1).normal(0, 0.05, (ANGLES.size, 96, 96))
+    for m, view in enumerate(project_beads(positions, ANGLES)):
+        for su, sv in view:  # solid spheres 12 px wide: their FBP peaks on the rim
+            images[m] += 2 * np.sqrt(np.clip(36 - (u - su) ** 2 - (v - sv) ** 2, 0, None))
+    volume = fbp(standardised(torch.tensor(images, dtype=torch.float32)), ANGLES, 40).numpy()
+    assert len(detect_beads(volume)) > 4
+    found = detect_beads(volume, separation_px=bead_separation_px(12.0))
+    assert len(found) == 4
+    assert np.linalg.norm(found[:, None] - positions[None], axis=-1).min(axis=1).max() < 6
 
 
 def test_track_beads_finds_the_shifts_of_a_misaligned_series():
@@ -203,3 +219,20 @@ def test_a_turn_is_trusted_only_when_significant_inside_and_agreed():
     assert not turn_trusted({**found, "subsets_spread_deg": None})  # most subsets do not determine it
     assert not turn_trusted({**found, "subsets_spread_deg": 0.3})  # the subsets disagree
     assert not turn_trusted({**found, "rotation_deg": 0.02, "standard_error_deg": 0.001})  # negligible
+
+
+@pytest.mark.parametrize("pixel_size_A, used", [(20.0, True), (None, True), (10.0, False)])
+def test_a_bead_correction_counts_as_negligible_by_its_size_in_angstrom(pixel_size_A, used):
+    from icetide.config import ReconstructConfig
+    from icetide.data import TiltSeries
+    from icetide.deform import Deformations
+    from icetide.start import refine_by_beads
+
+    rng = np.random.default_rng(6)
+    positions = _beads(rng, count=10, half=30.0, depth=10.0)
+    shifts = rng.normal(0, 0.5, (ANGLES.size, 2))
+    # 96-px images keep the search at full sampling: 0.75 px RMS is 15 A at 20 A per pixel, 7.5 A at 10 A.
+    series = TiltSeries(_bead_series(positions, shifts).astype(np.float32), ANGLES, pixel_size_A)
+    moved, entry = refine_by_beads(series, ReconstructConfig(thickness=40), Deformations.identity(ANGLES, series.shape))
+    assert entry["bin"] == 1 and 0.6 < entry["shift_rms_px"] < 0.9
+    assert entry["used"] == used and (moved is not None) == used

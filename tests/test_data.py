@@ -17,3 +17,14 @@ def test_binning_averages_centred_blocks_and_scales_the_pixel_size():
     assert series.binned(1) is series
     with pytest.raises(IcetideError, match="fewer than 8"):
         series.binned(4)
+
+
+def test_quarter_turned_series_turns_the_images_and_the_tilt_axis_with_them():
+    images = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4) + np.array([0, 100], np.float32)[:, None, None]
+    series = TiltSeries(images, [-10.0, 10.0], 5.0, 88.0, half_images=images + 1)
+    turned = series.quarter_turned(1)
+    assert turned.shape == (4, 3) and turned.tilt_axis_angle_deg == pytest.approx(-2.0)
+    np.testing.assert_array_equal(turned.images[0], np.rot90(images[0]))
+    np.testing.assert_array_equal(turned.half_images, np.rot90(images + 1, axes=(1, 2)))
+    assert series.quarter_turned(0) is series
+    assert series.quarter_turned(-1).tilt_axis_angle_deg == pytest.approx(178.0)

@@ -18,6 +18,7 @@ from icetide.deform import (
     unwarp_images,
     warp_images,
 )
+from icetide.classical import align_series
 from icetide.geometry import detector_grid
 
 
@@ -189,3 +190,27 @@ def test_scaled_deformations_keep_rotations_and_scale_pixels():
     np.testing.assert_array_equal(up.angles_deg, d.angles_deg)
     np.testing.assert_array_equal(up.local_px, 2 * d.local_px)
     assert up.detector_shape == (20, 24)
+
+
+@pytest.mark.parametrize("k", [1, -1, 2])
+def test_quarter_turned_deformations_align_the_turned_images_as_the_originals(k):
+    rng = np.random.default_rng(0)
+    images = gaussian_filter(rng.normal(size=(3, 40, 40)), (0, 2, 2)).astype(np.float32)
+    d = Deformations(np.array([-30.0, 0.0, 30.0]), rng.normal(size=(3, 2)) * 2, -85 + rng.normal(size=3),
+                     rng.normal(size=(3, 2, 3, 4)) * 1.5, (40, 40))
+    turned = d.quarter_turned(k)
+    assert turned.local_px.shape == ((3, 2, 4, 3) if k % 2 else (3, 2, 3, 4))
+    np.testing.assert_allclose(turned.angles_deg, d.angles_deg + 90 * k)
+    turned_images = torch.tensor(np.ascontiguousarray(np.rot90(images, k, axes=(1, 2))))
+    np.testing.assert_allclose(align_series(turned_images, turned).numpy(),
+                               align_series(torch.tensor(images), d).numpy(), atol=1e-5)
+    back = turned.quarter_turned(-k)
+    np.testing.assert_allclose((back.angles_deg - d.angles_deg + 180) % 360 - 180, 0, atol=1e-9)
+    np.testing.assert_array_equal(back.local_px, d.local_px)
+
+
+def test_quarter_turned_deformations_swap_a_non_square_detector():
+    d = Deformations.identity([0.0, 10.0], (20, 30), grid=(2, 5))
+    turned = d.quarter_turned(1)
+    assert turned.detector_shape == (30, 20) and turned.local_px.shape == (2, 2, 5, 2)
+    assert d.quarter_turned(2).detector_shape == (20, 30)

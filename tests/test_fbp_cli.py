@@ -237,3 +237,16 @@ def test_mdoc_and_exclude_go_through_reconstructs_loader(tmp_path, clean):
     assert result.exit_code != 0 and "outside 0..12" in result.output and not (tmp_path / "bad.mrc").exists()
     result = _run(stack, "-o", tmp_path / "none.mrc")
     assert result.exit_code != 0 and "exactly one of --angles" in result.output
+
+
+def test_an_axis_nearer_the_image_x_axis_turns_the_volume_so_that_its_y_runs_along_the_axis(tmp_path, clean):
+    mrc, tlt, series = clean
+    # The same views turned by a quarter: 24 x 20 images whose tilt axis lies at +90 degrees.
+    write_mrc(tmp_path / "turned.mrc", np.ascontiguousarray(np.rot90(series, -1, axes=(1, 2))), 6.5, stack=True)
+    out = tmp_path / "vol.mrc"
+    result = _run(tmp_path / "turned.mrc", "--angles", tlt, "--tilt-axis-angle", 90, "-o", out, "--thickness", 10,
+                  "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    vol, _ = read_mrc(out)
+    assert vol.shape == (10, 20, 24)  # not the detector's 24 x 20, which would cut the field along the axis
+    np.testing.assert_allclose(vol, fbp_volume(torch.as_tensor(series), ANGLES, 10).numpy(), rtol=1e-4, atol=1e-4)

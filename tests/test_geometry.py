@@ -7,6 +7,7 @@ from icetide.geometry import (
     box_to_unit,
     centered_coords,
     detector_grid,
+    frame_quarter_turns,
     project_points,
     ray_points,
     rotation_2d,
@@ -78,3 +79,10 @@ def test_box_to_unit_maps_outer_faces():
     corners = torch.tensor([[-20.0, -10.0, -5.0], [20.0, 10.0, 5.0], [0.0, 0.0, 0.0]])
     out = box_to_unit(corners, shape)
     assert np.allclose(out.numpy(), [[0, 0, 0], [1, 1, 1], [0.5, 0.5, 0.5]])
+
+
+def test_frame_quarter_turns_bring_the_axis_within_45_degrees_of_y():
+    cases = {0: 0, 44: 0, 46: 1, 85: 1, -85: -1, 95: 1, -95: -1, 135.5: 0, 175: 0, -175: 0, 265: -1}
+    for axis, turns in cases.items():
+        assert frame_quarter_turns(axis) == turns, axis
+        assert abs((axis - 90 * turns + 90) % 180 - 90) <= 45, axis

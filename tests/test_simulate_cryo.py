@@ -84,6 +84,25 @@ def test_truth_is_the_footprint_of_the_field_without_beads(recorded):
     assert np.all(np.abs(sim.bead_centres_vox[:, 2] - sim.z_offset_vox) == 6 - 2)  # on the two surfaces
 
 
+def test_an_axis_nearer_the_image_x_axis_turns_the_truth_frame_as_icetide_turns_it():
+    settings = CryoAcquisition(**{**SMALL.__dict__, "field_of_view": (20, 28), "tilt_axis_deg": 88.0,
+                                  "drift_max_px": 0.0, "jitter_px": 0.0, "rotation_deg": 0.0, "local_px": 0.0,
+                                  "level_counts": 5000.0})
+    sim = simulate_cryo(cryo_specimen(settings, seed=1), settings, seed=2)
+    assert settings.frame_shape() == (28, 20)
+    assert sim.counts.shape == (7, 20, 28) and sim.counts_undeformed.shape == (7, 28, 20)
+    assert sim.truth.shape == (12, 28, 20)
+    assert np.all(np.abs(sim.bead_centres_vox[:, 0]) <= 0.45 * 20) and np.all(np.abs(sim.bead_centres_vox[:, 1]) <= 0.45 * 28)
+    # Without drift the recorded views are the undeformed ones turned by the rotation (-88 degrees, nearly a
+    # quarter turn): the view at 0 degrees turned back by a quarter matches its ideal projection.
+    m = int(np.argmin(np.abs(sim.tilt_angles_deg)))
+    def match(k):
+        turned = np.rot90(sim.counts[m].astype(float), k)
+        return np.corrcoef(turned[4:-4, 4:-4].ravel(), sim.counts_undeformed[m][4:-4, 4:-4].ravel())[0, 1]
+
+    assert match(1) > 0.9 and match(-1) < 0.5
+
+
 def test_files_as_the_microscope_and_ctf_program_write_them(recorded, tmp_path):
     sim = recorded
     truth = write_cryo(tmp_path, sim)

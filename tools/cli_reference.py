@@ -197,19 +197,23 @@ torchrun --nproc_per_node 4 -m icetide reconstruct sim/tilt_series.mrc --angles 
    formed about them, and plain in the blur of the beads (`tilt_axis_refinement` in `report.json`; docs/RESULTS.md
    section 11 and docs/REAL_DATA.md). Then the gold beads (`deform.bead_refinement`): found in the FBP of the
    aligned series (its strongest maxima, a bead's being at least 0.6 of the third strongest: weaker maxima are
-   dense specimen or crossing streaks), followed through every view and solved for the tilt axis' direction and
-   the per-view shifts that make them consistent with fixed 3-D positions, as fiducial alignment does; when at
-   least 4 beads are followed to within a pixel and the correction is not negligible (shifts of half a pixel RMS
-   at the search's binning, about 20 A, or a turn of 0.05 degrees; a turn only where subsets of the beads agree
-   on it, the two halves or each bead left out in turn with 4 or 5 beads, and where it is at least three times
-   its standard error, which grows as the beads' lever arm shrinks: few beads, near the centre, at one depth), it
-   joins the corrections the second fit starts from (`bead_refinement` in `report.json`). Either way
+   dense specimen or crossing streaks; maxima closer than a bead's diameter less 2 pixels, from
+   `deform.bead_diameter_nm` and the pixel size, are one bead), followed through every view and solved for the
+   tilt axis' direction and the per-view shifts that make them consistent with fixed 3-D positions, as fiducial
+   alignment does; when at least 4 beads are followed to within 20 A and the correction is not negligible (shifts
+   of 10 A RMS, half a pixel of the search's aim of 20 A, or a turn of 0.05 degrees; a turn only where subsets of
+   the beads agree on it, the two halves or each bead left out in turn with 4 or 5 beads, and where it is at least
+   three times its standard error, which grows as the beads' lever arm shrinks: few beads, near the centre, at one
+   depth), it joins the corrections the second fit starts from (`bead_refinement` in `report.json`). Either way
    `report.json` gives the final alignment's gold-bead residual (`bead_residual`: the mean distance between each
    bead as seen and its best 3-D position projected), printed at the end.
 6. The check against the start: the fit compares its alignment with its start by the even/odd-tilt FSC of the
    aligned series and keeps the better (printed as `alignment: kept the fitted one ...`; `start_check` in
    `report.json`; docs/TROUBLESHOOTING.md).
-7. The outputs, centred on the specimen's height.
+7. The outputs, centred on the specimen's height. The tomogram's Y runs along the tilt axis: where the axis
+   lies nearer the image X axis (e.g. at 85 degrees), steps 1-6 work on the images turned by a quarter turn,
+   and the tomogram, `aligned.mrc` and the FBP are `nx` tall and `ny` wide; the alignment files still describe
+   the input stack (docs/CONVENTIONS.md, "Arrays and frames").
 
 When the output is not a terminal (SLURM, nohup), progress comes as a plain line every 10 epochs or 30 s.
 

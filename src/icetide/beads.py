@@ -11,6 +11,8 @@ columns, ``v`` along rows. Everything is in pixels of the images given.
 
 from __future__ import annotations
 
+import math
+
 import warnings
 
 import numpy as np
@@ -19,7 +21,7 @@ import torch
 from .deform import remove_gauge
 from .classical import fbp, standardised
 
-__all__ = ["detect_beads", "locate_beads", "project_beads", "rotated", "solve_bead_rotation", "solve_bead_shifts",
+__all__ = ["bead_separation_px", "detect_beads", "locate_beads", "project_beads", "rotated", "solve_bead_rotation", "solve_bead_shifts",
            "track_beads", "turn_standard_error"]
 
 # A bead is a local maximum of the standardised FBP at least this many standard deviations above its median.
@@ -29,7 +31,9 @@ BEAD_MIN_Z = 6.0
 BEAD_RELATIVE_Z = 0.6
 # At most this many of the strongest maxima are followed (enough to average over; the rest add time).
 MAX_BEADS = 40
-# Maxima closer than this (pixels, at the images' sampling) count as one; also the detection margin's unit.
+# Maxima closer than this (pixels, at the images' sampling) count as one bead, or closer than the bead's diameter
+# less 2 pixels where that is more: the FBP of a bead many pixels wide peaks at points of its rim, about a pixel
+# inside it.
 BEAD_SEPARATION_PX = 3
 # A bead is looked for within this many pixels of its predicted position in each view: first about its position
 # in the FBP, then (FINE_WINDOW_PX) about the solved model's prediction, which keeps its neighbours out.
@@ -48,10 +52,18 @@ ROTATION_STEP_DEG = 0.25
 PASSES = 3
 
 
+def bead_separation_px(diameter_px: float | None) -> int:
+    """How close (pixels) two maxima of the FBP may lie and still be one bead of ``diameter_px`` pixels (None:
+    unknown): :data:`BEAD_SEPARATION_PX`, or the diameter less 2 pixels where more."""
+    if diameter_px is None:
+        return BEAD_SEPARATION_PX
+    return max(BEAD_SEPARATION_PX, math.ceil(diameter_px - 2))
+
+
 def detect_beads(volume: np.ndarray, max_beads: int = MAX_BEADS, min_z: float = BEAD_MIN_Z,
-                 margin: float = 0.06) -> np.ndarray:
+                 margin: float = 0.06, separation_px: int = BEAD_SEPARATION_PX) -> np.ndarray:
     """Bead candidates in a tomogram ``volume (nz, ny, nx)`` (dense = bright): ``(J, 3)`` positions ``(x, y, z)``
-    in voxels from the centre, strongest first. Local maxima over ``2 BEAD_SEPARATION_PX + 1`` voxels, at least
+    in voxels from the centre, strongest first. Local maxima over ``2 separation_px + 1`` voxels, at least
     ``min_z`` standard deviations above the median of the volume without a ``margin`` of each lateral side, and
     at least :data:`BEAD_RELATIVE_Z` times the third strongest."""
     from scipy import ndimage
@@ -60,7 +72,7 @@ def detect_beads(volume: np.ndarray, max_beads: int = MAX_BEADS, min_z: float = 
     r, c = int(margin * ny), int(margin * nx)
     core = volume[:, r : ny - r, c : nx - c]
     z = (core - np.median(core)) / max(float(core.std()), 1e-30)
-    peaks = np.argwhere((z == ndimage.maximum_filter(z, size=2 * BEAD_SEPARATION_PX + 1)) & (z >= min_z))
+    peaks = np.argwhere((z == ndimage.maximum_filter(z, size=2 * separation_px + 1)) & (z >= min_z))
     strength = z[tuple(peaks.T)]
     order = np.argsort(-strength, kind="stable")
     if order.size:
@@ -280,10 +292,11 @@ def _residual_without_shifts(seen: np.ndarray, tilt_angles_deg) -> float:
 
 
 def track_beads(aligned: torch.Tensor, tilt_angles_deg, thickness: int, max_beads: int = MAX_BEADS,
-                passes: int = PASSES) -> dict:
+                passes: int = PASSES, bead_diameter_px: float | None = None) -> dict:
     """Beads of an aligned series ``aligned (M, ny, nx)`` (dense = bright), followed and solved.
 
-    Candidates from the FBP (``thickness`` voxels) of the standardised images (:func:`detect_beads`); each
+    Candidates from the FBP (``thickness`` voxels) of the standardised images (:func:`detect_beads`, maxima
+    :func:`bead_separation_px` apart for beads of ``bead_diameter_px`` pixels, None: unknown); each
     located in every view (:func:`locate_beads`); those found in at least :data:`MIN_VIEW_FRACTION` of the views
     are kept and solved (:func:`solve_bead_shifts`). Then ``passes - 1`` times: located again within
     :data:`FINE_WINDOW_PX` of the solved model's predictions (a view misaligned by more than :data:`WINDOW_PX`
@@ -291,7 +304,8 @@ def track_beads(aligned: torch.Tensor, tilt_angles_deg, thickness: int, max_bead
     given) and ``seen (M, J, 2)``, the last pass's measurements of the beads kept (for
     :func:`solve_bead_rotation`); only ``beads`` (fewer than 3) when too few beads are followed."""
     images = standardised(torch.as_tensor(aligned, dtype=torch.float32))
-    positions = detect_beads(fbp(images, tilt_angles_deg, thickness).cpu().numpy(), max_beads)
+    positions = detect_beads(fbp(images, tilt_angles_deg, thickness).cpu().numpy(), max_beads,
+                             separation_px=bead_separation_px(bead_diameter_px))
     images = images.cpu().numpy()
     predicted = project_beads(positions, tilt_angles_deg)
     start = None

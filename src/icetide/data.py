@@ -108,6 +108,22 @@ class TiltSeries:
         """Detector shape ``(ny, nx)``."""
         return self.images.shape[1], self.images.shape[2]
 
+    def quarter_turned(self, k: int) -> "TiltSeries":
+        """The series with every image turned by ``k`` quarter turns (``np.rot90(image, k)``: ``(ny, nx)`` becomes
+        ``(nx, ny)`` for odd ``k``) and the tilt axis with them (``tilt_axis_angle_deg - 90 k``). ``k`` 0 returns
+        the series itself."""
+        k = (int(k) + 1) % 4 - 1  # -1, 0, 1 or 2: the smallest turn
+        if k == 0:
+            return self
+
+        def turn(stack: np.ndarray) -> np.ndarray:
+            return np.ascontiguousarray(np.rot90(stack, k, axes=(1, 2)))
+
+        return TiltSeries(
+            turn(self.images), self.tilt_angles_deg, self.pixel_size_A, self.tilt_axis_angle_deg - 90.0 * k,
+            self.defocus_A, self.pre_exposure_e_per_A2, None if self.half_images is None else turn(self.half_images),
+        )
+
     def binned(self, factor: int) -> "TiltSeries":
         """The series binned by ``factor``: each image cut to a multiple of ``factor`` per axis (the remainder
         split between both edges) and averaged over ``factor x factor`` blocks (as IMOD's ``newstack -bin``);

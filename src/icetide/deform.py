@@ -119,6 +119,20 @@ class Deformations:
             detector_shape, self.local_interpolation, dict(self.extra),
         )
 
+    def quarter_turned(self, k: int) -> "Deformations":
+        """The same deformations for the images turned by ``k`` quarter turns as ``np.rot90(image, k)`` turns
+        them (:meth:`icetide.data.TiltSeries.quarter_turned`): a pixel at ``x`` comes to ``Q x``, ``Q = R(-90 k
+        degrees)``, so the rotations grow by ``90 k`` degrees, the shifts stay and the local fields' control grid
+        and vectors turn with the images. Exact: both describe the same map to the ideal projection."""
+        k = (int(k) + 1) % 4 - 1  # -1, 0, 1 or 2: the smallest turn
+        q = np.round(rotation_2d(deg2rad(-90.0 * k)).numpy()).astype(np.float64)
+        local = np.einsum("ij,mjab->miab", q, np.rot90(self.local_px, k, axes=(2, 3)))
+        shape = self.detector_shape if k % 2 == 0 else self.detector_shape[::-1]
+        return Deformations(
+            self.tilt_angles_deg, self.shifts_px.copy(), self.angles_deg + 90.0 * k, np.ascontiguousarray(local),
+            shape, self.local_interpolation, dict(self.extra),
+        )
+
     def subset(self, index) -> "Deformations":
         """The deformations of the tilts selected by ``index`` (a mask or integer array)."""
         return Deformations(

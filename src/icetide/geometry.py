@@ -22,6 +22,7 @@ __all__ = [
     "centered_coords",
     "default_thickness",
     "detector_grid",
+    "frame_quarter_turns",
     "rotation_y",
     "rotation_2d",
     "project_points",
@@ -131,3 +132,13 @@ def slab_padding_px(nx: int, nz: int, max_tilt_deg: float) -> int:
 def default_thickness(detector_shape: tuple[int, int]) -> int:
     """The default slab thickness in voxels: half the smaller detector side (at least 8)."""
     return max(8, min(detector_shape) // 2)
+
+
+def frame_quarter_turns(tilt_axis_deg: float) -> int:
+    """Quarter turns ``k`` (``np.rot90``'s, -1, 0 or 1) that bring a tilt axis at ``tilt_axis_deg`` (counter-clockwise
+    from the image Y axis) within 45 degrees of the Y axis: ``tilt_axis_deg - 90 k``. The tomogram's Y runs along
+    the tilt axis, so a detector whose axis lies nearer its X axis is turned first, and the tomogram spans the
+    field along the axis (a 4092 x 5760 detector with the axis at 85 degrees gives a tomogram 5760 long in Y)."""
+    k = int(np.round(float(tilt_axis_deg) / 90.0)) % 4
+    return {1: 1, 3: -1}.get(k, 0)
+

@@ -35,7 +35,7 @@ from .ctf import tilt_axis_on_images_deg
 from .data import InputStack, TiltSeries
 from .deform import Deformations
 from .fit import Fitter, FitResult, run_fit
-from .geometry import default_thickness
+from .geometry import default_thickness, frame_quarter_turns
 from .intensity import output_polarity
 from .io import imod_view_list, read_deformations, write_deformations, write_json, write_mrc, write_tlt, write_view_list, write_xf
 from .io.relion import RelionTomogram, write_relion_tilt_series_star, write_relion_tomograms_star
@@ -259,13 +259,22 @@ def _without_axis(series: TiltSeries) -> TiltSeries:
     return moved
 
 
+def _axis_in_input_frame(entry: dict, turn_deg: float) -> None:
+    """A report entry's tilt-axis directions (``*_deg`` but for ranges and turns), found on images turned by
+    ``turn_deg``, as they lie on the input images (in place)."""
+    for key in ("start_deg", "estimate_deg", "fitted_deg", "candidates_deg"):
+        if turn_deg and entry.get(key) is not None:
+            entry[key] = (np.asarray(entry[key], dtype=np.float64) + turn_deg).tolist()
+
+
 def _after_first_fit(
     series: TiltSeries, config: ReconstructConfig, stage: _FitStage, timings: dict[str, float],
-    phase: Callable[[str], None],
+    phase: Callable[[str], None], turn_deg: float,
 ) -> tuple[Deformations | None, ReconstructConfig | None, dict | None, dict | None]:
     """The refinements of the first fit's alignment (tilt axis, gold beads; each as ``config.deform`` asks):
     the start and settings of a second fit (None, None when none is to run) and their report entries (None when
-    off). Adds to ``timings``."""
+    off; their tilt axes on the input images, ``turn_deg`` more than on the turned ``series``). Adds to
+    ``timings``."""
     t0 = time.monotonic()
     # On the specimen's height: the sharpness FBP's box holds the beads on both of its surfaces.
     start = centred_on_specimen(stage.fit_series, stage.result.deformations, stage.result.volume.box_shape_zyx[0])[0]
@@ -273,6 +282,7 @@ def _after_first_fit(
     if config.deform.axis_refine_deg > 0:
         phase("refining the tilt axis")
         moved, refinement = refine_tilt_axis(series, config, start)
+        _axis_in_input_frame(refinement, turn_deg)
         if moved is not None:
             start = moved
             used.append((refinement, f"the tilt axis at {refinement['estimate_deg']:.2f} deg, "
@@ -280,6 +290,7 @@ def _after_first_fit(
     if config.deform.bead_refinement:
         phase("following the gold beads")
         moved, beads = refine_by_beads(series, config, start)
+        _axis_in_input_frame(beads, turn_deg)
         if moved is not None:
             start = moved
             used.append((beads, f"{beads['beads']} gold beads (axis at {beads['estimate_deg']:.2f} deg, shifts "
@@ -325,6 +336,14 @@ def _fit_and_write(
     writer = distributed_rank()[0] == 0
     if writer:
         save_config(out_dir / "config.yaml", config)
+    # The tomogram's Y runs along the tilt axis: a detector whose axis lies nearer its X axis is turned first.
+    turns = frame_quarter_turns(tilt_axis_on_images_deg(series.tilt_axis_angle_deg,
+                                                        None if init is None else init.angles_deg))
+    turn_deg = 90.0 * turns
+    raw_shape = series.shape
+    series = series.quarter_turned(turns)
+    if init is not None:
+        series, init = _without_axis(series), init.quarter_turned(turns)
     input_shape, factor = series.shape, config.bin
     series = series.binned(factor)
     if init is not None and factor != 1:
@@ -338,10 +357,11 @@ def _fit_and_write(
         t0 = time.monotonic()
         phase("searching the tilt axis")
         series, axis_search = search_tilt_axis(series, config)
+        _axis_in_input_frame(axis_search, turn_deg)
         _add_time(timings, "axis_search_s", t0)
     stage = _fit_stage(series, config, init, resume, ckpt, on_epoch, phase, timings)
     if init is None and not resume:
-        start, refit_config, refinement, beads = _after_first_fit(series, config, stage, timings, phase)
+        start, refit_config, refinement, beads = _after_first_fit(series, config, stage, timings, phase, turn_deg)
         if refit_config is not None:
             if writer:
                 write_deformations(refit_start, start)
@@ -383,7 +403,7 @@ def _fit_and_write(
     timings["sample_s"] = time.monotonic() - t0
     t0 = time.monotonic()
     phase("aligning the series and FBP")
-    written = d.scaled(factor, input_shape) if factor != 1 else d
+    written = (d.scaled(factor, input_shape) if factor != 1 else d).quarter_turned(-turns)
     write_deformations(out_dir / "deformations.json", written)
     exported = write_alignment_files(out_dir, names, written, input_stack, config,
                                      None if voxel is None else voxel / factor, tomogram.shape, source_path)
@@ -426,10 +446,11 @@ def _fit_and_write(
     report["input"] = {
         "n_tilts": series.n_tilts,
         "n_stack_views": len(input_stack.tilt_angles_deg),
-        "detector_shape": list(input_shape),
+        "detector_shape": list(raw_shape),
+        "quarter_turns": turns,
         "fit_detector_shape": list(series.shape),
         "pixel_size_A": voxel,
-        "tilt_axis_angle_deg": axis,
+        "tilt_axis_angle_deg": axis + turn_deg,
     }
     write_json(out_dir / "report.json", report)
     return report

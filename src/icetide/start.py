@@ -48,7 +48,8 @@ AXIS_OFFSET_RANGE = 0.08
 AXIS_OFFSET_MIN_PX = 1.0
 # The bead refinement is used when at least BEAD_MIN_COUNT beads are followed, their residual with the solved
 # shifts is at most BEAD_MAX_RESIDUAL_PX and those shifts move the views by at least BEAD_MIN_MOVE_PX RMS (both
-# in pixels of the search's binning, about 20 A: a bead is a few pixels wide there).
+# in pixels of AXIS_SEARCH_PIXEL_A, the search's aim: a bead is a few pixels wide there; scaled to the search's
+# own pixels where a small field keeps it finer).
 BEAD_MIN_COUNT = 4
 BEAD_MAX_RESIDUAL_PX = 1.0
 BEAD_MIN_MOVE_PX = 0.5
@@ -313,12 +314,14 @@ def refine_by_beads(raw: TiltSeries, config: ReconstructConfig, d: Deformations)
     axis before and after) and ``bin``."""
     factor, images, _ = _search_view(raw, config, d)
     thickness = config.thickness or default_thickness(raw.shape)
+    diameter_px = None if raw.pixel_size_A is None else 10 * config.deform.bead_diameter_nm / (raw.pixel_size_A * factor)
     entry: dict = {"measure": "gold beads followed through the aligned views (icetide.beads.track_beads)",
                    "bin": factor}
     current, turn, start = copy.deepcopy(d), 0.0, None
     for round_ in range(BEAD_TURN_ROUNDS + 1):
         scaled = current.scaled(1 / factor, images.shape[1:]) if factor > 1 else current
-        found = track_beads(align_series(torch.as_tensor(images), scaled), d.tilt_angles_deg, thickness)
+        found = track_beads(align_series(torch.as_tensor(images), scaled), d.tilt_angles_deg, thickness,
+                            bead_diameter_px=diameter_px)
         entry["beads"] = found["beads"]
         if found["beads"] < BEAD_MIN_COUNT:
             return None, {**entry, "used": False, "note": f"fewer than {BEAD_MIN_COUNT} beads followed"}
@@ -338,11 +341,12 @@ def refine_by_beads(raw: TiltSeries, config: ReconstructConfig, d: Deformations)
     fitted_axis = -float(np.median(d.angles_deg))
     entry.update(residual_px=start * factor, solved_residual_px=found["residual_px"] * factor,
                  shift_rms_px=move * factor, rotation_deg=turn, fitted_deg=fitted_axis, estimate_deg=fitted_axis - turn)
-    if not found["residual_px"] <= min(BEAD_MAX_RESIDUAL_PX, start):
+    per_px = 1.0 if raw.pixel_size_A is None else AXIS_SEARCH_PIXEL_A / (raw.pixel_size_A * factor)
+    if not found["residual_px"] <= min(BEAD_MAX_RESIDUAL_PX * per_px, start):
         return None, {**entry, "used": False, "note": "the beads are not followed consistently"}
-    if move < BEAD_MIN_MOVE_PX and not turn:
-        return None, {**entry, "used": False, "note": f"the beads move the views by less than {BEAD_MIN_MOVE_PX} "
-                      f"px RMS (at the search's binning) and turn them by less than {BEAD_MIN_TURN_DEG} deg"}
+    if move < BEAD_MIN_MOVE_PX * per_px and not turn:
+        return None, {**entry, "used": False, "note": f"the beads move the views by less than "
+                      f"{BEAD_MIN_MOVE_PX * per_px * factor:.2g} px RMS and turn them by less than {BEAD_MIN_TURN_DEG} deg"}
     current.shifts_px = current.shifts_px + found["shifts_px"] * factor
     return current, {**entry, "used": True}
 

@@ -256,7 +256,7 @@ def _prepared(o: FbpOptions, cfg: ReconstructConfig) -> tuple[TiltSeries, Option
     """The series as reconstructed (binned, corrected), the deformations to undo (``None``: none) and the
     thickness in voxels, checked against the binned detector."""
     from ..ctf import tilt_axis_on_images_deg
-    from ..geometry import default_thickness
+    from ..geometry import default_thickness, frame_quarter_turns
 
     # The same loader as reconstruct: angles or .mdoc, --exclude, --invert (before SIRT's positivity, which is
     # not linear), defocus and exposure per view of the stack, an alignment file for every view of the stack.
@@ -270,6 +270,10 @@ def _prepared(o: FbpOptions, cfg: ReconstructConfig) -> tuple[TiltSeries, Option
         d = Deformations.identity(series.tilt_angles_deg, series.shape)
         # A tilt axis drawn at psi degrees counter-clockwise from the image Y axis is alpha = -psi (deform.py).
         d.angles_deg = np.full(series.n_tilts, -float(series.tilt_axis_angle_deg))
+    if d is not None:
+        # As reconstruct does: the volume's Y along the tilt axis (icetide.geometry.frame_quarter_turns).
+        turns = frame_quarter_turns(tilt_axis_on_images_deg(0.0, d.angles_deg))
+        series, d = series.quarter_turned(turns), d.quarter_turned(turns)
     if cfg.bin > 1:
         series = series.binned(cfg.bin)
         d = None if d is None else d.scaled(1 / cfg.bin, series.shape)

@@ -39,7 +39,7 @@ import torch
 from ..ctf import Microscope, dose_symmetric_order
 from ..deform import Deformations, deform_coords
 from ..errors import IcetideError
-from ..geometry import detector_grid
+from ..geometry import detector_grid, frame_quarter_turns
 from .acquire import DeformationProfile, local_fields, project_deformed
 from .optics import Optics, optics_image_formation, optics_layers, optics_pre_exposure
 
@@ -126,6 +126,12 @@ class CryoAcquisition:
         n = int(math.floor((self.tilt_max_deg - self.tilt_min_deg) / self.tilt_step_deg + 1e-9)) + 1
         return np.round(self.tilt_min_deg + self.tilt_step_deg * np.arange(n), 9)
 
+    def frame_shape(self) -> tuple[int, int]:
+        """``(ny, nx)`` of the tilt-axis frame (truth, undeformed projections): the field of view, turned as
+        icetide turns it when the tilt axis lies nearer the image X axis (:func:`icetide.geometry.frame_quarter_turns`)."""
+        ny, nx = self.field_of_view
+        return (nx, ny) if frame_quarter_turns(self.tilt_axis_deg) % 2 else (ny, nx)
+
     def optics(self) -> Optics:
         """The CTF and radiation damage of this acquisition (the per-view defocus is drawn by :func:`simulate_cryo`)."""
         n = len(self.tilt_angles_deg())
@@ -185,7 +191,7 @@ def cryo_box_shape(settings: CryoAcquisition, specimen_nz: int) -> tuple[int, in
     theta = math.radians(max(abs(settings.tilt_min_deg), abs(settings.tilt_max_deg)))
     half_depth = specimen_nz / 2 + abs(settings.z_offset_A) / settings.pixel_size_A + 1
     half_x = (reach + half_depth * math.sin(theta)) / math.cos(theta)
-    ny, nx = settings.field_of_view
+    ny, nx = settings.frame_shape()
     need_y = 2 * math.ceil(reach) + 2
     need_x = 2 * math.ceil(half_x) + 2
     return need_y + (need_y - ny) % 2, need_x + (need_x - nx) % 2
@@ -226,7 +232,7 @@ def _bead_centres(
     90 % of the field of view at 0 degrees, at least 1.5 diameters apart."""
     radius = settings.bead_diameter_A / settings.pixel_size_A / 2
     surface = max(specimen_nz / 2 - radius, 0.0)
-    half = 0.45 * np.asarray(settings.field_of_view[::-1], dtype=np.float64) - radius
+    half = 0.45 * np.asarray(settings.frame_shape()[::-1], dtype=np.float64) - radius
     centres: list[np.ndarray] = []
     tries = 0
     while len(centres) < settings.n_beads:
@@ -277,7 +283,8 @@ def _specimen_images(
     thickness = box.shape[0] + 1.0
     layers = optics_layers(optics, thickness, float(np.abs(angles).max()))
     formation = optics_image_formation(optics, angles, defocus_A, pre_exposure, thickness)
-    images = project_deformed(box, angles, d, tuple(settings.field_of_view), on_tilt=on_view, n_slabs=layers,
+    shape = tuple(settings.field_of_view) if d is not None else settings.frame_shape()
+    images = project_deformed(box, angles, d, shape, on_tilt=on_view, n_slabs=layers,
                               image_formation=formation)
     return images.double().numpy()
 
@@ -287,7 +294,7 @@ def _add_beads(
 ) -> np.ndarray:
     """Add the beads' amplitude contrast to ``contrast (M, H, W)`` in place; returns the mask of pixels at
     least 2 px away from every bead's image."""
-    shape = tuple(settings.field_of_view)
+    shape = tuple(settings.field_of_view) if d is not None else settings.frame_shape()
     radius = settings.bead_diameter_A / settings.pixel_size_A / 2
     per_voxel = settings.bead_contrast / (2 * radius)
     clear = np.ones(contrast.shape, dtype=bool)
@@ -398,8 +405,9 @@ def simulate_cryo(
     for name in ("deformed", "undeformed"):
         expected[name] = levels[:, None, None] * (1 - contrast[name])
         recorded[name] = _record(expected[name], settings.noise, rng)
-    cy, cx = (ny - settings.field_of_view[0]) // 2, (nx - settings.field_of_view[1]) // 2
-    truth = np.ascontiguousarray(volume.numpy()[:, cy : cy + settings.field_of_view[0], cx : cx + settings.field_of_view[1]])
+    fy, fx = settings.frame_shape()
+    cy, cx = (ny - fy) // 2, (nx - fx) // 2
+    truth = np.ascontiguousarray(volume.numpy()[:, cy : cy + fy, cx : cx + fx])
     return CryoSeries(
         counts=recorded["deformed"],
         counts_undeformed=recorded["undeformed"],
