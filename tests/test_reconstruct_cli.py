@@ -538,22 +538,28 @@ def test_bin_fits_the_binned_stack_and_writes_the_alignment_in_input_pixels(seri
     assert (check["kept"] == "fit") == (check["fit_score"] >= check["start_score"])
 
 
-def test_an_axis_nearer_the_image_x_axis_gives_a_tomogram_whose_y_runs_along_it(series_files, tmp_path):
+@pytest.mark.parametrize("bin_by", [1, 2])
+def test_an_axis_nearer_the_image_x_axis_gives_a_tomogram_whose_y_runs_along_it(series_files, tmp_path, bin_by):
     f = series_files
-    stack, _ = read_mrc(f / "ts.mrc")
-    # The fixture's views turned by a quarter: 32 x 24 images whose tilt axis lies at +90 degrees.
+    full = SHAPE if bin_by == 1 else (12, 40, 36)
+    write_series(tmp_path / "ts.mrc", crowded_phantom(full, seed=2), seed=0, voxel_size_A=8.0)
+    stack, _ = read_mrc(tmp_path / "ts.mrc")
+    # The views turned by a quarter: nx x ny images whose tilt axis lies at +90 degrees.
     write_mrc(tmp_path / "turned.mrc", np.ascontiguousarray(np.rot90(stack, -1, axes=(1, 2))), 8.0, stack=True)
     out = tmp_path / "rec"
     result = _run("reconstruct", tmp_path / "turned.mrc", "--angles", f / "ts.tlt", "--tilt-axis-angle", 88, "-o", out,
-                  "--thickness", 12, "--epochs", 2, "--config", f / "tiny.yaml", "--device", "cpu")
+                  "--thickness", 12 // bin_by, "--bin", bin_by, "--epochs", 2, "--config", f / "tiny.yaml",
+                  "--device", "cpu")
     assert result.exit_code == 0, result.output
-    assert read_mrc(out / "tomogram.mrc")[0].shape == SHAPE  # Y along the axis: the whole field in every output
-    assert read_mrc(out / "aligned.mrc")[0].shape == (len(ANGLES), *SHAPE[1:])
-    assert read_mrc(out / "turned_fbp.mrc")[0].shape == SHAPE
+    shape = tuple(n // bin_by for n in full)
+    assert read_mrc(out / "tomogram.mrc")[0].shape == shape  # Y along the axis: the whole field in every output
+    assert read_mrc(out / "aligned.mrc")[0].shape == (len(ANGLES), *shape[1:])
+    assert read_mrc(out / "turned_fbp.mrc")[0].shape == shape
     est = read_deformations(out / "deformations.json")
-    assert est.detector_shape == SHAPE[2:0:-1]  # the input stack's pixels
+    assert est.detector_shape == full[2:0:-1]  # the input stack's pixels
     report = json.loads((out / "report.json").read_text())
-    assert report["input"]["quarter_turns"] == 1 and report["input"]["fit_detector_shape"] == list(SHAPE[1:])
+    assert report["input"]["quarter_turns"] == 1 and report["input"]["fit_detector_shape"] == list(shape[1:])
+    assert report["input"]["detector_shape"] == list(full[2:0:-1])
     assert 84 <= report["input"]["tilt_axis_angle_deg"] <= 92
     assert 84 <= report["tilt_axis_search"]["estimate_deg"] <= 92
     xf = read_xf(out / "turned.xf")

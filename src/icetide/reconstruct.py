@@ -340,14 +340,12 @@ def _fit_and_write(
     turns = frame_quarter_turns(tilt_axis_on_images_deg(series.tilt_axis_angle_deg,
                                                         None if init is None else init.angles_deg))
     turn_deg = 90.0 * turns
-    raw_shape = series.shape
-    series = series.quarter_turned(turns)
+    input_shape, factor = series.shape, config.bin
+    series = series.binned(factor).quarter_turned(turns)  # binned first: a copy of the binned stack only
     if init is not None:
         series, init = _without_axis(series), init.quarter_turned(turns)
-    input_shape, factor = series.shape, config.bin
-    series = series.binned(factor)
-    if init is not None and factor != 1:
-        init = init.scaled(1 / factor, series.shape)
+        if factor != 1:
+            init = init.scaled(1 / factor, series.shape)
     ckpt, refit_start = out_dir / "checkpoint.pt", out_dir / REFIT_START_NAME
     axis_search = refinement = beads = None
     if resume and refit_start.is_file():  # the run was in its second fit
@@ -403,7 +401,8 @@ def _fit_and_write(
     timings["sample_s"] = time.monotonic() - t0
     t0 = time.monotonic()
     phase("aligning the series and FBP")
-    written = (d.scaled(factor, input_shape) if factor != 1 else d).quarter_turned(-turns)
+    turned_input = input_shape[::-1] if turns % 2 else input_shape
+    written = (d.scaled(factor, turned_input) if factor != 1 else d).quarter_turned(-turns)
     write_deformations(out_dir / "deformations.json", written)
     exported = write_alignment_files(out_dir, names, written, input_stack, config,
                                      None if voxel is None else voxel / factor, tomogram.shape, source_path)
@@ -446,7 +445,7 @@ def _fit_and_write(
     report["input"] = {
         "n_tilts": series.n_tilts,
         "n_stack_views": len(input_stack.tilt_angles_deg),
-        "detector_shape": list(raw_shape),
+        "detector_shape": list(input_shape),
         "quarter_turns": turns,
         "fit_detector_shape": list(series.shape),
         "pixel_size_A": voxel,

@@ -270,13 +270,13 @@ def _prepared(o: FbpOptions, cfg: ReconstructConfig) -> tuple[TiltSeries, Option
         d = Deformations.identity(series.tilt_angles_deg, series.shape)
         # A tilt axis drawn at psi degrees counter-clockwise from the image Y axis is alpha = -psi (deform.py).
         d.angles_deg = np.full(series.n_tilts, -float(series.tilt_axis_angle_deg))
+    if cfg.bin > 1:
+        series = series.binned(cfg.bin)
+        d = None if d is None else d.scaled(1 / cfg.bin, series.shape)
     if d is not None:
         # As reconstruct does: the volume's Y along the tilt axis (icetide.geometry.frame_quarter_turns).
         turns = frame_quarter_turns(tilt_axis_on_images_deg(0.0, d.angles_deg))
         series, d = series.quarter_turned(turns), d.quarter_turned(turns)
-    if cfg.bin > 1:
-        series = series.binned(cfg.bin)
-        d = None if d is None else d.scaled(1 / cfg.bin, series.shape)
     if o.defocus is not None or o.pre_exposure is not None:
         series = _corrected(series, cfg, tilt_axis_on_images_deg(0.0, None if d is None else d.angles_deg))
     return series, d, thickness
