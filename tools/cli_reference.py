@@ -225,7 +225,7 @@ series' name), so that tomograms from many folders can be pooled.
 
 | file | what it is |
 | --- | --- |
-| `STEM_rec.mrc` | icetide's tomogram: the implicit volume sampled on the voxel grid, `(thickness, ny, nx)` at the `--bin` sampling, in the units of the fitted contrast |
+| `STEM_rec.mrc` | icetide's tomogram: the implicit volume sampled on the voxel grid, `(thickness, ny, nx)` at the `--bin` sampling (`nx, ny` when the tilt axis lies nearer the image X axis), in the units of the fitted contrast |
 | `STEM_fbp.mrc` | FBP of the aligned series (same grid) |
 | `STEM_ali.mrc` | the input series (after `--invert` and any CTF correction) with the estimated deformations undone |
 | `tomogram.mrc`, `aligned.mrc` | links to `STEM_rec.mrc` and `STEM_ali.mrc`, the same names in every folder (for scripts) |
