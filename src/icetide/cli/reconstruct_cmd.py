@@ -198,15 +198,15 @@ def reconstruct(
 ) -> None:
     """Jointly estimate the 3-D density and the per-tilt deformations (shift, in-plane rotation, local warp).
 
-    Outputs are named after the series' stem STEM (TS_07 for TS_07.mrc), as IMOD names them: OUT/STEM_rec.mrc
-    (the tomogram: thickness, ny, nx, or nx, ny when the tilt axis lies nearer the image X axis), OUT/STEM_ali.mrc
-    (the aligned stack), OUT/STEM_fbp.mrc (its FBP), OUT/STEM.xf + STEM.tlt (IMOD; + STEM.exclude with
-    --exclude), OUT/STEM.star + tomograms.star (RELION-5, when the pixel size is known), OUT/deformations.json, OUT/config.yaml, OUT/report.json, OUT/icetide.log and
-    OUT/checkpoint.pt; OUT/tomogram.mrc and OUT/aligned.mrc link to the tomogram and the aligned stack. The IMOD
-    and RELION files carry shifts and rotations only; the local fields are in deformations.json. With --defocus
-    (and --exposure-weighting) the series is corrected first: the fit, STEM_ali.mrc and STEM_fbp.mrc see the
-    corrected images. The volumes are written with density bright
-    unless --polarity input (docs/CONVENTIONS.md "Intensity units").
+    Outputs are named after the series' stem STEM (TS_07 for TS_07.mrc), as IMOD names them: OUT/STEM_rec.mrc (the
+    tomogram: thickness, ny, nx, or nx, ny when the tilt axis lies nearer the image X axis), OUT/STEM_ali.mrc (the
+    aligned stack), OUT/STEM_fbp.mrc (its FBP), OUT/STEM.xf + STEM.tlt (IMOD; + STEM.exclude with --exclude),
+    OUT/STEM.star + tomograms.star (RELION-5, when the pixel size is known), OUT/deformations.json, OUT/config.yaml,
+    OUT/report.json, OUT/icetide.log and OUT/checkpoint.pt; OUT/tomogram.mrc and OUT/aligned.mrc link to the
+    tomogram and the aligned stack. The IMOD and RELION files carry shifts and rotations only; the local fields are
+    in deformations.json. With --defocus (and --exposure-weighting) the series is corrected first: the fit,
+    STEM_ali.mrc and STEM_fbp.mrc see the corrected images. The volumes are written with density bright unless
+    --polarity input (docs/CONVENTIONS.md "Intensity units").
     """
     run_reconstruct(ReconstructOptions(**locals()))
 
