@@ -270,3 +270,16 @@ def test_deformations_of_different_tilts_are_refused():
     other = Deformations(ANGLES + 1, d.shifts_px, d.angles_deg, d.local_px, DETECTOR)
     with pytest.raises(IcetideError, match="tilt angles"):
         deformation_errors(d, other)
+
+
+def test_fsc_resolution_passes_over_shells_of_a_few_fourier_voxels():
+    # A volume much longer along x: the first shell holds only the coefficient (0, 0, 1) and its twin. Flipped in
+    # one volume, it anticorrelates that shell, which says nothing about the resolution.
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((16, 24, 40)).astype(np.float32)
+    spectrum = np.fft.rfftn(a)
+    spectrum[0, 0, 1] *= -1
+    b = np.fft.irfftn(spectrum, a.shape, axes=(0, 1, 2)).astype(np.float32)
+    result = fsc(a, b)
+    assert result["n_voxels"][0] == 2 and result["fsc"][0] < 0 and np.all(result["fsc"][1:] > 0.99)
+    assert result["resolution"]["0.143"]["nyquist_limited"]

@@ -44,6 +44,10 @@ __all__ = [
 ]
 
 FSC_THRESHOLDS = (0.5, 0.143)
+# A shell of fewer Fourier voxels than this says nothing about the resolution and is passed over when looking
+# for the crossing: the lowest shells of a volume much longer along one axis hold a few coefficients (the first
+# shell of a 96 x 160 x 240 volume holds 2).
+FSC_MIN_SHELL_VOXELS = 10
 # Soft edge (voxels) applied before the FSC of volumes cut by a box: hard edges shared by both volumes
 # correlate at high frequency.
 FSC_TAPER_VOX = 4.0
@@ -178,8 +182,12 @@ def _crossing(frequency: np.ndarray, curve: np.ndarray, threshold: float) -> flo
     return float(f0 + (c0 - threshold) / (c0 - c1) * (f1 - f0))
 
 
-def _resolution(frequency: np.ndarray, curve: np.ndarray, voxel_size_A: float | None) -> dict[str, dict]:
-    """Resolution at each of :data:`FSC_THRESHOLDS`: crossing frequency, ``1/f`` in voxels and Angstrom."""
+def _resolution(frequency: np.ndarray, curve: np.ndarray, voxel_size_A: float | None,
+                counts: np.ndarray | None = None) -> dict[str, dict]:
+    """Resolution at each of :data:`FSC_THRESHOLDS`: crossing frequency, ``1/f`` in voxels and Angstrom, over
+    the shells of at least :data:`FSC_MIN_SHELL_VOXELS` Fourier voxels (``counts``; None: every shell)."""
+    if counts is not None:
+        frequency, curve = frequency[counts >= FSC_MIN_SHELL_VOXELS], curve[counts >= FSC_MIN_SHELL_VOXELS]
     result = {}
     for threshold in FSC_THRESHOLDS:
         f = _crossing(frequency, curve, threshold)
@@ -209,8 +217,8 @@ def fsc(
     ``frequency`` (shell centres, cycles/voxel), ``fsc`` and ``n_voxels`` (Fourier voxels per shell), each
     ``(n_shells,)``; ``shell_width``; ``resolution``: per threshold ("0.5", "0.143") the crossing
     ``frequency``, ``voxels`` = 1/f, ``angstrom`` (when ``voxel_size_A`` is given) and ``nyquist_limited``
-    (true, with the values ``None``, when the curve never drops below the threshold). A shell where either
-    volume has no power gets FSC 0.
+    (true, with the values ``None``, when the curve never drops below the threshold), over the shells of at least
+    :data:`FSC_MIN_SHELL_VOXELS` Fourier voxels. A shell where either volume has no power gets FSC 0.
     """
     a, b = np.asarray(a, dtype=np.float32), np.asarray(b, dtype=np.float32)
     _check_same_shape(a, b)
@@ -243,7 +251,7 @@ def fsc(
         "fsc": curve,
         "n_voxels": counts,
         "shell_width": width,
-        "resolution": _resolution(frequency, curve, voxel_size_A),
+        "resolution": _resolution(frequency, curve, voxel_size_A, counts),
     }
 
 
