@@ -154,7 +154,8 @@ def main() -> None:
         print(json.dumps({"skipped": f"{DATA} is not available"}))
         return
     # A start alignment holds the axis in its rotations: reconstruct refuses --tilt-axis-angle beside it.
-    start = ["--xf", str(DATA / "00254.xf")] if args.from_published else ["--tilt-axis-angle", str(args.tilt_axis_angle)]
+    start = (["--xf", str(DATA / "00254.xf")] if args.from_published
+             else ["--tilt-axis-angle", str(args.tilt_axis_angle)])
     command = [
         "icetide", "reconstruct", str(stack_path), "--angles", str(tlt_path), "--invert", "--bin", str(args.bin),
         *start, "--thickness", str(args.thickness), "--max-minutes", str(args.max_minutes), "-o", str(args.out),

@@ -1,8 +1,8 @@
 """Realistic cryo-ET acquisitions with known truth: icetide run as a cryo-ET user would, against the oracle.
 
-Usage: ``python benchmarks/realistic.py --out DIR [--snr-db 0 -10] [--seeds 0 1] [--field-of-view 160 | NY NX] [--tilt-axis-deg 3]
-[--max-minutes 10] [--reconstruct-args "..."]``; a case whose ``DIR/<case>/icetide/report.json`` exists is
-scored again without a new fit.
+Usage: ``python benchmarks/realistic.py --out DIR [--snr-db 0 -10] [--seeds 0 1] [--field-of-view 160 | NY NX]
+[--tilt-axis-deg 3] [--max-minutes 10] [--reconstruct-args "..."]``; a case whose
+``DIR/<case>/icetide/report.json`` exists is scored again without a new fit.
 
 Each case is :func:`icetide.simulate.cryo.simulate_cryo` of a generated crowded specimen (protein maps from
 ``../shared/data/proteins/maps_10A`` when present, Gaussian blobs otherwise) with the default acquisition
@@ -219,7 +219,8 @@ def main() -> None:
             print(json.dumps(cases[-1]), file=sys.stderr)
     print(json.dumps({
         "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(), "torch": torch.__version__},
-        "field_of_view": list(field), "tilt_axis_deg": args.tilt_axis_deg, "reconstruct_args": args.reconstruct_args, "cases": cases,
+        "field_of_view": list(field), "tilt_axis_deg": args.tilt_axis_deg, "reconstruct_args": args.reconstruct_args,
+        "cases": cases,
     }, indent=1))
 
 

@@ -12,7 +12,6 @@ columns, ``v`` along rows. Everything is in pixels of the images given.
 from __future__ import annotations
 
 import math
-
 import warnings
 
 import numpy as np
@@ -21,8 +20,8 @@ import torch
 from .deform import remove_gauge
 from .classical import fbp, standardised
 
-__all__ = ["bead_separation_px", "detect_beads", "locate_beads", "project_beads", "rotated", "solve_bead_rotation", "solve_bead_shifts",
-           "track_beads", "turn_standard_error"]
+__all__ = ["bead_separation_px", "detect_beads", "locate_beads", "project_beads", "rotated", "solve_bead_rotation",
+           "solve_bead_shifts", "track_beads", "turn_standard_error"]
 
 # A bead is a local maximum of the standardised FBP at least this many standard deviations above its median.
 BEAD_MIN_Z = 6.0

@@ -187,7 +187,8 @@ def _resolution(frequency: np.ndarray, curve: np.ndarray, voxel_size_A: float | 
     """Resolution at each of :data:`FSC_THRESHOLDS`: crossing frequency, ``1/f`` in voxels and Angstrom, over
     the shells of at least :data:`FSC_MIN_SHELL_VOXELS` Fourier voxels (``counts``; None: every shell)."""
     if counts is not None:
-        frequency, curve = frequency[counts >= FSC_MIN_SHELL_VOXELS], curve[counts >= FSC_MIN_SHELL_VOXELS]
+        enough = counts >= FSC_MIN_SHELL_VOXELS
+        frequency, curve = frequency[enough], curve[enough]
     result = {}
     for threshold in FSC_THRESHOLDS:
         f = _crossing(frequency, curve, threshold)

@@ -401,8 +401,9 @@ def _fit_and_write(
     timings["sample_s"] = time.monotonic() - t0
     t0 = time.monotonic()
     phase("aligning the series and FBP")
-    turned_input = input_shape[::-1] if turns % 2 else input_shape
-    written = (d.scaled(factor, turned_input) if factor != 1 else d).quarter_turned(-turns)
+    written = d.quarter_turned(-turns)
+    if factor != 1:
+        written = written.scaled(factor, input_shape)
     write_deformations(out_dir / "deformations.json", written)
     exported = write_alignment_files(out_dir, names, written, input_stack, config,
                                      None if voxel is None else voxel / factor, tomogram.shape, source_path)

@@ -314,7 +314,8 @@ def refine_by_beads(raw: TiltSeries, config: ReconstructConfig, d: Deformations)
     axis before and after) and ``bin``."""
     factor, images, _ = _search_view(raw, config, d)
     thickness = config.thickness or default_thickness(raw.shape)
-    diameter_px = None if raw.pixel_size_A is None else 10 * config.deform.bead_diameter_nm / (raw.pixel_size_A * factor)
+    search_px_A = None if raw.pixel_size_A is None else raw.pixel_size_A * factor
+    diameter_px = None if search_px_A is None else 10 * config.deform.bead_diameter_nm / search_px_A
     entry: dict = {"measure": "gold beads followed through the aligned views (icetide.beads.track_beads)",
                    "bin": factor}
     current, turn, start = copy.deepcopy(d), 0.0, None
@@ -341,12 +342,13 @@ def refine_by_beads(raw: TiltSeries, config: ReconstructConfig, d: Deformations)
     fitted_axis = -float(np.median(d.angles_deg))
     entry.update(residual_px=start * factor, solved_residual_px=found["residual_px"] * factor,
                  shift_rms_px=move * factor, rotation_deg=turn, fitted_deg=fitted_axis, estimate_deg=fitted_axis - turn)
-    per_px = 1.0 if raw.pixel_size_A is None else AXIS_SEARCH_PIXEL_A / (raw.pixel_size_A * factor)
+    per_px = 1.0 if search_px_A is None else AXIS_SEARCH_PIXEL_A / search_px_A
     if not found["residual_px"] <= min(BEAD_MAX_RESIDUAL_PX * per_px, start):
         return None, {**entry, "used": False, "note": "the beads are not followed consistently"}
     if move < BEAD_MIN_MOVE_PX * per_px and not turn:
         return None, {**entry, "used": False, "note": f"the beads move the views by less than "
-                      f"{BEAD_MIN_MOVE_PX * per_px * factor:.2g} px RMS and turn them by less than {BEAD_MIN_TURN_DEG} deg"}
+                      f"{BEAD_MIN_MOVE_PX * per_px * factor:.2g} px RMS and turn them by less than "
+                      f"{BEAD_MIN_TURN_DEG} deg"}
     current.shifts_px = current.shifts_px + found["shifts_px"] * factor
     return current, {**entry, "used": True}
 

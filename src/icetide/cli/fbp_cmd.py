@@ -33,7 +33,9 @@ TiltSeriesArg = Annotated[Path, typer.Argument(help="Tilt series, MRC stack (n_t
 ExcludeOption = Annotated[Optional[str], typer.Option(
     help="Views of the stack to leave out, 0-based, with ranges (e.g. 0-2,40); alignment files still list every "
         "view of the stack.")]
-OutOption = Annotated[Path, typer.Option("--out", "-o", help="Output volume, MRC (thickness, ny, nx; nx, ny when the tilt axis lies nearer the image X axis).")]
+OutOption = Annotated[Path, typer.Option(
+    "--out", "-o",
+    help="Output volume, MRC (thickness, ny, nx; nx, ny when the tilt axis lies nearer the image X axis).")]
 ThicknessOption = Annotated[Optional[int], typer.Option(
     help="Slab thickness in voxels of the output (at the --bin sampling). Default: half the smaller detector side "
         "(at least 8).")]

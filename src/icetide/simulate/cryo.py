@@ -128,7 +128,8 @@ class CryoAcquisition:
 
     def frame_shape(self) -> tuple[int, int]:
         """``(ny, nx)`` of the tilt-axis frame (truth, undeformed projections): the field of view, turned as
-        icetide turns it when the tilt axis lies nearer the image X axis (:func:`icetide.geometry.frame_quarter_turns`)."""
+        icetide turns it when the tilt axis lies nearer the image X axis
+        (:func:`icetide.geometry.frame_quarter_turns`)."""
         ny, nx = self.field_of_view
         return (nx, ny) if frame_quarter_turns(self.tilt_axis_deg) % 2 else (ny, nx)
 
@@ -258,6 +259,11 @@ def _bead_chords(coords: torch.Tensor, centres: np.ndarray, radius: float, theta
     return out
 
 
+def _view_shape(settings: CryoAcquisition, d: Deformations | None) -> tuple[int, int]:
+    """``(ny, nx)`` of the views seen through ``d``: the detector's, or without deformations the tilt-axis frame's."""
+    return tuple(settings.field_of_view) if d is not None else settings.frame_shape()
+
+
 def _ideal_coords(d: Deformations | None, n_views: int, shape: tuple[int, int]) -> torch.Tensor:
     """Ideal coordinates ``(M, H, W, 2)`` of every view's pixels (the detector grid without deformations)."""
     u, v = detector_grid(*shape)
@@ -283,8 +289,7 @@ def _specimen_images(
     thickness = box.shape[0] + 1.0
     layers = optics_layers(optics, thickness, float(np.abs(angles).max()))
     formation = optics_image_formation(optics, angles, defocus_A, pre_exposure, thickness)
-    shape = tuple(settings.field_of_view) if d is not None else settings.frame_shape()
-    images = project_deformed(box, angles, d, shape, on_tilt=on_view, n_slabs=layers,
+    images = project_deformed(box, angles, d, _view_shape(settings, d), on_tilt=on_view, n_slabs=layers,
                               image_formation=formation)
     return images.double().numpy()
 
@@ -294,7 +299,7 @@ def _add_beads(
 ) -> np.ndarray:
     """Add the beads' amplitude contrast to ``contrast (M, H, W)`` in place; returns the mask of pixels at
     least 2 px away from every bead's image."""
-    shape = tuple(settings.field_of_view) if d is not None else settings.frame_shape()
+    shape = _view_shape(settings, d)
     radius = settings.bead_diameter_A / settings.pixel_size_A / 2
     per_voxel = settings.bead_contrast / (2 * radius)
     clear = np.ones(contrast.shape, dtype=bool)
