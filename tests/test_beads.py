@@ -4,7 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from icetide.beads import bead_separation_px, detect_beads, locate_beads, project_beads, rotated, solve_bead_shifts, track_beads
+from icetide.beads import (
+    bead_separation_px, detect_beads, locate_beads, project_beads, rotated, solve_bead_shifts, track_beads,
+    window_inside,
+)
 from icetide.classical import fbp, standardised
 from icetide.deform import remove_gauge
 
@@ -113,6 +116,17 @@ def test_track_beads_finds_the_shifts_of_a_misaligned_series():
     error = found["shifts_px"] - remove_gauge(shifts, ANGLES)[0]
     assert np.sqrt((error**2).sum(1).mean()) < 0.15
     assert found["residual_px"] < 0.15 < 1.0 < found["residual_start_px"]
+
+
+def test_a_bead_that_leaves_the_field_at_high_tilt_is_followed_where_it_is_inside():
+    rng = np.random.default_rng(5)
+    edge = np.array([[30.0, 10.0, 30.0]])  # high above the centre near a side: inside in 28 of 41 views
+    positions = np.concatenate([_beads(rng, count=6, half=25.0, depth=10.0), edge])
+    assert 0.5 < window_inside(project_beads(edge, ANGLES), (96, 96)).mean() < 0.7  # under the found fraction
+    shifts = rng.normal(0, 1.0, (ANGLES.size, 2))
+    found = track_beads(torch.tensor(_bead_series(positions, shifts), dtype=torch.float32), ANGLES, thickness=80)
+    assert found["beads"] == 7
+    assert found["residual_px"] < 0.15
 
 
 def test_track_beads_without_beads():

@@ -198,15 +198,17 @@ torchrun --nproc_per_node 4 -m icetide reconstruct sim/tilt_series.mrc --angles 
    section 11 and docs/REAL_DATA.md). Then the gold beads (`deform.bead_refinement`): found in the FBP of the
    aligned series (its strongest maxima, a bead's being at least 0.6 of the third strongest: weaker maxima are
    dense specimen or crossing streaks; maxima closer than a bead's diameter less 2 pixels, from
-   `deform.bead_diameter_nm` and the pixel size, are one bead), followed through every view and solved for the
-   tilt axis' direction and the per-view shifts that make them consistent with fixed 3-D positions, as fiducial
-   alignment does; when at least 4 beads are followed to within 20 A and the correction is not negligible (shifts
-   of 10 A RMS, half a pixel of the search's aim of 20 A, or a turn of 0.05 degrees; a turn only where subsets of
-   the beads agree on it, the two halves or each bead left out in turn with 4 or 5 beads, and where it is at least
-   three times its standard error, which grows as the beads' lever arm shrinks: few beads, near the centre, at one
-   depth), it joins the corrections the second fit starts from (`bead_refinement` in `report.json`). Either way
-   `report.json` gives the final alignment's gold-bead residual (`bead_residual`: the mean distance between each
-   bead as seen and its best 3-D position projected), printed at the end.
+   `deform.bead_diameter_nm` and the pixel size, are one bead), followed through the views (a bead is kept when
+   found in 70 % of the views where it lies inside the image, and inside it in half of all views: beads near a side
+   leave the field at high tilt) and solved for the tilt axis' direction and the per-view shifts that make them
+   consistent with fixed 3-D positions, as fiducial alignment does; when at least 4 beads are followed to within
+   20 A and the correction is not negligible (shifts of 10 A RMS, half a pixel of the search's aim of 20 A, or a turn
+   of 0.05 degrees; a turn only where subsets of the beads agree on it, the two halves or each bead left out in turn
+   with 4 or 5 beads, and where it is at least three times its standard error, which grows as the beads' lever arm
+   shrinks: few beads, near the centre, at one depth), it joins the corrections the second fit starts from
+   (`bead_refinement` in `report.json`). Either way `report.json` gives the final alignment's gold-bead residual
+   (`bead_residual`: the mean distance between each bead as seen and its best 3-D position projected), printed at
+   the end.
 6. The check against the start: the fit compares its alignment with its start by the even/odd-tilt FSC of the
    aligned series and keeps the better (printed as `alignment: kept the fitted one ...`; `start_check` in
    `report.json`; docs/TROUBLESHOOTING.md).

@@ -21,7 +21,7 @@ from .deform import remove_gauge
 from .classical import fbp, standardised
 
 __all__ = ["bead_separation_px", "detect_beads", "locate_beads", "project_beads", "rotated", "solve_bead_rotation",
-           "solve_bead_shifts", "track_beads", "turn_standard_error"]
+           "solve_bead_shifts", "track_beads", "turn_standard_error", "window_inside"]
 
 # A bead is a local maximum of the standardised FBP at least this many standard deviations above its median.
 BEAD_MIN_Z = 6.0
@@ -38,8 +38,11 @@ BEAD_SEPARATION_PX = 3
 # in the FBP, then (FINE_WINDOW_PX) about the solved model's prediction, which keeps its neighbours out.
 WINDOW_PX = 6
 FINE_WINDOW_PX = 3
-# A bead kept as a fiducial is found in at least this fraction of the views.
+# A bead kept as a fiducial is found in at least this fraction of the views where it lies inside the image (a
+# bead near a side of the field leaves it at high tilt, as IMOD's fiducial models allow), and lies inside the
+# image in at least MIN_INSIDE_FRACTION of all views (enough tilts to place it in depth).
 MIN_VIEW_FRACTION = 0.7
+MIN_INSIDE_FRACTION = 0.5
 # Measurements further than this multiple of the median residual (and than OUTLIER_FLOOR_PX) from their
 # predicted position are dropped (a neighbouring bead or a dense feature was caught).
 OUTLIER_FACTOR = 3.0
@@ -97,11 +100,12 @@ def locate_beads(images: np.ndarray, predicted: np.ndarray, window: int = WINDOW
     m_count, ny, nx = images.shape
     found = np.full(predicted.shape, np.nan)
     pad = window + 3
+    inside = window_inside(predicted, (ny, nx), window)
     for m in range(m_count):
         for j, (u, v) in enumerate(predicted[m]):
-            col, row = int(round(u + (nx - 1) / 2)), int(round(v + (ny - 1) / 2))
-            if not (pad <= row < ny - pad and pad <= col < nx - pad):
+            if not inside[m, j]:
                 continue
+            col, row = int(round(u + (nx - 1) / 2)), int(round(v + (ny - 1) / 2))
             patch = ndimage.gaussian_filter(images[m, row - pad : row + pad + 1, col - pad : col + pad + 1], 1.0)
             inner = patch[3:-3, 3:-3]
             a, b = np.unravel_index(int(np.argmax(inner)), inner.shape)
@@ -111,6 +115,17 @@ def locate_beads(images: np.ndarray, predicted: np.ndarray, window: int = WINDOW
             db = _vertex(inner[a, b - 1], inner[a, b], inner[a, b + 1])
             found[m, j] = col - window + b + db - (nx - 1) / 2, row - window + a + da - (ny - 1) / 2
     return found
+
+
+def window_inside(predicted: np.ndarray, shape: tuple[int, int], window: int = WINDOW_PX) -> np.ndarray:
+    """Whether :func:`locate_beads` can look for each bead: ``(M, J)`` True where the window about its
+    predicted position ``predicted (M, J, 2)`` (``(u, v)`` pixels from the centre), with the smoothing's margin,
+    lies inside images of ``shape (ny, nx)``."""
+    ny, nx = shape
+    pad = window + 3
+    col = np.rint(predicted[..., 0] + (nx - 1) / 2)
+    row = np.rint(predicted[..., 1] + (ny - 1) / 2)
+    return (pad <= row) & (row < ny - pad) & (pad <= col) & (col < nx - pad)
 
 
 def _vertex(low: float, mid: float, high: float) -> float:
@@ -297,7 +312,8 @@ def track_beads(aligned: torch.Tensor, tilt_angles_deg, thickness: int, max_bead
     Candidates from the FBP (``thickness`` voxels) of the standardised images (:func:`detect_beads`, maxima
     :func:`bead_separation_px` apart for beads of ``bead_diameter_px`` pixels, None: unknown); each
     located in every view (:func:`locate_beads`); those found in at least :data:`MIN_VIEW_FRACTION` of the views
-    are kept and solved (:func:`solve_bead_shifts`). Then ``passes - 1`` times: located again within
+    where they lie inside the image (:func:`window_inside`), and inside it in at least :data:`MIN_INSIDE_FRACTION`
+    of all views, are kept and solved (:func:`solve_bead_shifts`). Then ``passes - 1`` times: located again within
     :data:`FINE_WINDOW_PX` of the solved model's predictions (a view misaligned by more than :data:`WINDOW_PX`
     loses its beads on the first pass; a neighbouring bead pulls less on a smaller window) and solved again. Returns the last solution's dict, ``residual_start_px`` from the first pass (the alignment as
     given) and ``seen (M, J, 2)``, the last pass's measurements of the beads kept (for
@@ -309,8 +325,11 @@ def track_beads(aligned: torch.Tensor, tilt_angles_deg, thickness: int, max_bead
     predicted = project_beads(positions, tilt_angles_deg)
     start = None
     for k in range(passes):
-        seen = locate_beads(images, predicted, WINDOW_PX if k == 0 else FINE_WINDOW_PX)
-        kept = np.isfinite(seen[..., 0]).mean(axis=0) >= MIN_VIEW_FRACTION
+        window = WINDOW_PX if k == 0 else FINE_WINDOW_PX
+        seen = locate_beads(images, predicted, window)
+        inside = window_inside(predicted, images.shape[1:], window)
+        kept = ((np.isfinite(seen[..., 0]).sum(axis=0) >= MIN_VIEW_FRACTION * inside.sum(axis=0))
+                & (inside.mean(axis=0) >= MIN_INSIDE_FRACTION))
         if kept.sum() < 3:
             return {"beads": int(kept.sum())}
         solution = solve_bead_shifts(seen[:, kept], tilt_angles_deg)
