@@ -177,28 +177,27 @@ def test_solve_bead_rotation_finds_a_turn_of_every_view():
     np.testing.assert_allclose(rotated(rotated(seen, 0.6), -0.6), seen, atol=1e-12)
 
 
-def test_subsets_of_the_beads_tell_whether_a_turn_can_be_trusted():
+def test_the_halves_of_the_beads_tell_whether_a_turn_can_be_trusted():
     from icetide.beads import solve_bead_rotation
+    from icetide.start import turn_trusted
 
     rng = np.random.default_rng(7)
-    positions = _beads(rng, count=4, half=60.0, depth=20.0)
+    positions = _beads(rng, count=6, half=60.0, depth=20.0)
     seen = rotated(project_beads(positions, ANGLES), -0.6)
-    found = solve_bead_rotation(seen, ANGLES)  # fewer than 6 beads: each left out in turn
-    assert found["subsets"] == "leave one out" and len(found["subsets_deg"]) == 4
+    found = solve_bead_rotation(seen, ANGLES)
+    assert found["subsets"] == "halves" and len(found["subsets_deg"]) == 2
     np.testing.assert_allclose(found["subsets_deg"], 0.6, atol=0.05)
-    assert all(found["subsets_inside"]) and found["subsets_spread_deg"] < 0.1
-    seen[:, 2] = rotated(seen[:, 2], -1.0)  # one bead turned further: the estimate without it differs
-    spread = np.ptp(solve_bead_rotation(seen, ANGLES)["subsets_deg"])
-    assert spread > 0.15
-    few = solve_bead_rotation(seen[:, :3], ANGLES)
-    assert few["subsets"] == "none" and few["subsets_spread_deg"] is None  # no subsets: no turn trusted
+    assert all(found["subsets_inside"]) and found["subsets_spread_deg"] < 0.1 and turn_trusted(found)
+    # Five beads have no two disjoint sets of three: their turn, however right, is not trusted.
+    few = solve_bead_rotation(seen[:, :5], ANGLES)
+    assert abs(few["rotation_deg"] - 0.6) < 0.05
+    assert few["subsets"] == "none" and few["subsets_spread_deg"] is None and not turn_trusted(few)
     positions = _beads(rng, count=12, half=60.0, depth=20.0)
     seen = rotated(project_beads(positions, ANGLES), -0.6)
     seen[:, 1::2] = rotated(seen[:, 1::2], -0.6)  # every other bead turned twice as far
     found = solve_bead_rotation(seen, ANGLES)
-    assert found["subsets"] == "halves"
     halves = found["subsets_deg"]
-    assert abs(halves[0] - 0.6) < 0.05 and abs(halves[1] - 1.2) < 0.05
+    assert abs(halves[0] - 0.6) < 0.05 and abs(halves[1] - 1.2) < 0.05 and not turn_trusted(found)
 
 
 def test_turn_standard_error_matches_the_scatter_and_grows_as_the_lever_shrinks():

@@ -203,9 +203,9 @@ torchrun --nproc_per_node 4 -m icetide reconstruct sim/tilt_series.mrc --angles 
    leave the field at high tilt) and solved for the tilt axis' direction and the per-view shifts that make them
    consistent with fixed 3-D positions, as fiducial alignment does; when at least 4 beads are followed to within
    20 A and the correction is not negligible (shifts of 10 A RMS, half a pixel of the search's aim of 20 A, or a turn
-   of 0.05 degrees; a turn only where subsets of the beads agree on it, the two halves or each bead left out in turn
-   with 4 or 5 beads, and where it is at least three times its standard error, which grows as the beads' lever arm
-   shrinks: few beads, near the centre, at one depth), it joins the corrections the second fit starts from
+   of 0.05 degrees; a turn only where the two halves of the beads, 6 beads at least, agree on it, and where it is
+   at least three times its standard error, which grows as the beads' lever arm shrinks: few beads, near the
+   centre, at one depth), it joins the corrections the second fit starts from
    (`bead_refinement` in `report.json`). Either way `report.json` gives the final alignment's gold-bead residual
    (`bead_residual`: the mean distance between each bead as seen and its best 3-D position projected), printed at
    the end.

@@ -218,28 +218,23 @@ def solve_bead_rotation(seen: np.ndarray, tilt_angles_deg, search_deg: float = R
     ``delta (x cos(theta) + z sin(theta))``, which differs between beads and so no per-view shift absorbs
     (IMOD's tiltalign solves the same rotation). For candidates ``k step_deg`` within ``+-search_deg`` the
     beads are turned (:func:`rotated`) and solved (:func:`solve_bead_shifts`); a parabola through the smallest
-    mean residual and its two neighbours gives the estimate. The same on subsets of the beads tells how far a few
-    beads can be trusted: the two halves (alternate beads) from 6 beads on, each bead left out in turn with 4 or 5
-    (3 beads at least in every subset). Returns ``rotation_deg``, ``candidates_deg``, ``residual_px`` (per
+    mean residual and its two neighbours gives the estimate. The same on the two halves of the beads (alternate
+    beads, 3 at least in each, so from 6 beads on) tells how far a few beads can be trusted: two disjoint sets
+    give independent estimates, where subsets that share most of their beads (each of 4 or 5 left out in turn)
+    agree whatever the shared beads say. Returns ``rotation_deg``, ``candidates_deg``, ``residual_px`` (per
     candidate), ``inside`` (the smallest residual is not at an end of the range), ``standard_error_deg``
-    (:func:`turn_standard_error` about the estimate), ``subsets`` (``"halves"``,
-    ``"leave one out"`` or ``"none"`` with fewer than 4 beads), ``subsets_deg`` (their estimates),
-    ``subsets_inside`` (whether each subset's smallest residual lies inside the range: a subset whose beads do
-    not determine the turn, e.g. lying along one line, finds its smallest residual at an end) and
-    ``subsets_spread_deg`` (the range of the estimates of the subsets that determine the turn; ``None`` unless
-    more than half of them do)."""
+    (:func:`turn_standard_error` about the estimate), ``subsets`` (``"halves"``, or ``"none"`` with fewer than 6
+    beads), ``subsets_deg`` (their estimates), ``subsets_inside`` (whether each half's smallest residual lies
+    inside the range: a half whose beads do not determine the turn, e.g. lying along one line, finds its smallest
+    residual at an end) and ``subsets_spread_deg`` (the difference of the halves' estimates; ``None`` unless both
+    determine the turn)."""
     candidates = np.arange(-search_deg, search_deg + step_deg / 2, step_deg)
     estimate, residuals, inside = _best_turn(seen, tilt_angles_deg, candidates)
     count = seen.shape[1]
-    if count >= 6:
-        kind, subsets = "halves", [np.arange(k, count, 2) for k in (0, 1)]
-    elif count >= 4:
-        kind, subsets = "leave one out", [np.delete(np.arange(count), k) for k in range(count)]
-    else:
-        kind, subsets = "none", []
+    kind, subsets = ("halves", [np.arange(k, count, 2) for k in (0, 1)]) if count >= 6 else ("none", [])
     found = [_best_turn(seen[:, subset], tilt_angles_deg, candidates) for subset in subsets]
     determined = [f[0] for f in found if f[2]]
-    spread = float(max(determined) - min(determined)) if 2 * len(determined) > len(found) else None
+    spread = float(max(determined) - min(determined)) if found and len(determined) == len(found) else None
     return {"rotation_deg": estimate, "candidates_deg": candidates.tolist(), "residual_px": residuals.tolist(),
             "inside": inside, "standard_error_deg": turn_standard_error(rotated(seen, estimate), tilt_angles_deg),
             "subsets": kind, "subsets_deg": [float(f[0]) for f in found],

@@ -131,9 +131,9 @@ class DeformSettings(_Strict):
         "gold beads through the aligned views and solve the tilt axis' direction and the per-view shifts that make "
         "them consistent (icetide.start.refine_by_beads); when at least 4 beads are followed, their residual ends "
         "under 20 A (a pixel of the search's aim) and the shifts move by 10 A RMS or the axis turns by 0.05 "
-        "degrees or more (a turn that subsets of the beads agree on, at least three standard errors), fit again "
-        "from the alignment so corrected (with the tilt-axis refinement's); report.json gives the final "
-        "alignment's bead residual either way",
+        "degrees or more (a turn that both halves of the beads agree on, 6 beads at least, and at least three "
+        "standard errors), fit again from the alignment so corrected (with the tilt-axis refinement's); "
+        "report.json gives the final alignment's bead residual either way",
     )
     bead_diameter_nm: float = Field(
         10.0, gt=0, description="diameter of the gold fiducials in nm (as IMOD's etomo asks for it): with the "

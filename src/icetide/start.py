@@ -57,10 +57,9 @@ BEAD_MIN_MOVE_PX = 0.5
 # turns (each followed by the beads followed again in the turned views).
 BEAD_MIN_TURN_DEG = 0.05
 BEAD_TURN_ROUNDS = 2
-# A turn is used only when more than half of the subsets of the beads (the two halves, or each bead left out with
-# fewer than 6) determine it (their best turn inside the range) and those agree on it within this many degrees or
-# half the turn, whichever is larger (a few beads, or beads caught with their neighbours, give a turn that others
-# would not).
+# A turn is used only when both halves of the beads (6 beads at least: two disjoint sets, each an independent
+# estimate) determine it (their best turn inside the range) and agree on it within this many degrees or half the
+# turn, whichever is larger (a few beads, or beads caught with their neighbours, give a turn that others would not).
 BEAD_TURN_AGREEMENT_DEG = 0.15
 # ... and only when it is at least this many of its standard errors (icetide.beads.turn_standard_error): a few
 # beads near the centre of a small field, or all at one depth, pin a turn loosely however well they agree.
@@ -347,16 +346,17 @@ def refine_by_beads(raw: TiltSeries, config: ReconstructConfig, d: Deformations)
         return None, {**entry, "used": False, "note": "the beads are not followed consistently"}
     if move < BEAD_MIN_MOVE_PX * per_px and not turn:
         return None, {**entry, "used": False, "note": f"the beads move the views by less than "
-                      f"{BEAD_MIN_MOVE_PX * per_px * factor:.2g} px RMS and turn them by less than "
-                      f"{BEAD_MIN_TURN_DEG} deg"}
+                      f"{BEAD_MIN_MOVE_PX * per_px * factor:.2g} px RMS and no turn of theirs is trusted (see "
+                      f"turns: at least {BEAD_MIN_TURN_DEG} deg and {BEAD_TURN_MIN_SIGMA:g} standard errors, from "
+                      f"6 beads whose halves agree)"}
     current.shifts_px = current.shifts_px + found["shifts_px"] * factor
     return current, {**entry, "used": True}
 
 
 def turn_trusted(found: dict) -> bool:
     """Whether a turn of :func:`icetide.beads.solve_bead_rotation` (its returned dict) is used: inside the search
-    range, at least :data:`BEAD_MIN_TURN_DEG` and :data:`BEAD_TURN_MIN_SIGMA` standard errors, and the subsets of
-    the beads that determine it (more than half of them) agree within :data:`BEAD_TURN_AGREEMENT_DEG` or half the
+    range, at least :data:`BEAD_MIN_TURN_DEG` and :data:`BEAD_TURN_MIN_SIGMA` standard errors, and the two halves
+    of the beads both determine it and agree within :data:`BEAD_TURN_AGREEMENT_DEG` or half the
     turn."""
     delta, spread = abs(found["rotation_deg"]), found["subsets_spread_deg"]
     significant = delta >= max(BEAD_MIN_TURN_DEG, BEAD_TURN_MIN_SIGMA * found["standard_error_deg"])
