@@ -305,14 +305,15 @@ def track_beads(aligned: torch.Tensor, tilt_angles_deg, thickness: int, max_bead
     """Beads of an aligned series ``aligned (M, ny, nx)`` (dense = bright), followed and solved.
 
     Candidates from the FBP (``thickness`` voxels) of the standardised images (:func:`detect_beads`, maxima
-    :func:`bead_separation_px` apart for beads of ``bead_diameter_px`` pixels, None: unknown); each
-    located in every view (:func:`locate_beads`); those found in at least :data:`MIN_VIEW_FRACTION` of the views
-    where they lie inside the image (:func:`window_inside`), and inside it in at least :data:`MIN_INSIDE_FRACTION`
-    of all views, are kept and solved (:func:`solve_bead_shifts`). Then ``passes - 1`` times: located again within
-    :data:`FINE_WINDOW_PX` of the solved model's predictions (a view misaligned by more than :data:`WINDOW_PX`
-    loses its beads on the first pass; a neighbouring bead pulls less on a smaller window) and solved again. Returns the last solution's dict, ``residual_start_px`` from the first pass (the alignment as
-    given) and ``seen (M, J, 2)``, the last pass's measurements of the beads kept (for
-    :func:`solve_bead_rotation`); only ``beads`` (fewer than 3) when too few beads are followed."""
+    :func:`bead_separation_px` apart for beads of ``bead_diameter_px`` pixels, None: unknown); each located in every
+    view (:func:`locate_beads`); those found in at least :data:`MIN_VIEW_FRACTION` of the views where they lie
+    inside the image (:func:`window_inside`), and inside it in at least :data:`MIN_INSIDE_FRACTION` of all views,
+    are kept and solved (:func:`solve_bead_shifts`). Then ``passes - 1`` times: located again within
+    :data:`FINE_WINDOW_PX` of the solved model's predictions (a view misaligned by more than :data:`WINDOW_PX` loses
+    its beads on the first pass; a neighbouring bead pulls less on a smaller window) and solved again. Returns the
+    last solution's dict, ``residual_start_px`` from the first pass (the alignment as given) and ``seen (M, J, 2)``,
+    the last pass's measurements of the beads kept (for :func:`solve_bead_rotation`); only ``beads`` (fewer than 3)
+    when too few beads are followed."""
     images = standardised(torch.as_tensor(aligned, dtype=torch.float32))
     positions = detect_beads(fbp(images, tilt_angles_deg, thickness).cpu().numpy(), max_beads,
                              separation_px=bead_separation_px(bead_diameter_px))
