@@ -4,6 +4,7 @@ the result matches a single-process fit at equal total batch."""
 import contextlib
 import os
 import socket
+import time
 
 import numpy as np
 import pytest
@@ -49,9 +50,12 @@ def _fit(renderer: str, binned_bands: int = 2):
 
 
 @contextlib.contextmanager
-def _process_group(rank: int, world: int, port: int):
-    """This spawned process as rank ``rank`` of a gloo group on ``port``; the ranks leave it together (one
-    rank tearing the group down while its peer still works can abort the peer's gloo threads)."""
+def _process_group(rank: int, world: int, port: int, out: str):
+    """This spawned process as rank ``rank`` of a gloo group on ``port``. The ranks leave it together: after a
+    barrier each destroys its group, then waits until every rank has (a file per rank in ``out``) and ends its
+    process at once. A rank that went on exiting while its peer still tore its group down (rank 0 holds the
+    TCP store), or gloo's threads met again in the interpreter's finalisation, aborted the peer in CI runs
+    ('terminate called without an active exception'); an error in the body leaves the group and propagates."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -60,10 +64,16 @@ def _process_group(rank: int, world: int, port: int):
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    left = os.path.join(out, f"left-{port}-{{}}")
+    open(left.format(rank), "w").close()
+    deadline = time.monotonic() + 120
+    while not all(os.path.exists(left.format(r)) for r in range(world)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os._exit(0)
 
 
 def _rank_main(rank: int, world: int, port: int, renderer: str, binned_bands: int, out: str) -> None:
-    with _process_group(rank, world, port):
+    with _process_group(rank, world, port, out):
         torch.save(_fit(renderer, binned_bands), os.path.join(out, f"rank{rank}.pt"))
 
 
@@ -92,7 +102,7 @@ def test_two_gloo_ranks_agree_with_each_other_and_with_one_process(renderer, bin
 
 def _resume_main(rank: int, world: int, port: int, out: str, epochs: int) -> None:
     """Fit to ``epochs`` from ``out/checkpoint.pt`` when it exists (rank 0 alone writes it), then save it."""
-    with _process_group(rank, world, port):
+    with _process_group(rank, world, port, out):
         series, _ = _problem()
         config = _config("lattice")
         config.fit.epochs = epochs
@@ -116,7 +126,7 @@ def test_two_ranks_resume_from_rank_zeros_checkpoint(tmp_path):
 
 
 def _half_maps_main(rank: int, world: int, port: int, out: str) -> None:
-    with _process_group(rank, world, port):
+    with _process_group(rank, world, port, out):
         series, _ = _problem()
         config = _config("lattice")
         config.fit.epochs, config.fit.half_maps = 6, "pixels"
