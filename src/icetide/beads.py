@@ -97,23 +97,20 @@ def locate_beads(images: np.ndarray, predicted: np.ndarray, window: int = WINDOW
     and its neighbours; not found when that pixel lies on the window's border or the window leaves the image."""
     from scipy import ndimage
 
-    m_count, ny, nx = images.shape
+    ny, nx = images.shape[1:]
     found = np.full(predicted.shape, np.nan)
     pad = window + 3
-    inside = window_inside(predicted, (ny, nx), window)
-    for m in range(m_count):
-        for j, (u, v) in enumerate(predicted[m]):
-            if not inside[m, j]:
-                continue
-            col, row = int(round(u + (nx - 1) / 2)), int(round(v + (ny - 1) / 2))
-            patch = ndimage.gaussian_filter(images[m, row - pad : row + pad + 1, col - pad : col + pad + 1], 1.0)
-            inner = patch[3:-3, 3:-3]
-            a, b = np.unravel_index(int(np.argmax(inner)), inner.shape)
-            if a in (0, inner.shape[0] - 1) or b in (0, inner.shape[1] - 1):
-                continue
-            da = _vertex(inner[a - 1, b], inner[a, b], inner[a + 1, b])
-            db = _vertex(inner[a, b - 1], inner[a, b], inner[a, b + 1])
-            found[m, j] = col - window + b + db - (nx - 1) / 2, row - window + a + da - (ny - 1) / 2
+    cols, rows = _pixel_of(predicted, (ny, nx))
+    for m, j in zip(*np.nonzero(window_inside(predicted, (ny, nx), window))):
+        col, row = int(cols[m, j]), int(rows[m, j])
+        patch = ndimage.gaussian_filter(images[m, row - pad : row + pad + 1, col - pad : col + pad + 1], 1.0)
+        inner = patch[3:-3, 3:-3]
+        a, b = np.unravel_index(int(np.argmax(inner)), inner.shape)
+        if a in (0, inner.shape[0] - 1) or b in (0, inner.shape[1] - 1):
+            continue
+        da = _vertex(inner[a - 1, b], inner[a, b], inner[a + 1, b])
+        db = _vertex(inner[a, b - 1], inner[a, b], inner[a, b + 1])
+        found[m, j] = col - window + b + db - (nx - 1) / 2, row - window + a + da - (ny - 1) / 2
     return found
 
 
@@ -123,9 +120,15 @@ def window_inside(predicted: np.ndarray, shape: tuple[int, int], window: int = W
     lies inside images of ``shape (ny, nx)``."""
     ny, nx = shape
     pad = window + 3
-    col = np.rint(predicted[..., 0] + (nx - 1) / 2)
-    row = np.rint(predicted[..., 1] + (ny - 1) / 2)
+    col, row = _pixel_of(predicted, shape)
     return (pad <= row) & (row < ny - pad) & (pad <= col) & (col < nx - pad)
+
+
+def _pixel_of(predicted: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Column and row indices ``(M, J)`` of the pixels nearest to ``predicted (M, J, 2)`` (``(u, v)`` pixels
+    from the centre of images of ``shape (ny, nx)``)."""
+    ny, nx = shape
+    return np.rint(predicted[..., 0] + (nx - 1) / 2), np.rint(predicted[..., 1] + (ny - 1) / 2)
 
 
 def _vertex(low: float, mid: float, high: float) -> float:
